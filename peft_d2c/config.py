@@ -1,0 +1,248 @@
+"""`D2CMergeConfig`: every setting of a D2C clustering-and-merging run, saved next to its results."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import warnings
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Literal
+
+from .errors import D2CWarning
+
+CONFIG_NAME = "d2c_config.json"
+
+METHODS = ("d2c", "random", "kmeans", "kmeans_svd")
+INITS = ("random", "kmeans", "kmeans_svd")
+COMBINATION_TYPES = (
+    "svd",
+    "linear",
+    "cat",
+    "ties",
+    "ties_svd",
+    "dare_ties",
+    "dare_linear",
+    "dare_ties_svd",
+    "dare_linear_svd",
+    "magnitude_prune",
+    "magnitude_prune_svd",
+)
+# Combination types that prune with `density` (PEFT ignores it for the others).
+DENSITY_TYPES = tuple(t for t in COMBINATION_TYPES if t.startswith(("ties", "dare", "magnitude")))
+# Combination types that need every merged adapter to have the same rank (`peft/tuners/lora/model.py`).
+EQUAL_RANK_TYPES = ("linear", "ties", "dare_ties", "dare_linear", "magnitude_prune")
+
+_NAME_PATTERN = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
+
+
+def _check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"`{name}` must be one of {list(allowed)}, got {value!r}.")
+
+
+@dataclass
+class D2CMergeConfig:
+    """Configuration of a D2C run: how many merged adapters to keep, how to find the clusters, how to merge them.
+
+    Modelled on PEFT's `LoraConfig`: a dataclass validated in `__post_init__`, saved as sorted JSON with
+    `save_pretrained` and read back with `from_pretrained`.
+
+    Args:
+        num_clusters (`int`, *optional*):
+            K, the number of merged adapters to produce. Exactly one of `num_clusters` and `storage_budget` is set.
+        storage_budget (`float`, *optional*):
+            Fraction of the N source adapters that may be kept, in (0, 1]; K = max(1, floor(fraction * N)).
+        method (`str`, defaults to `"d2c"`):
+            `"d2c"` (Algorithm 1 of the paper), or a baseline: `"random"`, `"kmeans"` (K-means on the flattened
+            full updates B·A·scaling) or `"kmeans_svd"` (K-means on cosine-normalised truncated-SVD embeddings of them).
+        init (`str`, defaults to `"random"`):
+            Starting partition for `method="d2c"`: a balanced `"random"` partition, `"kmeans"` or `"kmeans_svd"`.
+        num_iterations (`int`, defaults to 100):
+            T, the number of proposed moves.
+        patience (`int`, *optional*):
+            Stop early after this many proposals in a row were rejected. `None` runs all `num_iterations`.
+        examples_per_task (`int`, defaults to 10):
+            n, the number of examples per task used for clustering; extra examples are ignored.
+        combination_type (`str`, defaults to `"ties"`):
+            Any combination type of PEFT's `add_weighted_adapter`.
+        density (`float`, defaults to 0.5):
+            Fraction of values kept by the pruning combination types (ties, dare, magnitude_prune).
+        merge_weight (`float`, *optional*):
+            Weight given to every member of a cluster. `None` picks the weight for which merging k identical copies
+            of an adapter gives that adapter back (see `merge_weights_for`).
+        svd_rank (`int`, *optional*):
+            Rank of the merged adapter for the `*svd` combination types (defaults to the largest source rank).
+        majority_sign_method (`str`, defaults to `"total"`):
+            Sign election of the ties merges: `"total"` or `"frequency"`.
+        svd_embedding_dim (`int`, defaults to 8):
+            Number of SVD components of the `kmeans_svd` features (capped at N - 1).
+        use_chat_template (`bool`, defaults to `False`):
+            Wrap each prompt in the tokenizer's chat template before scoring.
+        max_length (`int`, *optional*):
+            Truncate prompt + completion to this many tokens (the prompt is cut from the left).
+        batch_size (`int`, defaults to 32):
+            Rows per forward pass when scoring.
+        merge_cache_size (`int`, defaults to 8):
+            Number of temporary merged adapters kept alive in the model (an LRU); older ones are deleted.
+        seed (`int`, defaults to 0):
+            Seeds every random choice of the run: the start partition, the proposals, K-means and `dare_*` masks.
+        merged_adapter_prefix (`str`, defaults to `"d2c"`):
+            The merged adapters are named `{prefix}_0 ... {prefix}_{K-1}`.
+        show_progress (`bool`, defaults to `True`):
+            Show a tqdm bar over the iterations (also silenced by the `TQDM_DISABLE` environment variable).
+
+    Example:
+        ```python
+        >>> from peft_d2c import D2CMergeConfig
+        >>> config = D2CMergeConfig(num_clusters=4, num_iterations=50)
+        >>> config.resolve_num_clusters(16)
+        4
+        ```
+    """
+
+    num_clusters: int | None = field(default=None, metadata={"help": "K, the number of merged adapters."})
+    storage_budget: float | None = field(
+        default=None, metadata={"help": "Fraction of the N adapters to keep; K = max(1, floor(fraction * N))."}
+    )
+    method: Literal["d2c", "random", "kmeans", "kmeans_svd"] = field(
+        default="d2c", metadata={"help": f"Clustering method, one of {list(METHODS)}."}
+    )
+    init: Literal["random", "kmeans", "kmeans_svd"] = field(
+        default="random", metadata={"help": f"Start partition of the d2c search, one of {list(INITS)}."}
+    )
+    num_iterations: int = field(default=100, metadata={"help": "T, the number of proposed moves."})
+    patience: int | None = field(default=None, metadata={"help": "Stop after this many rejections in a row."})
+    examples_per_task: int = field(default=10, metadata={"help": "n, examples per task used for clustering."})
+    combination_type: str = field(default="ties", metadata={"help": "PEFT add_weighted_adapter combination type."})
+    density: float = field(default=0.5, metadata={"help": "Fraction kept by ties / dare / magnitude_prune merges."})
+    merge_weight: float | None = field(
+        default=None, metadata={"help": "Weight of every cluster member; None = the exact-average weight."}
+    )
+    svd_rank: int | None = field(default=None, metadata={"help": "Rank of *svd merges (default: max source rank)."})
+    majority_sign_method: Literal["total", "frequency"] = field(
+        default="total", metadata={"help": "Sign election of ties merges."}
+    )
+    svd_embedding_dim: int = field(default=8, metadata={"help": "SVD components of the kmeans_svd features."})
+    use_chat_template: bool = field(default=False, metadata={"help": "Wrap prompts in the chat template."})
+    max_length: int | None = field(default=None, metadata={"help": "Truncate scored sequences to this length."})
+    batch_size: int = field(default=32, metadata={"help": "Rows per forward pass."})
+    merge_cache_size: int = field(default=8, metadata={"help": "Live temporary merged adapters (LRU)."})
+    seed: int = field(default=0, metadata={"help": "Seed of every random choice of the run."})
+    merged_adapter_prefix: str = field(default="d2c", metadata={"help": "Merged adapters are named {prefix}_{i}."})
+    show_progress: bool = field(default=True, metadata={"help": "Show a progress bar."})
+
+    def __post_init__(self) -> None:
+        if (self.num_clusters is None) == (self.storage_budget is None):
+            raise ValueError(
+                "Set exactly one of `num_clusters` and `storage_budget`, got "
+                f"num_clusters={self.num_clusters!r} and storage_budget={self.storage_budget!r}."
+            )
+        if self.num_clusters is not None:
+            _check_int("num_clusters", self.num_clusters, minimum=1)
+        if self.storage_budget is not None:
+            if isinstance(self.storage_budget, bool) or not isinstance(self.storage_budget, (int, float)):
+                raise TypeError(f"`storage_budget` must be a float in (0, 1], got {self.storage_budget!r}.")
+            if not 0 < self.storage_budget <= 1:
+                raise ValueError(f"`storage_budget` must be a fraction in (0, 1], got {self.storage_budget!r}.")
+            self.storage_budget = float(self.storage_budget)
+        _check_choice("method", self.method, METHODS)
+        _check_choice("init", self.init, INITS)
+        _check_choice("combination_type", self.combination_type, COMBINATION_TYPES)
+        _check_choice("majority_sign_method", self.majority_sign_method, ("total", "frequency"))
+        _check_int("num_iterations", self.num_iterations, minimum=0)
+        if self.patience is not None:
+            _check_int("patience", self.patience, minimum=1)
+        _check_int("examples_per_task", self.examples_per_task, minimum=1)
+        _check_int("svd_embedding_dim", self.svd_embedding_dim, minimum=1)
+        _check_int("batch_size", self.batch_size, minimum=1)
+        _check_int("merge_cache_size", self.merge_cache_size, minimum=2)
+        _check_int("seed", self.seed, minimum=0)
+        if self.svd_rank is not None:
+            _check_int("svd_rank", self.svd_rank, minimum=1)
+        if self.max_length is not None:
+            _check_int("max_length", self.max_length, minimum=2)
+        if isinstance(self.density, bool) or not isinstance(self.density, (int, float)) or not 0 < self.density <= 1:
+            raise ValueError(f"`density` must be a number in (0, 1], got {self.density!r}.")
+        self.density = float(self.density)
+        if self.merge_weight is not None:
+            if not isinstance(self.merge_weight, (int, float)) or not math.isfinite(self.merge_weight):
+                raise ValueError(f"`merge_weight` must be a finite number or None, got {self.merge_weight!r}.")
+            self.merge_weight = float(self.merge_weight)
+        if not isinstance(self.merged_adapter_prefix, str) or not _NAME_PATTERN.match(self.merged_adapter_prefix):
+            raise ValueError(
+                "`merged_adapter_prefix` must start with a letter and contain only letters, digits, '_' or '-' "
+                f"(PEFT breaks on '.'), got {self.merged_adapter_prefix!r}."
+            )
+        if self.method != "d2c" and self.init != "random":
+            warnings.warn(f"`init={self.init!r}` is ignored for `method={self.method!r}`.", D2CWarning, stacklevel=3)
+
+    def resolve_num_clusters(self, num_adapters: int) -> int:
+        """Number of clusters K for `num_adapters` source adapters.
+
+        Args:
+            num_adapters (`int`): N, the number of adapters to cluster.
+
+        Returns:
+            `int`: `num_clusters` if set, else max(1, floor(storage_budget * N)).
+
+        Raises:
+            ValueError: If K is larger than N.
+        """
+        if self.num_clusters is not None:
+            k = self.num_clusters
+        else:
+            k = max(1, math.floor(self.storage_budget * num_adapters + 1e-9))
+        if k > num_adapters:
+            raise ValueError(
+                f"`num_clusters` must be between 1 and the number of adapters ({num_adapters}), got {k}."
+            )
+        return k
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the configuration as a JSON-serialisable dict (every field, in declaration order)."""
+        return asdict(self)
+
+    def save_pretrained(self, save_directory: str | os.PathLike) -> str:
+        """Write the configuration to `save_directory/d2c_config.json` (sorted keys, written atomically).
+
+        Returns:
+            `str`: the path of the written file.
+        """
+        from .io import atomic_write_json
+
+        path = os.path.join(os.fspath(save_directory), CONFIG_NAME)
+        atomic_write_json(path, self.to_dict())
+        return path
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> D2CMergeConfig:
+        """Build a configuration from `to_dict()` output; unknown keys (from a newer version) are dropped with a
+        warning."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            warnings.warn(
+                f"Ignoring unknown D2CMergeConfig keys {unknown}; they may come from a newer peft-d2c, consider "
+                "upgrading.",
+                D2CWarning,
+                stacklevel=2,
+            )
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike) -> D2CMergeConfig:
+        """Read a configuration written by `save_pretrained` (a folder, or the JSON file itself)."""
+        path = os.fspath(directory)
+        if os.path.isdir(path):
+            path = os.path.join(path, CONFIG_NAME)
+        with open(path, encoding="utf-8") as f:
+            return cls.from_dict(json.load(f))
+
+
+def _check_int(name: str, value: Any, *, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"`{name}` must be an int, got {value!r} ({type(value).__name__}).")
+    if value < minimum:
+        raise ValueError(f"`{name}` must be >= {minimum}, got {value}.")
