@@ -1,0 +1,189 @@
+"""`D2CResult`: the clusters found, the merged adapters, the routing table, and how to save and reload them."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from typing import Any
+
+from .config import CONFIG_NAME, D2CMergeConfig
+from .io import atomic_write_json
+
+RESULT_NAME = "d2c_result.json"
+ROUTING_NAME = "d2c_routing.json"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class D2CResult:
+    """Outcome of `merge_adapters_d2c`, shaped like scikit-learn's fitted attributes.
+
+    Attributes:
+        clusters (`list[list[str]]`): Source adapter names of each cluster; cluster i became `merged_adapter_names[i]`.
+        assignment (`dict[str, int]`): Cluster index of every source adapter.
+        merged_adapter_names (`list[str]`): One PEFT adapter per cluster, added to the model.
+        routing (`dict[str, str]`): Task (= source adapter name) -> merged adapter serving it.
+        task_losses (`dict[str, float]`): Few-shot loss of each task under its merged adapter.
+        history (`list[dict]`): One record per D2C proposal: `iteration, task, source, target, loss_before,
+            loss_after, accepted` (empty for the baselines and for K = 1 or K = N).
+        config (`D2CMergeConfig`): The configuration of the run.
+        initial_clusters (`list[list[str]]`): The start partition of the search.
+        base_model (`str`, *optional*): Name or path of the base model.
+        sources (`dict[str, dict]`): Where each source adapter came from (`{"path": ...}` or `{"repo_id": ...,
+            "revision": ..., "subfolder": ...}`), empty when unknown.
+        data_sources (`dict[str, dict]`): Where each task's examples came from, when known.
+        heldout_scores (`dict[str, float]`): Held-out scores per task, when evaluated.
+        stats (`dict[str, float]`): Work done: merges, forward passes, cache hits, seconds.
+        model: The `PeftModel` holding the merged adapters (not saved; `None` after `from_pretrained`).
+    """
+
+    clusters: list[list[str]]
+    assignment: dict[str, int]
+    merged_adapter_names: list[str]
+    routing: dict[str, str]
+    task_losses: dict[str, float]
+    history: list[dict[str, Any]]
+    config: D2CMergeConfig
+    initial_clusters: list[list[str]] = field(default_factory=list)
+    base_model: str | None = None
+    sources: dict[str, dict[str, Any]] = field(default_factory=dict)
+    data_sources: dict[str, dict[str, Any]] = field(default_factory=dict)
+    heldout_scores: dict[str, float] = field(default_factory=dict)
+    stats: dict[str, float] = field(default_factory=dict)
+    model: Any = field(default=None, repr=False, compare=False)
+
+    @property
+    def num_clusters(self) -> int:
+        return len(self.clusters)
+
+    def adapter_for(self, task: str) -> str:
+        """Name of the merged adapter that serves `task`.
+
+        Raises:
+            KeyError: If `task` was not clustered; the message lists the known tasks.
+        """
+        if task not in self.routing:
+            raise KeyError(f"Unknown task {task!r}; known tasks: {sorted(self.routing)}.")
+        return self.routing[task]
+
+    def to_dict(self) -> dict[str, Any]:
+        """Everything but the model and the adapter weights, as written to `d2c_result.json`."""
+        from . import __version__
+
+        return {
+            "format_version": FORMAT_VERSION,
+            "peft_d2c_version": __version__,
+            "base_model": self.base_model,
+            "num_adapters": len(self.assignment),
+            "num_clusters": self.num_clusters,
+            "method": self.config.method,
+            "combination_type": self.config.combination_type,
+            "density": self.config.density,
+            "clusters": self.clusters,
+            "initial_clusters": self.initial_clusters,
+            "merged_adapter_names": self.merged_adapter_names,
+            "routing": self.routing,
+            "task_losses": self.task_losses,
+            "heldout_scores": self.heldout_scores,
+            "sources": self.sources,
+            "data_sources": self.data_sources,
+            "stats": self.stats,
+            "history": self.history,
+        }
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *, is_main_process: bool = True) -> str:
+        """Write the merged adapters (PEFT format, one subfolder each), routing, config and results.
+
+        Layout: `dir/<merged name>/adapter_config.json` + `adapter_model.safetensors` for each cluster,
+        `dir/d2c_routing.json`, `dir/d2c_config.json` and `dir/d2c_result.json`. Everything is written into a
+        temporary folder next to `dir` first, then moved into place, so an interrupted save never leaves a
+        half-written adapter behind.
+
+        Args:
+            save_directory (`str` or `os.PathLike`): Output folder (created if needed).
+            is_main_process (`bool`, defaults to `True`): Only the main process writes (distributed runs).
+
+        Returns:
+            `str`: the output folder.
+
+        Raises:
+            ValueError: If the result has no model holding its merged adapters (e.g. it was loaded from disk).
+
+        Example:
+            ```python
+            >>> result.save_pretrained("d2c_output")  # doctest: +SKIP
+            >>> PeftModel.from_pretrained(base, "d2c_output", subfolder="d2c_0")  # doctest: +SKIP
+            ```
+        """
+        save_directory = os.fspath(save_directory)
+        if not is_main_process:
+            return save_directory
+        if self.model is None:
+            raise ValueError(
+                "This D2CResult holds no model with its merged adapters (it was read from disk); its adapters are "
+                "already saved in the folder it was loaded from."
+            )
+        parent = os.path.dirname(os.path.abspath(save_directory))
+        os.makedirs(parent, exist_ok=True)
+        staging = tempfile.mkdtemp(prefix=".d2c-save-", dir=parent)
+        try:
+            peft_dir = os.path.join(staging, "peft")
+            self.model.save_pretrained(peft_dir, selected_adapters=list(self.merged_adapter_names))
+            os.makedirs(save_directory, exist_ok=True)
+            for name in self.merged_adapter_names:
+                # PEFT writes the adapter named "default" at the top level and every other one in a subfolder.
+                src = peft_dir if name == "default" else os.path.join(peft_dir, name)
+                dst = os.path.join(save_directory, name)
+                staged = os.path.join(staging, f"adapter-{name}")
+                os.makedirs(staged)
+                for filename in ("adapter_config.json", "adapter_model.safetensors"):
+                    shutil.copy2(os.path.join(src, filename), os.path.join(staged, filename))
+                if os.path.isdir(dst):
+                    shutil.rmtree(dst)
+                os.replace(staged, dst)
+            atomic_write_json(os.path.join(save_directory, ROUTING_NAME), self.routing)
+            self.config.save_pretrained(save_directory)
+            atomic_write_json(os.path.join(save_directory, RESULT_NAME), self.to_dict())
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return save_directory
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike) -> D2CResult:
+        """Read a result written by `save_pretrained` (the adapters stay on disk, `model` is `None`).
+
+        Raises:
+            FileNotFoundError: If `directory` holds no `d2c_result.json`.
+            ValueError: If the file was written by a newer, incompatible format version.
+        """
+        directory = os.fspath(directory)
+        path = os.path.join(directory, RESULT_NAME)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"No {RESULT_NAME} in {directory!r}; is it the folder of `save_pretrained`?")
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+        if data.get("format_version", 0) > FORMAT_VERSION:
+            raise ValueError(
+                f"{path} has format version {data['format_version']}, newer than this peft-d2c understands "
+                f"({FORMAT_VERSION}); upgrade peft-d2c."
+            )
+        config = D2CMergeConfig.from_pretrained(os.path.join(directory, CONFIG_NAME))
+        clusters = data["clusters"]
+        return cls(
+            clusters=clusters,
+            assignment={name: i for i, members in enumerate(clusters) for name in members},
+            merged_adapter_names=data["merged_adapter_names"],
+            routing=data["routing"],
+            task_losses=data["task_losses"],
+            history=data.get("history", []),
+            config=config,
+            initial_clusters=data.get("initial_clusters", []),
+            base_model=data.get("base_model"),
+            sources=data.get("sources", {}),
+            data_sources=data.get("data_sources", {}),
+            heldout_scores=data.get("heldout_scores", {}),
+            stats=data.get("stats", {}),
+        )

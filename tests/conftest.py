@@ -1,0 +1,34 @@
+"""Shared fixtures: a tiny randomly initialised Llama with six real, briefly trained LoRA adapters."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+import pytest  # noqa: E402
+import tiny  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_assets(tmp_path_factory) -> tuple[str, dict[str, str]]:
+    """(base model folder, {task: adapter folder}); trained once per test session."""
+    return tiny.build_tiny_assets(str(tmp_path_factory.mktemp("tiny")))
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    return tiny.make_tokenizer()
+
+
+@pytest.fixture
+def tiny_peft_model(tiny_assets):
+    """A fresh PeftModel with the six task adapters loaded (named after their task families)."""
+    base_dir, adapter_dirs = tiny_assets
+    return tiny.load_peft_model(base_dir, adapter_dirs)
+
+
+@pytest.fixture(scope="session")
+def tiny_task_examples() -> dict[str, list[dict[str, str]]]:
+    """Ten few-shot examples per task family, disjoint in seed from the training data."""
+    return {family: tiny.make_examples(family, 10, seed=7) for family in tiny.TASK_FAMILIES}
