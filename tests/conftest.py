@@ -7,7 +7,7 @@ import os
 os.environ.setdefault("TQDM_DISABLE", "1")
 
 import pytest  # noqa: E402
-import tiny  # noqa: E402
+from peft_d2c import testing as tiny  # noqa: E402
 
 
 @pytest.fixture(scope="session")

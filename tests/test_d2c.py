@@ -6,7 +6,7 @@ import math
 import os
 
 import pytest
-import tiny
+from peft_d2c import testing as tiny
 import torch
 from peft import PeftModel
 from transformers import LlamaForCausalLM

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import tiny
+from peft_d2c import testing as tiny
 import torch
 from peft import PeftModel, get_peft_model
 from transformers import LlamaForCausalLM

@@ -1,7 +1,8 @@
 """A tiny randomly initialised Llama, a word-level tokenizer, synthetic task families and real trained LoRAs.
 
-Everything is built here (no download): the tokenizer with the `tokenizers` library, the model with transformers'
-`LlamaForCausalLM`, the adapters with PEFT and a short real training run, so the tests exercise real code.
+Used by the test suite and by `peft-d2c run --quick` (a smoke test that needs no download). Everything is built
+here: the tokenizer with the `tokenizers` library, the model with transformers' `LlamaForCausalLM`, the adapters
+with PEFT and a short real training run, so the tests exercise real code.
 """
 
 from __future__ import annotations
@@ -13,6 +14,9 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from .data import Example
+from .scoring import tokenize_example
 
 SYMBOLS = list("abcdefgh")
 SPECIAL = ["<pad>", "<s>", "</s>", "<unk>"]
@@ -84,9 +88,6 @@ def lora_config(r: int = 8, **kwargs) -> LoraConfig:
 
 def train_adapter(base_dir: str, tokenizer, family: str, out_dir: str, *, steps: int = 40, seed: int = 0) -> str:
     """Train one LoRA on a task family for `steps` real optimiser steps (prompt masked) and save it."""
-    from peft_d2c.data import Example
-    from peft_d2c.scoring import tokenize_example
-
     model = LlamaForCausalLM.from_pretrained(base_dir)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
