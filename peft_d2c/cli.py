@@ -1,0 +1,117 @@
+"""The `peft-d2c` command.
+
+    peft-d2c run                 # the main job on the embedded default (SmolLM2-135M + 16 task adapters), K=4
+    peft-d2c run --quick         # the same pipeline on a tiny random model: a smoke test that needs no download
+
+Only this module prints; the library logs. User errors exit with status 2 and a one-line reason.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from collections.abc import Sequence
+
+from . import __version__
+
+logger = logging.getLogger("peft_d2c")
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--seed", type=int, default=0, help="Seed of every random choice (default: 0).")
+    verbosity = parser.add_mutually_exclusive_group()
+    verbosity.add_argument("--verbose", "-v", action="store_true", help="Log details (DEBUG level).")
+    verbosity.add_argument("--quiet", "-q", action="store_true", help="Only print results; no progress bars.")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="peft-d2c",
+        description="Cluster and merge LoRA adapters with D2C (data-driven clustering, arXiv 2601.17441).",
+    )
+    parser.add_argument("--version", action="version", version=f"peft-d2c {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = commands.add_parser(
+        "run",
+        help="Main job: cluster and merge the embedded default's 16 adapters, print and save the result.",
+        description=(
+            "Load SmolLM2-135M-Instruct (Hub, or the copy shipped on PyPI), build or reuse one LoRA adapter per "
+            "embedded task, run D2C on the 10 few-shot examples per task, print the clusters, the routing and a "
+            "held-out table (zero-shot vs single-task adapters vs merged adapters), and save the merged adapters."
+        ),
+    )
+    run.add_argument("--quick", action="store_true", help="Use a tiny random model and synthetic tasks (seconds).")
+    run.add_argument("--clusters", "-k", type=int, default=None, help="K (default: 4, or 2 with --quick).")
+    run.add_argument("--iterations", "-t", type=int, default=None, help="T (default: 100, or 30 with --quick).")
+    run.add_argument("--method", default="d2c", help="d2c | random | kmeans | kmeans_svd (default: d2c).")
+    run.add_argument("--output", "-o", default="d2c_output", help="Output folder (default: ./d2c_output).")
+    run.add_argument("--cache-dir", default=None, help="Model and adapter cache (default: ~/.cache/peft_d2c).")
+    run.add_argument("--no-fetch", action="store_true", help="Never download the base model; use the cache only.")
+    _add_common(run)
+    run.set_defaults(handler=_cmd_run)
+
+    return parser
+
+
+def _configure_logging(args: argparse.Namespace) -> None:
+    level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("httpx", "urllib3", "filelock", "datasets", "huggingface_hub", "transformers"):
+        logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
+    if args.quiet:
+        os.environ["TQDM_DISABLE"] = "1"
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from .mainjob import run_main_job
+
+    report = run_main_job(
+        quick=args.quick,
+        num_clusters=args.clusters,
+        num_iterations=args.iterations,
+        method=args.method,
+        output_dir=args.output,
+        cache_dir=args.cache_dir,
+        fetch=not args.no_fetch,
+        seed=args.seed,
+        show_progress=not args.quiet,
+    )
+    print(report)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `peft-d2c` command; returns the exit status.
+
+    Example:
+        ```python
+        >>> from peft_d2c.cli import main
+        >>> main(["run", "--quick", "--quiet", "--output", "/tmp/d2c_quick"])  # doctest: +SKIP
+        0
+        ```
+    """
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _configure_logging(args)
+    started = time.perf_counter()
+    try:
+        status = args.handler(args)
+    except (ValueError, TypeError, FileNotFoundError, KeyError, OSError) as error:
+        if args.verbose:
+            raise
+        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        print(f"peft-d2c: error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("peft-d2c: interrupted", file=sys.stderr)
+        return 130
+    logger.info("done in %.1f s", time.perf_counter() - started)
+    return status
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
