@@ -2,6 +2,7 @@
 
     peft-d2c run                 # the main job on the embedded default (SmolLM2-135M + 16 task adapters), K=4
     peft-d2c run --quick         # the same pipeline on a tiny random model: a smoke test that needs no download
+    peft-d2c benchmark           # D2C vs the baselines on the embedded default (docs/benchmark.md)
 
 Only this module prints; the library logs. User errors exit with status 2 and a one-line reason.
 """
@@ -54,6 +55,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(run)
     run.set_defaults(handler=_cmd_run)
 
+    from .benchmark import add_benchmark_arguments, run_benchmark_command
+
+    bench = commands.add_parser(
+        "benchmark",
+        help="D2C vs random / K-means / K-means-SVD / single-task LoRAs / zero-shot on the embedded default.",
+        description="Run the benchmark of docs/benchmark.md and print a table shaped like the paper's Table 1.",
+    )
+    add_benchmark_arguments(bench)
+    _add_common(bench)
+    bench.set_defaults(handler=run_benchmark_command)
     return parser
 
 

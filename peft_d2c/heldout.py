@@ -68,3 +68,29 @@ def evaluate_routing(
             "loss": sum(sums[i] for i in index) / max(1, sum(counts[i] for i in index)),
         }
     return scores
+
+
+def loss_matrix(
+    model, tokenizer, examples: Mapping[str, Sequence[Mapping[str, str]]], adapter_names: Sequence[str], *, batch_size=32
+) -> list[list[float]]:
+    """Completion loss of every task (rows, in `examples` order) under every adapter (columns), in mixed batches."""
+    rows, names, owners = [], [], []
+    tasks = list(examples)
+    for t, task in enumerate(tasks):
+        tokenized = [tokenize_example(tokenizer, Example(e["prompt"], e["completion"])) for e in examples[task]]
+        for a, name in enumerate(adapter_names):
+            rows += tokenized
+            names += [name] * len(tokenized)
+            owners += [(t, a)] * len(tokenized)
+    was_training = model.training
+    model.eval()
+    try:
+        sums, counts, _ = completion_loss_sums(model, rows, names, pad_token_id=_pad_id(tokenizer), batch_size=batch_size)
+    finally:
+        model.train(was_training)
+    total = [[0.0] * len(adapter_names) for _ in tasks]
+    tokens = [[0] * len(adapter_names) for _ in tasks]
+    for (t, a), s, c in zip(owners, sums, counts):
+        total[t][a] += s
+        tokens[t][a] += c
+    return [[total[t][a] / max(1, tokens[t][a]) for a in range(len(adapter_names))] for t in range(len(tasks))]
