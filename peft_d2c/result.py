@@ -151,6 +151,35 @@ class D2CResult:
             shutil.rmtree(staging, ignore_errors=True)
         return save_directory
 
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        base_model_id: str | None = None,
+        private: bool = False,
+        token: str | bool | None = None,
+        commit_message: str | None = None,
+        layout: str = "subfolders",
+    ):
+        """Save to a temporary folder and push it in one commit per repo with model cards.
+
+        See `peft_d2c.hub.push_d2c_folder` for the arguments, the two layouts and the guarantees on failure.
+        """
+        from .hub import push_d2c_folder
+
+        with tempfile.TemporaryDirectory(prefix="d2c-push-") as tmp:
+            folder = os.path.join(tmp, "result")
+            self.save_pretrained(folder)
+            return push_d2c_folder(
+                folder,
+                repo_id,
+                base_model_id=base_model_id,
+                private=private,
+                token=token,
+                commit_message=commit_message,
+                layout=layout,
+            )
+
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike) -> D2CResult:
         """Read a result written by `save_pretrained` (the adapters stay on disk, `model` is `None`).
