@@ -208,46 +208,27 @@ def format_table(data: dict[str, Any]) -> str:
 
 def plot_benchmark(data: dict[str, Any], path: str) -> list[str]:
     """Score vs storage for every method (the Pareto view) and the task x cluster loss heatmap of the first D2C run
-    (largest K) next to it as `<stem>_heatmap.png`."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    (largest K) next to it as `<stem>_heatmap.png` (drawn by `peft_d2c.plots`)."""
+    from .plots import plot_loss_heatmap, plot_score_vs_storage
 
     rows = summarize(data)
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for method in dict.fromkeys(r["method"] for r in rows):
-        points = sorted((r["storage"], r["score"], r["std"]) for r in rows if r["method"] == method)
-        xs, ys, es = zip(*points)
-        style = {"marker": "o", "capsize": 3} if method not in REFERENCE_METHODS else {"marker": "s", "ls": "none"}
-        ax.errorbar([100 * x for x in xs], [100 * y for y in ys], yerr=[100 * e for e in es], label=method, **style)
-    ax.set_xlabel("storage (% of the single-task adapters kept)")
-    ax.set_ylabel("held-out exact match (%)")
-    ax.set_title(f"D2C vs baselines — {data.get('base_model', {}).get('model_id', data['model'])}")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    series = {
+        method: [(100 * r["storage"], 100 * r["score"], 100 * r["std"]) for r in rows if r["method"] == method]
+        for method in dict.fromkeys(r["method"] for r in rows)
+    }
+    plot_score_vs_storage(
+        series,
+        path,
+        xlabel="storage (% of the single-task adapters kept)",
+        ylabel="held-out exact match (%)",
+        title=f"D2C vs baselines — {data.get('base_model', {}).get('model_id', data['model'])}",
+    )
     written = [path]
     heatmaps = sorted((r for r in data["results"] if "heatmap" in r), key=lambda r: -r["num_clusters"])
     heatmap = heatmaps[0]["heatmap"] if heatmaps else None
     if heatmap is not None:
         heat_path = os.path.splitext(path)[0] + "_heatmap.png"
-        fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(heatmap["clusters"]), 0.8 + 0.35 * len(heatmap["tasks"])))
-        image = ax.imshow(heatmap["losses"], cmap="viridis_r", aspect="auto")
-        ax.set_yticks(range(len(heatmap["tasks"])), heatmap["tasks"], fontsize=7)
-        ax.set_xticks(range(len(heatmap["clusters"])), [f"cluster {i}" for i in range(len(heatmap["clusters"]))])
-        for t, task in enumerate(heatmap["tasks"]):
-            c = next(i for i, members in enumerate(heatmap["clusters"]) if task in members)
-            ax.add_patch(plt.Rectangle((c - 0.5, t - 0.5), 1, 1, fill=False, ec="red", lw=1.5))
-        fig.colorbar(image, ax=ax, label="few-shot loss")
-        ax.set_title("task x cluster loss (red: the task's cluster)", fontsize=9)
-        fig.tight_layout()
-        fig.savefig(heat_path, dpi=120)
-        plt.close(fig)
-        written.append(heat_path)
+        written.append(plot_loss_heatmap(heatmap["tasks"], heatmap["clusters"], heatmap["losses"], heat_path))
     return written
 
 

@@ -3,6 +3,11 @@
     peft-d2c run                 # the main job on the embedded default (SmolLM2-135M + 16 task adapters), K=4
     peft-d2c run --quick         # the same pipeline on a tiny random model: a smoke test that needs no download
     peft-d2c benchmark           # D2C vs the baselines on the embedded default (docs/benchmark.md)
+    peft-d2c merge run.yaml      # your base model, adapters and data (peft_d2c/run_config.py); --push-to-hub REPO
+    peft-d2c estimate run.yaml   # a short timing probe: expected evaluations and run time
+    peft-d2c evaluate DIR --data heldout.yaml
+    peft-d2c add-adapter DIR ./lora-new --examples new.jsonl
+    peft-d2c push DIR owner/repo
 
 Only this module prints; the library logs. User errors exit with status 2 and a one-line reason.
 """
@@ -14,6 +19,7 @@ import logging
 import os
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 
 from . import __version__
@@ -22,19 +28,26 @@ logger = logging.getLogger("peft_d2c")
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--seed", type=int, default=0, help="Seed of every random choice (default: 0).")
+    parser.add_argument("--seed", type=int, default=None, help="Seed of every random choice (default: 0).")
     verbosity = parser.add_mutually_exclusive_group()
     verbosity.add_argument("--verbose", "-v", action="store_true", help="Log details (DEBUG level).")
     verbosity.add_argument("--quiet", "-q", action="store_true", help="Only print results; no progress bars.")
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line, `peft-d2c: error: ...`, exit status 2 (like every other user error)."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"peft-d2c: error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="peft-d2c",
         description="Cluster and merge LoRA adapters with D2C (data-driven clustering, arXiv 2601.17441).",
     )
     parser.add_argument("--version", action="version", version=f"peft-d2c {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
 
     run = commands.add_parser(
         "run",
@@ -65,6 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_benchmark_arguments(bench)
     _add_common(bench)
     bench.set_defaults(handler=run_benchmark_command)
+
+    from .cli_commands import add_subcommands
+
+    add_subcommands(commands, _add_common)
     return parser
 
 
@@ -95,6 +112,17 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def _is_user_error(error: BaseException) -> bool:
+    """Network and Hub failures (unreachable endpoint, HTTP errors) are the user's environment, not a bug."""
+    prefixes = ("httpx", "httpcore", "requests", "urllib3", "huggingface_hub", "yaml", "datasets")
+    return any(cls.__module__.startswith(prefixes) for cls in type(error).__mro__)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `peft-d2c` command; returns the exit status.
 
@@ -107,15 +135,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.seed_given = args.seed is not None
+    if args.seed is None:
+        args.seed = 0
     _configure_logging(args)
     started = time.perf_counter()
     try:
-        status = args.handler(args)
+        with warnings.catch_warnings():
+            if not args.verbose:  # third-party deprecation notices are not for the command's user
+                warnings.simplefilter("ignore", FutureWarning)
+                warnings.simplefilter("ignore", DeprecationWarning)
+            status = args.handler(args)
     except (ValueError, TypeError, FileNotFoundError, KeyError, OSError) as error:
         if args.verbose:
             raise
-        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        print(f"peft-d2c: error: {message}", file=sys.stderr)
+        print(f"peft-d2c: error: {_first_line(error)}", file=sys.stderr)
+        return 2
+    except Exception as error:
+        if args.verbose or not _is_user_error(error):
+            raise
+        print(f"peft-d2c: error: {type(error).__name__}: {_first_line(error)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("peft-d2c: interrupted", file=sys.stderr)

@@ -52,8 +52,10 @@ class D2CMergeConfig:
     Args:
         num_clusters (`int`, *optional*):
             K, the number of merged adapters to produce. Exactly one of `num_clusters` and `storage_budget` is set.
-        storage_budget (`float`, *optional*):
-            Fraction of the N source adapters that may be kept, in (0, 1]; K = max(1, floor(fraction * N)).
+        storage_budget (`float` or `str`, *optional*):
+            Fraction of the N source adapters that may be kept, in (0, 1]; K = max(1, floor(fraction * N)). Or a size
+            in bytes (`"20MB"`, `"1.5GiB"`, an int > 1): the largest K whose merged adapters fit, computed from the
+            tensor sizes PEFT's merge produces (see `peft_d2c.budget`).
         method (`str`, defaults to `"d2c"`):
             `"d2c"` (Algorithm 1 of the paper), or a baseline: `"random"`, `"kmeans"` (K-means on the flattened
             full updates B·A·scaling) or `"kmeans_svd"` (K-means on cosine-normalised truncated-SVD embeddings of them).
@@ -86,6 +88,12 @@ class D2CMergeConfig:
             Rows per forward pass when scoring.
         merge_cache_size (`int`, defaults to 8):
             Number of temporary merged adapters kept alive in the model (an LRU); older ones are deleted.
+        proposals_per_step (`int`, defaults to 1):
+            p, the candidate moves scored per step. 1 is the paper's Algorithm 1; with p > 1 each step scores p
+            candidates in one batch (split across processes under `accelerate launch`) and applies the one whose task
+            loss drops the most, a greedier search with more evaluations per step.
+        checkpoint_every (`int`, defaults to 10):
+            With a `checkpoint_dir` given to `merge_adapters_d2c`, save the search state every this many steps.
         seed (`int`, defaults to 0):
             Seeds every random choice of the run: the start partition, the proposals, K-means and `dare_*` masks.
         merged_adapter_prefix (`str`, defaults to `"d2c"`):
@@ -103,8 +111,9 @@ class D2CMergeConfig:
     """
 
     num_clusters: int | None = field(default=None, metadata={"help": "K, the number of merged adapters."})
-    storage_budget: float | None = field(
-        default=None, metadata={"help": "Fraction of the N adapters to keep; K = max(1, floor(fraction * N))."}
+    storage_budget: float | str | None = field(
+        default=None,
+        metadata={"help": "Fraction of the N adapters to keep (K = max(1, floor(fraction * N))) or a size like '20MB'."},
     )
     method: Literal["d2c", "random", "kmeans", "kmeans_svd"] = field(
         default="d2c", metadata={"help": f"Clustering method, one of {list(METHODS)}."}
@@ -129,6 +138,10 @@ class D2CMergeConfig:
     max_length: int | None = field(default=None, metadata={"help": "Truncate scored sequences to this length."})
     batch_size: int = field(default=32, metadata={"help": "Rows per forward pass."})
     merge_cache_size: int = field(default=8, metadata={"help": "Live temporary merged adapters (LRU)."})
+    proposals_per_step: int = field(
+        default=1, metadata={"help": "Candidate moves scored per step; 1 = the paper's Algorithm 1."}
+    )
+    checkpoint_every: int = field(default=10, metadata={"help": "Steps between two checkpoints of the search."})
     seed: int = field(default=0, metadata={"help": "Seed of every random choice of the run."})
     merged_adapter_prefix: str = field(default="d2c", metadata={"help": "Merged adapters are named {prefix}_{i}."})
     show_progress: bool = field(default=True, metadata={"help": "Show a progress bar."})
@@ -142,11 +155,22 @@ class D2CMergeConfig:
         if self.num_clusters is not None:
             _check_int("num_clusters", self.num_clusters, minimum=1)
         if self.storage_budget is not None:
-            if isinstance(self.storage_budget, bool) or not isinstance(self.storage_budget, (int, float)):
-                raise TypeError(f"`storage_budget` must be a float in (0, 1], got {self.storage_budget!r}.")
-            if not 0 < self.storage_budget <= 1:
-                raise ValueError(f"`storage_budget` must be a fraction in (0, 1], got {self.storage_budget!r}.")
-            self.storage_budget = float(self.storage_budget)
+            from .budget import is_bytes_budget, parse_size
+
+            if isinstance(self.storage_budget, bool) or not isinstance(self.storage_budget, (int, float, str)):
+                raise TypeError(
+                    "`storage_budget` must be a fraction in (0, 1] or a size such as '20MB', got "
+                    f"{self.storage_budget!r}."
+                )
+            if is_bytes_budget(self.storage_budget):
+                parse_size(self.storage_budget)  # validates; the value is stored as given
+            else:
+                if not 0 < self.storage_budget <= 1:
+                    raise ValueError(
+                        "`storage_budget` must be a fraction in (0, 1] or a size such as '20MB', got "
+                        f"{self.storage_budget!r}."
+                    )
+                self.storage_budget = float(self.storage_budget)
         _check_choice("method", self.method, METHODS)
         _check_choice("init", self.init, INITS)
         _check_choice("combination_type", self.combination_type, COMBINATION_TYPES)
@@ -158,6 +182,8 @@ class D2CMergeConfig:
         _check_int("svd_embedding_dim", self.svd_embedding_dim, minimum=1)
         _check_int("batch_size", self.batch_size, minimum=1)
         _check_int("merge_cache_size", self.merge_cache_size, minimum=2)
+        _check_int("proposals_per_step", self.proposals_per_step, minimum=1)
+        _check_int("checkpoint_every", self.checkpoint_every, minimum=1)
         _check_int("seed", self.seed, minimum=0)
         if self.svd_rank is not None:
             _check_int("svd_rank", self.svd_rank, minimum=1)
@@ -192,6 +218,11 @@ class D2CMergeConfig:
         """
         if self.num_clusters is not None:
             k = self.num_clusters
+        elif isinstance(self.storage_budget, str) or self.storage_budget > 1:
+            raise ValueError(
+                f"`storage_budget`={self.storage_budget!r} is a size in bytes; K then depends on the adapters' tensor "
+                "sizes: use `peft_d2c.budget.resolve_num_clusters(peft_model, names, config)`."
+            )
         else:
             k = max(1, math.floor(self.storage_budget * num_adapters + 1e-9))
         if k > num_adapters:

@@ -13,9 +13,12 @@ import torch
 from peft import PeftModel
 from tqdm.auto import tqdm
 
+from .budget import check_partition_fits, resolve_num_clusters
+from .checkpoint import load_checkpoint, run_fingerprint, save_checkpoint
 from .config import D2CMergeConfig
 from .data import normalize_task_examples
-from .merging import AdapterMerger, check_peft_model, check_source_adapters, delta_gram_matrix
+from .distributed import SingleProcess, get_process_group
+from .merging import AdapterMerger, adapter_digest, check_peft_model, check_source_adapters, delta_gram_matrix
 from .result import D2CResult
 from .scoring import LossScorer, UserScoreFn
 from .search import SearchState, balanced_random_partition, d2c_search, kmeans_partition
@@ -32,10 +35,12 @@ def merge_adapters_d2c(
     adapter_names: Sequence[str] | None = None,
     score_fn: UserScoreFn | None = None,
     adapter_sources: dict[str, dict[str, Any]] | None = None,
+    checkpoint_dir: str | os.PathLike | None = None,
+    process_group: SingleProcess | None = None,
 ) -> D2CResult:
     """Cluster the LoRA adapters of `peft_model` into K groups and merge each group into one adapter.
 
-    With `config.method="d2c"` this is Algorithm 1 of "Data-driven Clustering of LoRA adapters" (arXiv 2601.17441):
+    With `config.method="d2c"` this is Algorithm 1 of "Data-driven Clustering and Merging of Adapters for On-device Large Language Models" (arXiv 2601.17441):
     starting from a partition, it repeatedly proposes to move one adapter t to another cluster and keeps the move
     only if the loss of task t on its few-shot examples drops. The baselines (`"random"`, `"kmeans"`,
     `"kmeans_svd"`) return their partition directly. Each final cluster is merged with PEFT's
@@ -43,6 +48,11 @@ def merge_adapters_d2c(
 
     The user's adapters are never modified; temporary merged adapters are removed (also on error or Ctrl-C), and the
     active adapter, train/eval mode and every parameter's `requires_grad` are restored.
+
+    Under `accelerate launch` (e.g. `accelerate launch --multi_gpu --num_processes 2 script.py`, also on CPU) every
+    process runs the same search and the scoring work of each step is shared out; every process ends with the same
+    clusters and merged adapters as a single-process run with the same seed. Only the main process writes the
+    checkpoint.
 
     Args:
         peft_model (`PeftModel`):
@@ -62,6 +72,16 @@ def merge_adapters_d2c(
         adapter_sources (`dict[str, dict]`, *optional*):
             Where each adapter came from, recorded in the result (defaults to `peft_model.d2c_adapter_sources`,
             which `peft_d2c.load_adapters` sets).
+        checkpoint_dir (`str` or `os.PathLike`, *optional*):
+            Save the search state (partition, step, random state, history, computed losses) to
+            `checkpoint_dir/d2c_checkpoint.json` every `config.checkpoint_every` steps and at the end of the search.
+            If the folder already holds a checkpoint of this run, the search resumes from it and ends exactly as an
+            uninterrupted run would.
+        process_group (`SingleProcess` or `AccelerateProcesses`, *optional*):
+            Who shares the scoring work. Defaults to `peft_d2c.distributed.get_process_group()`: every process of an
+            `accelerate launch` / torchrun run, which must then all call this function. Pass
+            `peft_d2c.distributed.SingleProcess()` to run on the calling process alone (e.g. inside
+            `if accelerator.is_main_process:`).
 
     Returns:
         `D2CResult`: clusters, routing, merged adapter names, losses and the search history.
@@ -72,6 +92,8 @@ def merge_adapters_d2c(
         ValueError: If K is out of range, an adapter lacks examples (or examples name an unknown adapter), adapters
             cannot be merged together, a merged adapter name is taken, or a loss is NaN/inf.
         UnsupportedAdapterError: If an adapter is not a plain LoRA (DoRA, rslora, lora_bias, other variants).
+        CheckpointMismatchError: If `checkpoint_dir` holds a checkpoint of another configuration, adapter set or
+            example set.
 
     Example:
         ```python
@@ -87,15 +109,18 @@ def merge_adapters_d2c(
         raise TypeError(f"`config` must be a D2CMergeConfig, got {type(config).__name__}.")
     if score_fn is None and tokenizer is None:
         raise ValueError("Pass the base model's `tokenizer=` (or a custom `score_fn=`) to score the adapters.")
+    # `load_task_examples` records where each task's data came from; keep it for the result and the model cards.
+    data_sources = dict(getattr(task_examples, "data_sources", None) or {})
     examples = normalize_task_examples(task_examples)
     names = _resolve_adapter_names(peft_model, examples, adapter_names)
     examples = {name: examples[name][: config.examples_per_task] for name in names}
-    num_clusters = config.resolve_num_clusters(len(names))
+    num_clusters = resolve_num_clusters(peft_model, names, config)
     check_source_adapters(peft_model, names, config.combination_type)
     merged_names = [f"{config.merged_adapter_prefix}_{i}" for i in range(num_clusters)]
     merger = AdapterMerger(peft_model, config)
     merger.check_names(merged_names)
 
+    group = process_group if process_group is not None else get_process_group()
     snapshot = _ModelState.capture(peft_model)
     created: list[str] = []
     try:
@@ -109,16 +134,25 @@ def merge_adapters_d2c(
             use_chat_template=config.use_chat_template,
             max_length=config.max_length,
             user_score_fn=score_fn,
+            process_group=group,
         )
         rng = np.random.default_rng(config.seed)
         start = _start_partition(peft_model, names, num_clusters, config, rng)
         state = SearchState(clusters=[list(c) for c in start])
         if config.method == "d2c":
-            state = _run_search(state, scorer, rng, config)
+            checkpointer = None
+            if checkpoint_dir is not None:
+                fingerprint = run_fingerprint(
+                    config, names, examples, adapter_digest(peft_model, names), custom_score_fn=score_fn is not None
+                )
+                checkpointer = _Checkpointer(checkpoint_dir, fingerprint, group, scorer, rng, config.checkpoint_every)
+                start, state = checkpointer.resume(start, state)
+            state = _run_search(state, scorer, rng, config, checkpointer, group)
         clusters = state.clusters
-        task_losses = dict(zip(names, scorer([(clusters[_index_of(clusters, n)], n) for n in names])))
+        task_losses = dict(zip(names, scorer([(clusters[_index_of(clusters, n)], n) for n in names]), strict=True))
         merger.cleanup()
-        for name, members in zip(merged_names, clusters):
+        check_partition_fits(peft_model, clusters, config)  # `cat` grows with the clusters: check before merging
+        for name, members in zip(merged_names, clusters, strict=True):
             created.append(merger.merge(members, name))
     except BaseException:
         for name in created:
@@ -141,11 +175,16 @@ def merge_adapters_d2c(
         initial_clusters=[list(c) for c in start],
         base_model=_base_model_name(peft_model, names[0]),
         sources={n: dict(sources.get(n, {})) for n in names},
+        data_sources={n: dict(data_sources[n]) for n in names if n in data_sources},
         stats={
             "num_merges": merger.num_merges,
             "forward_passes": scorer.forward_passes,
             "cache_hits": scorer.cache_hits,
             "cache_misses": scorer.cache_misses,
+            "num_refills": merger.num_refills,
+            "merge_seconds": merger.merge_seconds,
+            "forward_seconds": scorer.forward_seconds,
+            "num_processes": group.num_processes,
             "seconds": time.perf_counter() - started,
         },
         model=peft_model,
@@ -173,7 +212,9 @@ def _resolve_adapter_names(peft_model: PeftModel, examples: dict, adapter_names:
             raise ValueError(f"Unknown adapters in `adapter_names`: {not_loaded}; loaded: {loaded}.")
         without = [n for n in names if n not in examples]
         if without:
-            raise ValueError(f"Adapters without examples: {without}; every clustered adapter needs its task's examples.")
+            raise ValueError(
+                f"Adapters without examples: {without}; every clustered adapter needs its task's examples."
+            )
     if not names:
         raise ValueError(f"No adapter to cluster: none of the loaded adapters {loaded} has examples.")
     return names
@@ -190,16 +231,30 @@ def _start_partition(
     return kmeans_partition(names, gram, k, seed=config.seed, svd_components=components)
 
 
-def _run_search(state: SearchState, scorer: LossScorer, rng: np.random.Generator, config: D2CMergeConfig):
-    disable = not config.show_progress or os.environ.get("TQDM_DISABLE", "").lower() in ("1", "true", "yes")
-    with tqdm(total=config.num_iterations, desc="D2C search", unit="step", disable=disable) as bar:
+def _run_search(
+    state: SearchState,
+    scorer: LossScorer,
+    rng: np.random.Generator,
+    config: D2CMergeConfig,
+    checkpointer: _Checkpointer | None,
+    group,
+) -> SearchState:
+    disable = (
+        not config.show_progress
+        or not group.is_main_process
+        or os.environ.get("TQDM_DISABLE", "").lower() in ("1", "true", "yes")
+    )
+    with tqdm(
+        total=config.num_iterations, initial=state.iteration, desc="D2C search", unit="step", disable=disable
+    ) as bar:
 
         def on_step(current: SearchState) -> None:
             bar.update(1)
-            last = current.history[-1]
-            logger.debug("step %d: %s", current.iteration, last)
+            logger.debug("step %d: %s", current.iteration, current.history[-1])
+            if checkpointer is not None and current.iteration % checkpointer.every == 0:
+                checkpointer.save(current)
 
-        return d2c_search(
+        state = d2c_search(
             state.clusters,
             scorer,
             rng,
@@ -207,6 +262,59 @@ def _run_search(state: SearchState, scorer: LossScorer, rng: np.random.Generator
             patience=config.patience,
             state=state,
             on_step=on_step,
+            proposals_per_step=config.proposals_per_step,
+        )
+    if checkpointer is not None:
+        checkpointer.save(state)  # a finished search resumes straight to its final merges
+    return state
+
+
+class _Checkpointer:
+    """Saves the search state (main process only) and restores it on every process."""
+
+    def __init__(self, directory, fingerprint, group, scorer: LossScorer, rng: np.random.Generator, every: int):
+        self.directory = os.fspath(directory)
+        self.fingerprint = fingerprint
+        self.group = group
+        self.scorer = scorer
+        self.rng = rng
+        self.every = every
+        self.initial_clusters: list[list[str]] = []
+
+    def resume(self, start: list[list[str]], state: SearchState) -> tuple[list[list[str]], SearchState]:
+        """Load this run's checkpoint if there is one (read on the main process, sent to the others)."""
+        outcome: tuple[str, Any] = ("none", None)
+        if self.group.is_main_process:
+            try:
+                payload = load_checkpoint(self.directory, self.fingerprint)
+                outcome = ("none", None) if payload is None else ("ok", payload)
+            except Exception as error:  # sent to every process so that all of them stop
+                outcome = ("error", error)
+        kind, value = self.group.broadcast(outcome)
+        if kind == "error":
+            raise value
+        self.initial_clusters = [list(c) for c in start]
+        if kind == "none":
+            return start, state
+        self.initial_clusters = [list(c) for c in value["initial_clusters"]]
+        self.rng.bit_generator.state = value["rng"]
+        self.scorer.load_cache(value["cache"])
+        restored = SearchState.from_dict(value["state"])
+        logger.info("Resuming the D2C search from %s at step %d.", self.directory, restored.iteration)
+        return self.initial_clusters, restored
+
+    def save(self, state: SearchState) -> None:
+        if not self.group.is_main_process:
+            return
+        save_checkpoint(
+            self.directory,
+            {
+                "fingerprint": self.fingerprint,
+                "initial_clusters": self.initial_clusters,
+                "state": state.to_dict(),
+                "rng": self.rng.bit_generator.state,
+                "cache": self.scorer.cache_to_list(),
+            },
         )
 
 

@@ -251,6 +251,8 @@ def _load_split(spec: TaskDataSpec, token: str | bool | None):
     path, data_files = spec.path, spec.data_files
     suffix = os.path.splitext(path)[1].lower()
     if os.path.isfile(path) and suffix in FILE_BUILDERS:
+        if os.path.getsize(path) == 0:  # `datasets` fails on an empty file with a bare StopIteration
+            raise ValueError(f"`path` {spec.path!r} is an empty file; it holds no examples.")
         path, data_files = FILE_BUILDERS[suffix], spec.path
     if isinstance(data_files, (str, os.PathLike, list, tuple)):
         data_files = {

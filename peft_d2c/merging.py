@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
+import time
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 
@@ -17,6 +19,7 @@ import torch
 from peft import PeftModel
 from peft.tuners.lora import LoraLayer, LoraModel
 from peft.utils import PeftType
+from peft.utils.merge_utils import calculate_majority_sign_mask, disjoint_merge, prune, reshape_weight_task_tensors
 
 from .config import EQUAL_RANK_TYPES, D2CMergeConfig
 from .errors import UnsupportedAdapterError
@@ -26,7 +29,7 @@ logger = logging.getLogger(__name__)
 Members = tuple[str, ...]
 
 # LoraConfig features whose merges PEFT gets silently wrong (peft issue 3761) or drops.
-_UNMERGEABLE_FLAGS = {
+UNMERGEABLE_FLAGS = {
     "use_dora": "DoRA",
     "use_rslora": "rank-stabilised LoRA (rslora)",
     "lora_bias": "a LoRA bias (lora_bias)",
@@ -138,7 +141,7 @@ def check_source_adapters(peft_model: PeftModel, adapter_names: Sequence[str], c
         config = peft_model.peft_config[name]
         if config.peft_type != PeftType.LORA:
             raise UnsupportedAdapterError(f"Adapter {name!r} is a {config.peft_type} adapter; only LoRA is supported.")
-        for flag, feature in _UNMERGEABLE_FLAGS.items():
+        for flag, feature in UNMERGEABLE_FLAGS.items():
             if getattr(config, flag, None):
                 raise UnsupportedAdapterError(
                     f"Adapter {name!r} uses {feature}; PEFT cannot merge it faithfully (peft issue 3761). "
@@ -223,25 +226,78 @@ def delta_gram_matrix(peft_model: PeftModel, adapter_names: Sequence[str]) -> np
     return gram
 
 
+def adapter_digest(peft_model: PeftModel, adapter_names: Sequence[str]) -> str:
+    """SHA-256 of the LoRA weights and scalings of `adapter_names` (checkpoints use it to spot changed adapters)."""
+    digest = hashlib.sha256()
+    layers = list(lora_layers(peft_model))
+    for name in adapter_names:
+        digest.update(f"adapter:{name}".encode())
+        for module_name, layer in layers:
+            if name in layer.lora_A:
+                tensors = (layer.lora_A[name].weight, layer.lora_B[name].weight)
+            elif name in layer.lora_embedding_A:
+                tensors = (layer.lora_embedding_A[name], layer.lora_embedding_B[name])
+            else:
+                continue
+            digest.update(f"{module_name}:{float(layer.scaling[name])!r}".encode())
+            for tensor in tensors:
+                flat = tensor.detach().reshape(-1).cpu().contiguous()
+                digest.update(str(flat.dtype).encode())
+                digest.update(flat.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+# Combination types whose merge draws random masks from torch's global generator while PEFT builds the adapter
+# (its layers' initialisation consumes the same generator first): a refilled slot could not reproduce those masks,
+# so these types always take a full PEFT merge.
+_RANDOM_TYPES = ("dare_ties", "dare_linear", "dare_ties_svd", "dare_linear_svd")
+_SVD_TYPES = ("svd", "ties_svd", "dare_linear_svd", "dare_ties_svd", "magnitude_prune_svd")
+# Types that prune each member's A and B factors by magnitude on their own before combining them.
+_PRUNED_TYPES = ("ties", "magnitude_prune")
+
+
 class AdapterMerger:
     """Merges clusters of source adapters through PEFT and keeps a bounded LRU of temporary merged adapters.
+
+    At most `config.merge_cache_size` temporary adapters ("slots") exist in the model at any time. An evicted
+    cluster's slot stays in the model and is refilled in place with the next cluster's merge, using PEFT's own
+    per-layer merge functions: the values are those `add_weighted_adapter` computes, without rebuilding every LoRA
+    module (which dominates the cost of a merge on real models). `dare_*` merges, whose random masks depend on the
+    module construction, and slots of another rank (`cat` of clusters of other sizes) use a full PEFT merge.
 
     Args:
         peft_model (`PeftModel`): The model holding the source adapters; merged adapters are added to it.
         config (`D2CMergeConfig`): Merge settings (combination type, density, weights, seed, name prefix).
 
     Attributes:
-        num_merges (`int`): How many PEFT merges were run (for tests and benchmarks).
+        num_merges (`int`): How many merges were run, full or refilled (for tests and benchmarks).
+        num_refills (`int`): How many of them refilled an existing slot.
+        merge_seconds (`float`): Wall time spent merging.
     """
 
     def __init__(self, peft_model: PeftModel, config: D2CMergeConfig) -> None:
         self.peft_model = peft_model
         self.config = config
         self.num_merges = 0
+        self.num_refills = 0
+        self.merge_seconds = 0.0
         self._live: OrderedDict[Members, str] = OrderedDict()
-        self._free_names: list[str] = []
-        self._next_name = 0
+        self._free_slots: list[str] = []  # in the model, holding an evicted merge, ready to be refilled
+        self._unused_names = [self.temporary_name(i) for i in reversed(range(config.merge_cache_size))]
         self._pinned: set[Members] = set()
+        # The LoRA layers never change during a run (adapters only add entries inside them); walking every module of
+        # the model for each refill would cost more than the merge arithmetic of a small adapter.
+        self._layers = list(lora_layers(peft_model))
+        # (layer index, adapter, "A" or "B") -> the factor pruned by magnitude (see `_pruned_factors`).
+        self._prune_cache: dict[tuple[int, str, str], torch.Tensor] = {}
+        lora_model = peft_model.base_model
+        self._can_refill = config.combination_type not in _RANDOM_TYPES and all(
+            hasattr(lora_model, attr)
+            for attr in (
+                "_generalized_task_arithmetic_weighted_adapter",
+                "_svd_generalized_task_arithmetic_weighted_adapter",
+            )
+        )
 
     def temporary_name(self, index: int) -> str:
         return f"{self.config.merged_adapter_prefix}_tmp{index}"
@@ -261,6 +317,7 @@ class AdapterMerger:
         check_new_adapter_name(self.peft_model, adapter_name)
         config = self.config
         weights = merge_weights_for(config.combination_type, len(members), config.merge_weight)
+        started = time.perf_counter()
         try:
             with torch.random.fork_rng():
                 torch.manual_seed(merge_seed(config.seed, members))
@@ -278,8 +335,116 @@ class AdapterMerger:
             if adapter_name in self.peft_model.peft_config:
                 self.peft_model.delete_adapter(adapter_name)
             raise
+        finally:
+            self.merge_seconds += time.perf_counter() - started
         self.num_merges += 1
         return adapter_name
+
+    def merged_rank(self, members: Sequence[str]) -> int:
+        """Rank of the adapter PEFT creates for `members` (sum of ranks for `cat`, else the source or SVD rank)."""
+        ranks = [adapter_rank(self.peft_model, m) for m in members]
+        combination_type = "linear" if len(members) == 1 else self.config.combination_type
+        if combination_type == "cat":
+            return sum(ranks)
+        if combination_type in _SVD_TYPES:
+            return self.config.svd_rank or max(ranks)
+        return ranks[0]
+
+    def refill(self, members: Sequence[str], adapter_name: str) -> str:
+        """Overwrite the weights of the existing merged adapter `adapter_name` with the merge of `members`.
+
+        Runs the same per-layer computations as `add_weighted_adapter` (PEFT's own functions, with the same weights
+        and settings), so the result equals a fresh merge of `members`; only the module construction is skipped.
+
+        Raises:
+            ValueError: If `adapter_name` has another rank than the merge of `members`, or uses a random type.
+        """
+        members = sorted(members)
+        config = self.config
+        if not self._can_refill:
+            raise ValueError(f"combination_type={config.combination_type!r} merges cannot refill an adapter.")
+        new_rank = self.merged_rank(members)
+        if self.peft_model.peft_config[adapter_name].r != new_rank:
+            raise ValueError(
+                f"Adapter {adapter_name!r} has rank {self.peft_model.peft_config[adapter_name].r}, "
+                f"the merge of {members} needs {new_rank}."
+            )
+        combination_type = "linear" if len(members) == 1 else config.combination_type  # PEFT's rule
+        weights = merge_weights_for(config.combination_type, len(members), config.merge_weight)
+        lora_model = self.peft_model.base_model
+        started = time.perf_counter()
+        with torch.no_grad():
+            for layer_index, (_, layer) in enumerate(self._layers):
+                if adapter_name in layer.lora_A:
+                    target_a, target_b = layer.lora_A[adapter_name].weight, layer.lora_B[adapter_name].weight
+                elif adapter_name in layer.lora_embedding_A:
+                    target_a, target_b = layer.lora_embedding_A[adapter_name], layer.lora_embedding_B[adapter_name]
+                else:
+                    continue
+                if combination_type == "cat":
+                    new_a, new_b = _cat_factors(layer, members, weights, target_a, target_b)
+                elif combination_type in _SVD_TYPES:
+                    new_a, new_b = lora_model._svd_generalized_task_arithmetic_weighted_adapter(
+                        combination_type,
+                        members,
+                        weights,
+                        new_rank,
+                        layer,
+                        target_a,
+                        target_b,
+                        config.density,
+                        config.majority_sign_method,
+                    )
+                elif combination_type in _PRUNED_TYPES and config.density < 1:
+                    new_a, new_b = self._pruned_factors(layer_index, layer, members, weights)
+                else:
+                    new_a, new_b = lora_model._generalized_task_arithmetic_weighted_adapter(
+                        combination_type, members, weights, layer, config.density, config.majority_sign_method
+                    )
+                target_a.data, target_b.data = new_a, new_b
+        self.merge_seconds += time.perf_counter() - started
+        self.num_merges += 1
+        self.num_refills += 1
+        return adapter_name
+
+    def _pruned_factors(self, layer_index: int, layer: LoraLayer, members: Sequence[str], weights: Sequence[float]):
+        """`ties` / `magnitude_prune` of one layer's A and B factors, as PEFT computes them, with pruning memoised.
+
+        PEFT prunes every member's factor on its own (top-k magnitudes) before combining them, so an adapter's
+        pruned factors are the same in every cluster it joins: they are computed once per run and reused. The
+        remaining steps are PEFT's `merge_utils` functions, applied exactly as `ties` / `magnitude_prune` apply them.
+        """
+        factors_a, factors_b, weights_a, weights_b = [], [], [], []
+        for adapter, weight in zip(members, weights, strict=True):
+            if adapter not in layer.lora_A and adapter not in layer.lora_embedding_A:
+                continue
+            scaled = weight * layer.scaling[adapter]
+            sign = 1 if scaled >= 0 else -1
+            weights_a.append(math.sqrt(abs(scaled)) * sign)  # the sign goes on one factor only, as in PEFT
+            weights_b.append(math.sqrt(abs(scaled)))
+            factors_a.append(self._pruned(layer_index, layer, adapter, "A"))
+            factors_b.append(self._pruned(layer_index, layer, adapter, "B"))
+        dtype = factors_a[0].dtype
+        merged = []
+        for factors, factor_weights in ((factors_a, weights_a), (factors_b, weights_b)):
+            stacked = torch.stack(factors, dim=0)
+            weighted = stacked * reshape_weight_task_tensors(stacked, torch.tensor(factor_weights).to(stacked.device))
+            if self.config.combination_type == "ties":
+                sign_mask = calculate_majority_sign_mask(stacked, method=self.config.majority_sign_method)
+                merged.append(disjoint_merge(weighted, sign_mask).to(dtype))
+            else:
+                merged.append(weighted.sum(dim=0).to(dtype))
+        return merged[0], merged[1]
+
+    def _pruned(self, layer_index: int, layer: LoraLayer, adapter: str, factor: str) -> torch.Tensor:
+        key = (layer_index, adapter, factor)
+        if key not in self._prune_cache:
+            if adapter in layer.lora_A:
+                tensor = (layer.lora_A if factor == "A" else layer.lora_B)[adapter].weight.data
+            else:
+                tensor = (layer.lora_embedding_A if factor == "A" else layer.lora_embedding_B)[adapter].data
+            self._prune_cache[key] = prune(tensor, self.config.density, method="magnitude")
+        return self._prune_cache[key]
 
     def adapter_for(self, members: Sequence[str]) -> str:
         """Name of a live adapter equal to the merge of `members`, merging (and evicting the oldest) when needed.
@@ -293,20 +458,40 @@ class AdapterMerger:
         if key in self._live:
             self._live.move_to_end(key)
             return self._live[key]
-        while len(self._live) >= self.config.merge_cache_size:
+        if len(self._live) >= self.config.merge_cache_size:
             evictable = next((k for k in self._live if k not in self._pinned), None)
             if evictable is None:
                 raise RuntimeError(
                     f"`merge_cache_size`={self.config.merge_cache_size} is too small for one scoring batch; raise it."
                 )
-            self._delete(evictable)
-        if self._free_names:
-            name = self._free_names.pop()
-        else:
-            name = self.temporary_name(self._next_name)
-            self._next_name += 1
-        self._live[key] = self.merge(key, name)
+            self._free_slots.append(self._live.pop(evictable))
+        name = self._take_slot(key)
+        if name is None:
+            if not self._unused_names:  # every slot is in the model: drop a free one of the wrong kind
+                self._delete_slot(self._free_slots.pop(0))
+            name = self._unused_names.pop()
+            try:
+                self.merge(key, name)
+            except BaseException:
+                self._unused_names.append(name)
+                raise
+        self._live[key] = name
         return name
+
+    def _take_slot(self, key: Members) -> str | None:
+        """Refill a free slot of the right rank with the merge of `key`, or return None if there is none."""
+        if not self._can_refill or not self._free_slots:
+            return None
+        rank = self.merged_rank(key)
+        for index, name in enumerate(self._free_slots):
+            if self.peft_model.peft_config[name].r == rank:
+                del self._free_slots[index]
+                try:
+                    return self.refill(key, name)
+                except BaseException:
+                    self._delete_slot(name)  # half-refilled: never serve it
+                    raise
+        return None
 
     def pin(self, keys: Sequence[Members]) -> None:
         """Protect these clusters' adapters from eviction until `unpin` (they are scored in one batch)."""
@@ -317,15 +502,33 @@ class AdapterMerger:
 
     @property
     def num_live(self) -> int:
-        """Number of temporary merged adapters currently in the model."""
-        return len(self._live)
+        """Number of temporary merged adapters currently in the model (live merges and free slots)."""
+        return len(self._live) + len(self._free_slots)
 
-    def _delete(self, key: Members) -> None:
-        name = self._live.pop(key)
+    def _delete_slot(self, name: str) -> None:
         self.peft_model.delete_adapter(name)
-        self._free_names.append(name)
+        self._unused_names.append(name)
 
     def cleanup(self) -> None:
         """Delete every temporary merged adapter from the model."""
-        for key in list(self._live):
-            self._delete(key)
+        for name in [*self._live.values(), *self._free_slots]:
+            self._delete_slot(name)
+        self._live.clear()
+        self._free_slots.clear()
+
+
+def _cat_factors(layer: LoraLayer, members: Sequence[str], weights: Sequence[float], target_a, target_b):
+    """The `cat` merge of one layer, as `add_weighted_adapter` computes it: stacked weighted A's, stacked B's."""
+    loras_a, loras_b = [], []
+    for adapter, weight in zip(members, weights, strict=True):
+        if adapter in layer.lora_A:
+            lora_a, lora_b = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
+        else:
+            lora_a, lora_b = layer.lora_embedding_A[adapter], layer.lora_embedding_B[adapter]
+        loras_a.append(lora_a.data * weight * layer.scaling[adapter])
+        loras_b.append(lora_b.data)
+    new_a, new_b = torch.zeros_like(target_a.data), torch.zeros_like(target_b.data)
+    stacked_a, stacked_b = torch.cat(loras_a, dim=0), torch.cat(loras_b, dim=1)
+    new_a[: stacked_a.shape[0], :] = stacked_a
+    new_b[:, : stacked_b.shape[1]] = stacked_b
+    return new_a, new_b

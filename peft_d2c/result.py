@@ -69,6 +69,49 @@ class D2CResult:
             raise KeyError(f"Unknown task {task!r}; known tasks: {sorted(self.routing)}.")
         return self.routing[task]
 
+    def add_adapter(
+        self,
+        name: str,
+        examples,
+        *,
+        tokenizer=None,
+        score_fn=None,
+        source: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """Add a new task's adapter to the cluster where its task loss is lowest, without re-running the search.
+
+        For every cluster, the new adapter is merged with the cluster's members and scored on `examples` (one merge
+        and one loss per cluster). The best cluster's merged adapter is rebuilt in place with the new member; every
+        other merged adapter is left untouched, bit for bit. `clusters`, `assignment`, `routing`, `task_losses` and
+        `sources` are updated. The other members' `task_losses` in the receiving cluster keep their recorded values.
+
+        Args:
+            name (`str`): The new adapter, already loaded in `self.model` under this name (= its task).
+            examples (`Sequence[dict]`): Few-shot `{"prompt", "completion"}` examples of the new task (the first
+                `config.examples_per_task` are used).
+            tokenizer (*optional*): The base model's tokenizer; required unless `score_fn` is given.
+            score_fn (`Callable`, *optional*): Custom `score_fn(model, adapter_name, task, examples) -> float`.
+            source (`dict`, *optional*): Where the adapter came from (`{"path": ...}` or `{"repo_id": ...}`);
+                defaults to what `load_adapters` recorded.
+
+        Returns:
+            `dict`: `{"cluster": index, "merged_adapter": name, "losses": [loss under each cluster's merge]}`.
+
+        Raises:
+            ValueError: If the result has no model, `name` is already clustered or not loaded, the examples are
+                empty, the adapter cannot be merged with the others, or a byte budget would be exceeded.
+
+        Example:
+            ```python
+            >>> load_adapters(result.model, "./lora-new-task", names=["new_task"])  # doctest: +SKIP
+            >>> result.add_adapter("new_task", examples, tokenizer=tokenizer)  # doctest: +SKIP
+            {'cluster': 1, 'merged_adapter': 'd2c_1', 'losses': [2.31, 0.87]}
+            ```
+        """
+        from .online import add_adapter
+
+        return add_adapter(self, name, examples, tokenizer=tokenizer, score_fn=score_fn, source=source)
+
     def to_dict(self) -> dict[str, Any]:
         """Everything but the model and the adapter weights, as written to `d2c_result.json`."""
         from . import __version__

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -117,8 +118,69 @@ def completion_loss_sums(
     return sums, counts, forward_passes
 
 
+def plan_batches(
+    sizes: Sequence[int], clusters: Sequence[Members], *, batch_size: int, max_clusters: int
+) -> list[list[int]]:
+    """Group requests (by index) into scoring batches whose composition depends only on the requests.
+
+    A batch is scored in one forward pass when it holds at most `batch_size` rows. The number of batches is the
+    smallest that fits the rows, rounded up to a power of two, and requests are dealt out contiguously with rows
+    spread evenly; a batch that would need more than `max_clusters` live merged adapters is split further. Because
+    this never looks at the number of processes, a loss is computed with exactly the same batch (hence the same
+    floating-point result) whether the batches are scored by one process or dealt out to 2, 4, 8... (which the
+    power of two keeps balanced).
+
+    Args:
+        sizes (`Sequence[int]`): Rows (examples) of each request.
+        clusters (`Sequence[Members]`): The cluster of each request.
+        batch_size (`int`): Rows per forward pass.
+        max_clusters (`int`): The most distinct clusters one batch may use (the merged-adapter LRU size).
+
+    Returns:
+        `list[list[int]]`: request indices of each batch, in order.
+
+    Example:
+        ```python
+        >>> plan_batches([10] * 8, [("a", "b")] * 8, batch_size=32, max_clusters=8)
+        [[0, 1], [2, 3], [4, 5], [6, 7]]
+        ```
+    """
+    if not sizes:
+        return []
+    total = sum(sizes)
+    num_batches = 1
+    while num_batches * batch_size < total:
+        num_batches *= 2
+    num_batches = min(num_batches, len(sizes))
+    batches: list[list[int]] = [[] for _ in range(num_batches)]
+    done = 0
+    for index, size in enumerate(sizes):
+        # The batch in which the middle row of this request falls when rows are spread evenly.
+        slot = min(num_batches - 1, int((done + size / 2) * num_batches / total))
+        batches[slot].append(index)
+        done += size
+    planned: list[list[int]] = []
+    for batch in batches:
+        current: list[int] = []
+        seen: set[Members] = set()
+        for index in batch:
+            if clusters[index] not in seen and len(seen) >= max_clusters:
+                planned.append(current)
+                current, seen = [], set()
+            current.append(index)
+            seen.add(clusters[index])
+        if current:
+            planned.append(current)
+    return planned
+
+
 class LossScorer:
     """The `score_fn` of the D2C search: loss of task t under the merge of a cluster, memoised per run.
+
+    Each call computes only the `(members, task)` losses not seen before in this run. Those are grouped by
+    `plan_batches`; each batch needs one forward pass in which every row runs under its own merged adapter (PEFT's
+    mixed-adapter batches). Under a multi-process launch the batches are shared out by `process_group` and every
+    process receives every loss.
 
     Args:
         model (`PeftModel`): The model holding the source adapters (in eval mode while scoring).
@@ -128,9 +190,13 @@ class LossScorer:
         batch_size (`int`): Rows per forward pass.
         use_chat_template (`bool`), max_length (`int`, *optional*): Tokenisation settings (see `tokenize_example`).
         user_score_fn (*optional*): `score_fn(model, adapter_name, task, examples) -> float` replacing the loss.
+        process_group (*optional*): A `peft_d2c.distributed` process group; defaults to a single process.
 
     Attributes:
-        cache_hits, cache_misses, forward_passes (`int`): Counters for tests and benchmarks.
+        cache (`dict`): `(sorted members, task) -> loss` for every loss computed in this run (by any process).
+        cache_hits, cache_misses (`int`): Requests answered from the cache, and distinct losses computed.
+        forward_passes (`int`): Forward passes run by this process.
+        forward_seconds (`float`): Wall time of this process in `completion_loss_sums` (or the user score function).
     """
 
     def __init__(
@@ -144,16 +210,21 @@ class LossScorer:
         use_chat_template: bool = False,
         max_length: int | None = None,
         user_score_fn: UserScoreFn | None = None,
+        process_group=None,
     ) -> None:
+        from .distributed import SingleProcess
+
         self.model = model
         self.merger = merger
         self.examples = {task: list(items) for task, items in examples.items()}
         self.batch_size = batch_size
         self.user_score_fn = user_score_fn
+        self.process_group = process_group if process_group is not None else SingleProcess()
         self.cache: dict[tuple[Members, str], float] = {}
         self.cache_hits = 0
         self.cache_misses = 0
         self.forward_passes = 0
+        self.forward_seconds = 0.0
         self.pad_token_id = 0
         self.tokenized: dict[str, list[TokenizedExample]] = {}
         if user_score_fn is None:
@@ -172,33 +243,39 @@ class LossScorer:
         missing = list(dict.fromkeys(k for k in keys if k not in self.cache))
         self.cache_hits += len(keys) - len(missing)
         self.cache_misses += len(missing)
-        # Score as many distinct clusters together as the live-adapter cache can hold at once.
-        chunk: list[tuple[Members, str]] = []
-        clusters: set[Members] = set()
-        for key in missing:
-            if key[0] not in clusters and len(clusters) >= self.merger.config.merge_cache_size:
-                self._score_chunk(chunk)
-                chunk, clusters = [], set()
-            chunk.append(key)
-            clusters.add(key[0])
-        if chunk:
-            self._score_chunk(chunk)
+        if missing:
+            batches = plan_batches(
+                [len(self.examples[task]) for _, task in missing],
+                [members for members, _ in missing],
+                batch_size=self.batch_size,
+                max_clusters=self.merger.config.merge_cache_size,
+            )
+            batch_keys = [[missing[i] for i in batch] for batch in batches]
+            for chunk, losses in zip(batch_keys, self.process_group.map(self._score_batch, batch_keys), strict=True):
+                for key, loss in zip(chunk, losses, strict=True):
+                    if not math.isfinite(loss):
+                        raise NonFiniteLossError(
+                            f"The loss of task {key[1]!r} under the merge of {list(key[0])} is {loss}; check the "
+                            "adapters' weights for NaN/inf and the model dtype."
+                        )
+                    self.cache[key] = loss
         return [self.cache[k] for k in keys]
 
-    def _score_chunk(self, keys: Sequence[tuple[Members, str]]) -> None:
+    def _score_batch(self, keys: Sequence[tuple[Members, str]]) -> list[float]:
         self.merger.pin([members for members, _ in keys])
         try:
             adapter_names = [self.merger.adapter_for(members) for members, _ in keys]
         finally:
             self.merger.unpin()
-        if self.user_score_fn is not None:
-            losses = [
-                float(self.user_score_fn(self.model, name, task, [e.to_dict() for e in self.examples[task]]))
-                for name, (_, task) in zip(adapter_names, keys)
-            ]
-        else:
+        started = time.perf_counter()
+        try:
+            if self.user_score_fn is not None:
+                return [
+                    float(self.user_score_fn(self.model, name, task, [e.to_dict() for e in self.examples[task]]))
+                    for name, (_, task) in zip(adapter_names, keys, strict=True)
+                ]
             rows, row_adapters, owners = [], [], []
-            for index, (name, (_, task)) in enumerate(zip(adapter_names, keys)):
+            for index, (name, (_, task)) in enumerate(zip(adapter_names, keys, strict=True)):
                 for tokenized in self.tokenized[task]:
                     rows.append(tokenized)
                     row_adapters.append(name)
@@ -209,14 +286,17 @@ class LossScorer:
             self.forward_passes += passes
             total = [0.0] * len(keys)
             tokens = [0] * len(keys)
-            for owner, row_sum, row_count in zip(owners, sums, counts):
+            for owner, row_sum, row_count in zip(owners, sums, counts, strict=True):
                 total[owner] += row_sum
                 tokens[owner] += row_count
-            losses = [t / max(n, 1) for t, n in zip(total, tokens)]
-        for key, loss in zip(keys, losses):
-            if not math.isfinite(loss):
-                raise NonFiniteLossError(
-                    f"The loss of task {key[1]!r} under the merge of {list(key[0])} is {loss}; check the adapters' "
-                    "weights for NaN/inf and the model dtype."
-                )
-            self.cache[key] = loss
+            return [t / max(n, 1) for t, n in zip(total, tokens, strict=True)]
+        finally:
+            self.forward_seconds += time.perf_counter() - started
+
+    def cache_to_list(self) -> list[list]:
+        """The loss cache as JSON-serialisable `[members, task, loss]` triples (for checkpoints)."""
+        return [[list(members), task, loss] for (members, task), loss in self.cache.items()]
+
+    def load_cache(self, items: Sequence[Sequence]) -> None:
+        """Restore a cache written by `cache_to_list`."""
+        self.cache = {(tuple(members), task): float(loss) for members, task, loss in items}

@@ -8,6 +8,12 @@ Choices the paper leaves open, made here:
 - the source and target clusters are distinct, and a cluster holding a single adapter is never emptied: the source
   cluster is drawn among clusters with at least two members (the same distribution as resampling invalid pairs);
 - a move is kept only if the loss strictly drops (`loss_after < loss_before`).
+
+`proposals_per_step` (default 1, the paper's Algorithm 1) is an extension: each step draws several candidate moves
+from the current partition, scores all of them in one batch (which a caller can split over processes), and applies
+only the candidate whose task loss drops the most. It makes each step greedier and costs more evaluations per step,
+but those evaluations are independent, so they batch and parallelise; with 1 the draws, scores and decisions are
+exactly those of Algorithm 1.
 """
 
 from __future__ import annotations
@@ -69,7 +75,7 @@ def labels_to_partition(names: Sequence[str], labels: Sequence[int], num_cluster
     """Group `names` by `labels` into `num_clusters` clusters (empty ones refilled by `fill_empty_clusters`)."""
     labels = fill_empty_clusters(labels, num_clusters)
     clusters: list[list[str]] = [[] for _ in range(num_clusters)]
-    for name, label in zip(names, labels):
+    for name, label in zip(names, labels, strict=True):
         clusters[label].append(name)
     return [sorted(c) for c in clusters]
 
@@ -83,6 +89,25 @@ class SearchState:
     rejections_in_a_row: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
 
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable copy (used by checkpoints)."""
+        return {
+            "clusters": [list(c) for c in self.clusters],
+            "iteration": self.iteration,
+            "rejections_in_a_row": self.rejections_in_a_row,
+            "history": [dict(h) for h in self.history],
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SearchState:
+        """Inverse of `to_dict`."""
+        return cls(
+            clusters=[list(c) for c in data["clusters"]],
+            iteration=int(data["iteration"]),
+            rejections_in_a_row=int(data["rejections_in_a_row"]),
+            history=[dict(h) for h in data["history"]],
+        )
+
 
 def d2c_search(
     clusters: Sequence[Sequence[str]],
@@ -93,11 +118,15 @@ def d2c_search(
     patience: int | None = None,
     state: SearchState | None = None,
     on_step: Callable[[SearchState], None] | None = None,
+    proposals_per_step: int = 1,
 ) -> SearchState:
     """Run Algorithm 1: propose moving one adapter between clusters, keep the move if its task's loss drops.
 
     Each step draws a source cluster c (among those with at least two members), a target c' != c and an adapter t
-    of c, then compares the loss of task t under merge(c) with its loss under merge(c' + t).
+    of c, then compares the loss of task t under merge(c) with its loss under merge(c' + t). With
+    `proposals_per_step=p > 1`, a step draws p such candidate moves (independently, from the same partition, so a
+    move may repeat), scores their 2p requests in one `score_fn` call, and applies only the candidate with the
+    largest loss drop (the first one drawn on ties), if that drop is positive.
 
     Args:
         clusters (`Sequence[Sequence[str]]`):
@@ -107,20 +136,23 @@ def d2c_search(
         rng (`np.random.Generator`):
             The only source of randomness of the search.
         num_iterations (`int`):
-            T, the number of proposals (counted over the whole search, a resumed state included).
+            T, the number of steps (counted over the whole search, a resumed state included).
         patience (`int`, *optional*):
-            Stop after this many rejected proposals in a row.
+            Stop after this many steps in a row without an accepted move.
         state (`SearchState`, *optional*):
             A state to continue from (its partition replaces `clusters`); the caller restores `rng` to match.
         on_step (`Callable[[SearchState], None]`, *optional*):
-            Called after every proposal, e.g. for progress bars or checkpoints.
+            Called after every step, e.g. for progress bars or checkpoints.
+        proposals_per_step (`int`, defaults to 1):
+            p, the number of candidate moves scored per step; 1 is the paper's Algorithm 1.
 
     Returns:
-        `SearchState`: the final partition (cluster order kept from the start) and one history record per proposal
-        with keys `iteration, task, source, target, loss_before, loss_after, accepted`.
+        `SearchState`: the final partition (cluster order kept from the start) and one history record per step
+        with keys `iteration, task, source, target, loss_before, loss_after, accepted` (for p > 1, the best
+        candidate's, plus `candidates` = p and `improving` = how many candidates lowered their task's loss).
 
     Raises:
-        ValueError: If a cluster is empty or an adapter appears twice.
+        ValueError: If a cluster is empty, an adapter appears twice, or `proposals_per_step` < 1.
 
     Example:
         ```python
@@ -133,6 +165,8 @@ def d2c_search(
         [['a1', 'a2'], ['b1', 'b2']]
         ```
     """
+    if isinstance(proposals_per_step, bool) or not isinstance(proposals_per_step, int) or proposals_per_step < 1:
+        raise ValueError(f"`proposals_per_step` must be an int >= 1, got {proposals_per_step!r}.")
     if state is None:
         state = SearchState(clusters=[sorted(c) for c in clusters])
     _check_partition(state.clusters)
@@ -143,36 +177,57 @@ def d2c_search(
     while state.iteration < num_iterations:
         if patience is not None and state.rejections_in_a_row >= patience:
             break
-        eligible = [i for i, c in enumerate(state.clusters) if len(c) >= 2]
-        source = int(eligible[rng.integers(len(eligible))])
-        others = [i for i in range(num_clusters) if i != source]
-        target = int(others[rng.integers(len(others))])
-        members = state.clusters[source]
-        task = members[int(rng.integers(len(members)))]
-        moved_to = tuple(sorted([*state.clusters[target], task]))
-        loss_before, loss_after = (float(x) for x in score_fn([(tuple(members), task), (moved_to, task)]))
+        # Draw every candidate before scoring any: the draws then never depend on the scores, so a distributed
+        # caller can split the batch freely and every process keeps the same random stream.
+        candidates = [_draw_move(state.clusters, rng) for _ in range(proposals_per_step)]
+        requests: list[tuple[Members, str]] = []
+        for source, target, task in candidates:
+            requests.append((tuple(state.clusters[source]), task))
+            requests.append((tuple(sorted([*state.clusters[target], task])), task))
+        losses = [float(x) for x in score_fn(requests)]
+        if len(losses) != len(requests):
+            raise ValueError(f"`score_fn` returned {len(losses)} losses for {len(requests)} requests.")
+        best = 0
+        for index in range(1, len(candidates)):
+            if losses[2 * index] - losses[2 * index + 1] > losses[2 * best] - losses[2 * best + 1]:
+                best = index
+        source, target, task = candidates[best]
+        loss_before, loss_after = losses[2 * best], losses[2 * best + 1]
         accepted = loss_after < loss_before
         if accepted:
-            state.clusters[source] = [m for m in members if m != task]
-            state.clusters[target] = list(moved_to)
+            state.clusters[source] = [m for m in state.clusters[source] if m != task]
+            state.clusters[target] = list(requests[2 * best + 1][0])
             state.rejections_in_a_row = 0
         else:
             state.rejections_in_a_row += 1
-        state.history.append(
-            {
-                "iteration": state.iteration,
-                "task": task,
-                "source": source,
-                "target": target,
-                "loss_before": loss_before,
-                "loss_after": loss_after,
-                "accepted": accepted,
-            }
-        )
+        record: dict[str, Any] = {
+            "iteration": state.iteration,
+            "task": task,
+            "source": source,
+            "target": target,
+            "loss_before": loss_before,
+            "loss_after": loss_after,
+            "accepted": accepted,
+        }
+        if proposals_per_step > 1:
+            record["candidates"] = proposals_per_step
+            record["improving"] = sum(losses[2 * i + 1] < losses[2 * i] for i in range(len(candidates)))
+        state.history.append(record)
         state.iteration += 1
         if on_step is not None:
             on_step(state)
     return state
+
+
+def _draw_move(clusters: Sequence[Sequence[str]], rng: np.random.Generator) -> tuple[int, int, str]:
+    """One proposal of Algorithm 1: (source cluster with >= 2 members, another target cluster, a task of source)."""
+    eligible = [i for i, c in enumerate(clusters) if len(c) >= 2]
+    source = int(eligible[rng.integers(len(eligible))])
+    others = [i for i in range(len(clusters)) if i != source]
+    target = int(others[rng.integers(len(others))])
+    members = clusters[source]
+    task = members[int(rng.integers(len(members)))]
+    return source, target, task
 
 
 def _check_k(num_items: int, num_clusters: int) -> None:

@@ -30,3 +30,13 @@ def test_runnable_blocks_execute(path, tiny_assets, tiny_task_examples, tmp_path
             exec(compile(block, f"{path.name}[block {index}]", "exec"), namespace)
         except Exception as error:  # name the block so a broken doc is easy to find
             raise AssertionError(f"{path.name} block {index} raised {error!r}:\n{block}") from error
+
+
+def test_api_reference_matches_the_docstrings():
+    """docs/api.md is generated from the code; regenerate it with `python scripts/gen_api_docs.py`."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gen_api_docs", ROOT / "scripts" / "gen_api_docs.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert (ROOT / "docs" / "api.md").read_text() == module.render()

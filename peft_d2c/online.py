@@ -1,0 +1,140 @@
+"""Online addition: put a new task's adapter into the best existing cluster of a `D2CResult` without a new search.
+
+For each cluster c, the new adapter is merged with c's members and its task loss is measured on the new task's
+examples (one merge and one loss per cluster, scored in mixed batches). The cluster with the lowest loss receives
+the adapter; only its merged adapter is rebuilt, every other merged adapter stays exactly as it was.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+
+def attach_model(result, directory: str | os.PathLike, *, base_model=None, token: str | bool | None = None):
+    """Rebuild the model of a saved result: base model, the recorded source adapters, the saved merged adapters.
+
+    Args:
+        result (`D2CResult`): Read with `D2CResult.from_pretrained(directory)`.
+        directory (`str` or `os.PathLike`): The folder of the saved result.
+        base_model (`PreTrainedModel` or `str`, *optional*): The base model, or its path / Hub id (defaults to the
+            recorded `result.base_model`).
+        token (`str` or `bool`, *optional*): Hub token for private source adapters.
+
+    Returns:
+        `PeftModel`: also stored as `result.model`.
+
+    Raises:
+        ValueError: If the result records no base model or no source of some adapter.
+        FileNotFoundError: If a source adapter or a merged adapter folder is missing.
+    """
+    from transformers import AutoModelForCausalLM
+
+    from .hub_adapters import load_adapters
+
+    directory = os.fspath(directory)
+    if base_model is None or isinstance(base_model, (str, os.PathLike)):
+        name = base_model if base_model is not None else result.base_model
+        if not name:
+            raise ValueError("The result records no `base_model`; pass the base model explicitly.")
+        base_model = AutoModelForCausalLM.from_pretrained(os.fspath(name))
+    missing = sorted(n for n in result.assignment if not result.sources.get(n))
+    if missing:
+        raise ValueError(f"The result records no source for adapters {missing}; cannot reload them.")
+    sources = [{**result.sources[n], "name": n} for n in result.assignment]
+    model = load_adapters(base_model, sources, token=token)
+    for merged in result.merged_adapter_names:
+        folder = os.path.join(directory, merged)
+        if not os.path.isfile(os.path.join(folder, "adapter_config.json")):
+            raise FileNotFoundError(f"Merged adapter folder {folder!r} is missing or incomplete.")
+        model.load_adapter(folder, adapter_name=merged)
+    result.model = model.eval()
+    return result.model
+
+
+def add_adapter(
+    result,
+    name: str,
+    examples: Sequence[Mapping[str, str]],
+    *,
+    tokenizer=None,
+    score_fn=None,
+    source: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Assign the loaded adapter `name` to the cluster where its task loss is lowest and re-merge that cluster.
+
+    See `D2CResult.add_adapter` for the arguments. Returns `{"cluster": i, "merged_adapter": ..., "losses": [...]}`.
+    """
+    from .budget import check_partition_fits
+    from .d2c import _ModelState
+    from .data import normalize_task_examples
+    from .merging import AdapterMerger, check_source_adapters
+    from .scoring import LossScorer
+
+    model = result.model
+    if model is None:
+        raise ValueError(
+            "This D2CResult holds no model; load one with `peft_d2c.online.attach_model(result, directory)` "
+            "(what `peft-d2c add-adapter` does) or use the result returned by `merge_adapters_d2c`."
+        )
+    if name in result.assignment:
+        raise ValueError(f"Adapter {name!r} is already clustered (in cluster {result.assignment[name]}).")
+    if name not in model.peft_config:
+        raise ValueError(
+            f"Adapter {name!r} is not loaded in the model; load it first (e.g. `peft_d2c.hub_adapters.load_adapters("
+            f"result.model, path, names=[{name!r}])`). Loaded: {sorted(model.peft_config)}."
+        )
+    if score_fn is None and tokenizer is None:
+        raise ValueError("Pass the base model's `tokenizer=` (or a custom `score_fn=`) to score the new adapter.")
+    config = result.config
+    task_examples = normalize_task_examples({name: list(examples)})
+    task_examples = {name: task_examples[name][: config.examples_per_task]}
+    check_source_adapters(model, [*result.assignment, name], config.combination_type)
+
+    merger = AdapterMerger(model, config)
+    merger.check_names([])
+    snapshot = _ModelState.capture(model)
+    candidates = [[*members, name] for members in result.clusters]
+    try:
+        model.eval()
+        scorer = LossScorer(
+            model,
+            tokenizer,
+            task_examples,
+            merger,
+            batch_size=config.batch_size,
+            use_chat_template=config.use_chat_template,
+            max_length=config.max_length,
+            user_score_fn=score_fn,
+        )
+        losses = scorer([(members, name) for members in candidates])
+        best = min(range(len(losses)), key=lambda i: (losses[i], i))
+        new_clusters = [list(c) for c in result.clusters]
+        new_clusters[best] = candidates[best]
+        check_partition_fits(model, new_clusters, config)
+        merger.cleanup()
+        merged_name = result.merged_adapter_names[best]
+        model.delete_adapter(merged_name)
+        try:
+            merger.merge(candidates[best], merged_name)
+        except BaseException:
+            merger.merge(result.clusters[best], merged_name)  # put the old merge back
+            raise
+    finally:
+        merger.cleanup()
+        snapshot.restore(model)
+
+    result.clusters = new_clusters
+    result.assignment[name] = best
+    result.routing[name] = merged_name
+    result.task_losses[name] = float(losses[best])
+    if source is not None:
+        result.sources[name] = dict(source)
+    elif name in (getattr(model, "d2c_adapter_sources", None) or {}):
+        result.sources[name] = dict(model.d2c_adapter_sources[name])
+    logger.info("Added %r to cluster %d (%s); losses per cluster: %s", name, best, merged_name, losses)
+    return {"cluster": best, "merged_adapter": merged_name, "losses": [float(x) for x in losses]}

@@ -1,0 +1,98 @@
+"""`D2CResult.add_adapter`: a new task's adapter joins the cluster with the lowest loss; the others stay as they were."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from peft_d2c import D2CMergeConfig, D2CResult, merge_adapters_d2c
+from peft_d2c.heldout import loss_matrix
+from peft_d2c.merging import merge_seed, merge_weights_for
+from peft_d2c.online import attach_model
+
+NEW = "shift"
+
+
+def _weights(model, adapter_name: str) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.named_parameters() if f".{adapter_name}." in k}
+
+
+@pytest.fixture
+def partial_result(tiny_peft_model, tiny_tokenizer, tiny_task_examples):
+    names = [n for n in tiny_peft_model.peft_config if n != NEW]
+    config = D2CMergeConfig(num_clusters=2, num_iterations=6, show_progress=False)
+    examples = {n: tiny_task_examples[n] for n in names}
+    return merge_adapters_d2c(tiny_peft_model, examples, config, tokenizer=tiny_tokenizer, adapter_names=names)
+
+
+def test_new_adapter_lands_in_the_cluster_with_the_lowest_loss(partial_result, tiny_tokenizer, tiny_task_examples):
+    result = partial_result
+    model = result.model
+    before = {name: _weights(model, name) for name in result.merged_adapter_names}
+    old_clusters = [list(c) for c in result.clusters]
+
+    outcome = result.add_adapter(NEW, tiny_task_examples[NEW], tokenizer=tiny_tokenizer)
+
+    # Independent check: merge each cluster + the new adapter with PEFT and score the new task.
+    for i, members in enumerate(old_clusters):
+        merged = sorted([*members, NEW])
+        with torch.random.fork_rng():
+            torch.manual_seed(merge_seed(result.config.seed, merged))
+            model.add_weighted_adapter(
+                merged, merge_weights_for("ties", len(merged)), f"check{i}", combination_type="ties", density=0.5
+            )
+    matrix = loss_matrix(model, tiny_tokenizer, {NEW: tiny_task_examples[NEW]}, ["check0", "check1"])[0]
+    assert outcome["losses"] == pytest.approx(matrix, rel=1e-5)
+    best = min(range(2), key=lambda i: matrix[i])
+    assert outcome["cluster"] == best and result.assignment[NEW] == best
+    assert result.routing[NEW] == result.merged_adapter_names[best]
+    assert sorted(result.clusters[best]) == sorted([*old_clusters[best], NEW])
+    assert result.clusters[1 - best] == old_clusters[1 - best]
+
+    after = {name: _weights(model, name) for name in result.merged_adapter_names}
+    untouched = result.merged_adapter_names[1 - best]
+    assert after[untouched].keys() == before[untouched].keys()
+    assert all(torch.equal(after[untouched][k], before[untouched][k]) for k in before[untouched])
+    changed = result.merged_adapter_names[best]
+    check = _weights(model, f"check{best}")
+    assert all(torch.equal(v, check[k.replace(changed, f"check{best}")]) for k, v in after[changed].items())
+    assert not model.training and model.active_adapter == "copy"
+
+
+def test_add_adapter_from_a_saved_result(tmp_path, tiny_assets, tiny_tokenizer, tiny_task_examples):
+    from transformers import LlamaForCausalLM
+
+    from peft_d2c.hub_adapters import load_adapters
+
+    base_dir, adapter_dirs = tiny_assets
+    names = [n for n in adapter_dirs if n != NEW]
+    source_model = load_adapters(
+        LlamaForCausalLM.from_pretrained(base_dir), [adapter_dirs[n] for n in names], names=names
+    )
+    config = D2CMergeConfig(num_clusters=2, num_iterations=2, show_progress=False)
+    examples = {n: tiny_task_examples[n] for n in names}
+    merge_adapters_d2c(source_model, examples, config, tokenizer=tiny_tokenizer).save_pretrained(tmp_path / "out")
+    loaded = D2CResult.from_pretrained(tmp_path / "out")
+    with pytest.raises(ValueError, match="holds no model"):
+        loaded.add_adapter(NEW, tiny_task_examples[NEW], tokenizer=tiny_tokenizer)
+    model = attach_model(loaded, tmp_path / "out")
+    untouched = {name: _weights(model, name) for name in loaded.merged_adapter_names}
+    load_adapters(model, adapter_dirs[NEW], names=[NEW])
+    outcome = loaded.add_adapter(NEW, tiny_task_examples[NEW], tokenizer=tiny_tokenizer)
+    assert loaded.sources[NEW]["path"].endswith(NEW)
+    other = loaded.merged_adapter_names[1 - outcome["cluster"]]
+    assert all(torch.equal(v, untouched[other][k]) for k, v in _weights(model, other).items())
+
+
+@pytest.mark.parametrize(
+    "name,examples,message",
+    [
+        ("copy", [{"prompt": "a b c =", "completion": "a b c"}], "already clustered"),
+        ("nope", [{"prompt": "a b c =", "completion": "a b c"}], "not loaded"),
+        (NEW, [], "no examples|empty"),
+    ],
+)
+def test_add_adapter_rejects_bad_input(partial_result, tiny_tokenizer, name, examples, message):
+    with pytest.raises(ValueError, match=message):
+        partial_result.add_adapter(name, examples, tokenizer=tiny_tokenizer)
+    assert NEW not in partial_result.routing
