@@ -262,8 +262,10 @@ class AdapterMerger:
     At most `config.merge_cache_size` temporary adapters ("slots") exist in the model at any time. An evicted
     cluster's slot stays in the model and is refilled in place with the next cluster's merge, using PEFT's own
     per-layer merge functions: the values are those `add_weighted_adapter` computes, without rebuilding every LoRA
-    module (which dominates the cost of a merge on real models). `dare_*` merges, whose random masks depend on the
-    module construction, and slots of another rank (`cat` of clusters of other sizes) use a full PEFT merge.
+    module (which dominates the cost of a merge on real models). For `ties` and `magnitude_prune`, each source
+    adapter's magnitude-pruned factors are kept for the run (one extra copy of the source LoRA weights at most), since
+    PEFT prunes every member on its own. `dare_*` merges, whose random masks depend on the module construction, and
+    slots of another rank (`cat` of clusters of other sizes) use a full PEFT merge.
 
     Args:
         peft_model (`PeftModel`): The model holding the source adapters; merged adapters are added to it.
@@ -515,6 +517,7 @@ class AdapterMerger:
             self._delete_slot(name)
         self._live.clear()
         self._free_slots.clear()
+        self._prune_cache.clear()
 
 
 def _cat_factors(layer: LoraLayer, members: Sequence[str], weights: Sequence[float], target_a, target_b):
