@@ -20,7 +20,7 @@ from peft import PeftModel
 from peft_d2c import D2CMergeConfig
 from peft_d2c.data import normalize_task_examples
 from peft_d2c.merging import AdapterMerger
-from peft_d2c.scoring import _pad_id, completion_loss_sums, tokenize_example
+from peft_d2c.scoring import completion_loss_sums, pad_token_id_for, tokenize_example
 from peft_d2c.search import balanced_random_partition
 
 TEMPORARY_NAME = "reference_tmp"
@@ -55,7 +55,7 @@ def reference_d2c(
     names = list(adapter_names) if adapter_names is not None else [n for n in peft_model.peft_config if n in examples]
     examples = {name: examples[name][: config.examples_per_task] for name in names}
     merger = AdapterMerger(peft_model, config)
-    pad_token_id = _pad_id(tokenizer)
+    pad_token_id = pad_token_id_for(tokenizer)
     started = time.perf_counter()
     stats = {"num_merges": 0, "forward_passes": 0}
 

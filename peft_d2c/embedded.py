@@ -30,6 +30,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .io import atomic_write_json
+from .scoring import pad_token_id_for
 
 logger = logging.getLogger(__name__)
 
@@ -371,13 +372,6 @@ def _tokenize(tokenizer, prompt: str, completion: str, max_length: int | None) -
     return prompt_ids + completion_ids, len(prompt_ids)
 
 
-def _pad_id(tokenizer) -> int:
-    for token_id in (tokenizer.pad_token_id, tokenizer.eos_token_id):
-        if token_id is not None:
-            return token_id
-    return 0
-
-
 def _collate(rows: Sequence[tuple[list[int], int]], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-padded `input_ids`, `attention_mask`, and `labels` that score only the completion tokens."""
     width = max(len(ids) for ids, _ in rows)
@@ -464,7 +458,7 @@ def train_task_adapter(
     if output_dir.exists():
         raise FileExistsError(f"`output_dir` {output_dir} already exists; remove it or pass a new folder.")
     rows = [_tokenize(tokenizer, e["prompt"], e["completion"], recipe.max_length) for e in examples]
-    pad_id = _pad_id(tokenizer)
+    pad_id = pad_token_id_for(tokenizer)
     device = next(model.parameters()).device
     lora_config = LoraConfig(
         r=recipe.r,

@@ -14,13 +14,14 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from peft import PeftModel
+
+from .data import Example
+from .scoring import completion_loss_sums, pad_token_id_for, tokenize_example
 
 __all__ = ["BASE_ADAPTER", "completion_loss", "exact_match_accuracy", "generate_answers", "normalize_answer"]
 
 BASE_ADAPTER = "__base__"  # PEFT's name for "no adapter" in mixed-adapter batches
-IGNORE_INDEX = -100
 _PUNCTUATION = string.punctuation + "\u2018\u2019\u201c\u201d\u2026"
 
 
@@ -85,13 +86,6 @@ def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
         model.train(training)
 
 
-def _pad_id(tokenizer) -> int:
-    for token_id in (tokenizer.pad_token_id, tokenizer.eos_token_id):
-        if token_id is not None:
-            return token_id
-    return 0
-
-
 def _batch_order(lengths: Sequence[int], batch_size: int) -> Iterator[list[int]]:
     """Row indices grouped into batches of similar length (less padding), longest first."""
     order = sorted(range(len(lengths)), key=lambda i: lengths[i], reverse=True)
@@ -133,7 +127,7 @@ def generate_answers(
     """
     rows = _row_adapters(model, adapter_names, len(prompts))
     encoded = [list(tokenizer(prompt)["input_ids"]) for prompt in prompts]
-    pad_id, device = _pad_id(tokenizer), next(model.parameters()).device
+    pad_id, device = pad_token_id_for(tokenizer), next(model.parameters()).device
     answers = [""] * len(prompts)
     with _eval_mode(model):
         for batch in _batch_order([len(ids) for ids in encoded], batch_size):
@@ -200,14 +194,6 @@ def exact_match_accuracy(
     return sum(hits) / len(hits)
 
 
-def _tokenize(tokenizer, prompt: str, completion: str) -> tuple[list[int], int]:
-    prompt_ids = list(tokenizer(prompt)["input_ids"])
-    completion_ids = list(tokenizer(completion, add_special_tokens=False)["input_ids"])
-    if tokenizer.eos_token_id is not None:
-        completion_ids.append(tokenizer.eos_token_id)
-    return prompt_ids + completion_ids, len(prompt_ids)
-
-
 def completion_loss(
     model: torch.nn.Module,
     tokenizer,
@@ -217,6 +203,8 @@ def completion_loss(
     batch_size: int = 32,
 ) -> float:
     """Mean token cross-entropy of the completions (+ EOS) given their prompts, pooled over all examples.
+
+    The same loss D2C optimises (`peft_d2c.scoring`), for one adapter.
 
     Args:
         model, tokenizer: As for `generate_answers`.
@@ -232,27 +220,10 @@ def completion_loss(
     """
     if not examples:
         raise ValueError("`examples` is empty; there is nothing to score.")
-    rows = [_tokenize(tokenizer, _get(e, "prompt"), _get(e, "completion")) for e in examples]
+    rows = [tokenize_example(tokenizer, Example(_get(e, "prompt"), _get(e, "completion"))) for e in examples]
     adapters = _row_adapters(model, [adapter_name or BASE_ADAPTER] * len(rows), len(rows))
-    pad_id, device = _pad_id(tokenizer), next(model.parameters()).device
-    total, tokens = 0.0, 0
     with _eval_mode(model):
-        for batch in _batch_order([len(ids) for ids, _ in rows], batch_size):
-            width = max(len(rows[i][0]) for i in batch)
-            input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-            attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
-            labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
-            for row, i in enumerate(batch):
-                ids, start = rows[i]
-                input_ids[row, : len(ids)] = torch.tensor(ids)
-                attention_mask[row, : len(ids)] = 1
-                labels[row, start : len(ids)] = torch.tensor(ids[start:])
-            kwargs = {} if adapters is None else {"adapter_names": [adapters[i] for i in batch]}
-            logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), **kwargs).logits
-            shifted = labels[:, 1:].to(device)
-            losses = F.cross_entropy(
-                logits[:, :-1].float().transpose(1, 2), shifted, ignore_index=IGNORE_INDEX, reduction="sum"
-            )
-            total += losses.item()
-            tokens += int((shifted != IGNORE_INDEX).sum())
-    return total / tokens
+        sums, counts, _ = completion_loss_sums(
+            model, rows, adapters, pad_token_id=pad_token_id_for(tokenizer), batch_size=batch_size
+        )
+    return sum(sums) / sum(counts)

@@ -6,7 +6,7 @@ from collections.abc import Mapping, Sequence
 
 from .data import Example
 from .evaluation import generate_answers, normalize_answer
-from .scoring import _pad_id, completion_loss_sums, tokenize_example
+from .scoring import completion_loss_sums, pad_token_id_for, tokenize_example
 
 
 def evaluate_routing(
@@ -55,7 +55,7 @@ def evaluate_routing(
             model, tokenizer, prompts, adapter_names=names, max_new_tokens=max_new_tokens, batch_size=batch_size
         )
         sums, counts, _ = completion_loss_sums(
-            model, rows, names, pad_token_id=_pad_id(tokenizer), batch_size=batch_size
+            model, rows, names, pad_token_id=pad_token_id_for(tokenizer), batch_size=batch_size
         )
     finally:
         model.train(was_training)
@@ -85,12 +85,12 @@ def loss_matrix(
     was_training = model.training
     model.eval()
     try:
-        sums, counts, _ = completion_loss_sums(model, rows, names, pad_token_id=_pad_id(tokenizer), batch_size=batch_size)
+        sums, counts, _ = completion_loss_sums(model, rows, names, pad_token_id=pad_token_id_for(tokenizer), batch_size=batch_size)
     finally:
         model.train(was_training)
     total = [[0.0] * len(adapter_names) for _ in tasks]
     tokens = [[0] * len(adapter_names) for _ in tasks]
-    for (t, a), s, c in zip(owners, sums, counts):
+    for (t, a), s, c in zip(owners, sums, counts, strict=True):
         total[t][a] += s
         tokens[t][a] += c
     return [[total[t][a] / max(1, tokens[t][a]) for a in range(len(adapter_names))] for t in range(len(tasks))]

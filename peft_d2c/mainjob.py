@@ -134,7 +134,7 @@ def _report(result, source_info: Mapping[str, Any], heldout, output_dir, load_s,
         "",
         "Clusters:",
     ]
-    for name, members in zip(result.merged_adapter_names, result.clusters):
+    for name, members in zip(result.merged_adapter_names, result.clusters, strict=True):
         lines.append(f"  {name}: {', '.join(members)}")
     lines += ["", "Held-out test split (exact match % / completion loss):", format_heldout_table(heldout, result.routing)]
     lines += [

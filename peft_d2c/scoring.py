@@ -8,6 +8,7 @@ Several merged adapters are scored in one forward pass through PEFT's mixed-adap
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import time
@@ -62,29 +63,49 @@ def tokenize_example(
     return TokenizedExample(tuple(prompt_ids) + tuple(completion_ids), len(prompt_ids))
 
 
-def _pad_id(tokenizer) -> int:
+def pad_token_id_for(tokenizer) -> int:
+    """The id used to pad batches: the tokenizer's pad token, else its EOS, else 0 (padding is always masked)."""
     if tokenizer.pad_token_id is not None:
         return tokenizer.pad_token_id
     return tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
 
 
+def _keeps_logits_by_mask(model: torch.nn.Module) -> bool:
+    """Whether the model can be asked for the logits of the completion positions only (`logits_to_keep` as a boolean
+    mask, transformers >= 5). Not when the output layer is itself adapted: PEFT's mixed-adapter batches split the
+    rows of each LoRA layer's input by batch row, which a flattened selection of positions no longer has."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    get_output_embeddings = getattr(model, "get_output_embeddings", None)
+    if get_output_embeddings is None or isinstance(get_output_embeddings(), BaseTunerLayer):
+        return False
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "logits_to_keep" in inspect.signature(base.forward).parameters
+
+
 def completion_loss_sums(
     model: torch.nn.Module,
     rows: Sequence[TokenizedExample],
-    adapter_names: Sequence[str],
+    adapter_names: Sequence[str] | None,
     *,
     pad_token_id: int,
     batch_size: int,
 ) -> tuple[list[float], list[int], int]:
     """Summed completion cross-entropy and completion token count of every row, each under its own adapter.
 
-    Rows are sorted by length and padded to the longest row of their batch. The caller puts the model in eval mode
-    (PEFT refuses `adapter_names` in training mode).
+    `adapter_names` has one name per row for a `PeftModel` (PEFT's mixed-adapter batches), or is `None` for a plain
+    model.
+
+    Rows are sorted by length and padded to the longest row of their batch. Where the model supports it, the output
+    layer runs only at the positions that predict a completion token (`logits_to_keep`): with a large vocabulary it
+    is a sizeable part of a forward pass, and prompt positions are never scored. The caller puts the model in eval
+    mode (PEFT refuses `adapter_names` in training mode).
 
     Returns:
         `(sums, counts, forward_passes)`.
     """
     device = next(model.parameters()).device
+    keep_by_mask = _keeps_logits_by_mask(model)
     sums = [0.0] * len(rows)
     counts = [0] * len(rows)
     order = sorted(range(len(rows)), key=lambda i: len(rows[i].input_ids), reverse=True)
@@ -101,18 +122,22 @@ def completion_loss_sums(
                 input_ids[r, : len(ids)] = torch.tensor(ids)
                 attention_mask[r, : len(ids)] = 1
                 labels[r, rows[i].completion_start : len(ids)] = torch.tensor(ids[rows[i].completion_start :])
-            logits = model(
-                input_ids=input_ids.to(device),
-                attention_mask=attention_mask.to(device),
-                adapter_names=[adapter_names[i] for i in batch],
-            ).logits
+            # Position p predicts token p + 1: the scored positions are those whose next token is a completion token.
+            targets = labels[:, 1:]
+            scored = torch.zeros((len(batch), width), dtype=torch.bool)
+            scored[:, :-1] = targets != IGNORE_INDEX
+            extra = {"logits_to_keep": scored.to(device)} if keep_by_mask else {}
+            if adapter_names is not None:
+                extra["adapter_names"] = [adapter_names[i] for i in batch]
+            logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), **extra).logits
             forward_passes += 1
-            shifted_labels = labels[:, 1:].to(device)
-            token_losses = F.cross_entropy(
-                logits[:, :-1].float().transpose(1, 2), shifted_labels, ignore_index=IGNORE_INDEX, reduction="none"
-            )
-            row_sums = token_losses.sum(dim=1).tolist()
-            row_counts = (shifted_labels != IGNORE_INDEX).sum(dim=1).tolist()
+            if not keep_by_mask:  # all positions came back: select the scored ones
+                logits = logits[scored.to(device)]
+            token_losses = F.cross_entropy(logits.float(), targets[scored[:, :-1]].to(device), reduction="none")
+            row_of_token = scored.nonzero()[:, 0].to(device)
+            row_sums = torch.zeros(len(batch), dtype=token_losses.dtype, device=device)
+            row_sums = row_sums.index_add(0, row_of_token, token_losses).tolist()
+            row_counts = scored.sum(dim=1).tolist()
             for r, i in enumerate(batch):
                 sums[i], counts[i] = row_sums[r], row_counts[r]
     return sums, counts, forward_passes
@@ -228,7 +253,7 @@ class LossScorer:
         self.pad_token_id = 0
         self.tokenized: dict[str, list[TokenizedExample]] = {}
         if user_score_fn is None:
-            self.pad_token_id = _pad_id(tokenizer)
+            self.pad_token_id = pad_token_id_for(tokenizer)
             self.tokenized = {
                 task: [
                     tokenize_example(tokenizer, ex, use_chat_template=use_chat_template, max_length=max_length)

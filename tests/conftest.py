@@ -6,7 +6,7 @@ import os
 
 os.environ.setdefault("TQDM_DISABLE", "1")
 
-import hub_fixtures  # noqa: E402, F401  (starts the Hub test server before huggingface_hub is imported)
+import hub_fixtures  # noqa: E402, F401, I001  (starts the Hub test server before huggingface_hub is imported)
 from hub_fixtures import hub_api, hub_server  # noqa: E402, F401
 
 import pytest  # noqa: E402

@@ -6,13 +6,12 @@ import math
 import os
 
 import pytest
-from peft_d2c import testing as tiny
 import torch
 from peft import PeftModel
 from transformers import LlamaForCausalLM
 
 from peft_d2c import D2CMergeConfig, D2CResult, NonFiniteLossError, UnsupportedAdapterError, merge_adapters_d2c
-from peft_d2c.merging import lora_layers
+from peft_d2c import testing as tiny
 from peft_d2c.search import canonical_partition
 
 METHODS = [

@@ -66,7 +66,7 @@ def test_online_addition_example(tiny_workspace, tmp_path):
                       cwd=str(tmp_path))
     result = D2CResult.from_pretrained(tmp_path / "online")
     assert "sort" in result.routing and sum(len(c) for c in result.clusters) == 6
-    joined = next(name for name, members in zip(result.merged_adapter_names, result.clusters) if "sort" in members)
+    joined = next(name for name, members in zip(result.merged_adapter_names, result.clusters, strict=True) if "sort" in members)
     assert f"'sort' joins {joined}" in out and result.routing["sort"] == joined
 
 

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from peft_d2c import testing as tiny
 import torch
 from peft import PeftModel, get_peft_model
 from transformers import LlamaForCausalLM
 
 from peft_d2c import D2CMergeConfig, UnsupportedAdapterError
+from peft_d2c import testing as tiny
 from peft_d2c.config import COMBINATION_TYPES
 from peft_d2c.merging import (
     AdapterMerger,

@@ -1,0 +1,81 @@
+"""The completion loss of mixed-adapter batches equals the loss computed row by row from the full logits."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from peft import LoraConfig, get_peft_model
+
+from peft_d2c.data import Example
+from peft_d2c.scoring import _keeps_logits_by_mask, completion_loss_sums, pad_token_id_for, tokenize_example
+
+
+def row_by_row(model, rows, adapter_names):
+    """Summed completion cross-entropy of each row alone, from every position's logits, under its adapter."""
+    sums, counts = [], []
+    for row, name in zip(rows, adapter_names, strict=True):
+        ids = torch.tensor([row.input_ids])
+        with torch.no_grad():
+            if name == "__base__":
+                with model.disable_adapter():
+                    logits = model(input_ids=ids).logits[0]
+            else:
+                model.set_adapter(name)
+                logits = model(input_ids=ids).logits[0]
+        targets = ids[0, row.completion_start :]
+        sums.append(float(F.cross_entropy(logits[row.completion_start - 1 : -1], targets, reduction="sum")))
+        counts.append(len(targets))
+    return sums, counts
+
+
+def mixed_rows(tokenizer, examples):
+    rows, names = [], []
+    for i, (task, adapter) in enumerate([("copy", "copy"), ("sort", "reverse"), ("first", "__base__")]):
+        for example in examples[task][: 3 + i]:  # rows of different lengths in one batch
+            rows.append(tokenize_example(tokenizer, Example(example["prompt"], example["completion"])))
+            names.append(adapter)
+    return rows, names
+
+
+def test_mixed_batch_loss_matches_row_by_row_full_logits(tiny_peft_model, tiny_tokenizer, tiny_task_examples):
+    model = tiny_peft_model.eval()
+    assert _keeps_logits_by_mask(model)  # the tiny Llama takes the completion-positions-only path
+    rows, names = mixed_rows(tiny_tokenizer, tiny_task_examples)
+    sums, counts, passes = completion_loss_sums(
+        model, rows, names, pad_token_id=pad_token_id_for(tiny_tokenizer), batch_size=5
+    )
+    expected_sums, expected_counts = row_by_row(model, rows, names)
+    assert passes == 3 and counts == expected_counts
+    assert sums == pytest.approx(expected_sums, rel=1e-5)
+
+
+def test_adapted_output_layer_falls_back_to_full_logits(tiny_assets, tiny_tokenizer, tiny_task_examples):
+    """With a LoRA on `lm_head`, PEFT splits that layer's input by batch row, so every position's logits are kept."""
+    base_dir, _ = tiny_assets
+    from transformers import AutoModelForCausalLM
+
+    config = LoraConfig(r=4, target_modules=["q_proj", "lm_head"], init_lora_weights=False)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir), config, adapter_name="copy")
+    model.add_adapter("reverse", LoraConfig(r=4, target_modules=["q_proj", "lm_head"], init_lora_weights=False))
+    model.eval()
+    assert not _keeps_logits_by_mask(model)
+    rows, names = mixed_rows(tiny_tokenizer, tiny_task_examples)
+    sums, counts, _ = completion_loss_sums(model, rows, names, pad_token_id=pad_token_id_for(tiny_tokenizer), batch_size=4)
+    expected_sums, expected_counts = row_by_row(model, rows, names)
+    assert counts == expected_counts and sums == pytest.approx(expected_sums, rel=1e-5)
+
+
+def test_plain_model_without_adapter_names(tiny_assets, tiny_tokenizer, tiny_task_examples):
+    base_dir, _ = tiny_assets
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base_dir).eval()
+    row = tokenize_example(tiny_tokenizer, Example(**tiny_task_examples["copy"][0]))
+    (total,), (count,), _ = completion_loss_sums(model, [row], None, pad_token_id=0, batch_size=1)
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([row.input_ids])).logits[0]
+    targets = torch.tensor(row.input_ids[row.completion_start :])
+    assert count == len(targets)
+    expected = F.cross_entropy(logits[row.completion_start - 1 : -1], targets, reduction="sum")
+    assert total == pytest.approx(float(expected), rel=1e-5)
