@@ -125,16 +125,8 @@ def merge_adapters_d2c(
     created: list[str] = []
     try:
         peft_model.eval()
-        scorer = LossScorer(
-            peft_model,
-            tokenizer,
-            examples,
-            merger,
-            batch_size=config.batch_size,
-            use_chat_template=config.use_chat_template,
-            max_length=config.max_length,
-            user_score_fn=score_fn,
-            process_group=group,
+        scorer = LossScorer.for_config(
+            peft_model, tokenizer, examples, merger, user_score_fn=score_fn, process_group=group
         )
         rng = np.random.default_rng(config.seed)
         start = _start_partition(peft_model, names, num_clusters, config, rng)

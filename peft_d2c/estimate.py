@@ -53,15 +53,7 @@ def estimate_run(peft_model, task_examples, config, *, tokenizer, probe_evaluati
     snapshot = _ModelState.capture(peft_model)
     try:
         peft_model.eval()
-        scorer = LossScorer(
-            peft_model,
-            tokenizer,
-            examples,
-            merger,
-            batch_size=config.batch_size,
-            use_chat_template=config.use_chat_template,
-            max_length=config.max_length,
-        )
+        scorer = LossScorer.for_config(peft_model, tokenizer, examples, merger)
         started = time.perf_counter()
         for _ in range(probe_evaluations):
             clusters = balanced_random_partition(names, k, rng)

@@ -101,16 +101,7 @@ def add_adapter(
     candidates = [[*members, name] for members in result.clusters]
     try:
         model.eval()
-        scorer = LossScorer(
-            model,
-            tokenizer,
-            task_examples,
-            merger,
-            batch_size=config.batch_size,
-            use_chat_template=config.use_chat_template,
-            max_length=config.max_length,
-            user_score_fn=score_fn,
-        )
+        scorer = LossScorer.for_config(model, tokenizer, task_examples, merger, user_score_fn=score_fn)
         losses = scorer([(members, name) for members in candidates])
         best = min(range(len(losses)), key=lambda i: (losses[i], i))
         new_clusters = [list(c) for c in result.clusters]

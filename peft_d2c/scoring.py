@@ -224,6 +224,31 @@ class LossScorer:
         forward_seconds (`float`): Wall time of this process in `completion_loss_sums` (or the user score function).
     """
 
+    @classmethod
+    def for_config(
+        cls,
+        model: torch.nn.Module,
+        tokenizer,
+        examples: Mapping[str, Sequence[Example]],
+        merger: AdapterMerger,
+        *,
+        user_score_fn: UserScoreFn | None = None,
+        process_group=None,
+    ) -> LossScorer:
+        """A scorer with the scoring settings of `merger.config` (batch size, chat template, max length)."""
+        config = merger.config
+        return cls(
+            model,
+            tokenizer,
+            examples,
+            merger,
+            batch_size=config.batch_size,
+            use_chat_template=config.use_chat_template,
+            max_length=config.max_length,
+            user_score_fn=user_score_fn,
+            process_group=process_group,
+        )
+
     def __init__(
         self,
         model: torch.nn.Module,
