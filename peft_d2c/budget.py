@@ -121,16 +121,14 @@ def merged_rank(ranks: Sequence[int], combination_type: str, svd_rank: int | Non
 
 def _per_rank_costs(peft_model, adapter_name: str) -> list[tuple[int, int]]:
     """(elements per unit of rank, bytes per element) of every module `adapter_name` adapts, from its tensors."""
-    from .merging import lora_layers
+    from .merging import lora_factors, lora_layers
 
     costs = []
     for _, layer in lora_layers(peft_model):
-        if adapter_name in layer.lora_A:
-            a, b = layer.lora_A[adapter_name].weight, layer.lora_B[adapter_name].weight
-        elif adapter_name in layer.lora_embedding_A:
-            a, b = layer.lora_embedding_A[adapter_name], layer.lora_embedding_B[adapter_name]
-        else:
+        factors = lora_factors(layer, adapter_name)
+        if factors is None:
             continue
+        a, b = factors
         rank = a.shape[0]
         costs.append(((a.numel() + b.numel()) // rank, a.element_size()))
     return costs

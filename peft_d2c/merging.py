@@ -96,6 +96,16 @@ def lora_layers(peft_model: PeftModel) -> Iterator[tuple[str, LoraLayer]]:
             yield name, module
 
 
+def lora_factors(layer: LoraLayer, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The `(A, B)` weights of `adapter_name` in one LoRA layer (linear/conv or embedding), or `None` if it does not
+    adapt this layer."""
+    if adapter_name in layer.lora_A:
+        return layer.lora_A[adapter_name].weight, layer.lora_B[adapter_name].weight
+    if adapter_name in layer.lora_embedding_A:
+        return layer.lora_embedding_A[adapter_name], layer.lora_embedding_B[adapter_name]
+    return None
+
+
 def check_peft_model(model: object) -> None:
     """Refuse anything but a `PeftModel` with LoRA adapters whose layers are not merged into the base weights."""
     if not isinstance(model, PeftModel):
@@ -202,13 +212,11 @@ def delta_gram_matrix(peft_model: PeftModel, adapter_names: Sequence[str]) -> np
         for _, layer in lora_layers(peft_model):
             factors = []
             for name in adapter_names:
-                if name in layer.lora_A:
-                    a, b = layer.lora_A[name].weight, layer.lora_B[name].weight
-                elif name in layer.lora_embedding_A:
-                    a, b = layer.lora_embedding_A[name], layer.lora_embedding_B[name]
-                else:
+                pair = lora_factors(layer, name)
+                if pair is None:
                     factors.append(None)
                     continue
+                a, b = pair
                 scaling = float(layer.scaling[name])
                 factors.append((a.detach().double().flatten(1), b.detach().double().flatten(1), scaling))
             for i in range(n):
@@ -233,11 +241,8 @@ def adapter_digest(peft_model: PeftModel, adapter_names: Sequence[str]) -> str:
     for name in adapter_names:
         digest.update(f"adapter:{name}".encode())
         for module_name, layer in layers:
-            if name in layer.lora_A:
-                tensors = (layer.lora_A[name].weight, layer.lora_B[name].weight)
-            elif name in layer.lora_embedding_A:
-                tensors = (layer.lora_embedding_A[name], layer.lora_embedding_B[name])
-            else:
+            tensors = lora_factors(layer, name)
+            if tensors is None:
                 continue
             digest.update(f"{module_name}:{float(layer.scaling[name])!r}".encode())
             for tensor in tensors:
@@ -377,12 +382,10 @@ class AdapterMerger:
         started = time.perf_counter()
         with torch.no_grad():
             for layer_index, (_, layer) in enumerate(self._layers):
-                if adapter_name in layer.lora_A:
-                    target_a, target_b = layer.lora_A[adapter_name].weight, layer.lora_B[adapter_name].weight
-                elif adapter_name in layer.lora_embedding_A:
-                    target_a, target_b = layer.lora_embedding_A[adapter_name], layer.lora_embedding_B[adapter_name]
-                else:
+                target = lora_factors(layer, adapter_name)
+                if target is None:
                     continue
+                target_a, target_b = target
                 if combination_type == "cat":
                     new_a, new_b = _cat_factors(layer, members, weights, target_a, target_b)
                 elif combination_type in _SVD_TYPES:
@@ -524,10 +527,7 @@ def _cat_factors(layer: LoraLayer, members: Sequence[str], weights: Sequence[flo
     """The `cat` merge of one layer, as `add_weighted_adapter` computes it: stacked weighted A's, stacked B's."""
     loras_a, loras_b = [], []
     for adapter, weight in zip(members, weights, strict=True):
-        if adapter in layer.lora_A:
-            lora_a, lora_b = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
-        else:
-            lora_a, lora_b = layer.lora_embedding_A[adapter], layer.lora_embedding_B[adapter]
+        lora_a, lora_b = lora_factors(layer, adapter)
         loras_a.append(lora_a.data * weight * layer.scaling[adapter])
         loras_b.append(lora_b.data)
     new_a, new_b = torch.zeros_like(target_a.data), torch.zeros_like(target_b.data)

@@ -10,6 +10,7 @@ import hub_fixtures  # noqa: E402, F401, I001  (starts the Hub test server befor
 from hub_fixtures import hub_api, hub_server  # noqa: E402, F401
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
 from peft_d2c import testing as tiny  # noqa: E402
 
 
@@ -17,6 +18,15 @@ from peft_d2c import testing as tiny  # noqa: E402
 def tiny_assets(tmp_path_factory) -> tuple[str, dict[str, str]]:
     """(base model folder, {task: adapter folder}); trained once per test session."""
     return tiny.build_tiny_assets(str(tmp_path_factory.mktemp("tiny")))
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread, as torchrun gives each process: fast on a shared 2-core machine, same numbers."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")

@@ -10,7 +10,6 @@ import sys
 import textwrap
 
 import pytest
-import torch
 
 from peft_d2c import D2CMergeConfig, merge_adapters_d2c
 from peft_d2c import testing as tiny
@@ -50,13 +49,7 @@ CHILD = textwrap.dedent(
 )
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread, as torchrun gives each process: fast on a shared 2-core machine, same numbers."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def free_port() -> int:
