@@ -4,7 +4,7 @@ Every iteration merges the source cluster with PEFT, scores task t's examples un
 merges the target cluster with t moved in, scores, and deletes it: two merges and two forward passes per iteration,
 nothing cached, nothing batched across merges. It uses peft-d2c's own tokenisation (`tokenize_example`), loss
 (`completion_loss_sums`), merge (`AdapterMerger.merge`) and start partition (`balanced_random_partition`), and draws
-each proposal (source, target, task) from the generator in the same order as `peft_d2c.search.d2c_search`, so with
+each proposal (source, target, task) from the generator in the same order as `peft_d2c.engine.search.d2c_search`, so with
 the same seed it finds the same clusters: only the search machinery differs.
 """
 
@@ -18,10 +18,10 @@ import numpy as np
 from peft import PeftModel
 
 from peft_d2c import D2CMergeConfig
-from peft_d2c.data import normalize_task_examples
-from peft_d2c.merging import AdapterMerger
-from peft_d2c.scoring import completion_loss_sums, pad_token_id_for, tokenize_example
-from peft_d2c.search import balanced_random_partition
+from peft_d2c.data.examples import normalize_task_examples
+from peft_d2c.engine.merging import AdapterMerger
+from peft_d2c.engine.scoring import completion_loss_sums, pad_token_id_for, tokenize_example
+from peft_d2c.engine.search import balanced_random_partition
 
 TEMPORARY_NAME = "reference_tmp"
 

@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from peft_d2c import D2CMergeConfig, merge_adapters_d2c
-    from peft_d2c.data_spec import load_task_examples
+    from peft_d2c.data.spec import load_task_examples
     from peft_d2c.hub import load_adapters, load_d2c_collection, push_d2c_folder
 
     token = args.token

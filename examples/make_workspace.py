@@ -36,9 +36,9 @@ def export(out: str, *, tiny: bool, tasks: list[str] | None) -> list[str]:
     if tiny:
         from peft_d2c import testing
         from peft_d2c.embedded import default_cache_dir
-        from peft_d2c.mainjob import _quick_assets
+        from peft_d2c.embedded.mainjob import load_quick_assets
 
-        _, _, _, fewshot, test = _quick_assets(None)  # builds the tiny model and adapters into the cache once
+        _, _, _, fewshot, test = load_quick_assets(None)  # builds the tiny model and adapters into the cache once
         root = os.path.join(default_cache_dir(), "tiny-v1")
         names = tasks or list(testing.TASK_FAMILIES)
         adapter_dirs = {task: os.path.join(root, task) for task in names}

@@ -59,14 +59,20 @@ def main(argv: list[str] | None = None) -> int:
 
     config = D2CMergeConfig(num_clusters=args.clusters, num_iterations=args.iterations)
     result = merge_adapters_d2c(model, {t: examples[t] for t in first_tasks}, config, tokenizer=tokenizer)
-    print("Before:", {name: members for name, members in zip(result.merged_adapter_names, result.clusters, strict=True)})
+    print(
+        "Before:", {name: members for name, members in zip(result.merged_adapter_names, result.clusters, strict=True)}
+    )
 
     # Later: a new task's adapter arrives. Load it under the task's name and let the result place it.
     model.load_adapter(os.path.join(adapter_root, new_task), adapter_name=new_task)
     outcome = result.add_adapter(new_task, examples[new_task], tokenizer=tokenizer)
-    losses = ", ".join(f"{name}={loss:.3f}" for name, loss in zip(result.merged_adapter_names, outcome["losses"], strict=True))
+    losses = ", ".join(
+        f"{name}={loss:.3f}" for name, loss in zip(result.merged_adapter_names, outcome["losses"], strict=True)
+    )
     print(f"{new_task!r} joins {outcome['merged_adapter']} (its loss under each merged adapter: {losses})")
-    print("After: ", {name: members for name, members in zip(result.merged_adapter_names, result.clusters, strict=True)})
+    print(
+        "After: ", {name: members for name, members in zip(result.merged_adapter_names, result.clusters, strict=True)}
+    )
     print(f"Routing of {new_task!r}: {result.routing[new_task]}")
     print(f"Saved to {result.save_pretrained(args.output)}")
     return 0

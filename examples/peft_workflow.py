@@ -44,9 +44,12 @@ def main(argv: list[str] | None = None) -> int:
     task_examples = {task: list(fewshot[task]) for task in tasks}  # rows with "prompt" and "completion"
 
     # --- the one line: cluster the N adapters into K groups and merge each group
-    result = merge_adapters_d2c(model, task_examples, D2CMergeConfig(num_clusters=args.clusters,
-                                                                     num_iterations=args.iterations),
-                                tokenizer=tokenizer)
+    result = merge_adapters_d2c(
+        model,
+        task_examples,
+        D2CMergeConfig(num_clusters=args.clusters, num_iterations=args.iterations),
+        tokenizer=tokenizer,
+    )
 
     for name, members in zip(result.merged_adapter_names, result.clusters, strict=True):
         print(f"{name}: {', '.join(members)}")
@@ -57,8 +60,10 @@ def main(argv: list[str] | None = None) -> int:
         model.set_adapter(result.routing[task])
         prompt = task_examples[task][0]["prompt"]
         inputs = tokenizer(prompt, return_tensors="pt")
-        output = model.generate(**inputs, max_new_tokens=4, do_sample=False, pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
-        answer = tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+        output = model.generate(
+            **inputs, max_new_tokens=4, do_sample=False, pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id
+        )
+        answer = tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
         print(f"[{task} -> {result.routing[task]}] {prompt!r} -> {answer!r}")
 
     saved = result.save_pretrained(args.output)  # PEFT adapter folders + routing.json + the config and history

@@ -7,10 +7,12 @@ import math
 import os
 import re
 import warnings
+from collections.abc import Collection
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 
 from .errors import D2CWarning
+from .io import atomic_write_json
 
 CONFIG_NAME = "d2c_config.json"
 
@@ -33,8 +35,126 @@ COMBINATION_TYPES = (
 DENSITY_TYPES = tuple(t for t in COMBINATION_TYPES if t.startswith(("ties", "dare", "magnitude")))
 # Combination types that need every merged adapter to have the same rank (`peft/tuners/lora/model.py`).
 EQUAL_RANK_TYPES = ("linear", "ties", "dare_ties", "dare_linear", "magnitude_prune")
+# Combination types that merge the full updates B·A and factor the result again with an SVD (rank `svd_rank`).
+SVD_TYPES = ("svd", "ties_svd", "dare_linear_svd", "dare_ties_svd", "magnitude_prune_svd")
+# Combination types that draw random masks (DARE) from torch's generator.
+RANDOM_TYPES = ("dare_ties", "dare_linear", "dare_ties_svd", "dare_linear_svd")
 
-_NAME_PATTERN = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
+# The one rule for the names of adapters peft-d2c creates: PEFT breaks on '.', and keys of `nn.ModuleDict` must be
+# identifiers that do not shadow module attributes.
+ADAPTER_NAME_PATTERN = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
+
+
+def check_adapter_name(
+    name: Any, *, taken: Collection[str] = (), reserved: Collection[str] = (), argument: str = "Adapter name"
+) -> None:
+    """Refuse an adapter name peft-d2c must not create: the one validator of adapter names.
+
+    Args:
+        name (`str`): The proposed name.
+        taken (`Collection[str]`, *optional*): Names already in use (loaded adapters).
+        reserved (`Collection[str]`, *optional*): Names that clash with model attributes (see
+            `peft_d2c.engine.lora.reserved_adapter_names`).
+        argument (`str`, *optional*): How the name is called in the error message.
+
+    Raises:
+        ValueError: If the name does not start with a letter and hold only letters, digits, '_' and '-', is taken,
+            or is reserved.
+
+    Example:
+        ```python
+        >>> check_adapter_name("d2c_0", taken={"capital"})
+        >>> check_adapter_name("d2c.0")
+        Traceback (most recent call last):
+        ...
+        ValueError: Adapter name 'd2c.0' must start with a letter and hold only letters, digits, '_' and '-' (PEFT breaks on '.').
+        ```
+    """
+    if not isinstance(name, str) or not ADAPTER_NAME_PATTERN.match(name):
+        raise ValueError(
+            f"{argument} {name!r} must start with a letter and hold only letters, digits, '_' and '-' "
+            "(PEFT breaks on '.')."
+        )
+    if name in taken:
+        raise ValueError(
+            f"{argument} {name!r} already exists (in the model, or earlier in the same call); names must be unique: "
+            "choose another name (for merged adapters, another `merged_adapter_prefix`) or delete the adapter first."
+        )
+    if name in reserved:
+        raise ValueError(f"{argument} {name!r} clashes with a model attribute; choose another name.")
+
+
+# Decimal units as the Hub shows file sizes (kB = 1000 bytes); binary units with an "i" (KiB = 1024 bytes).
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
+_SIZE_PATTERN = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*$")
+
+
+def parse_size(value: Any, argument: str = "storage_budget") -> int:
+    """Number of bytes in a size such as `"20MB"`, `"1.5 GiB"`, `"300kB"` or `1048576`.
+
+    Units are case-insensitive: `B`, `kB`/`MB`/`GB`/`TB` (powers of 1000) and `KiB`/`MiB`/`GiB`/`TiB` (powers of
+    1024). A bare number is a number of bytes.
+
+    Args:
+        value (`str` or `int`): The size.
+        argument (`str`, defaults to `"storage_budget"`): Name used in error messages.
+
+    Returns:
+        `int`: the size in bytes (rounded down), at least 1.
+
+    Raises:
+        ValueError: If the text is not a positive number followed by a known unit.
+
+    Example:
+        ```python
+        >>> parse_size("20MB"), parse_size("1KiB"), parse_size(512)
+        (20000000, 1024, 512)
+        ```
+    """
+    if isinstance(value, bool):
+        raise ValueError(f"`{argument}` must be a size such as '20MB' or a fraction in (0, 1], got {value!r}.")
+    if isinstance(value, int):
+        size = value
+    else:
+        match = _SIZE_PATTERN.match(str(value))
+        unit = match.group(2).lower() if match else None
+        if match is None or unit not in _UNITS:
+            allowed = ["B", "kB", "MB", "GB", "TB", "KiB", "MiB", "GiB", "TiB"]
+            raise ValueError(
+                f"`{argument}` must be a number followed by one of the units {allowed} (e.g. '20MB'), got {value!r}."
+            )
+        size = math.floor(float(match.group(1)) * _UNITS[unit])
+    if size < 1:
+        raise ValueError(f"`{argument}` must be a positive size, got {value!r}.")
+    return size
+
+
+def format_size(num_bytes: int | float) -> str:
+    """Human-readable decimal size, e.g. `format_size(20_000_000) == "20.0 MB"`."""
+    value = float(num_bytes)
+    for unit in ("B", "kB", "MB", "GB"):
+        if value < 1000 or unit == "GB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1000
+    return f"{value:.1f} GB"  # pragma: no cover
+
+
+def is_bytes_budget(storage_budget: Any) -> bool:
+    """Whether `storage_budget` is a size in bytes (a string, or an int > 1) rather than a fraction."""
+    if isinstance(storage_budget, bool) or storage_budget is None:
+        return False
+    return isinstance(storage_budget, str) or (isinstance(storage_budget, int) and storage_budget > 1)
 
 
 def _check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
@@ -55,7 +175,7 @@ class D2CMergeConfig:
         storage_budget (`float` or `str`, *optional*):
             Fraction of the N source adapters that may be kept, in (0, 1]; K = max(1, floor(fraction * N)). Or a size
             in bytes (`"20MB"`, `"1.5GiB"`, an int > 1): the largest K whose merged adapters fit, computed from the
-            tensor sizes PEFT's merge produces (see `peft_d2c.budget`).
+            tensor sizes PEFT's merge produces (see `peft_d2c.engine.budget`).
         method (`str`, defaults to `"d2c"`):
             `"d2c"` (Algorithm 1 of the paper), or a baseline: `"random"`, `"kmeans"` (K-means on the flattened
             full updates B·A·scaling) or `"kmeans_svd"` (K-means on cosine-normalised truncated-SVD embeddings of them).
@@ -113,7 +233,9 @@ class D2CMergeConfig:
     num_clusters: int | None = field(default=None, metadata={"help": "K, the number of merged adapters."})
     storage_budget: float | str | None = field(
         default=None,
-        metadata={"help": "Fraction of the N adapters to keep (K = max(1, floor(fraction * N))) or a size like '20MB'."},
+        metadata={
+            "help": "Fraction of the N adapters to keep (K = max(1, floor(fraction * N))) or a size like '20MB'."
+        },
     )
     method: Literal["d2c", "random", "kmeans", "kmeans_svd"] = field(
         default="d2c", metadata={"help": f"Clustering method, one of {list(METHODS)}."}
@@ -155,8 +277,6 @@ class D2CMergeConfig:
         if self.num_clusters is not None:
             _check_int("num_clusters", self.num_clusters, minimum=1)
         if self.storage_budget is not None:
-            from .budget import is_bytes_budget, parse_size
-
             if isinstance(self.storage_budget, bool) or not isinstance(self.storage_budget, (int, float, str)):
                 raise TypeError(
                     "`storage_budget` must be a fraction in (0, 1] or a size such as '20MB', got "
@@ -196,11 +316,7 @@ class D2CMergeConfig:
             if not isinstance(self.merge_weight, (int, float)) or not math.isfinite(self.merge_weight):
                 raise ValueError(f"`merge_weight` must be a finite number or None, got {self.merge_weight!r}.")
             self.merge_weight = float(self.merge_weight)
-        if not isinstance(self.merged_adapter_prefix, str) or not _NAME_PATTERN.match(self.merged_adapter_prefix):
-            raise ValueError(
-                "`merged_adapter_prefix` must start with a letter and contain only letters, digits, '_' or '-' "
-                f"(PEFT breaks on '.'), got {self.merged_adapter_prefix!r}."
-            )
+        check_adapter_name(self.merged_adapter_prefix, argument="`merged_adapter_prefix`")
         if self.method != "d2c" and self.init != "random":
             warnings.warn(f"`init={self.init!r}` is ignored for `method={self.method!r}`.", D2CWarning, stacklevel=3)
 
@@ -221,14 +337,12 @@ class D2CMergeConfig:
         elif isinstance(self.storage_budget, str) or self.storage_budget > 1:
             raise ValueError(
                 f"`storage_budget`={self.storage_budget!r} is a size in bytes; K then depends on the adapters' tensor "
-                "sizes: use `peft_d2c.budget.resolve_num_clusters(peft_model, names, config)`."
+                "sizes: use `peft_d2c.engine.budget.resolve_num_clusters(peft_model, names, config)`."
             )
         else:
             k = max(1, math.floor(self.storage_budget * num_adapters + 1e-9))
         if k > num_adapters:
-            raise ValueError(
-                f"`num_clusters` must be between 1 and the number of adapters ({num_adapters}), got {k}."
-            )
+            raise ValueError(f"`num_clusters` must be between 1 and the number of adapters ({num_adapters}), got {k}.")
         return k
 
     def to_dict(self) -> dict[str, Any]:
@@ -241,8 +355,6 @@ class D2CMergeConfig:
         Returns:
             `str`: the path of the written file.
         """
-        from .io import atomic_write_json
-
         path = os.path.join(os.fspath(save_directory), CONFIG_NAME)
         atomic_write_json(path, self.to_dict())
         return path

@@ -1,4 +1,9 @@
-"""`merge_adapters_d2c`: the one call that clusters a PeftModel's LoRA adapters and merges each cluster."""
+"""`merge_adapters_d2c`: the one call that clusters a PeftModel's LoRA adapters and merges each cluster.
+
+The orchestration of a run: checks the input, builds the scorer and the merger, picks the start partition, runs the
+search (resumable, shared over Accelerate processes), merges the final clusters and returns a `D2CResult`. It sits
+above every stage it calls: `config`, `data`, `engine` and `result`.
+"""
 
 from __future__ import annotations
 
@@ -9,19 +14,26 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-import torch
 from peft import PeftModel
 from tqdm.auto import tqdm
 
-from .budget import check_partition_fits, resolve_num_clusters
-from .checkpoint import load_checkpoint, run_fingerprint, save_checkpoint
 from .config import D2CMergeConfig
-from .data import normalize_task_examples
-from .distributed import SingleProcess, get_process_group
-from .merging import AdapterMerger, adapter_digest, check_peft_model, check_source_adapters, delta_gram_matrix
+from .data.examples import normalize_task_examples
+from .engine.budget import check_partition_fits, resolve_num_clusters
+from .engine.checkpoint import load_checkpoint, run_fingerprint, save_checkpoint
+from .engine.distributed import SingleProcess, get_process_group
+from .engine.lora import (
+    adapter_digest,
+    check_peft_model,
+    check_source_adapters,
+    delta_gram_matrix,
+    resolve_adapter_names,
+)
+from .engine.merging import AdapterMerger
+from .engine.scoring import LossScorer, UserScoreFn
+from .engine.search import SearchState, balanced_random_partition, d2c_search, kmeans_partition
+from .engine.state import ModelState
 from .result import D2CResult
-from .scoring import LossScorer, UserScoreFn
-from .search import SearchState, balanced_random_partition, d2c_search, kmeans_partition
 
 logger = logging.getLogger(__name__)
 
@@ -78,9 +90,9 @@ def merge_adapters_d2c(
             If the folder already holds a checkpoint of this run, the search resumes from it and ends exactly as an
             uninterrupted run would.
         process_group (`SingleProcess` or `AccelerateProcesses`, *optional*):
-            Who shares the scoring work. Defaults to `peft_d2c.distributed.get_process_group()`: every process of an
+            Who shares the scoring work. Defaults to `peft_d2c.engine.distributed.get_process_group()`: every process of an
             `accelerate launch` / torchrun run, which must then all call this function. Pass
-            `peft_d2c.distributed.SingleProcess()` to run on the calling process alone (e.g. inside
+            `peft_d2c.engine.distributed.SingleProcess()` to run on the calling process alone (e.g. inside
             `if accelerator.is_main_process:`).
 
     Returns:
@@ -112,7 +124,7 @@ def merge_adapters_d2c(
     # `load_task_examples` records where each task's data came from; keep it for the result and the model cards.
     data_sources = dict(getattr(task_examples, "data_sources", None) or {})
     examples = normalize_task_examples(task_examples)
-    names = _resolve_adapter_names(peft_model, examples, adapter_names)
+    names = resolve_adapter_names(peft_model, examples, adapter_names)
     examples = {name: examples[name][: config.examples_per_task] for name in names}
     num_clusters = resolve_num_clusters(peft_model, names, config)
     check_source_adapters(peft_model, names, config.combination_type)
@@ -121,7 +133,7 @@ def merge_adapters_d2c(
     merger.check_names(merged_names)
 
     group = process_group if process_group is not None else get_process_group()
-    snapshot = _ModelState.capture(peft_model)
+    snapshot = ModelState.capture(peft_model)
     created: list[str] = []
     try:
         peft_model.eval()
@@ -181,35 +193,6 @@ def merge_adapters_d2c(
         },
         model=peft_model,
     )
-
-
-def _resolve_adapter_names(peft_model: PeftModel, examples: dict, adapter_names: Sequence[str] | None) -> list[str]:
-    loaded = list(peft_model.peft_config)
-    unknown = sorted(set(examples) - set(loaded))
-    if unknown:
-        raise ValueError(f"Examples were given for tasks with no loaded adapter: {unknown}; loaded: {loaded}.")
-    if adapter_names is None:
-        names = [n for n in loaded if n in examples]
-        skipped = [n for n in loaded if n not in examples]
-        if skipped:
-            logger.info("Leaving out adapters without examples: %s", skipped)
-    else:
-        if isinstance(adapter_names, str):
-            raise TypeError("`adapter_names` must be a list of adapter names, not a single string.")
-        names = list(adapter_names)
-        if len(set(names)) != len(names):
-            raise ValueError(f"`adapter_names` lists an adapter twice: {names}.")
-        not_loaded = [n for n in names if n not in loaded]
-        if not_loaded:
-            raise ValueError(f"Unknown adapters in `adapter_names`: {not_loaded}; loaded: {loaded}.")
-        without = [n for n in names if n not in examples]
-        if without:
-            raise ValueError(
-                f"Adapters without examples: {without}; every clustered adapter needs its task's examples."
-            )
-    if not names:
-        raise ValueError(f"No adapter to cluster: none of the loaded adapters {loaded} has examples.")
-    return names
 
 
 def _start_partition(
@@ -319,30 +302,3 @@ def _base_model_name(peft_model: PeftModel, adapter_name: str) -> str | None:
     if not name:
         name = getattr(getattr(peft_model.get_base_model(), "config", None), "_name_or_path", None)
     return name or None
-
-
-class _ModelState:
-    """What a run must give back untouched: active adapter, train/eval mode of every module, `requires_grad`."""
-
-    def __init__(self, active: Any, training: dict[str, bool], requires_grad: dict[str, bool]) -> None:
-        self.active = active
-        self.training = training
-        self.requires_grad = requires_grad
-
-    @classmethod
-    def capture(cls, model: torch.nn.Module) -> _ModelState:
-        return cls(
-            active=model.active_adapter,
-            training={name: module.training for name, module in model.named_modules()},
-            requires_grad={name: p.requires_grad for name, p in model.named_parameters()},
-        )
-
-    def restore(self, model: torch.nn.Module) -> None:
-        if model.active_adapter != self.active:
-            model.set_adapter(self.active)
-        for name, module in model.named_modules():
-            if name in self.training:
-                module.training = self.training[name]
-        for name, param in model.named_parameters():
-            if name in self.requires_grad:
-                param.requires_grad_(self.requires_grad[name])

@@ -1,4 +1,7 @@
-"""Atomic file writes: a crash never leaves a half-written result file behind."""
+"""The files of a saved result, and atomic writes: a crash never leaves a half-written file behind.
+
+The lowest layer of peft-d2c with `errors`: imports nothing of the package.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +9,17 @@ import json
 import os
 import tempfile
 from typing import Any
+
+# Files of a folder written by `D2CResult.save_pretrained` (besides `config.CONFIG_NAME` and one folder per merged
+# adapter); the Hub push and the CLI read them by these names.
+RESULT_NAME = "d2c_result.json"
+ROUTING_NAME = "d2c_routing.json"
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    """The JSON value stored in `path` (UTF-8)."""
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

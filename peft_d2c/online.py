@@ -2,7 +2,8 @@
 
 For each cluster c, the new adapter is merged with c's members and its task loss is measured on the new task's
 examples (one merge and one loss per cluster, scored in mixed batches). The cluster with the lowest loss receives
-the adapter; only its merged adapter is rebuilt, every other merged adapter stays exactly as it was.
+the adapter; only its merged adapter is rebuilt, every other merged adapter stays exactly as it was. Sits at the
+result stage: imports `data`, `engine` and `hub.adapters`; `result.D2CResult.add_adapter` calls it.
 """
 
 from __future__ import annotations
@@ -11,6 +12,16 @@ import logging
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
+
+from transformers import AutoModelForCausalLM
+
+from .data.examples import normalize_task_examples
+from .engine.budget import check_partition_fits
+from .engine.lora import check_source_adapters
+from .engine.merging import AdapterMerger
+from .engine.scoring import LossScorer
+from .engine.state import ModelState
+from .hub.adapters import load_adapters
 
 logger = logging.getLogger(__name__)
 
@@ -32,10 +43,6 @@ def attach_model(result, directory: str | os.PathLike, *, base_model=None, token
         ValueError: If the result records no base model or no source of some adapter.
         FileNotFoundError: If a source adapter or a merged adapter folder is missing.
     """
-    from transformers import AutoModelForCausalLM
-
-    from .hub_adapters import load_adapters
-
     directory = os.fspath(directory)
     if base_model is None or isinstance(base_model, (str, os.PathLike)):
         name = base_model if base_model is not None else result.base_model
@@ -69,12 +76,6 @@ def add_adapter(
 
     See `D2CResult.add_adapter` for the arguments. Returns `{"cluster": i, "merged_adapter": ..., "losses": [...]}`.
     """
-    from .budget import check_partition_fits
-    from .d2c import _ModelState
-    from .data import normalize_task_examples
-    from .merging import AdapterMerger, check_source_adapters
-    from .scoring import LossScorer
-
     model = result.model
     if model is None:
         raise ValueError(
@@ -85,7 +86,7 @@ def add_adapter(
         raise ValueError(f"Adapter {name!r} is already clustered (in cluster {result.assignment[name]}).")
     if name not in model.peft_config:
         raise ValueError(
-            f"Adapter {name!r} is not loaded in the model; load it first (e.g. `peft_d2c.hub_adapters.load_adapters("
+            f"Adapter {name!r} is not loaded in the model; load it first (e.g. `peft_d2c.hub.load_adapters("
             f"result.model, path, names=[{name!r}])`). Loaded: {sorted(model.peft_config)}."
         )
     if score_fn is None and tokenizer is None:
@@ -97,7 +98,7 @@ def add_adapter(
 
     merger = AdapterMerger(model, config)
     merger.check_names([])
-    snapshot = _ModelState.capture(model)
+    snapshot = ModelState.capture(model)
     candidates = [[*members, name] for members in result.clusters]
     try:
         model.eval()

@@ -10,10 +10,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .config import CONFIG_NAME, D2CMergeConfig
-from .io import atomic_write_json
+from .hub.push import push_d2c_folder
+from .io import RESULT_NAME, ROUTING_NAME, atomic_write_json
+from .online import add_adapter
+from .version import __version__ as PEFT_D2C_VERSION
 
-RESULT_NAME = "d2c_result.json"
-ROUTING_NAME = "d2c_routing.json"
 FORMAT_VERSION = 1
 
 
@@ -108,17 +109,13 @@ class D2CResult:
             {'cluster': 1, 'merged_adapter': 'd2c_1', 'losses': [2.31, 0.87]}
             ```
         """
-        from .online import add_adapter
-
         return add_adapter(self, name, examples, tokenizer=tokenizer, score_fn=score_fn, source=source)
 
     def to_dict(self) -> dict[str, Any]:
         """Everything but the model and the adapter weights, as written to `d2c_result.json`."""
-        from . import __version__
-
         return {
             "format_version": FORMAT_VERSION,
-            "peft_d2c_version": __version__,
+            "peft_d2c_version": PEFT_D2C_VERSION,
             "base_model": self.base_model,
             "num_adapters": len(self.assignment),
             "num_clusters": self.num_clusters,
@@ -208,8 +205,6 @@ class D2CResult:
 
         See `peft_d2c.hub.push_d2c_folder` for the arguments, the two layouts and the guarantees on failure.
         """
-        from .hub import push_d2c_folder
-
         with tempfile.TemporaryDirectory(prefix="d2c-push-") as tmp:
             folder = os.path.join(tmp, "result")
             self.save_pretrained(folder)

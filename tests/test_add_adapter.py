@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from peft_d2c import D2CMergeConfig, D2CResult, merge_adapters_d2c
-from peft_d2c.heldout import loss_matrix
-from peft_d2c.merging import merge_seed, merge_weights_for
+from peft_d2c.engine.merging import merge_seed, merge_weights_for
+from peft_d2c.evaluation.heldout import loss_matrix
 from peft_d2c.online import attach_model
 
 NEW = "shift"
@@ -62,7 +62,7 @@ def test_new_adapter_lands_in_the_cluster_with_the_lowest_loss(partial_result, t
 def test_add_adapter_from_a_saved_result(tmp_path, tiny_assets, tiny_tokenizer, tiny_task_examples):
     from transformers import LlamaForCausalLM
 
-    from peft_d2c.hub_adapters import load_adapters
+    from peft_d2c.hub.adapters import load_adapters
 
     base_dir, adapter_dirs = tiny_assets
     names = [n for n in adapter_dirs if n != NEW]

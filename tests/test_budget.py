@@ -8,7 +8,7 @@ import pytest
 from safetensors import safe_open
 
 from peft_d2c import D2CMergeConfig, merge_adapters_d2c
-from peft_d2c.budget import (
+from peft_d2c.engine.budget import (
     adapter_bytes,
     check_partition_fits,
     merged_adapter_bytes,

@@ -14,7 +14,7 @@ import torch
 
 from peft_d2c import CheckpointMismatchError, D2CMergeConfig, merge_adapters_d2c
 from peft_d2c import testing as tiny
-from peft_d2c.checkpoint import CHECKPOINT_NAME
+from peft_d2c.engine.checkpoint import CHECKPOINT_NAME
 
 # Runs the search in a child process and kills it (SIGKILL, no cleanup at all) right after the checkpoint of step
 # `kill_at` reached the disk.

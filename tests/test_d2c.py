@@ -12,7 +12,7 @@ from transformers import LlamaForCausalLM
 
 from peft_d2c import D2CMergeConfig, D2CResult, NonFiniteLossError, UnsupportedAdapterError, merge_adapters_d2c
 from peft_d2c import testing as tiny
-from peft_d2c.search import canonical_partition
+from peft_d2c.engine.search import canonical_partition
 
 METHODS = [
     {"method": "d2c"},
@@ -36,7 +36,9 @@ def batch_inputs(tokenizer):
 class TestPartitions:
     @pytest.mark.parametrize("kwargs", METHODS)
     @pytest.mark.parametrize("k", [2, 4])
-    def test_every_method_returns_a_valid_partition(self, tiny_peft_model, tiny_tokenizer, tiny_task_examples, kwargs, k):
+    def test_every_method_returns_a_valid_partition(
+        self, tiny_peft_model, tiny_tokenizer, tiny_task_examples, kwargs, k
+    ):
         config = D2CMergeConfig(num_clusters=k, num_iterations=15, **kwargs)
         result = merge_adapters_d2c(tiny_peft_model, tiny_task_examples, config, tokenizer=tiny_tokenizer)
         names = sorted(tiny.TASK_FAMILIES)
@@ -91,7 +93,9 @@ class TestPartitions:
 
 class TestDeterminism:
     @pytest.mark.parametrize("combination_type", ["ties", "dare_ties"])
-    def test_same_seed_gives_same_clusters_and_weights(self, tiny_assets, tiny_tokenizer, tiny_task_examples, combination_type):
+    def test_same_seed_gives_same_clusters_and_weights(
+        self, tiny_assets, tiny_tokenizer, tiny_task_examples, combination_type
+    ):
         base_dir, adapter_dirs = tiny_assets
         config = D2CMergeConfig(num_clusters=3, num_iterations=20, combination_type=combination_type, seed=5)
         runs = []
@@ -141,7 +145,9 @@ class TestNothingLost:
         assert {n: p.requires_grad for n, p in model.named_parameters() if n in grads_before} == grads_before
         assert {n: m.training for n, m in model.named_modules() if n in modes_before} == modes_before
         assert not any("tmp" in n for n in model.peft_config)
-        merged_params = [p for n, p in model.named_parameters() if any(f".{m}." in n for m in result.merged_adapter_names)]
+        merged_params = [
+            p for n, p in model.named_parameters() if any(f".{m}." in n for m in result.merged_adapter_names)
+        ]
         assert merged_params and not any(p.requires_grad for p in merged_params)
 
     @pytest.mark.parametrize("exception", [RuntimeError, KeyboardInterrupt])
@@ -156,7 +162,9 @@ class TestNothingLost:
             return 1.0 / len(calls)
 
         with pytest.raises(exception):
-            merge_adapters_d2c(tiny_peft_model, tiny_task_examples, D2CMergeConfig(num_clusters=2), score_fn=failing_score)
+            merge_adapters_d2c(
+                tiny_peft_model, tiny_task_examples, D2CMergeConfig(num_clusters=2), score_fn=failing_score
+            )
         assert any("tmp" in c for c in calls)
         assert set(tiny_peft_model.peft_config) == before
 
@@ -180,8 +188,18 @@ class TestNothingLost:
 BAD_INPUTS = [
     ("not a peft model", {}, TypeError, "must be a peft.PeftModel"),
     ("K too large", {"config": D2CMergeConfig(num_clusters=7)}, ValueError, "between 1 and the number of adapters"),
-    ("unknown adapter in examples", {"examples": {"nope": [{"prompt": "a", "completion": "b"}]}}, ValueError, "no loaded adapter"),
-    ("adapter without examples", {"adapter_names": ["copy", "reverse"], "drop": "reverse"}, ValueError, "without examples"),
+    (
+        "unknown adapter in examples",
+        {"examples": {"nope": [{"prompt": "a", "completion": "b"}]}},
+        ValueError,
+        "no loaded adapter",
+    ),
+    (
+        "adapter without examples",
+        {"adapter_names": ["copy", "reverse"], "drop": "reverse"},
+        ValueError,
+        "without examples",
+    ),
     ("unknown adapter name", {"adapter_names": ["copy", "nope"]}, ValueError, "Unknown adapters"),
     ("empty completion", {"patch": {"copy": [{"prompt": "a =", "completion": "  "}]}}, ValueError, "empty completion"),
     ("no examples", {"patch": {"copy": []}}, ValueError, "has no examples"),
@@ -194,7 +212,9 @@ BAD_INPUTS = [
 
 class TestBadInput:
     @pytest.mark.parametrize("case,change,error,match", BAD_INPUTS, ids=[c[0] for c in BAD_INPUTS])
-    def test_bad_input_fails_before_any_work(self, tiny_peft_model, tiny_tokenizer, tiny_task_examples, case, change, error, match):
+    def test_bad_input_fails_before_any_work(
+        self, tiny_peft_model, tiny_tokenizer, tiny_task_examples, case, change, error, match
+    ):
         model = tiny_peft_model
         examples = dict(change.get("examples", tiny_task_examples))
         examples.update(change.get("patch", {}))
@@ -226,7 +246,9 @@ class TestBadInput:
 
 
 class TestSaveAndReload:
-    def test_saved_adapters_reload_with_identical_logits(self, tiny_assets, tiny_peft_model, tiny_tokenizer, tiny_task_examples, tmp_path):
+    def test_saved_adapters_reload_with_identical_logits(
+        self, tiny_assets, tiny_peft_model, tiny_tokenizer, tiny_task_examples, tmp_path
+    ):
         base_dir, _ = tiny_assets
         config = D2CMergeConfig(num_clusters=3, num_iterations=10)
         result = merge_adapters_d2c(tiny_peft_model, tiny_task_examples, config, tokenizer=tiny_tokenizer)

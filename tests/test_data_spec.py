@@ -8,7 +8,7 @@ import uuid
 
 import pytest
 
-from peft_d2c.data_spec import TaskDataSpec, load_data_spec, load_task_examples
+from peft_d2c.data.spec import TaskDataSpec, load_data_spec, load_task_examples
 
 CAPITALS = [("France", "Paris"), ("Japan", "Tokyo"), ("Peru", "Lima"), ("Kenya", "Nairobi"), ("Chile", "Santiago")]
 CAPITALS += [(f"Country{i}", f"City{i}") for i in range(15)]

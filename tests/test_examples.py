@@ -53,7 +53,9 @@ def test_workspace_layout(tiny_workspace):
 
 
 def test_peft_workflow_example(tiny_workspace, tmp_path):
-    out = run_example("peft_workflow.py", tiny_workspace, "-k", "2", "-t", "8", "--output", "merged", cwd=str(tmp_path))
+    out = run_example(
+        "peft_workflow.py", tiny_workspace, "-k", "2", "-t", "8", "--output", "merged", cwd=str(tmp_path)
+    )
     result = D2CResult.from_pretrained(tmp_path / "merged")
     assert len(result.clusters) == 2 and sorted(result.routing) == sorted(os.listdir(f"{tiny_workspace}/adapters"))
     for task, name in result.routing.items():
@@ -62,11 +64,14 @@ def test_peft_workflow_example(tiny_workspace, tmp_path):
 
 
 def test_online_addition_example(tiny_workspace, tmp_path):
-    out = run_example("online_addition.py", tiny_workspace, "--new-task", "sort", "-t", "6", "--output", "online",
-                      cwd=str(tmp_path))
+    out = run_example(
+        "online_addition.py", tiny_workspace, "--new-task", "sort", "-t", "6", "--output", "online", cwd=str(tmp_path)
+    )
     result = D2CResult.from_pretrained(tmp_path / "online")
     assert "sort" in result.routing and sum(len(c) for c in result.clusters) == 6
-    joined = next(name for name, members in zip(result.merged_adapter_names, result.clusters, strict=True) if "sort" in members)
+    joined = next(
+        name for name, members in zip(result.merged_adapter_names, result.clusters, strict=True) if "sort" in members
+    )
     assert f"'sort' joins {joined}" in out and result.routing["sort"] == joined
 
 

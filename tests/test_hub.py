@@ -19,7 +19,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaForCausalLM
 
 from peft_d2c import D2CMergeConfig, D2CWarning, UnsupportedAdapterError, merge_adapters_d2c
 from peft_d2c import testing as tiny
-from peft_d2c.data_spec import load_task_examples
+from peft_d2c.data.spec import load_task_examples
 from peft_d2c.hub import D2CPushError, load_adapters, load_d2c_collection, push_d2c_folder
 
 FAMILIES = ["copy", "reverse", "first", "last"]

@@ -11,15 +11,14 @@ from transformers import LlamaForCausalLM
 from peft_d2c import D2CMergeConfig, UnsupportedAdapterError
 from peft_d2c import testing as tiny
 from peft_d2c.config import COMBINATION_TYPES
-from peft_d2c.merging import (
-    AdapterMerger,
+from peft_d2c.engine.lora import (
     check_new_adapter_name,
     check_peft_model,
     check_source_adapters,
     delta_gram_matrix,
     lora_layers,
-    merge_weights_for,
 )
+from peft_d2c.engine.merging import AdapterMerger, merge_weights_for
 
 
 def copies_model(tiny_assets, family="copy", k=3) -> PeftModel:
@@ -73,7 +72,9 @@ class TestSeededMerges:
         assert torch.equal(torch.random.get_rng_state(), rng_state)
         for _, layer in lora_layers(tiny_peft_model):
             assert torch.equal(layer.get_delta_weight("m1"), layer.get_delta_weight("m2"))
-        other_seed = AdapterMerger(tiny_peft_model, D2CMergeConfig(num_clusters=1, combination_type="dare_ties", seed=4))
+        other_seed = AdapterMerger(
+            tiny_peft_model, D2CMergeConfig(num_clusters=1, combination_type="dare_ties", seed=4)
+        )
         other_seed.merge(["copy", "sort", "shift"], "m3")
         assert any(
             not torch.equal(layer.get_delta_weight("m1"), layer.get_delta_weight("m3"))

@@ -9,8 +9,8 @@ import pytest
 pytest.importorskip("matplotlib")
 
 from peft_d2c import D2CMergeConfig, merge_adapters_d2c  # noqa: E402
-from peft_d2c.heldout import loss_matrix  # noqa: E402
-from peft_d2c.plots import plot_loss_history, plot_run, plot_sweep  # noqa: E402
+from peft_d2c.evaluation.heldout import loss_matrix  # noqa: E402
+from peft_d2c.evaluation.plots import plot_loss_history, plot_run, plot_sweep  # noqa: E402
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

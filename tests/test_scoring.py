@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model
 
-from peft_d2c.data import Example
-from peft_d2c.scoring import _keeps_logits_by_mask, completion_loss_sums, pad_token_id_for, tokenize_example
+from peft_d2c.data.examples import Example
+from peft_d2c.engine.scoring import _keeps_logits_by_mask, completion_loss_sums, pad_token_id_for, tokenize_example
 
 
 def row_by_row(model, rows, adapter_names):
@@ -61,7 +61,9 @@ def test_adapted_output_layer_falls_back_to_full_logits(tiny_assets, tiny_tokeni
     model.eval()
     assert not _keeps_logits_by_mask(model)
     rows, names = mixed_rows(tiny_tokenizer, tiny_task_examples)
-    sums, counts, _ = completion_loss_sums(model, rows, names, pad_token_id=pad_token_id_for(tiny_tokenizer), batch_size=4)
+    sums, counts, _ = completion_loss_sums(
+        model, rows, names, pad_token_id=pad_token_id_for(tiny_tokenizer), batch_size=4
+    )
     expected_sums, expected_counts = row_by_row(model, rows, names)
     assert counts == expected_counts and sums == pytest.approx(expected_sums, rel=1e-5)
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from peft_d2c.search import (
+from peft_d2c.engine.search import (
     SearchState,
     balanced_random_partition,
     canonical_partition,
@@ -33,7 +33,7 @@ def group_score(requests):
 class TestPurity:
     def test_search_module_imports_without_torch(self):
         """search.py must run where torch is absent: load it by path in a fresh interpreter and check sys.modules."""
-        path = Path(__file__).parents[1] / "peft_d2c" / "search.py"
+        path = Path(__file__).parents[1] / "peft_d2c" / "engine" / "search.py"
         code = (
             "import importlib.util, sys\n"
             f"spec = importlib.util.spec_from_file_location('search', {str(path)!r})\n"
@@ -119,7 +119,9 @@ class TestD2CSearch:
     @pytest.mark.parametrize("clusters", [[list(GROUPS)], [[n] for n in GROUPS]])
     def test_single_possible_partition_is_returned_without_search(self, clusters):
         calls = []
-        state = d2c_search(clusters, lambda r: calls.append(r) or [0.0] * len(r), np.random.default_rng(0), num_iterations=10)
+        state = d2c_search(
+            clusters, lambda r: calls.append(r) or [0.0] * len(r), np.random.default_rng(0), num_iterations=10
+        )
         assert state.history == [] and calls == []
 
     def test_patience_stops_after_rejections_in_a_row(self):

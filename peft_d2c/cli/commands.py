@@ -1,0 +1,351 @@
+"""Subcommands of `peft-d2c` built on the public API: merge, evaluate, push, add-adapter, estimate, sweep.
+
+Part of the command-line layer (with `main.py`): these handlers print; the library modules they call only log.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import logging
+import os
+from typing import Any
+
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from ..d2c import merge_adapters_d2c
+from ..data.spec import load_task_examples
+from ..evaluation.estimate import estimate_run
+from ..evaluation.heldout import evaluate_routing, loss_matrix
+from ..evaluation.plots import plot_run
+from ..evaluation.sweep import run_sweep, save_sweep
+from ..hub.adapters import load_adapters
+from ..hub.push import push_d2c_folder
+from ..io import RESULT_NAME, atomic_write_json
+from ..online import attach_model
+from ..result import D2CResult
+from .run_config import load_run_config
+
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options shared by `merge`, `estimate` and `sweep`: the YAML run config and the flags overriding it."""
+    parser.add_argument("config", nargs="?", default=None, help="YAML run config (see peft_d2c/cli/run_config.py).")
+    parser.add_argument("--base-model", help="Hub id or folder of the base model and its tokenizer.")
+    parser.add_argument(
+        "--adapter",
+        "-a",
+        action="append",
+        dest="adapters",
+        metavar="SOURCE",
+        help="Adapter folder, Hub id (owner/name[/sub][@rev]) or collection slug; repeat for each adapter.",
+    )
+    parser.add_argument("--data", help="YAML task data spec (see peft_d2c/data/spec.py).")
+    budget = parser.add_mutually_exclusive_group()
+    budget.add_argument("--clusters", "-k", type=int, help="K, the number of merged adapters.")
+    budget.add_argument(
+        "--storage-budget", help="Fraction of the adapters to keep (0.25) or a size ('20MB', '1.5GiB')."
+    )
+    parser.add_argument("--iterations", "-t", type=int, help="T, the number of proposed moves.")
+    parser.add_argument("--method", help="d2c | random | kmeans | kmeans_svd.")
+    parser.add_argument("--combination-type", help="PEFT combination type (ties, cat, svd, linear, ...).")
+    parser.add_argument("--output", "-o", help="Output folder (default: the config's `output`, else ./d2c_output).")
+
+
+def _budget_value(text: str | None) -> Any:
+    if text is None:
+        return None
+    for parse in (int, float):  # "1048576" is a number of bytes, "0.25" a fraction, "20MB" a size
+        try:
+            return parse(text)
+        except ValueError:
+            pass
+    return text
+
+
+def _run_from_args(args: argparse.Namespace, **extra: Any):
+    d2c = {
+        "num_clusters": args.clusters,
+        "storage_budget": _budget_value(args.storage_budget),
+        "num_iterations": args.iterations,
+        "method": args.method,
+        "combination_type": args.combination_type,
+        "seed": args.seed if args.seed_given else None,
+        "show_progress": False if args.quiet else None,
+    }
+    return load_run_config(
+        args.config,
+        base_model=args.base_model,
+        adapters=args.adapters,
+        data=args.data,
+        output=args.output,
+        d2c=d2c,
+        **extra,
+    )
+
+
+def _load_inputs(run, *, token=None):
+    """Base model + tokenizer, source adapters and few-shot examples of a run."""
+
+    examples = load_task_examples(run.data, token=token)
+    if not os.path.isdir(run.base_model) and run.base_model.startswith(("/", "./", "../", "~")):
+        raise FileNotFoundError(f"`base_model` folder not found: {run.base_model!r}.")
+    tokenizer = AutoTokenizer.from_pretrained(run.base_model)
+    base = AutoModelForCausalLM.from_pretrained(run.base_model)
+    model = load_adapters(base, run.adapters, token=token)
+    return model, tokenizer, examples
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    run = _run_from_args(args, push_to_hub=args.push_to_hub)
+    model, tokenizer, examples = _load_inputs(run)
+    result = merge_adapters_d2c(model, examples, run.d2c, tokenizer=tokenizer)
+    result.save_pretrained(run.output)
+    run.save(run.output)
+    _write_run_readme(run.output, result)
+    if getattr(args, "plots", True):
+        _maybe_plot(run.output, result, model, tokenizer, examples)
+    print(f"Clusters ({result.num_clusters} merged adapters from {len(result.assignment)}):")
+    for name, members in zip(result.merged_adapter_names, result.clusters, strict=True):
+        print(f"  {name}: {', '.join(members)}")
+    print(f"Saved to {run.output}")
+    if run.push_to_hub:
+        pushed = push_d2c_folder(run.output, run.push_to_hub, base_model_id=args.base_model_id)
+        print(f"Pushed to {', '.join(pushed.repo_ids)}")
+    return 0
+
+
+def _write_run_readme(output: str, result, plots: list[str] | None = None) -> None:
+    lines = [
+        "# D2C run",
+        "",
+        f"{len(result.assignment)} adapters merged into {result.num_clusters} with `{result.config.method}` "
+        f"(`combination_type={result.config.combination_type!r}`). Repeat it with `peft-d2c merge d2c_run.yaml`.",
+        "",
+        "| merged adapter | tasks |",
+        "|---|---|",
+        *(f"| {n} | {', '.join(m)} |" for n, m in zip(result.merged_adapter_names, result.clusters, strict=True)),
+    ]
+    if plots:
+        lines += ["", "## Plots", "", *(f"![{os.path.splitext(p)[0]}]({p})" for p in plots)]
+    with open(os.path.join(output, "RUN.md"), "w", encoding="utf-8") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def _maybe_plot(output: str, result, model, tokenizer, examples) -> None:
+    """Write the plots of a run when matplotlib is installed (the `plots` extra), and link them from RUN.md."""
+
+    if importlib.util.find_spec("matplotlib") is None:
+        logging.getLogger(__name__).info("matplotlib is not installed; no plots (pip install 'peft-d2c[plots]').")
+        return
+
+    matrix = loss_matrix(
+        model,
+        tokenizer,
+        {t: examples[t] for t in result.routing},
+        result.merged_adapter_names,
+        batch_size=result.config.batch_size,
+    )
+    written = plot_run(result, output, loss_matrix=matrix)
+    _write_run_readme(output, result, [os.path.basename(p) for p in written])
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    result = D2CResult.from_pretrained(args.directory)
+    examples = load_task_examples(args.data)
+    unknown = sorted(set(examples) - set(result.routing))
+    if unknown:
+        raise ValueError(
+            f"`--data` has tasks {unknown} that the result does not route; known: {sorted(result.routing)}."
+        )
+    model = attach_model(result, args.directory, base_model=args.base_model)
+    tokenizer = AutoTokenizer.from_pretrained(args.base_model or result.base_model)
+    scores = evaluate_routing(model, tokenizer, examples, {t: result.routing[t] for t in examples})
+    result.heldout_scores = {t: s["exact_match"] for t, s in scores.items()}
+    atomic_write_json(os.path.join(args.directory, RESULT_NAME), result.to_dict())
+    atomic_write_json(os.path.join(args.directory, "heldout.json"), scores)
+    print("| task | merged adapter | exact match % | loss |")
+    print("|---|---|---|---|")
+    for task, score in scores.items():
+        print(f"| {task} | {result.routing[task]} | {100 * score['exact_match']:.1f} | {score['loss']:.3f} |")
+    mean = sum(s["exact_match"] for s in scores.values()) / len(scores)
+    print(f"| **average** | | {100 * mean:.1f} | |")
+    return 0
+
+
+def cmd_push(args: argparse.Namespace) -> int:
+    if not os.path.isdir(args.directory):
+        raise FileNotFoundError(f"`DIR` is not a folder: {args.directory!r}.")
+    pushed = push_d2c_folder(
+        args.directory, args.repo_id, base_model_id=args.base_model_id, private=args.private, layout=args.layout
+    )
+    print(f"Pushed to {', '.join(pushed.repo_ids)}")
+    return 0
+
+
+def _read_examples(path: str) -> list[dict[str, str]]:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"`--examples` file not found: {path!r}.")
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    try:
+        if path.endswith(".jsonl"):
+            rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+        else:
+            rows = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"`--examples` {path!r} is not valid JSON: {error}.") from None
+    if not isinstance(rows, list):
+        raise TypeError(
+            f"`--examples` must hold a list of {{'prompt', 'completion'}} objects, got {type(rows).__name__}."
+        )
+    if not rows:
+        raise ValueError(f"`--examples` {path!r} holds no examples.")
+    return rows
+
+
+def cmd_add_adapter(args: argparse.Namespace) -> int:
+    examples = _read_examples(args.examples)
+    result = D2CResult.from_pretrained(args.directory)
+    name = args.name or os.path.basename(os.path.normpath(args.adapter)).split("@")[0].replace(".", "-")
+    if name in result.assignment:
+        raise ValueError(f"`--name` {name!r} is already clustered; choose another name.")
+    model = attach_model(result, args.directory, base_model=args.base_model)
+    load_adapters(model, args.adapter, names=[name])
+    tokenizer = AutoTokenizer.from_pretrained(args.base_model or result.base_model)
+    outcome = result.add_adapter(name, examples, tokenizer=tokenizer)
+    result.save_pretrained(args.directory)
+    losses = ", ".join(
+        f"{n}={loss:.3f}" for n, loss in zip(result.merged_adapter_names, outcome["losses"], strict=True)
+    )
+    print(f"Added {name!r} to {outcome['merged_adapter']} (loss per cluster: {losses})")
+    return 0
+
+
+def cmd_estimate(args: argparse.Namespace) -> int:
+    run = _run_from_args(args)
+    model, tokenizer, examples = _load_inputs(run)
+    estimate = estimate_run(model, examples, run.d2c, tokenizer=tokenizer, probe_evaluations=args.probe)
+    print(
+        f"N={estimate['num_adapters']} adapters, K={estimate['num_clusters']}, method={estimate['method']}, "
+        f"T={estimate['num_iterations']}"
+    )
+    print(
+        f"at most {estimate['max_evaluations']} evaluations (merge + loss), "
+        f"{estimate['seconds_per_evaluation']:.3f} s each in the probe"
+    )
+    print(f"expected run time: at most {estimate['expected_seconds']:.1f} s")
+    if args.json:
+        print(json.dumps(estimate, sort_keys=True))
+    return 0
+
+
+def _parse_ks(text: str | None) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise ValueError(f"`--k` must be a comma-separated list of integers such as '1,2,4', got {text!r}.") from None
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    ks = _parse_ks(args.k)
+    run = _run_from_args(args)
+    heldout = load_task_examples(args.heldout) if args.heldout else None
+    model, tokenizer, examples = _load_inputs(run)
+    sweep = run_sweep(model, examples, run.d2c, tokenizer=tokenizer, num_clusters=ks, heldout_examples=heldout)
+    written = save_sweep(sweep, run.output, plot=args.plots)
+    print(f"| K | storage | storage % | {sweep['metric']} |")
+    print("|---|---|---|---|")
+    for point in sweep["points"]:
+        print(
+            f"| {point['k']} | {point['storage_bytes']} B | {100 * point['storage_fraction']:.1f} | "
+            f"{point['score']:.4f} |"
+        )
+    print(f"Wrote {', '.join(written)}")
+    return 0
+
+
+def add_subcommands(commands, add_common) -> None:
+    """Register merge, evaluate, push, add-adapter and estimate on the `peft-d2c` subparsers."""
+    merge = commands.add_parser(
+        "merge",
+        help="Cluster and merge adapters from a YAML run config (or flags); save, optionally push.",
+        description=(
+            "Load the base model, the adapters and the few-shot data, run D2C, and save the merged adapters, the "
+            "routing, the results and the effective run config (d2c_run.yaml, which repeats the run exactly)."
+        ),
+    )
+    add_run_arguments(merge)
+    merge.add_argument("--push-to-hub", metavar="REPO", help="Push the result to this Hub repo.")
+    merge.add_argument("--base-model-id", help="Hub id of the base model for the cards (when it is a local path).")
+    merge.add_argument("--no-plots", dest="plots", action="store_false", help="Do not write plots.")
+    add_common(merge)
+    merge.set_defaults(handler=cmd_merge)
+
+    evaluate = commands.add_parser(
+        "evaluate",
+        help="Held-out exact match and loss of a saved result.",
+        description="Score every task of a data spec with the merged adapter that serves it; update the result.",
+    )
+    evaluate.add_argument("directory", metavar="DIR", help="Folder of a saved result.")
+    evaluate.add_argument("--data", required=True, help="YAML data spec of the held-out examples.")
+    evaluate.add_argument("--base-model", help="Base model (default: the one recorded in the result).")
+    add_common(evaluate)
+    evaluate.set_defaults(handler=cmd_evaluate)
+
+    push = commands.add_parser("push", help="Push a saved result to the Hub with model cards.")
+    push.add_argument("directory", metavar="DIR", help="Folder of a saved result.")
+    push.add_argument("repo_id", metavar="REPO", help="Target repo (owner/name).")
+    push.add_argument("--base-model-id", help="Hub id of the base model (required if the result recorded a path).")
+    push.add_argument("--private", action="store_true", help="Create new repos as private.")
+    push.add_argument(
+        "--layout", choices=("subfolders", "repos"), default="subfolders", help="One repo or one per cluster."
+    )
+    add_common(push)
+    push.set_defaults(handler=cmd_push)
+
+    add = commands.add_parser(
+        "add-adapter",
+        help="Add a new task's adapter to the best cluster of a saved result (no new search).",
+        description=(
+            "Reload the base model, the recorded source adapters and the merged adapters of DIR, merge the new "
+            "adapter into each cluster, keep the cluster where its task loss is lowest, re-merge only that cluster "
+            "and save DIR again."
+        ),
+    )
+    add.add_argument("directory", metavar="DIR", help="Folder of a saved result.")
+    add.add_argument("adapter", metavar="NEW_ADAPTER", help="Folder or Hub id of the new adapter.")
+    add.add_argument("--examples", required=True, help="JSON or JSONL file of {prompt, completion} examples.")
+    add.add_argument("--name", help="Task / adapter name (default: the folder or repo name).")
+    add.add_argument("--base-model", help="Base model (default: the one recorded in the result).")
+    add_common(add)
+    add.set_defaults(handler=cmd_add_adapter)
+
+    estimate = commands.add_parser(
+        "estimate",
+        help="Time a few evaluations and print the expected number of evaluations and run time.",
+        description="A short timing probe on the real model and data, extrapolated to the configured run.",
+    )
+    add_run_arguments(estimate)
+    estimate.add_argument("--probe", type=int, default=4, help="Evaluations to time (default: 4).")
+    estimate.add_argument("--json", action="store_true", help="Also print the estimate as JSON.")
+    add_common(estimate)
+    estimate.set_defaults(handler=cmd_estimate)
+
+    sweep = commands.add_parser(
+        "sweep",
+        help="Run K = 1..N (or --k 1,2,4) and write the score-vs-storage curve (JSON and PNG).",
+        description=(
+            "One D2C run per K on the same model and data; each run's score (held-out exact match with --heldout, "
+            "else the mean few-shot loss) against the bytes of its merged adapters, written to d2c_sweep.json and "
+            "d2c_sweep.png (with the `plots` extra) in the output folder."
+        ),
+    )
+    add_run_arguments(sweep)
+    sweep.add_argument("--k", help="Comma-separated K values (default: 1..N).")
+    sweep.add_argument("--heldout", help="YAML data spec of held-out examples to score each run.")
+    sweep.add_argument("--no-plots", dest="plots", action="store_false", help="Do not write the PNG.")
+    add_common(sweep)
+    sweep.set_defaults(handler=cmd_sweep)

@@ -1,0 +1,158 @@
+"""The main job of the README: the embedded default (or a tiny smoke-test model) clustered, merged, evaluated, saved.
+
+Sits above the library: may import `peft_d2c.d2c`, `evaluation`, `testing` and the other `embedded` modules.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from .. import testing
+from ..config import D2CMergeConfig
+from ..d2c import merge_adapters_d2c
+from ..evaluation.generation import BASE_ADAPTER
+from ..evaluation.heldout import evaluate_routing
+from ..io import atomic_write_json
+from .adapters import load_embedded_peft_model
+from .base_model import default_cache_dir
+from .tasks import load_embedded_tasks
+
+logger = logging.getLogger(__name__)
+
+
+def load_quick_assets(cache_dir: str | os.PathLike | None = None) -> tuple[Any, Any, dict, dict, dict]:
+    """Tiny random Llama + six trained synthetic-task adapters, built once into the cache (a few seconds).
+
+    Returns:
+        `tuple`: `(peft_model, tokenizer, source_info, fewshot, test)`, the same shape as `load_embedded_assets`.
+    """
+    root = os.path.join(os.fspath(cache_dir or default_cache_dir()), "tiny-v1")
+    base_dir = os.path.join(root, "base")
+    adapter_dirs = {f: os.path.join(root, f) for f in testing.TASK_FAMILIES}
+    if not all(os.path.isfile(os.path.join(d, "adapter_model.safetensors")) for d in adapter_dirs.values()):
+        logger.info("Building the tiny smoke-test model and adapters in %s", root)
+        base_dir, adapter_dirs = testing.build_tiny_assets(root)
+    model = testing.load_peft_model(base_dir, adapter_dirs)
+    fewshot = {f: testing.make_examples(f, 10, seed=7) for f in testing.TASK_FAMILIES}
+    test = {f: testing.make_examples(f, 20, seed=11) for f in testing.TASK_FAMILIES}
+    return model, testing.make_tokenizer(), {"source": "tiny-random", "model_id": base_dir}, fewshot, test
+
+
+def load_embedded_assets(
+    cache_dir: str | os.PathLike | None = None, fetch: bool = True, show_progress: bool = True
+) -> tuple[Any, Any, dict, dict, dict]:
+    """The embedded default with its few-shot and test splits: `(peft_model, tokenizer, source_info, fewshot, test)`."""
+    model, tokenizer, source_info, _ = load_embedded_peft_model(
+        fetch=fetch, cache_dir=cache_dir, show_progress=show_progress
+    )
+    return model, tokenizer, source_info, load_embedded_tasks("fewshot"), load_embedded_tasks("test")
+
+
+def format_heldout_table(rows: Mapping[str, Mapping[str, Mapping[str, float]]], routing: Mapping[str, str]) -> str:
+    """Markdown table: one row per task, exact match % and loss for each column of `rows` (column -> task -> score)."""
+    columns = list(rows)
+    header = "| task | merged adapter | " + " | ".join(f"{c} EM % / loss" for c in columns) + " |"
+    lines = [header, "|" + "---|" * (len(columns) + 2)]
+    for task in routing:
+        cells = [f"{100 * rows[c][task]['exact_match']:.1f} / {rows[c][task]['loss']:.3f}" for c in columns]
+        lines.append(f"| {task} | {routing[task]} | " + " | ".join(cells) + " |")
+    means = []
+    for c in columns:
+        em = sum(rows[c][t]["exact_match"] for t in routing) / len(routing)
+        loss = sum(rows[c][t]["loss"] for t in routing) / len(routing)
+        means.append(f"**{100 * em:.1f}** / {loss:.3f}")
+    lines.append("| **average** | | " + " | ".join(means) + " |")
+    return "\n".join(lines)
+
+
+def run_main_job(
+    *,
+    quick: bool = False,
+    num_clusters: int | None = None,
+    num_iterations: int | None = None,
+    method: str = "d2c",
+    output_dir: str = "d2c_output",
+    cache_dir: str | None = None,
+    fetch: bool = True,
+    seed: int = 0,
+    show_progress: bool = True,
+) -> str:
+    """Build or reuse the adapters, run D2C, evaluate on held-out data, save everything; return a printable report.
+
+    Args:
+        quick (`bool`): Use the tiny random model and synthetic tasks instead of SmolLM2-135M and the 16 tasks.
+        num_clusters (`int`, *optional*): K (default 4, or 2 with `quick`).
+        num_iterations (`int`, *optional*): T (default 100, or 30 with `quick`).
+        method (`str`): `"d2c"` or a baseline.
+        output_dir (`str`): Where the merged adapters, routing, config, results and `heldout.json` are written.
+        cache_dir (`str`, *optional*): Model and adapter cache (default `~/.cache/peft_d2c`).
+        fetch (`bool`): Allow downloading the base model.
+        seed (`int`): Seed of the run.
+        show_progress (`bool`): Progress bars.
+
+    Returns:
+        `str`: The report (clusters, routing, held-out table, timings).
+    """
+    started = time.perf_counter()
+    if quick:
+        model, tokenizer, source_info, fewshot, test = load_quick_assets(cache_dir)
+    else:
+        model, tokenizer, source_info, fewshot, test = load_embedded_assets(cache_dir, fetch, show_progress)
+    loaded = time.perf_counter()
+    config = D2CMergeConfig(
+        num_clusters=num_clusters or (2 if quick else 4),
+        num_iterations=num_iterations if num_iterations is not None else (30 if quick else 100),
+        method=method,
+        seed=seed,
+        show_progress=show_progress,
+    )
+    result = merge_adapters_d2c(model, fewshot, config, tokenizer=tokenizer)
+    searched = time.perf_counter()
+
+    tasks = list(result.routing)
+    columns = {
+        "zero-shot": {t: BASE_ADAPTER for t in tasks},
+        "single-task LoRA": {t: t for t in tasks},
+        "merged (D2C)" if method == "d2c" else f"merged ({method})": dict(result.routing),
+    }
+    heldout = {name: evaluate_routing(model, tokenizer, test, routing) for name, routing in columns.items()}
+    merged_column = list(columns)[-1]
+    result.heldout_scores = {t: heldout[merged_column][t]["exact_match"] for t in tasks}
+    result.save_pretrained(output_dir)
+    atomic_write_json(
+        os.path.join(output_dir, "heldout.json"),
+        {"base_model": source_info, "columns": heldout, "routing": result.routing},
+    )
+    finished = time.perf_counter()
+    return _report(result, source_info, heldout, output_dir, loaded - started, searched - loaded, finished - searched)
+
+
+def _report(result, source_info: Mapping[str, Any], heldout, output_dir, load_s, search_s, eval_s) -> str:
+    config = result.config
+    lines = [
+        f"Base model: {source_info.get('model_id')} ({source_info.get('source')})",
+        f"Adapters: {len(result.routing)}; K = {result.num_clusters} "
+        f"({100 * result.num_clusters / len(result.routing):.1f}% storage); method {config.method}, "
+        f"T = {config.num_iterations}, {config.combination_type} merges (density {config.density}), seed {config.seed}",
+        f"Search: {sum(h['accepted'] for h in result.history)} of {len(result.history)} moves accepted, "
+        f"{result.stats['num_merges']} merges, {result.stats['forward_passes']} forward passes",
+        "",
+        "Clusters:",
+    ]
+    for name, members in zip(result.merged_adapter_names, result.clusters, strict=True):
+        lines.append(f"  {name}: {', '.join(members)}")
+    lines += [
+        "",
+        "Held-out test split (exact match % / completion loss):",
+        format_heldout_table(heldout, result.routing),
+    ]
+    lines += [
+        "",
+        f"Saved to {os.path.abspath(output_dir)}",
+        f"Time: load {load_s:.1f} s, search {search_s:.1f} s, held-out evaluation {eval_s:.1f} s",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,175 @@
+"""Storage budgets: from a fraction of the N adapters or a size in bytes to K, the number of merged adapters.
+
+The rule (also in `docs/concepts.md`):
+
+- a fraction f in (0, 1]: K = max(1, floor(f * N));
+- a size in bytes (`"20MB"`, `"1.5GiB"`, `"300kB"` or an int number of bytes): the largest K whose K merged adapters
+  fit, computed from the tensor sizes PEFT's merge produces for the chosen combination type (rank x (in + out)
+  elements per adapted module, in the dtype of the source LoRA weights). For every type but `cat` a merged adapter
+  has a fixed rank (the common source rank, or `svd_rank` / the largest source rank for the `*svd` types), so every
+  merged adapter costs at most the same `per_adapter` bytes and K = min(N, floor(budget / per_adapter)). `cat` stacks
+  the ranks of a cluster's members, so K merged `cat` adapters always hold every source rank: K = N when the sum of
+  the sources fits, and the final partition is checked again (`check_partition_fits`) before anything is merged or
+  saved.
+
+A budget too small for a single merged adapter is an error.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from peft import PeftModel
+
+from ..config import SVD_TYPES, D2CMergeConfig, format_size, is_bytes_budget, parse_size
+from .lora import adapter_rank, lora_factors, lora_layers
+
+__all__ = [
+    "adapter_bytes",
+    "check_partition_fits",
+    "format_size",
+    "is_bytes_budget",
+    "merged_adapter_bytes",
+    "merged_rank",
+    "parse_size",
+    "partition_bytes",
+    "resolve_num_clusters",
+]
+
+
+def merged_rank(ranks: Sequence[int], combination_type: str, svd_rank: int | None = None) -> int:
+    """Rank of the adapter PEFT's `add_weighted_adapter` creates from adapters of ranks `ranks`.
+
+    PEFT merges a single adapter with `linear` (its own rank); `cat` sums the ranks; the `*svd` types use
+    `svd_rank` or the largest rank; the others need equal ranks and keep it.
+
+    Example:
+        ```python
+        >>> merged_rank([8, 4], "cat"), merged_rank([8, 4], "svd", svd_rank=2), merged_rank([8, 8], "ties")
+        (12, 2, 8)
+        ```
+    """
+    ranks = list(ranks)
+    if len(ranks) == 1:
+        return ranks[0]
+    if combination_type == "cat":
+        return sum(ranks)
+    if combination_type in SVD_TYPES:
+        return svd_rank or max(ranks)
+    return ranks[0]
+
+
+def _per_rank_costs(peft_model: PeftModel, adapter_name: str) -> list[tuple[int, int]]:
+    """(elements per unit of rank, bytes per element) of every module `adapter_name` adapts, from its tensors."""
+    costs = []
+    for _, layer in lora_layers(peft_model):
+        factors = lora_factors(layer, adapter_name)
+        if factors is None:
+            continue
+        a, b = factors
+        rank = a.shape[0]
+        costs.append(((a.numel() + b.numel()) // rank, a.element_size()))
+    return costs
+
+
+def adapter_bytes(peft_model: PeftModel, adapter_name: str, rank: int | None = None) -> int:
+    """Bytes of the LoRA weights of `adapter_name` (as in its `adapter_model.safetensors`, without the header),
+    or of an adapter on the same modules with rank `rank`.
+
+    Args:
+        peft_model (`PeftModel`): Holds the adapter.
+        adapter_name (`str`): A loaded LoRA adapter.
+        rank (`int`, *optional*): Size at this rank instead of the adapter's own.
+
+    Returns:
+        `int`: sum over adapted modules of rank x (in + out) x bytes per element.
+    """
+    if adapter_name not in peft_model.peft_config:
+        raise ValueError(f"Unknown adapter {adapter_name!r}; loaded: {sorted(peft_model.peft_config)}.")
+    r = adapter_rank(peft_model, adapter_name) if rank is None else rank
+    return sum(r * per_rank * size for per_rank, size in _per_rank_costs(peft_model, adapter_name))
+
+
+def merged_adapter_bytes(peft_model: PeftModel, members: Sequence[str], config: D2CMergeConfig) -> int:
+    """Bytes of the adapter PEFT creates by merging `members` with `config.combination_type`.
+
+    Example:
+        ```python
+        >>> merged_adapter_bytes(model, ["copy", "sort"], D2CMergeConfig(num_clusters=2, combination_type="cat"))  # doctest: +SKIP
+        49152
+        ```
+    """
+    ranks = [adapter_rank(peft_model, m) for m in members]
+    rank = merged_rank(ranks, config.combination_type, config.svd_rank)
+    return adapter_bytes(peft_model, sorted(members)[0], rank)
+
+
+def partition_bytes(peft_model: PeftModel, clusters: Sequence[Sequence[str]], config: D2CMergeConfig) -> int:
+    """Total bytes of the merged adapters of a partition."""
+    return sum(merged_adapter_bytes(peft_model, members, config) for members in clusters)
+
+
+def resolve_num_clusters(peft_model: PeftModel, adapter_names: Sequence[str], config: D2CMergeConfig) -> int:
+    """K for `config` and these N adapters: `num_clusters`, or the storage budget converted by the module's rule.
+
+    Args:
+        peft_model (`PeftModel`): Holds the source adapters (their shapes and dtypes give the sizes).
+        adapter_names (`Sequence[str]`): The N adapters to cluster.
+        config (`D2CMergeConfig`): `num_clusters`, or `storage_budget` as a fraction or a size.
+
+    Returns:
+        `int`: K in [1, N].
+
+    Raises:
+        ValueError: If K is out of range, or the byte budget cannot hold one merged adapter (or, for `cat`, all the
+            source ranks).
+
+    Example:
+        ```python
+        >>> resolve_num_clusters(model, names, D2CMergeConfig(storage_budget="100kB"))  # doctest: +SKIP
+        2
+        ```
+    """
+    names = list(adapter_names)
+    if not is_bytes_budget(config.storage_budget):
+        return config.resolve_num_clusters(len(names))
+    budget = parse_size(config.storage_budget)
+    n = len(names)
+    if config.combination_type == "cat":
+        total = partition_bytes(peft_model, [[m] for m in names], config)
+        if total > budget:
+            raise ValueError(
+                f"`storage_budget`={config.storage_budget!r} ({format_size(budget)}) is too small for "
+                f"combination_type='cat': `cat` stacks the ranks of every member, so any partition of these {n} "
+                f"adapters stores {format_size(total)}; raise the budget or use another `combination_type`."
+            )
+        return n
+    per_adapter = max(merged_adapter_bytes(peft_model, names, config), *(adapter_bytes(peft_model, m) for m in names))
+    k = min(n, budget // per_adapter)
+    if k < 1:
+        raise ValueError(
+            f"`storage_budget`={config.storage_budget!r} ({format_size(budget)}) is too small for one merged adapter "
+            f"({format_size(per_adapter)} with combination_type={config.combination_type!r}); give at least "
+            f"{per_adapter} bytes."
+        )
+    return int(k)
+
+
+def check_partition_fits(peft_model: PeftModel, clusters: Sequence[Sequence[str]], config: D2CMergeConfig) -> int:
+    """Check the merged adapters of the final partition against a byte budget (a no-op for other budgets).
+
+    Returns:
+        `int`: the partition's size in bytes.
+
+    Raises:
+        ValueError: If the merged adapters would not fit `config.storage_budget`.
+    """
+    total = partition_bytes(peft_model, clusters, config)
+    if is_bytes_budget(config.storage_budget):
+        budget = parse_size(config.storage_budget)
+        if total > budget:
+            raise ValueError(
+                f"The {len(clusters)} merged adapters would take {format_size(total)}, more than "
+                f"`storage_budget`={config.storage_budget!r} ({format_size(budget)}); nothing was saved."
+            )
+    return total

@@ -1,0 +1,124 @@
+"""Resumable D2C searches: the search state, written atomically every few steps and checked before it is reused.
+
+A checkpoint (`d2c_checkpoint.json` in the run's `checkpoint_dir`) holds the partition, the step reached, the
+numpy generator's state, the history, the start partition and every loss computed so far. Restoring all of it makes
+the rest of a resumed run draw, score and decide exactly as the uninterrupted run would have. It also holds a
+fingerprint of what the losses depend on (the settings, the adapter names and weights, the examples), so a
+checkpoint written for another run is refused instead of silently mixing two searches.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from ..config import D2CMergeConfig
+from ..errors import CheckpointMismatchError
+from ..io import atomic_write_json
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_NAME = "d2c_checkpoint.json"
+CHECKPOINT_FORMAT = 1
+# Settings that change neither the search nor its losses, so a run may resume with other values.
+_RESUMABLE_SETTINGS = ("show_progress", "checkpoint_every")
+
+
+def run_fingerprint(
+    config: D2CMergeConfig,
+    adapter_names: Sequence[str],
+    examples: Mapping[str, Sequence[Any]],
+    adapter_digest: str,
+    *,
+    custom_score_fn: bool = False,
+) -> dict[str, Any]:
+    """What a search's results depend on, in a JSON-comparable form.
+
+    Args:
+        config (`D2CMergeConfig`): The run's settings (those in `_RESUMABLE_SETTINGS` left out).
+        adapter_names (`Sequence[str]`): The clustered adapters, in order.
+        examples (`Mapping[str, Sequence]`): The examples of every task (objects with `to_dict()`, or dicts).
+        adapter_digest (`str`): A digest of the adapters' weights (see `merging.adapter_digest`).
+        custom_score_fn (`bool`): Whether a user score function replaces the built-in loss.
+
+    Returns:
+        `dict`: `config`, `adapters`, `adapter_weights`, `examples` and `score_fn` entries.
+    """
+    settings = {k: v for k, v in config.to_dict().items() if k not in _RESUMABLE_SETTINGS}
+    rows = {
+        task: [e.to_dict() if hasattr(e, "to_dict") else dict(e) for e in items] for task, items in examples.items()
+    }
+    examples_digest = hashlib.sha256(json.dumps(rows, sort_keys=True).encode()).hexdigest()
+    return {
+        "config": settings,
+        "adapters": list(adapter_names),
+        "adapter_weights": adapter_digest,
+        "examples": examples_digest,
+        "score_fn": "custom" if custom_score_fn else "completion_loss",
+    }
+
+
+def checkpoint_path(checkpoint_dir: str | os.PathLike) -> str:
+    return os.path.join(os.fspath(checkpoint_dir), CHECKPOINT_NAME)
+
+
+def save_checkpoint(checkpoint_dir: str | os.PathLike, payload: dict[str, Any]) -> str:
+    """Write `payload` (fingerprint, state, rng, cache, initial_clusters) atomically; return the file's path."""
+    path = checkpoint_path(checkpoint_dir)
+    atomic_write_json(path, {"format": CHECKPOINT_FORMAT, **payload})
+    return path
+
+
+def load_checkpoint(checkpoint_dir: str | os.PathLike, fingerprint: dict[str, Any]) -> dict[str, Any] | None:
+    """Read the checkpoint of `checkpoint_dir` if there is one, and check that it belongs to this run.
+
+    Args:
+        checkpoint_dir (`str` or `os.PathLike`): The folder given to the run.
+        fingerprint (`dict`): `run_fingerprint` of the current call.
+
+    Returns:
+        `dict` or `None`: the checkpoint's payload, or `None` when the folder holds no checkpoint yet.
+
+    Raises:
+        CheckpointMismatchError: If the checkpoint was written for other settings, adapters or examples (the
+            message names each difference), or by an incompatible version of peft-d2c.
+    """
+    path = checkpoint_path(checkpoint_dir)
+    if not os.path.exists(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        payload = json.load(f)
+    if payload.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointMismatchError(
+            f"{path} has checkpoint format {payload.get('format')!r}, this peft-d2c writes {CHECKPOINT_FORMAT}; "
+            "delete it (or choose another `checkpoint_dir`) to start over."
+        )
+    differences = _differences(payload.get("fingerprint", {}), fingerprint)
+    if differences:
+        raise CheckpointMismatchError(
+            f"The checkpoint in {path} belongs to another run: {'; '.join(differences)}. Re-run with the same "
+            "settings, adapters and examples to resume it, or use another `checkpoint_dir` (or delete the file) to "
+            "start a new search."
+        )
+    return payload
+
+
+def _differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    out = []
+    saved_config, current_config = saved.get("config", {}), current.get("config", {})
+    for key in sorted(set(saved_config) | set(current_config)):
+        if saved_config.get(key) != current_config.get(key):
+            out.append(f"`{key}` was {saved_config.get(key)!r}, now {current_config.get(key)!r}")
+    if saved.get("adapters") != current.get("adapters"):
+        out.append(f"adapters were {saved.get('adapters')}, now {current.get('adapters')}")
+    elif saved.get("adapter_weights") != current.get("adapter_weights"):
+        out.append("the adapters' weights changed")
+    if saved.get("examples") != current.get("examples"):
+        out.append("the task examples changed")
+    if saved.get("score_fn") != current.get("score_fn"):
+        out.append(f"the score function was {saved.get('score_fn')!r}, now {current.get('score_fn')!r}")
+    return out

@@ -1,0 +1,346 @@
+"""The merger: clusters of source adapters merged through PEFT, with a bounded LRU of temporary merged adapters.
+
+Picks the merge weights per combination type, seeds every merge from its members (so `dare_*` merges are
+reproducible and cacheable), creates merged adapters with PEFT's `add_weighted_adapter` and refills evicted ones in
+place with the same per-layer arithmetic (`peft_d2c.engine.layer_merge`). May import `peft_d2c.config`,
+`peft_d2c.errors` and the engine modules `lora`, `layer_merge` and `budget`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
+
+import torch
+from peft import PeftModel
+from peft.tuners.lora import LoraLayer
+from peft.utils.merge_utils import calculate_majority_sign_mask, disjoint_merge, prune, reshape_weight_task_tensors
+
+from ..config import RANDOM_TYPES, D2CMergeConfig
+from .budget import merged_rank
+from .layer_merge import own_merge_layer, peft_helpers_verified, peft_merge_layer
+from .lora import adapter_rank, check_new_adapter_name, lora_factors, lora_layers
+
+logger = logging.getLogger(__name__)
+
+Members = tuple[str, ...]
+
+
+def merge_weights_for(combination_type: str, cluster_size: int, override: float | None = None) -> list[float]:
+    """Weights for `add_weighted_adapter` such that merging k identical copies of an adapter gives that adapter.
+
+    PEFT treats the weights differently per combination type (`peft/tuners/lora/model.py`):
+    - `cat`, `svd`, `dare_linear_svd`, `magnitude_prune_svd` sum w_i·ΔW_i: w_i = 1/k is the mean update.
+    - `ties`, `ties_svd`, `dare_ties`, `dare_ties_svd` take a disjoint mean after pruning: w_i = 1.
+    - `linear`, `dare_linear`, `magnitude_prune` sum √w_i·A_i and √w_i·B_i separately: w_i = 1/k² gives
+      mean(B)·mean(A), which is exact for identical copies (w_i = 1/k would give k·ΔW).
+
+    A single-member cluster always gets weight 1 (PEFT then copies the adapter), unless `override` is given.
+
+    Args:
+        combination_type (`str`): A PEFT combination type.
+        cluster_size (`int`): k, the number of merged adapters.
+        override (`float`, *optional*): Use this weight for every member instead.
+
+    Returns:
+        `list[float]`: one weight per member.
+
+    Example:
+        ```python
+        >>> merge_weights_for("cat", 4)
+        [0.25, 0.25, 0.25, 0.25]
+        >>> merge_weights_for("linear", 2)
+        [0.25, 0.25]
+        ```
+    """
+    if override is not None:
+        return [float(override)] * cluster_size
+    if cluster_size == 1 or combination_type in ("ties", "ties_svd", "dare_ties", "dare_ties_svd"):
+        return [1.0] * cluster_size
+    if combination_type in ("linear", "dare_linear", "magnitude_prune"):
+        return [1.0 / cluster_size**2] * cluster_size
+    return [1.0 / cluster_size] * cluster_size
+
+
+def merge_seed(seed: int, members: Sequence[str]) -> int:
+    """Seed of the merge of `members`: stable across processes and Python runs (unlike `hash`)."""
+    digest = hashlib.sha256(f"{seed}|{'|'.join(sorted(members))}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") % (2**63)
+
+
+# Types that prune each member's A and B factors by magnitude on their own before combining them.
+_PRUNED_TYPES = ("ties", "magnitude_prune")
+
+
+class AdapterMerger:
+    """Merges clusters of source adapters through PEFT and keeps a bounded LRU of temporary merged adapters.
+
+    At most `config.merge_cache_size` temporary adapters ("slots") exist in the model at any time. An evicted
+    cluster's slot stays in the model and is refilled in place with the next cluster's merge, using PEFT's own
+    per-layer merge functions: the values are those `add_weighted_adapter` computes, without rebuilding every LoRA
+    module (which dominates the cost of a merge on real models). For `ties` and `magnitude_prune`, each source
+    adapter's magnitude-pruned factors are kept for the run (one extra copy of the source LoRA weights at most), since
+    PEFT prunes every member on its own. `dare_*` merges, whose random masks depend on the module construction, and
+    slots of another rank (`cat` of clusters of other sizes) use a full PEFT merge.
+
+    Args:
+        peft_model (`PeftModel`): The model holding the source adapters; merged adapters are added to it.
+        config (`D2CMergeConfig`): Merge settings (combination type, density, weights, seed, name prefix).
+
+    Attributes:
+        num_merges (`int`): How many merges were run, full or refilled (for tests and benchmarks).
+        num_refills (`int`): How many of them refilled an existing slot.
+        merge_seconds (`float`): Wall time spent merging.
+    """
+
+    def __init__(self, peft_model: PeftModel, config: D2CMergeConfig) -> None:
+        self.peft_model = peft_model
+        self.config = config
+        self.num_merges = 0
+        self.num_refills = 0
+        self.merge_seconds = 0.0
+        self._live: OrderedDict[Members, str] = OrderedDict()
+        self._free_slots: list[str] = []  # in the model, holding an evicted merge, ready to be refilled
+        self._unused_names = [self.temporary_name(i) for i in reversed(range(config.merge_cache_size))]
+        self._pinned: set[Members] = set()
+        # The LoRA layers never change during a run (adapters only add entries inside them); walking every module of
+        # the model for each refill would cost more than the merge arithmetic of a small adapter.
+        self._layers = list(lora_layers(peft_model))
+        # (layer index, adapter, "A" or "B") -> the factor pruned by magnitude (see `_pruned_factors`).
+        self._prune_cache: dict[tuple[int, str, str], torch.Tensor] = {}
+        # Random (DARE) masks depend on how PEFT builds the modules: those merges are never refilled.
+        self._can_refill = config.combination_type not in RANDOM_TYPES
+        # PEFT's private per-layer helpers, checked once per process against the closed-form update.
+        self._trust_peft = peft_helpers_verified()
+
+    def temporary_name(self, index: int) -> str:
+        return f"{self.config.merged_adapter_prefix}_tmp{index}"
+
+    def check_names(self, final_names: Sequence[str]) -> None:
+        """Validate every name this merger may create (temporary and final) before any merge."""
+        for name in [*final_names, *(self.temporary_name(i) for i in range(self.config.merge_cache_size))]:
+            check_new_adapter_name(self.peft_model, name)
+
+    def merge(self, members: Sequence[str], adapter_name: str) -> str:
+        """Merge `members` into a new adapter `adapter_name` with PEFT's `add_weighted_adapter`.
+
+        The merge runs inside `torch.random.fork_rng()` seeded from (config seed, sorted members), so `dare_*`
+        masks are the same every time the same cluster is merged, and torch's global generator is left untouched.
+        """
+        members = sorted(members)
+        check_new_adapter_name(self.peft_model, adapter_name)
+        config = self.config
+        weights = merge_weights_for(config.combination_type, len(members), config.merge_weight)
+        started = time.perf_counter()
+        try:
+            with torch.random.fork_rng():
+                torch.manual_seed(merge_seed(config.seed, members))
+                self.peft_model.add_weighted_adapter(
+                    members,
+                    weights,
+                    adapter_name,
+                    combination_type=config.combination_type,
+                    svd_rank=config.svd_rank,
+                    density=config.density,
+                    majority_sign_method=config.majority_sign_method,
+                )
+                combination_type = "linear" if len(members) == 1 else config.combination_type  # PEFT's rule
+                if not self._trust_peft and combination_type != "cat":
+                    # PEFT's layers were computed by its unverified private helpers: recompute them here.
+                    torch.manual_seed(merge_seed(config.seed, members))
+                    self._write_layers(members, adapter_name, combination_type, weights, self.rank_of(members))
+        except BaseException:
+            # A failed merge may leave its config registered; a retry with the same name would then do nothing.
+            if adapter_name in self.peft_model.peft_config:
+                self.peft_model.delete_adapter(adapter_name)
+            raise
+        finally:
+            self.merge_seconds += time.perf_counter() - started
+        self.num_merges += 1
+        return adapter_name
+
+    def rank_of(self, members: Sequence[str]) -> int:
+        """Rank of the adapter PEFT creates for `members` (see `peft_d2c.engine.budget.merged_rank`)."""
+        ranks = [adapter_rank(self.peft_model, m) for m in members]
+        return merged_rank(ranks, self.config.combination_type, self.config.svd_rank)
+
+    def refill(self, members: Sequence[str], adapter_name: str) -> str:
+        """Overwrite the weights of the existing merged adapter `adapter_name` with the merge of `members`.
+
+        Runs the same per-layer computations as `add_weighted_adapter` (PEFT's own functions, with the same weights
+        and settings), so the result equals a fresh merge of `members`; only the module construction is skipped.
+
+        Raises:
+            ValueError: If `adapter_name` has another rank than the merge of `members`, or uses a random type.
+        """
+        members = sorted(members)
+        config = self.config
+        if not self._can_refill:
+            raise ValueError(f"combination_type={config.combination_type!r} merges cannot refill an adapter.")
+        new_rank = self.rank_of(members)
+        if self.peft_model.peft_config[adapter_name].r != new_rank:
+            raise ValueError(
+                f"Adapter {adapter_name!r} has rank {self.peft_model.peft_config[adapter_name].r}, "
+                f"the merge of {members} needs {new_rank}."
+            )
+        combination_type = "linear" if len(members) == 1 else config.combination_type  # PEFT's rule
+        weights = merge_weights_for(config.combination_type, len(members), config.merge_weight)
+        started = time.perf_counter()
+        self._write_layers(members, adapter_name, combination_type, weights, new_rank)
+        self.merge_seconds += time.perf_counter() - started
+        self.num_merges += 1
+        self.num_refills += 1
+        return adapter_name
+
+    def _write_layers(
+        self, members: Sequence[str], adapter_name: str, combination_type: str, weights: Sequence[float], rank: int
+    ) -> None:
+        """Compute every layer of the merge of `members` and write it into the adapter `adapter_name`."""
+        config = self.config
+        lora_model = self.peft_model.base_model
+        settings = {"rank": rank, "density": config.density, "majority_sign_method": config.majority_sign_method}
+        with torch.no_grad():
+            for layer_index, (_, layer) in enumerate(self._layers):
+                target = lora_factors(layer, adapter_name)
+                if target is None:
+                    continue
+                target_a, target_b = target
+                if combination_type == "cat":
+                    new_a, new_b = _cat_factors(layer, members, weights, target_a, target_b)
+                elif combination_type in _PRUNED_TYPES and config.density < 1:
+                    new_a, new_b = self._pruned_factors(layer_index, layer, members, weights)
+                elif self._trust_peft:
+                    new_a, new_b = peft_merge_layer(
+                        lora_model, combination_type, members, weights, layer, target_a, target_b, **settings
+                    )
+                else:
+                    new_a, new_b = own_merge_layer(combination_type, members, weights, layer, **settings)
+                target_a.data, target_b.data = new_a.to(target_a.dtype), new_b.to(target_b.dtype)
+
+    def _pruned_factors(self, layer_index: int, layer: LoraLayer, members: Sequence[str], weights: Sequence[float]):
+        """`ties` / `magnitude_prune` of one layer's A and B factors, as PEFT computes them, with pruning memoised.
+
+        PEFT prunes every member's factor on its own (top-k magnitudes) before combining them, so an adapter's
+        pruned factors are the same in every cluster it joins: they are computed once per run and reused. The
+        remaining steps are PEFT's `merge_utils` functions, applied exactly as `ties` / `magnitude_prune` apply them.
+        """
+        factors_a, factors_b, weights_a, weights_b = [], [], [], []
+        for adapter, weight in zip(members, weights, strict=True):
+            if adapter not in layer.lora_A and adapter not in layer.lora_embedding_A:
+                continue
+            scaled = weight * layer.scaling[adapter]
+            sign = 1 if scaled >= 0 else -1
+            weights_a.append(math.sqrt(abs(scaled)) * sign)  # the sign goes on one factor only, as in PEFT
+            weights_b.append(math.sqrt(abs(scaled)))
+            factors_a.append(self._pruned(layer_index, layer, adapter, "A"))
+            factors_b.append(self._pruned(layer_index, layer, adapter, "B"))
+        dtype = factors_a[0].dtype
+        merged = []
+        for factors, factor_weights in ((factors_a, weights_a), (factors_b, weights_b)):
+            stacked = torch.stack(factors, dim=0)
+            weighted = stacked * reshape_weight_task_tensors(stacked, torch.tensor(factor_weights).to(stacked.device))
+            if self.config.combination_type == "ties":
+                sign_mask = calculate_majority_sign_mask(stacked, method=self.config.majority_sign_method)
+                merged.append(disjoint_merge(weighted, sign_mask).to(dtype))
+            else:
+                merged.append(weighted.sum(dim=0).to(dtype))
+        return merged[0], merged[1]
+
+    def _pruned(self, layer_index: int, layer: LoraLayer, adapter: str, factor: str) -> torch.Tensor:
+        key = (layer_index, adapter, factor)
+        if key not in self._prune_cache:
+            if adapter in layer.lora_A:
+                tensor = (layer.lora_A if factor == "A" else layer.lora_B)[adapter].weight.data
+            else:
+                tensor = (layer.lora_embedding_A if factor == "A" else layer.lora_embedding_B)[adapter].data
+            self._prune_cache[key] = prune(tensor, self.config.density, method="magnitude")
+        return self._prune_cache[key]
+
+    def adapter_for(self, members: Sequence[str]) -> str:
+        """Name of a live adapter equal to the merge of `members`, merging (and evicting the oldest) when needed.
+
+        A single member is served by the source adapter itself: PEFT's merge of one adapter copies it (to float
+        precision), unless `merge_weight` rescales it.
+        """
+        key = tuple(sorted(members))
+        if len(key) == 1 and self.config.merge_weight is None:
+            return key[0]
+        if key in self._live:
+            self._live.move_to_end(key)
+            return self._live[key]
+        if len(self._live) >= self.config.merge_cache_size:
+            evictable = next((k for k in self._live if k not in self._pinned), None)
+            if evictable is None:
+                raise RuntimeError(
+                    f"`merge_cache_size`={self.config.merge_cache_size} is too small for one scoring batch; raise it."
+                )
+            self._free_slots.append(self._live.pop(evictable))
+        name = self._take_slot(key)
+        if name is None:
+            if not self._unused_names:  # every slot is in the model: drop a free one of the wrong kind
+                self._delete_slot(self._free_slots.pop(0))
+            name = self._unused_names.pop()
+            try:
+                self.merge(key, name)
+            except BaseException:
+                self._unused_names.append(name)
+                raise
+        self._live[key] = name
+        return name
+
+    def _take_slot(self, key: Members) -> str | None:
+        """Refill a free slot of the right rank with the merge of `key`, or return None if there is none."""
+        if not self._can_refill or not self._free_slots:
+            return None
+        rank = self.rank_of(key)
+        for index, name in enumerate(self._free_slots):
+            if self.peft_model.peft_config[name].r == rank:
+                del self._free_slots[index]
+                try:
+                    return self.refill(key, name)
+                except BaseException:
+                    self._delete_slot(name)  # half-refilled: never serve it
+                    raise
+        return None
+
+    def pin(self, keys: Sequence[Members]) -> None:
+        """Protect these clusters' adapters from eviction until `unpin` (they are scored in one batch)."""
+        self._pinned = {tuple(sorted(k)) for k in keys}
+
+    def unpin(self) -> None:
+        self._pinned = set()
+
+    @property
+    def num_live(self) -> int:
+        """Number of temporary merged adapters currently in the model (live merges and free slots)."""
+        return len(self._live) + len(self._free_slots)
+
+    def _delete_slot(self, name: str) -> None:
+        self.peft_model.delete_adapter(name)
+        self._unused_names.append(name)
+
+    def cleanup(self) -> None:
+        """Delete every temporary merged adapter from the model."""
+        for name in [*self._live.values(), *self._free_slots]:
+            self._delete_slot(name)
+        self._live.clear()
+        self._free_slots.clear()
+        self._prune_cache.clear()
+
+
+def _cat_factors(layer: LoraLayer, members: Sequence[str], weights: Sequence[float], target_a, target_b):
+    """The `cat` merge of one layer, as `add_weighted_adapter` computes it: stacked weighted A's, stacked B's."""
+    loras_a, loras_b = [], []
+    for adapter, weight in zip(members, weights, strict=True):
+        lora_a, lora_b = lora_factors(layer, adapter)
+        loras_a.append(lora_a.data * weight * layer.scaling[adapter])
+        loras_b.append(lora_b.data)
+    new_a, new_b = torch.zeros_like(target_a.data), torch.zeros_like(target_b.data)
+    stacked_a, stacked_b = torch.cat(loras_a, dim=0), torch.cat(loras_b, dim=1)
+    new_a[: stacked_a.shape[0], :] = stacked_a
+    new_b[:, : stacked_b.shape[1]] = stacked_b
+    return new_a, new_b

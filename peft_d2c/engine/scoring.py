@@ -1,0 +1,351 @@
+"""Loss of a merged adapter on a task's few-shot examples: tokenised once, batched, memoised for the whole run.
+
+The loss is the mean token cross-entropy of the completions given their prompts, pooled over the task's examples
+(prompt and padding tokens masked). Prompt and completion are tokenised separately and concatenated, with EOS
+appended to the completion, so the boundary between them never depends on how a tokenizer merges the two strings.
+Several merged adapters are scored in one forward pass through PEFT's mixed-adapter batches (`adapter_names=`).
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from peft.tuners.tuners_utils import BaseTunerLayer
+
+from ..data.examples import Example
+from ..errors import NonFiniteLossError
+from .distributed import SingleProcess
+from .merging import AdapterMerger
+
+logger = logging.getLogger(__name__)
+
+Members = tuple[str, ...]
+UserScoreFn = Callable[[torch.nn.Module, str, str, list[dict[str, str]]], float]
+IGNORE_INDEX = -100
+
+
+@dataclass(frozen=True)
+class TokenizedExample:
+    """Token ids of prompt + completion, and where the completion starts."""
+
+    input_ids: tuple[int, ...]
+    completion_start: int
+
+
+def tokenize_example(
+    tokenizer, example: Example, *, use_chat_template: bool = False, max_length: int | None = None
+) -> TokenizedExample:
+    """Tokenise one example the way every peft-d2c loss sees it.
+
+    The prompt keeps the tokenizer's special tokens (e.g. BOS); the completion gets none but a final EOS. With
+    `max_length`, the prompt is cut from the left so the completion is always scored whole.
+    """
+    prompt = example.prompt
+    if use_chat_template:
+        prompt = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        )
+        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    else:
+        prompt_ids = tokenizer(prompt)["input_ids"]
+    completion_ids = tokenizer(example.completion, add_special_tokens=False)["input_ids"]
+    if tokenizer.eos_token_id is not None:
+        completion_ids = [*completion_ids, tokenizer.eos_token_id]
+    if max_length is not None and len(prompt_ids) + len(completion_ids) > max_length:
+        keep = max(1, max_length - len(completion_ids))
+        prompt_ids = prompt_ids[-keep:]
+        completion_ids = completion_ids[: max_length - keep]
+    return TokenizedExample(tuple(prompt_ids) + tuple(completion_ids), len(prompt_ids))
+
+
+def pad_token_id_for(tokenizer) -> int:
+    """The id used to pad batches: the tokenizer's pad token, else its EOS, else 0 (padding is always masked)."""
+    if tokenizer.pad_token_id is not None:
+        return tokenizer.pad_token_id
+    return tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+
+
+def _keeps_logits_by_mask(model: torch.nn.Module) -> bool:
+    """Whether the model can be asked for the logits of the completion positions only (`logits_to_keep` as a boolean
+    mask, transformers >= 5). Not when the output layer is itself adapted: PEFT's mixed-adapter batches split the
+    rows of each LoRA layer's input by batch row, which a flattened selection of positions no longer has."""
+
+    get_output_embeddings = getattr(model, "get_output_embeddings", None)
+    if get_output_embeddings is None or isinstance(get_output_embeddings(), BaseTunerLayer):
+        return False
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "logits_to_keep" in inspect.signature(base.forward).parameters
+
+
+def completion_loss_sums(
+    model: torch.nn.Module,
+    rows: Sequence[TokenizedExample],
+    adapter_names: Sequence[str] | None,
+    *,
+    pad_token_id: int,
+    batch_size: int,
+) -> tuple[list[float], list[int], int]:
+    """Summed completion cross-entropy and completion token count of every row, each under its own adapter.
+
+    `adapter_names` has one name per row for a `PeftModel` (PEFT's mixed-adapter batches), or is `None` for a plain
+    model.
+
+    Rows are sorted by length and padded to the longest row of their batch. Where the model supports it, the output
+    layer runs only at the positions that predict a completion token (`logits_to_keep`): with a large vocabulary it
+    is a sizeable part of a forward pass, and prompt positions are never scored. The caller puts the model in eval
+    mode (PEFT refuses `adapter_names` in training mode).
+
+    Returns:
+        `(sums, counts, forward_passes)`.
+    """
+    device = next(model.parameters()).device
+    keep_by_mask = _keeps_logits_by_mask(model)
+    sums = [0.0] * len(rows)
+    counts = [0] * len(rows)
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i].input_ids), reverse=True)
+    forward_passes = 0
+    with torch.inference_mode():
+        for start in range(0, len(order), batch_size):
+            batch = order[start : start + batch_size]
+            width = max(len(rows[i].input_ids) for i in batch)
+            input_ids = torch.full((len(batch), width), pad_token_id, dtype=torch.long)
+            attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
+            labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
+            for r, i in enumerate(batch):
+                ids = rows[i].input_ids
+                input_ids[r, : len(ids)] = torch.tensor(ids)
+                attention_mask[r, : len(ids)] = 1
+                labels[r, rows[i].completion_start : len(ids)] = torch.tensor(ids[rows[i].completion_start :])
+            # Position p predicts token p + 1: the scored positions are those whose next token is a completion token.
+            targets = labels[:, 1:]
+            scored = torch.zeros((len(batch), width), dtype=torch.bool)
+            scored[:, :-1] = targets != IGNORE_INDEX
+            extra = {"logits_to_keep": scored.to(device)} if keep_by_mask else {}
+            if adapter_names is not None:
+                extra["adapter_names"] = [adapter_names[i] for i in batch]
+            logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), **extra).logits
+            forward_passes += 1
+            if not keep_by_mask:  # all positions came back: select the scored ones
+                logits = logits[scored.to(device)]
+            token_losses = F.cross_entropy(logits.float(), targets[scored[:, :-1]].to(device), reduction="none")
+            row_of_token = scored.nonzero()[:, 0].to(device)
+            row_sums = torch.zeros(len(batch), dtype=token_losses.dtype, device=device)
+            row_sums = row_sums.index_add(0, row_of_token, token_losses).tolist()
+            row_counts = scored.sum(dim=1).tolist()
+            for r, i in enumerate(batch):
+                sums[i], counts[i] = row_sums[r], row_counts[r]
+    return sums, counts, forward_passes
+
+
+def plan_batches(
+    sizes: Sequence[int], clusters: Sequence[Members], *, batch_size: int, max_clusters: int
+) -> list[list[int]]:
+    """Group requests (by index) into scoring batches whose composition depends only on the requests.
+
+    A batch is scored in one forward pass when it holds at most `batch_size` rows. The number of batches is the
+    smallest that fits the rows, rounded up to a power of two, and requests are dealt out contiguously with rows
+    spread evenly; a batch that would need more than `max_clusters` live merged adapters is split further. Because
+    this never looks at the number of processes, a loss is computed with exactly the same batch (hence the same
+    floating-point result) whether the batches are scored by one process or dealt out to 2, 4, 8... (which the
+    power of two keeps balanced).
+
+    Args:
+        sizes (`Sequence[int]`): Rows (examples) of each request.
+        clusters (`Sequence[Members]`): The cluster of each request.
+        batch_size (`int`): Rows per forward pass.
+        max_clusters (`int`): The most distinct clusters one batch may use (the merged-adapter LRU size).
+
+    Returns:
+        `list[list[int]]`: request indices of each batch, in order.
+
+    Example:
+        ```python
+        >>> plan_batches([10] * 8, [("a", "b")] * 8, batch_size=32, max_clusters=8)
+        [[0, 1], [2, 3], [4, 5], [6, 7]]
+        ```
+    """
+    if not sizes:
+        return []
+    total = sum(sizes)
+    num_batches = 1
+    while num_batches * batch_size < total:
+        num_batches *= 2
+    num_batches = min(num_batches, len(sizes))
+    batches: list[list[int]] = [[] for _ in range(num_batches)]
+    done = 0
+    for index, size in enumerate(sizes):
+        # The batch in which the middle row of this request falls when rows are spread evenly.
+        slot = min(num_batches - 1, int((done + size / 2) * num_batches / total))
+        batches[slot].append(index)
+        done += size
+    planned: list[list[int]] = []
+    for batch in batches:
+        current: list[int] = []
+        seen: set[Members] = set()
+        for index in batch:
+            if clusters[index] not in seen and len(seen) >= max_clusters:
+                planned.append(current)
+                current, seen = [], set()
+            current.append(index)
+            seen.add(clusters[index])
+        if current:
+            planned.append(current)
+    return planned
+
+
+class LossScorer:
+    """The `score_fn` of the D2C search: loss of task t under the merge of a cluster, memoised per run.
+
+    Each call computes only the `(members, task)` losses not seen before in this run. Those are grouped by
+    `plan_batches`; each batch needs one forward pass in which every row runs under its own merged adapter (PEFT's
+    mixed-adapter batches). Under a multi-process launch the batches are shared out by `process_group` and every
+    process receives every loss.
+
+    Args:
+        model (`PeftModel`): The model holding the source adapters (in eval mode while scoring).
+        tokenizer: The tokenizer of the base model (unused when `user_score_fn` is given).
+        examples (`Mapping[str, Sequence[Example]]`): The few-shot examples of every task.
+        merger (`AdapterMerger`): Provides live merged adapters for clusters.
+        batch_size (`int`): Rows per forward pass.
+        use_chat_template (`bool`), max_length (`int`, *optional*): Tokenisation settings (see `tokenize_example`).
+        user_score_fn (*optional*): `score_fn(model, adapter_name, task, examples) -> float` replacing the loss.
+        process_group (*optional*): A `peft_d2c.engine.distributed` process group; defaults to a single process.
+
+    Attributes:
+        cache (`dict`): `(sorted members, task) -> loss` for every loss computed in this run (by any process).
+        cache_hits, cache_misses (`int`): Requests answered from the cache, and distinct losses computed.
+        forward_passes (`int`): Forward passes run by this process.
+        forward_seconds (`float`): Wall time of this process in `completion_loss_sums` (or the user score function).
+    """
+
+    @classmethod
+    def for_config(
+        cls,
+        model: torch.nn.Module,
+        tokenizer,
+        examples: Mapping[str, Sequence[Example]],
+        merger: AdapterMerger,
+        *,
+        user_score_fn: UserScoreFn | None = None,
+        process_group=None,
+    ) -> LossScorer:
+        """A scorer with the scoring settings of `merger.config` (batch size, chat template, max length)."""
+        config = merger.config
+        return cls(
+            model,
+            tokenizer,
+            examples,
+            merger,
+            batch_size=config.batch_size,
+            use_chat_template=config.use_chat_template,
+            max_length=config.max_length,
+            user_score_fn=user_score_fn,
+            process_group=process_group,
+        )
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer,
+        examples: Mapping[str, Sequence[Example]],
+        merger: AdapterMerger,
+        *,
+        batch_size: int = 32,
+        use_chat_template: bool = False,
+        max_length: int | None = None,
+        user_score_fn: UserScoreFn | None = None,
+        process_group=None,
+    ) -> None:
+        self.model = model
+        self.merger = merger
+        self.examples = {task: list(items) for task, items in examples.items()}
+        self.batch_size = batch_size
+        self.user_score_fn = user_score_fn
+        self.process_group = process_group if process_group is not None else SingleProcess()
+        self.cache: dict[tuple[Members, str], float] = {}
+        self.cache_hits = 0
+        self.cache_misses = 0
+        self.forward_passes = 0
+        self.forward_seconds = 0.0
+        self.pad_token_id = 0
+        self.tokenized: dict[str, list[TokenizedExample]] = {}
+        if user_score_fn is None:
+            self.pad_token_id = pad_token_id_for(tokenizer)
+            self.tokenized = {
+                task: [
+                    tokenize_example(tokenizer, ex, use_chat_template=use_chat_template, max_length=max_length)
+                    for ex in items
+                ]
+                for task, items in self.examples.items()
+            }
+
+    def __call__(self, requests: Sequence[tuple[Sequence[str], str]]) -> list[float]:
+        """Losses of `(members, task)` requests, computing only those not seen before in this run."""
+        keys = [(tuple(sorted(members)), task) for members, task in requests]
+        missing = list(dict.fromkeys(k for k in keys if k not in self.cache))
+        self.cache_hits += len(keys) - len(missing)
+        self.cache_misses += len(missing)
+        if missing:
+            batches = plan_batches(
+                [len(self.examples[task]) for _, task in missing],
+                [members for members, _ in missing],
+                batch_size=self.batch_size,
+                max_clusters=self.merger.config.merge_cache_size,
+            )
+            batch_keys = [[missing[i] for i in batch] for batch in batches]
+            for chunk, losses in zip(batch_keys, self.process_group.map(self._score_batch, batch_keys), strict=True):
+                for key, loss in zip(chunk, losses, strict=True):
+                    if not math.isfinite(loss):
+                        raise NonFiniteLossError(
+                            f"The loss of task {key[1]!r} under the merge of {list(key[0])} is {loss}; check the "
+                            "adapters' weights for NaN/inf and the model dtype."
+                        )
+                    self.cache[key] = loss
+        return [self.cache[k] for k in keys]
+
+    def _score_batch(self, keys: Sequence[tuple[Members, str]]) -> list[float]:
+        self.merger.pin([members for members, _ in keys])
+        try:
+            adapter_names = [self.merger.adapter_for(members) for members, _ in keys]
+        finally:
+            self.merger.unpin()
+        started = time.perf_counter()
+        try:
+            if self.user_score_fn is not None:
+                return [
+                    float(self.user_score_fn(self.model, name, task, [e.to_dict() for e in self.examples[task]]))
+                    for name, (_, task) in zip(adapter_names, keys, strict=True)
+                ]
+            rows, row_adapters, owners = [], [], []
+            for index, (name, (_, task)) in enumerate(zip(adapter_names, keys, strict=True)):
+                for tokenized in self.tokenized[task]:
+                    rows.append(tokenized)
+                    row_adapters.append(name)
+                    owners.append(index)
+            sums, counts, passes = completion_loss_sums(
+                self.model, rows, row_adapters, pad_token_id=self.pad_token_id, batch_size=self.batch_size
+            )
+            self.forward_passes += passes
+            total = [0.0] * len(keys)
+            tokens = [0] * len(keys)
+            for owner, row_sum, row_count in zip(owners, sums, counts, strict=True):
+                total[owner] += row_sum
+                tokens[owner] += row_count
+            return [t / max(n, 1) for t, n in zip(total, tokens, strict=True)]
+        finally:
+            self.forward_seconds += time.perf_counter() - started
+
+    def cache_to_list(self) -> list[list]:
+        """The loss cache as JSON-serialisable `[members, task, loss]` triples (for checkpoints)."""
+        return [[list(members), task, loss] for (members, task), loss in self.cache.items()]
+
+    def load_cache(self, items: Sequence[Sequence]) -> None:
+        """Restore a cache written by `cache_to_list`."""
+        self.cache = {(tuple(members), task): float(loss) for members, task, loss in items}

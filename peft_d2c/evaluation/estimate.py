@@ -1,0 +1,81 @@
+"""`estimate_run`: a short timing probe before a long D2C run (what `peft-d2c estimate` prints)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import numpy as np
+
+from ..data.examples import normalize_task_examples
+from ..engine.budget import resolve_num_clusters
+from ..engine.lora import check_source_adapters, resolve_adapter_names
+from ..engine.merging import AdapterMerger
+from ..engine.scoring import LossScorer
+from ..engine.search import balanced_random_partition
+from ..engine.state import ModelState
+
+logger = logging.getLogger(__name__)
+
+
+def estimate_run(peft_model, task_examples, config, *, tokenizer, probe_evaluations: int = 4) -> dict[str, Any]:
+    """Time a few merge + loss evaluations and extrapolate to the whole run.
+
+    One evaluation is the merge of a cluster and the loss of one task's examples under it. A D2C step asks for two
+    (the task's loss in its cluster and in the target cluster, `proposals_per_step` times); repeated requests are
+    cached, so the count is an upper bound. The final task losses add N, the K final merges are timed separately.
+
+    Args:
+        peft_model (`PeftModel`): The model with the N source adapters.
+        task_examples (`Mapping[str, Sequence[dict]]`): Few-shot examples per task.
+        config (`D2CMergeConfig`): The run to estimate.
+        tokenizer: The base model's tokenizer.
+        probe_evaluations (`int`, defaults to 4): How many evaluations to time.
+
+    Returns:
+        `dict`: `num_adapters`, `num_clusters`, `max_evaluations`, `seconds_per_evaluation`, `seconds_per_merge`,
+        `expected_seconds` (an upper bound) and `probe_evaluations`.
+
+    Example:
+        ```python
+        >>> estimate_run(model, examples, D2CMergeConfig(num_clusters=4), tokenizer=tok)["expected_seconds"]  # doctest: +SKIP
+        812.4
+        ```
+    """
+    examples = normalize_task_examples(task_examples)
+    names = resolve_adapter_names(peft_model, examples, None)
+    examples = {n: examples[n][: config.examples_per_task] for n in names}
+    k = resolve_num_clusters(peft_model, names, config)
+    check_source_adapters(peft_model, names, config.combination_type)
+    merger = AdapterMerger(peft_model, config)
+    merger.check_names([])
+    rng = np.random.default_rng(config.seed)
+    snapshot = ModelState.capture(peft_model)
+    try:
+        peft_model.eval()
+        scorer = LossScorer.for_config(peft_model, tokenizer, examples, merger)
+        started = time.perf_counter()
+        for _ in range(probe_evaluations):
+            clusters = balanced_random_partition(names, k, rng)
+            members = max(clusters, key=len)
+            scorer([(members, members[int(rng.integers(len(members)))])])
+            merger.cleanup()
+        per_evaluation = (time.perf_counter() - started) / max(1, probe_evaluations)
+        per_merge = merger.merge_seconds / max(1, merger.num_merges)
+    finally:
+        merger.cleanup()
+        snapshot.restore(peft_model)
+    steps = config.num_iterations if config.method == "d2c" and 1 < k < len(names) else 0
+    evaluations = 2 * steps * config.proposals_per_step + len(names)
+    return {
+        "num_adapters": len(names),
+        "num_clusters": k,
+        "method": config.method,
+        "num_iterations": steps,
+        "max_evaluations": evaluations,
+        "probe_evaluations": probe_evaluations,
+        "seconds_per_evaluation": per_evaluation,
+        "seconds_per_merge": per_merge,
+        "expected_seconds": evaluations * per_evaluation + k * per_merge,
+    }

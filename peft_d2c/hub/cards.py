@@ -1,0 +1,247 @@
+"""Model cards of pushed D2C results, built with `huggingface_hub.ModelCard` / `ModelCardData` / `EvalResult`:
+metadata for the Hub (base model, relation, tags, datasets, model-index with the per-task losses) and a body that
+explains the adapter, its source adapters and tasks, the merge, the storage budget, the routing, usage and citation.
+
+`data` below is a saved result folder read back: `{"result": d2c_result.json, "routing": d2c_routing.json,
+"config": d2c_config.json, "names": [merged adapter names]}`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+from .adapters import REPO_ID_PATTERN
+
+__all__ = ["CITATION", "build_adapter_card", "build_collection_card", "is_hub_id"]
+
+CARD_TAGS = ["peft", "lora", "d2c", "merge"]
+PAPER_TITLE = "Data-driven Clustering and Merging of Adapters for On-device Large Language Models"
+PAPER_URL = "https://arxiv.org/abs/2601.17441"
+CITATION = """@inproceedings{bohdal2026d2c,
+  title         = {Data-driven Clustering and Merging of Adapters for On-device Large Language Models},
+  author        = {Bohdal, Ondrej and Ceritli, Taha and Ozay, Mete and Moon, Jijoong and Lee, Kyeng-Hun and
+                   Ko, Hyeonmok and Michieli, Umberto},
+  booktitle     = {IEEE International Conference on Acoustics, Speech and Signal Processing (ICASSP)},
+  year          = {2026},
+  eprint        = {2601.17441},
+  archivePrefix = {arXiv}
+}"""
+FILE_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet", ".txt", ".arrow")
+
+
+def is_hub_id(value: Any) -> bool:
+    """Whether `value` reads as a Hub repo id (`"owner/name"`) rather than a local path, file or builder name."""
+    return (
+        isinstance(value, str)
+        and bool(REPO_ID_PATTERN.match(value))
+        and "--" not in value
+        and ".." not in value
+        and not os.path.exists(value)
+        and value not in ("json", "csv", "parquet", "text")
+        and not value.lower().endswith(tuple(FILE_SUFFIXES))
+    )
+
+
+def _eval_results(tasks: Sequence[str], data: dict[str, Any], served_by: Mapping[str, str] | None = None) -> list:
+    """One `EvalResult` per task and metric: the few-shot loss, and the held-out score when there is one."""
+
+    metrics = [
+        ("loss", "few-shot loss", data["result"].get("task_losses") or {}),
+        ("score", "held-out score", data["result"].get("heldout_scores") or {}),
+    ]
+    sources = data["result"].get("data_sources") or {}
+    out = []
+    for task in tasks:
+        source = sources.get(task) or {}
+        for metric_type, metric_name, values in metrics:
+            if task not in values:
+                continue
+            out.append(
+                EvalResult(
+                    task_type="text-generation",
+                    task_name=f"{task} (via {served_by[task]})" if served_by else task,
+                    dataset_type=str(source.get("path") or task),
+                    dataset_name=task,
+                    dataset_config=source.get("name"),
+                    dataset_split=source.get("split"),
+                    metric_type=metric_type,
+                    metric_name=metric_name,
+                    metric_value=round(float(values[task]), 6),
+                )
+            )
+    return out
+
+
+def _card_data(model_name: str, base: str, tasks: Sequence[str], data: dict[str, Any], served_by=None):
+    sources = data["result"].get("data_sources") or {}
+    datasets = sorted({s["path"] for t, s in sources.items() if t in tasks and s and is_hub_id(s.get("path"))})
+    return ModelCardData(
+        model_name=model_name,
+        library_name="peft",
+        base_model=base,
+        base_model_relation="adapter",
+        pipeline_tag="text-generation",
+        tags=list(CARD_TAGS),
+        datasets=datasets or None,
+        eval_results=_eval_results(tasks, data, served_by) or None,
+    )
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _source_text(record: Mapping[str, Any] | None) -> str:
+    if not record:
+        return "unknown"
+    if record.get("repo_id"):
+        sub = f" (`{record['subfolder']}`)" if record.get("subfolder") else ""
+        rev = f" @ `{str(record['revision'])[:10]}`" if record.get("revision") else ""
+        return f"[`{record['repo_id']}`](/{record['repo_id']}){sub}{rev}"
+    return f"local folder `{os.path.basename(str(record.get('path', '')).rstrip('/'))}`"
+
+
+def _method_section(data: dict[str, Any]) -> str:
+    result, config = data["result"], data["config"]
+    n, k = result.get("num_adapters", len(data["routing"])), result.get("num_clusters", len(data["names"]))
+    budget = config.get("storage_budget")
+    if isinstance(budget, (int, float)) and not isinstance(budget, bool) and budget <= 1:
+        budget_text = f"storage budget {budget:.1%} of the source adapters, "
+    else:
+        budget_text = f"storage budget {budget}, " if budget else ""
+    density = result.get("density", config.get("density"))
+    lines = [
+        f"- **Clustering**: `{result.get('method', config.get('method'))}` "
+        f"(start `{config.get('init')}`, {config.get('num_iterations')} proposed moves, "
+        f"{config.get('examples_per_task')} few-shot examples per task, seed {config.get('seed')}).",
+        f"- **Merge**: PEFT `add_weighted_adapter`, `combination_type={result.get('combination_type', config.get('combination_type'))!r}`"
+        + (f", `density={density}`" if density is not None else "")
+        + ".",
+        f"- **Storage**: {budget_text}{k} merged adapters stored instead of {n} ({k / max(n, 1):.1%}).",
+    ]
+    return "\n".join(lines)
+
+
+def _routing_section(data: dict[str, Any], repos: Mapping[str, str] | None = None) -> str:
+    rows = []
+    for task, name in sorted(data["routing"].items()):
+        where = f"`{repos[name]}`" if repos else f"`{name}/`"
+        rows.append((f"`{task}`", f"`{name}`", where))
+    return _table(["task", "merged adapter", "location"], rows)
+
+
+def _citation_section() -> str:
+    return f"## Citation\n\nD2C is the method of [{PAPER_TITLE}]({PAPER_URL}) (ICASSP 2026):\n\n```bibtex\n{CITATION}\n```\n"
+
+
+def build_adapter_card(
+    data: dict[str, Any], name: str, *, repo_id: str, base_model_id: str, subfolder: str | None, repos=None
+):
+    """The `ModelCard` of one merged adapter (`data` as returned by the folder reader of `push_d2c_folder`)."""
+
+    result = data["result"]
+    index = data["names"].index(name)
+    members = (result.get("clusters") or [[t for t, a in data["routing"].items() if a == name]])[index]
+    served = sorted(t for t, a in data["routing"].items() if a == name)
+    sources, losses = result.get("sources") or {}, result.get("task_losses") or {}
+    heldout = result.get("heldout_scores") or {}
+    rows = [
+        (f"`{m}`", _source_text(sources.get(m)), f"{losses[m]:.4f}" if m in losses else "–",
+         f"{heldout[m]:.4f}" if m in heldout else "–")
+        for m in members
+    ]  # fmt: skip
+    sub_arg = f', subfolder="{subfolder}"' if subfolder else ""
+    body = f"""
+# {name}: a D2C multi-task LoRA adapter for `{base_model_id}`
+
+This is a LoRA adapter for [`{base_model_id}`](/{base_model_id}), made by merging
+{len(members)} single-task LoRA adapter(s) with [D2C]({PAPER_URL}): the source adapters were clustered using a few
+examples per task, and the adapters of each cluster merged into one. It is cluster {index + 1} of
+{len(data["names"])} of the collection `{repo_id}` and serves the tasks {", ".join(f"`{t}`" for t in served)}.
+
+## Merged source adapters
+
+{_table(["task (source adapter)", "source", "few-shot loss", "held-out score"], rows)}
+
+The few-shot loss is the mean token cross-entropy of each task's completions under this merged adapter.
+
+## How it was made
+
+{_method_section(data)}
+
+## Routing of the whole collection
+
+{_routing_section(data, repos)}
+
+## Usage
+
+```python
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("{base_model_id}"), "{repo_id}"{sub_arg})
+```
+
+{_citation_section()}"""
+    card_data = _card_data(f"{repo_id}/{name}" if subfolder else repo_id, base_model_id, members, data)
+    return ModelCard(f"---\n{card_data.to_yaml()}\n---\n{body}")
+
+
+def build_collection_card(data: dict[str, Any], *, repo_id: str, base_model_id: str):
+    """The repo-level `ModelCard` of a collection pushed with `layout="subfolders"`."""
+
+    result, routing = data["result"], data["routing"]
+    clusters = result.get("clusters") or [[t for t, a in routing.items() if a == n] for n in data["names"]]
+    rows = [
+        (f"[`{n}`](./{n})", ", ".join(f"`{t}`" for t in members))
+        for n, members in zip(data["names"], clusters, strict=True)
+    ]
+    body = f"""
+# D2C adapter collection for `{base_model_id}`
+
+{len(data["names"])} multi-task LoRA adapters for [`{base_model_id}`](/{base_model_id}) that
+together serve {len(routing)} tasks, made with [D2C]({PAPER_URL}) from {result.get("num_adapters", len(routing))}
+single-task LoRA adapters. D2C clusters the source adapters using a few examples per task and merges each cluster into
+one adapter, so a device stores only the merged adapters and activates, per request, the one serving the task.
+Each subfolder is a standard PEFT adapter with its own model card.
+
+## Merged adapters
+
+{_table(["merged adapter", "merges the adapters of the tasks"], rows)}
+
+## How it was made
+
+{_method_section(data)}
+
+## Routing (`d2c_routing.json`)
+
+{_routing_section(data)}
+
+## Usage
+
+All adapters with a task router (`pip install peft-d2c`):
+
+```python
+from peft_d2c.hub import load_d2c_collection
+model, router = load_d2c_collection(AutoModelForCausalLM.from_pretrained("{base_model_id}"), "{repo_id}")
+with router.task("{sorted(routing)[0]}"): ...  # runs with the adapter serving this task
+```
+
+One adapter with plain PEFT:
+
+```python
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("{base_model_id}"), "{repo_id}", subfolder="{data["names"][0]}")
+```
+
+`d2c_config.json` holds the run's configuration and `d2c_result.json` the clusters, losses and sources.
+
+{_citation_section()}"""
+    card_data = _card_data(repo_id, base_model_id, sorted(routing), data, served_by=routing)
+    return ModelCard(f"---\n{card_data.to_yaml()}\n---\n{body}")

@@ -1,0 +1,201 @@
+"""A D2C collection back from a folder or the Hub, with the router that serves each task with its merged adapter.
+
+`load_d2c_collection` reads the routing table (and, for `layout="repos"`, `d2c_hub.json`) from one commit and loads
+every merged adapter with `load_adapters`; `D2CRouter` switches to the adapter of a task. May import
+`peft_d2c.io`, `peft_d2c.errors`, `peft_d2c.engine` and the other `hub` modules.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+from huggingface_hub import hf_hub_download
+from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError
+
+from ..engine.state import ModelState
+from ..io import RESULT_NAME, ROUTING_NAME, read_json
+from .adapters import AdapterSource, hub_api, load_adapters
+from .push import HUB_NAME
+
+
+class D2CRouter:
+    """Activates the merged adapter that serves a task: the on-device deployment step of D2C.
+
+    Switching keeps every parameter's `requires_grad` as it was (PEFT's `set_adapter` would make the adapter
+    trainable).
+
+    Args:
+        model (`PeftModel`): A model holding the merged adapters.
+        routing (`Mapping[str, str]`): Task -> merged adapter name.
+
+    Example:
+        ```python
+        >>> model, router = load_d2c_collection(base, "my-org/word-tasks-d2c")
+        >>> with router.task("capital"):
+        ...     out = model.generate(**inputs)
+        ```
+    """
+
+    def __init__(self, model, routing: Mapping[str, str]):
+        unknown = sorted({name for name in routing.values() if name not in model.peft_config})
+        if unknown:
+            raise ValueError(
+                f"The routing names adapters {unknown} that are not loaded; loaded: {sorted(model.peft_config)}."
+            )
+        self.model = model
+        self.routing = dict(routing)
+
+    @property
+    def tasks(self) -> list[str]:
+        return sorted(self.routing)
+
+    @property
+    def adapters(self) -> list[str]:
+        return sorted(set(self.routing.values()))
+
+    def __contains__(self, task: object) -> bool:
+        return task in self.routing
+
+    def __len__(self) -> int:
+        return len(self.routing)
+
+    def __repr__(self) -> str:
+        return f"D2CRouter({len(self.routing)} tasks -> {len(self.adapters)} adapters)"
+
+    def adapter_for(self, task: str) -> str:
+        """Name of the merged adapter serving `task`.
+
+        Raises:
+            KeyError: If `task` is unknown; the message lists the known tasks.
+        """
+        if task not in self.routing:
+            raise KeyError(f"Unknown task {task!r}; known tasks: {self.tasks}.")
+        return self.routing[task]
+
+    def adapter_names_for(self, tasks: Sequence[str]) -> list[str]:
+        """One adapter name per task, for a mixed batch: `model(**batch, adapter_names=router.adapter_names_for(t))`."""
+        return [self.adapter_for(task) for task in tasks]
+
+    def set_task(self, task: str) -> str:
+        """Activate the adapter serving `task` and return its name."""
+        name = self.adapter_for(task)
+        self._activate(name)
+        return name
+
+    @contextmanager
+    def task(self, task: str) -> Iterator[str]:
+        """Context manager: activate the adapter serving `task`, restore the previously active adapter on exit."""
+        previous = self.model.active_adapter
+        name = self.set_task(task)
+        try:
+            yield name
+        finally:
+            self._activate(previous)
+
+    def _activate(self, name: str) -> None:
+        state = ModelState.capture(self.model)
+        self.model.set_adapter(name)
+        state.restore_requires_grad(self.model)
+
+
+def _download_json(repo_id: str, filename: str, revision: str, token) -> Any | None:
+
+    try:
+        return read_json(hf_hub_download(repo_id, filename, revision=revision, token=token))
+    except EntryNotFoundError:
+        return None
+
+
+def _collection_plan(target: str | Sequence[str], api, token, revision: str | None):
+    """(sources, names, routing) of a saved or pushed D2C collection."""
+
+    if isinstance(target, (list, tuple)):  # `layout="repos"`: one repo per merged adapter
+        sources, names, routing = [], [], {}
+        for repo_id in target:
+            sha = api.model_info(repo_id, revision=revision).sha
+            hub = _download_json(repo_id, HUB_NAME, sha, token) or {}
+            name = next((n for n, r in hub.get("repos", {}).items() if r == repo_id), None)
+            if name is None:
+                raise ValueError(f"{repo_id!r} is not a repo of a D2C collection pushed with `layout='repos'`.")
+            sources.append(AdapterSource(repo_id=repo_id, revision=sha))
+            names.append(name)
+            routing.update(
+                {t: a for t, a in (_download_json(repo_id, ROUTING_NAME, sha, token) or {}).items() if a == name}
+            )
+        return sources, names, routing
+    target = os.fspath(target)
+    if os.path.isdir(target):
+        routing_path = os.path.join(target, ROUTING_NAME)
+        if not os.path.isfile(routing_path):
+            raise FileNotFoundError(f"{target!r} is not a D2C result folder: it has no {ROUTING_NAME}.")
+        routing = read_json(routing_path)
+        result_path = os.path.join(target, RESULT_NAME)
+        names = read_json(result_path).get("merged_adapter_names") if os.path.isfile(result_path) else None
+        names = names or sorted(set(routing.values()))
+        return [AdapterSource(path=os.path.join(target, n)) for n in names], names, routing
+    try:
+        sha = api.model_info(target, revision=revision).sha
+    except RepositoryNotFoundError:
+        first = f"{target}-cluster-0"  # the base id of a collection pushed with `layout="repos"`
+        try:
+            sha = api.model_info(first, revision=revision).sha
+        except RepositoryNotFoundError:
+            raise FileNotFoundError(f"Neither {target!r} nor {first!r} exists on the Hub ({api.endpoint}).") from None
+        hub = _download_json(first, HUB_NAME, sha, token) or {}
+        if hub.get("layout") != "repos":
+            raise ValueError(
+                f"{first!r} is not part of a D2C collection (no {HUB_NAME} with layout 'repos')."
+            ) from None
+        return _collection_plan(list(hub["repos"].values()), api, token, revision)
+    hub = _download_json(target, HUB_NAME, sha, token) or {}
+    if hub.get("layout") == "repos":
+        return _collection_plan(list(hub["repos"].values()), api, token, revision)
+    routing = _download_json(target, ROUTING_NAME, sha, token)
+    if routing is None:
+        raise FileNotFoundError(f"{target!r} is not a D2C collection: it has no {ROUTING_NAME}.")
+    names = hub.get("adapters") or sorted(set(routing.values()))
+    return [AdapterSource(repo_id=target, revision=sha, subfolder=n) for n in names], list(names), routing
+
+
+def load_d2c_collection(
+    base_model,
+    repo_id_or_path: str | os.PathLike | Sequence[str],
+    *,
+    token: str | bool | None = None,
+    revision: str | None = None,
+    strict_base_model: bool = False,
+):
+    """Load every merged adapter of a D2C collection and a router that picks the right one per task.
+
+    Args:
+        base_model (`PreTrainedModel`): The base model the collection was made for.
+        repo_id_or_path (`str`, `os.PathLike` or `list[str]`):
+            A folder written by `D2CResult.save_pretrained`, a Hub repo pushed with `layout="subfolders"`, or for
+            `layout="repos"` the list of cluster repos or the `repo_id` given to the push (its `-cluster-{i}` repos
+            are found through `d2c_hub.json`).
+        token (`str` or `bool`, *optional*): Hub token for private repos.
+        revision (`str`, *optional*): Branch, tag or commit of the Hub repo (all files come from that one commit).
+        strict_base_model (`bool`, defaults to `False`): See `load_adapters`.
+
+    Returns:
+        `tuple[PeftModel, D2CRouter]`: the model (eval mode) with all merged adapters, and the router.
+
+    Raises:
+        FileNotFoundError: If the folder or repo does not exist or holds no routing table.
+        ValueError: If the routing names an adapter that is not part of the collection.
+
+    Example:
+        ```python
+        >>> from peft_d2c.hub import load_d2c_collection
+        >>> model, router = load_d2c_collection(base, "my-org/word-tasks-d2c")
+        >>> router.set_task("capital")  # doctest: +SKIP
+        'd2c_0'
+        ```
+    """
+    api = hub_api(token)
+    sources, names, routing = _collection_plan(repo_id_or_path, api, token, revision)
+    model = load_adapters(base_model, sources, names=names, strict_base_model=strict_base_model, token=token)
+    return model, D2CRouter(model, routing)

@@ -1,0 +1,305 @@
+"""The package layout: imports flow one way between stage folders, with no cycles; each concept is defined once.
+
+These tests read the source with `ast` (nothing is imported), so they see exactly what an import at module level
+would execute. The stage order is the one docs/architecture.md draws.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+PACKAGE_DIR = Path(__file__).resolve().parents[1] / "peft_d2c"
+
+# Stages from the bottom up: a module may import its own stage and lower ones, never a higher one.
+STAGES = [
+    ("peft_d2c.errors", "peft_d2c.io", "peft_d2c.version", "peft_d2c._moved"),
+    ("peft_d2c.config",),
+    ("peft_d2c.data",),
+    ("peft_d2c.engine",),
+    ("peft_d2c.hub",),
+    ("peft_d2c.online", "peft_d2c.result"),
+    ("peft_d2c.d2c", "peft_d2c.testing"),
+    ("peft_d2c.evaluation",),
+    ("peft_d2c.embedded",),
+    ("peft_d2c.cli",),
+]
+# Third-party modules that may be imported inside a function, with a comment saying why: optional or heavy.
+LAZY_IMPORTS_ALLOWED = {"matplotlib", "accelerate", "sklearn", "datasets", "gguf"}
+PEFT_PRIVATE_HELPERS = {
+    "_generalized_task_arithmetic_weighted_adapter",
+    "_svd_generalized_task_arithmetic_weighted_adapter",
+}
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(PACKAGE_DIR.parent).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+MODULES = {module_name(p): p for p in sorted(PACKAGE_DIR.rglob("*.py"))}
+
+
+def is_package(name: str) -> bool:
+    return MODULES[name].name == "__init__.py"
+
+
+def resolve(module: str, node: ast.ImportFrom | ast.Import) -> list[str]:
+    """The peft_d2c modules an import statement in `module` loads (submodules named in `from x import y` included)."""
+    if isinstance(node, ast.Import):
+        return [alias.name for alias in node.names if alias.name.startswith("peft_d2c")]
+    if node.level:
+        package = module if is_package(module) else module.rsplit(".", 1)[0]
+        base = package.split(".")[: len(package.split(".")) - (node.level - 1)]
+        target = ".".join(base + ([node.module] if node.module else []))
+    else:
+        target = node.module or ""
+    if not target.startswith("peft_d2c"):
+        return []
+    found = [target]
+    found += [f"{target}.{alias.name}" for alias in node.names if f"{target}.{alias.name}" in MODULES]
+    return found
+
+
+def with_packages(target: str) -> list[str]:
+    """`target` and the subpackages whose `__init__` importing it runs (the root package runs first, always)."""
+    parts = target.split(".")
+    return [".".join(parts[:i]) for i in range(2, len(parts) + 1)]
+
+
+def is_ancestor(package: str, module: str) -> bool:
+    return module == package or module.startswith(package + ".")
+
+
+def module_level_imports(tree: ast.Module) -> list[ast.Import | ast.ImportFrom]:
+    """Imports executed when the module is imported: top level, and inside top-level `if` / `try` blocks."""
+    found = []
+
+    def visit(statements):
+        for node in statements:
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                found.append(node)
+            elif isinstance(node, ast.If) and not (
+                isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING"
+            ):
+                visit(node.body)
+                visit(node.orelse)
+            elif isinstance(node, ast.Try):
+                visit(node.body)
+                for handler in node.handlers:
+                    visit(handler.body)
+                visit(node.orelse)
+                visit(node.finalbody)
+
+    visit(tree.body)
+    return found
+
+
+def import_graph() -> dict[str, set[str]]:
+    graph = {}
+    for name, path in MODULES.items():
+        edges = set()
+        for node in module_level_imports(ast.parse(path.read_text())):
+            for target in resolve(name, node):
+                # A module's own parent packages are initialised before it runs, so they are not edges.
+                edges.update(t for t in with_packages(target) if t in MODULES and not is_ancestor(t, name))
+        graph[name] = edges
+    return graph
+
+
+def stage_of(module: str) -> int:
+    for index, prefixes in enumerate(STAGES):
+        if any(module == p or module.startswith(p + ".") for p in prefixes):
+            return index
+    raise AssertionError(f"{module} belongs to no stage; add it to STAGES (and to docs/architecture.md).")
+
+
+def function_level_imports(tree: ast.Module) -> list[ast.Import | ast.ImportFrom]:
+    top = {id(node) for node in module_level_imports(tree)}
+    return [n for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom)) and id(n) not in top]
+
+
+class TestImportGraph:
+    def test_every_module_has_a_stage(self):
+        for name in MODULES:
+            if name != "peft_d2c":
+                stage_of(name)
+
+    def test_no_import_cycles(self):
+        graph = import_graph()
+        state: dict[str, int] = {}
+        stack: list[str] = []
+
+        def visit(node: str) -> None:
+            state[node] = 1
+            stack.append(node)
+            for nxt in sorted(graph[node]):
+                if state.get(nxt) == 1:
+                    cycle = stack[stack.index(nxt) :] + [nxt]
+                    pytest.fail("import cycle: " + " -> ".join(cycle))
+                if nxt not in state:
+                    visit(nxt)
+            stack.pop()
+            state[node] = 2
+
+        for node in sorted(graph):
+            if node not in state:
+                visit(node)
+
+    def test_lower_stages_never_import_higher_ones(self):
+        wrong = [
+            f"{source} (stage {stage_of(source)}) imports {target} (stage {stage_of(target)})"
+            for source, targets in import_graph().items()
+            if source != "peft_d2c"
+            for target in targets
+            if stage_of(target) > stage_of(source)
+        ]
+        assert wrong == []
+
+    def test_function_level_imports_are_only_optional_or_heavy_dependencies_with_a_reason(self):
+        problems = []
+        for name, path in MODULES.items():
+            lines = path.read_text().splitlines()
+            for node in function_level_imports(ast.parse(path.read_text())):
+                module = node.module if isinstance(node, ast.ImportFrom) else node.names[0].name
+                root = (module or "").split(".")[0]
+                where = f"{name}:{node.lineno}"
+                if isinstance(node, ast.ImportFrom) and node.level or root == "peft_d2c":
+                    problems.append(f"{where} imports a peft_d2c module inside a function")
+                elif root not in LAZY_IMPORTS_ALLOWED:
+                    problems.append(f"{where} imports {module} inside a function; import it at the top")
+                elif "#" not in lines[node.lineno - 1] and not lines[node.lineno - 2].strip().startswith("#"):
+                    problems.append(f"{where} imports {module} inside a function without a comment saying why")
+        assert problems == []
+
+    def test_the_detector_sees_a_cycle_hidden_in_a_function(self, tmp_path):
+        """The checks above must not be vacuous: a planted upward import inside a function is reported."""
+        tree = ast.parse("def f():\n    from ..cli import main\n")
+        assert [n.level for n in function_level_imports(tree)] == [2]
+        assert module_level_imports(tree) == []
+
+    def test_the_package_imports_in_a_fresh_interpreter_from_any_module(self):
+        """Importing any single module first (as a user might) works: no partially initialised module."""
+        names = [n for n in MODULES if n not in ("peft_d2c.cli.__main__",)]
+        script = "import importlib, sys\nfor name in sys.argv[1:]:\n    importlib.import_module(name)\n"
+        for name in ("peft_d2c.engine.search", "peft_d2c.result", "peft_d2c.hub.collection", "peft_d2c.cli.main"):
+            subprocess.run([sys.executable, "-c", script, name], check=True, capture_output=True)
+        for name in names:
+            importlib.import_module(name)
+
+
+def definitions(name: str) -> list[str]:
+    """Modules (and classes) where `name` is defined as a function, class or module-level constant."""
+    found = []
+    for module, path in MODULES.items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.ClassDef)) and node.name == name:
+                found.append(module)
+            elif isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == name for t in node.targets):
+                found.append(module)
+    return found
+
+
+class TestOneDefinitionEach:
+    @pytest.mark.parametrize(
+        ("concept", "module"),
+        [
+            ("tokenize_example", "peft_d2c.engine.scoring"),
+            ("ModelState", "peft_d2c.engine.state"),
+            ("check_adapter_name", "peft_d2c.config"),
+            ("merged_rank", "peft_d2c.engine.budget"),
+            ("SVD_TYPES", "peft_d2c.config"),
+            ("COMBINATION_TYPES", "peft_d2c.config"),
+            ("parse_size", "peft_d2c.config"),
+            ("lora_factors", "peft_d2c.engine.lora"),
+            ("resolve_adapter_names", "peft_d2c.engine.lora"),
+            ("RESULT_NAME", "peft_d2c.io"),
+        ],
+    )
+    def test_concept_is_defined_in_one_module(self, concept, module):
+        assert definitions(concept) == [module]
+
+    def test_one_adapter_name_rule(self):
+        """The name rule (a letter, then letters, digits, '_' or '-') is written once, in `config`."""
+        pattern = re.compile(r"\[A-Za-z\]\[A-Za-z0-9_-\]\*")
+        holders = [m for m, p in MODULES.items() if pattern.search(p.read_text())]
+        assert holders == ["peft_d2c.config"]
+
+    def test_no_other_snapshot_of_requires_grad(self):
+        """Only the model-state guard records `requires_grad` flags to give them back."""
+        pattern = re.compile(r"p(aram)?\.requires_grad for")
+        holders = [m for m, p in MODULES.items() if pattern.search(p.read_text())]
+        assert holders == ["peft_d2c.engine.state"]
+
+    def test_peft_private_merge_helpers_are_called_in_one_function(self):
+        callers = []
+        for module, path in MODULES.items():
+            tree = ast.parse(path.read_text())
+            for function in ast.walk(tree):
+                if not isinstance(function, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                    continue
+                nested = {id(n) for child in function.body for n in ast.walk(child) if isinstance(n, ast.FunctionDef)}
+                for node in ast.walk(function):
+                    if (
+                        isinstance(node, ast.Attribute)
+                        and node.attr in PEFT_PRIVATE_HELPERS
+                        and id(node) not in nested
+                    ):
+                        callers.append(f"{module}.{function.name}")
+            # an access outside any function would also count
+            top = [n for n in tree.body if not isinstance(n, (ast.FunctionDef, ast.ClassDef))]
+            assert not any(
+                isinstance(n, ast.Attribute) and n.attr in PEFT_PRIVATE_HELPERS for t in top for n in ast.walk(t)
+            )
+        assert sorted(set(callers)) == ["peft_d2c.engine.layer_merge.peft_merge_layer"]
+
+
+class TestLayoutAndOldPaths:
+    def test_modules_stay_readable_in_one_sitting(self):
+        long = {name: n for name, path in MODULES.items() if (n := len(path.read_text().splitlines())) > 400}
+        assert long == {}
+
+    def test_every_subpackage_says_what_it_owns_and_may_import(self):
+        for name in MODULES:
+            if is_package(name) and name != "peft_d2c":
+                doc = ast.get_docstring(ast.parse(MODULES[name].read_text())) or ""
+                assert re.search(r"[Mm]ay import|[Ii]mports", doc), f"{name}: say what it may import"
+
+    @pytest.mark.parametrize(
+        ("old", "new"),
+        [
+            ("peft_d2c.search", "peft_d2c.engine.search"),
+            ("peft_d2c.merging", "peft_d2c.engine.merging"),
+            ("peft_d2c.scoring", "peft_d2c.engine.scoring"),
+            ("peft_d2c.budget", "peft_d2c.engine.budget"),
+            ("peft_d2c.distributed", "peft_d2c.engine.distributed"),
+            ("peft_d2c.data_spec", "peft_d2c.data.spec"),
+            ("peft_d2c.heldout", "peft_d2c.evaluation.heldout"),
+            ("peft_d2c.benchmark", "peft_d2c.embedded.benchmark"),
+            ("peft_d2c.hub_adapters", "peft_d2c.hub.adapters"),
+        ],
+    )
+    def test_flat_layout_paths_are_the_new_modules(self, old, new):
+        assert importlib.import_module(old) is importlib.import_module(new)
+
+    def test_old_package_level_names_still_import(self):
+        from peft_d2c.data_spec import load_task_examples  # noqa: F401
+        from peft_d2c.merging import AdapterMerger  # noqa: F401
+
+        from peft_d2c.data import Example, normalize_task_examples  # noqa: F401
+        from peft_d2c.embedded import EMBEDDED_TASK_NAMES, load_embedded_peft_model  # noqa: F401
+        from peft_d2c.evaluation import completion_loss, exact_match_accuracy  # noqa: F401
+        from peft_d2c.hub import load_adapters, load_d2c_collection, push_d2c_folder  # noqa: F401
+
+        assert len(EMBEDDED_TASK_NAMES) == 16
+
+    def test_python_m_of_the_old_benchmark_path_runs_the_command(self):
+        run = subprocess.run([sys.executable, "-m", "peft_d2c.benchmark", "--help"], capture_output=True, text=True)
+        assert run.returncode == 0, run.stderr
+        assert "--seeds" in run.stdout and "usage: peft-d2c benchmark" in run.stdout

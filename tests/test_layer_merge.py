@@ -1,0 +1,143 @@
+"""engine/layer_merge.py: the one seam to PEFT's private merge helpers, checked against the closed-form update.
+
+The expected updates are computed here from the raw LoRA factors and the adapters' configs (ΔW = Σ w_i·s_i·B_i·A_i
+with s_i = lora_alpha / r), never through PEFT's merge code.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from peft.tuners.lora import LoraModel
+
+from peft_d2c import D2CMergeConfig, D2CWarning
+from peft_d2c.engine import layer_merge
+from peft_d2c.engine.lora import lora_layers
+from peft_d2c.engine.merging import AdapterMerger, merge_weights_for
+
+MEMBERS = ["copy", "reverse", "sort"]
+DETERMINISTIC_TYPES = ["linear", "ties", "magnitude_prune", "svd", "ties_svd", "magnitude_prune_svd"]
+
+
+@pytest.fixture
+def fresh_helper_check():
+    """Forget the once-per-process verdict before and after the test (a patched PEFT must not leak out)."""
+    layer_merge.peft_helpers_verified.cache_clear()
+    yield
+    layer_merge.peft_helpers_verified.cache_clear()
+
+
+def closed_form_updates(model, members, weights) -> dict[str, torch.Tensor]:
+    """Σ w_i·(alpha_i / r_i)·B_i·A_i per LoRA layer, in float64, from the raw factors."""
+    updates = {}
+    for name, layer in lora_layers(model):
+        total = 0
+        for member, weight in zip(members, weights, strict=True):
+            config = model.peft_config[member]
+            a = layer.lora_A[member].weight.double()
+            b = layer.lora_B[member].weight.double()
+            total = total + weight * (config.lora_alpha / config.r) * (b @ a)
+        updates[name] = total
+    return updates
+
+
+def merged_update(model, name: str, layer) -> torch.Tensor:
+    config = model.peft_config[name]
+    return (config.lora_alpha / config.r) * (layer.lora_B[name].weight.double() @ layer.lora_A[name].weight.double())
+
+
+def assert_matches_closed_form(model, merged_name, members, weights, rtol=1e-5):
+    expected = closed_form_updates(model, members, weights)
+    for name, layer in lora_layers(model):
+        got = merged_update(model, merged_name, layer)
+        error = torch.linalg.norm(got - expected[name]) / torch.linalg.norm(expected[name])
+        assert error < rtol, f"{merged_name} at {name}: relative error {error:.2e}"
+
+
+def svd_config(**kwargs) -> D2CMergeConfig:
+    # svd_rank = the members' total rank (3 x 8): the rank-r SVD is then exact, so the closed form applies.
+    return D2CMergeConfig(num_clusters=1, combination_type="svd", svd_rank=24, merge_cache_size=2, **kwargs)
+
+
+class TestInstalledPeft:
+    def test_installed_peft_helpers_pass_the_check(self, fresh_helper_check):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", D2CWarning)
+            assert layer_merge.peft_helpers_verified() is True
+
+    def test_svd_merge_and_refill_equal_the_exact_weighted_sum(self, tiny_peft_model, fresh_helper_check):
+        merger = AdapterMerger(tiny_peft_model, svd_config())
+        weights = merge_weights_for("svd", 3)
+        merger.merge(MEMBERS, "merged")
+        assert_matches_closed_form(tiny_peft_model, "merged", MEMBERS, weights)
+        other = ["first", "last", "shift"]
+        merger.refill(other, "merged")  # the in-place path: PEFT's helper through `peft_merge_layer`
+        assert_matches_closed_form(tiny_peft_model, "merged", other, weights)
+
+    @pytest.mark.parametrize("combination_type", DETERMINISTIC_TYPES)
+    @pytest.mark.parametrize("density", [0.5, 1.0])
+    def test_own_implementation_equals_peft_for_every_deterministic_type(
+        self, tiny_peft_model, combination_type, density
+    ):
+        """`own_merge_layer` (the fallback) computes what PEFT's helpers compute, type by type."""
+        weights = merge_weights_for(combination_type, 3)
+        lora_model = tiny_peft_model.base_model
+        for _, layer in lora_layers(tiny_peft_model):
+            target_a = torch.zeros(8, layer.in_features)
+            target_b = torch.zeros(layer.out_features, 8)
+            settings = {"rank": 8, "density": density, "majority_sign_method": "total"}
+            theirs = layer_merge.peft_merge_layer(
+                lora_model, combination_type, MEMBERS, weights, layer, target_a, target_b, **settings
+            )
+            ours = layer_merge.own_merge_layer(combination_type, MEMBERS, weights, layer, **settings)
+            if combination_type.endswith("svd"):  # factors are unique only up to signs: compare the products
+                torch.testing.assert_close(ours[1] @ ours[0], theirs[1] @ theirs[0], rtol=1e-4, atol=1e-6)
+            else:
+                torch.testing.assert_close(ours, theirs)
+
+
+def scaling_applied_twice(original):
+    """What PEFT 0.20's SVD helper computed: the LoRA scaling applied once more on top of `get_delta_weight`."""
+
+    def helper(self, combination_type, adapters, weights, new_rank, target, *args, **kwargs):
+        weights = [w * target.scaling[a] for a, w in zip(adapters, weights, strict=True)]
+        return original(self, combination_type, adapters, weights, new_rank, target, *args, **kwargs)
+
+    return helper
+
+
+class TestChangedPeft:
+    def test_a_changed_svd_helper_is_refused_with_a_warning_and_merges_stay_exact(
+        self, tiny_peft_model, monkeypatch, fresh_helper_check
+    ):
+        original = LoraModel._svd_generalized_task_arithmetic_weighted_adapter
+        monkeypatch.setattr(
+            LoraModel, "_svd_generalized_task_arithmetic_weighted_adapter", scaling_applied_twice(original)
+        )
+        with pytest.warns(D2CWarning, match="private merge helper .* own implementation"):
+            merger = AdapterMerger(tiny_peft_model, svd_config())
+        weights = merge_weights_for("svd", 3)
+        merger.merge(MEMBERS, "merged")  # add_weighted_adapter runs the patched helper; peft-d2c recomputes
+        assert_matches_closed_form(tiny_peft_model, "merged", MEMBERS, weights)
+        other = ["first", "last", "shift"]
+        merger.refill(other, "merged")
+        assert_matches_closed_form(tiny_peft_model, "merged", other, weights)
+
+    def test_the_check_would_catch_the_change_without_the_fallback(self, tiny_peft_model, monkeypatch):
+        """Negative control: the patched helper really computes a wrong update (else the test above proves nothing)."""
+        original = LoraModel._svd_generalized_task_arithmetic_weighted_adapter
+        monkeypatch.setattr(
+            LoraModel, "_svd_generalized_task_arithmetic_weighted_adapter", scaling_applied_twice(original)
+        )
+        tiny_peft_model.add_weighted_adapter(
+            MEMBERS, merge_weights_for("svd", 3), "patched", combination_type="svd", svd_rank=24
+        )
+        with pytest.raises(AssertionError, match="relative error"):
+            assert_matches_closed_form(tiny_peft_model, "patched", MEMBERS, merge_weights_for("svd", 3))
+
+    def test_a_missing_helper_is_refused_too(self, monkeypatch, fresh_helper_check):
+        monkeypatch.delattr(LoraModel, "_generalized_task_arithmetic_weighted_adapter")
+        with pytest.warns(D2CWarning, match="has no"):
+            assert layer_merge.peft_helpers_verified() is False
