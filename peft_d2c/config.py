@@ -13,11 +13,14 @@ from typing import Any, Literal
 
 from .errors import D2CWarning
 from .io import atomic_write_json
+from .sizes import is_bytes_budget, parse_size
 
 CONFIG_NAME = "d2c_config.json"
 
 METHODS = ("d2c", "random", "kmeans", "kmeans_svd")
 INITS = ("random", "kmeans", "kmeans_svd")
+# peft-d2c's own rank-r merges in update space (`engine/merge_methods.py`): exact for rslora and lora_bias sources.
+UPDATE_TYPES = ("core_ta", "core_ties", "knots_ties", "tsv_m")
 COMBINATION_TYPES = (
     "svd",
     "linear",
@@ -30,9 +33,9 @@ COMBINATION_TYPES = (
     "dare_linear_svd",
     "magnitude_prune",
     "magnitude_prune_svd",
-)
+) + UPDATE_TYPES
 # Combination types that prune with `density` (PEFT ignores it for the others).
-DENSITY_TYPES = tuple(t for t in COMBINATION_TYPES if t.startswith(("ties", "dare", "magnitude")))
+DENSITY_TYPES = tuple(t for t in COMBINATION_TYPES if "ties" in t or t.startswith(("dare", "magnitude")))
 # Combination types that need every merged adapter to have the same rank (`peft/tuners/lora/model.py`).
 EQUAL_RANK_TYPES = ("linear", "ties", "dare_ties", "dare_linear", "magnitude_prune")
 # Combination types that merge the full updates B·A and factor the result again with an SVD (rank `svd_rank`).
@@ -84,79 +87,6 @@ def check_adapter_name(
         raise ValueError(f"{argument} {name!r} clashes with a model attribute; choose another name.")
 
 
-# Decimal units as the Hub shows file sizes (kB = 1000 bytes); binary units with an "i" (KiB = 1024 bytes).
-_UNITS = {
-    "": 1,
-    "b": 1,
-    "kb": 10**3,
-    "mb": 10**6,
-    "gb": 10**9,
-    "tb": 10**12,
-    "kib": 2**10,
-    "mib": 2**20,
-    "gib": 2**30,
-    "tib": 2**40,
-}
-_SIZE_PATTERN = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*$")
-
-
-def parse_size(value: Any, argument: str = "storage_budget") -> int:
-    """Number of bytes in a size such as `"20MB"`, `"1.5 GiB"`, `"300kB"` or `1048576`.
-
-    Units are case-insensitive: `B`, `kB`/`MB`/`GB`/`TB` (powers of 1000) and `KiB`/`MiB`/`GiB`/`TiB` (powers of
-    1024). A bare number is a number of bytes.
-
-    Args:
-        value (`str` or `int`): The size.
-        argument (`str`, defaults to `"storage_budget"`): Name used in error messages.
-
-    Returns:
-        `int`: the size in bytes (rounded down), at least 1.
-
-    Raises:
-        ValueError: If the text is not a positive number followed by a known unit.
-
-    Example:
-        ```python
-        >>> parse_size("20MB"), parse_size("1KiB"), parse_size(512)
-        (20000000, 1024, 512)
-        ```
-    """
-    if isinstance(value, bool):
-        raise ValueError(f"`{argument}` must be a size such as '20MB' or a fraction in (0, 1], got {value!r}.")
-    if isinstance(value, int):
-        size = value
-    else:
-        match = _SIZE_PATTERN.match(str(value))
-        unit = match.group(2).lower() if match else None
-        if match is None or unit not in _UNITS:
-            allowed = ["B", "kB", "MB", "GB", "TB", "KiB", "MiB", "GiB", "TiB"]
-            raise ValueError(
-                f"`{argument}` must be a number followed by one of the units {allowed} (e.g. '20MB'), got {value!r}."
-            )
-        size = math.floor(float(match.group(1)) * _UNITS[unit])
-    if size < 1:
-        raise ValueError(f"`{argument}` must be a positive size, got {value!r}.")
-    return size
-
-
-def format_size(num_bytes: int | float) -> str:
-    """Human-readable decimal size, e.g. `format_size(20_000_000) == "20.0 MB"`."""
-    value = float(num_bytes)
-    for unit in ("B", "kB", "MB", "GB"):
-        if value < 1000 or unit == "GB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1000
-    return f"{value:.1f} GB"  # pragma: no cover
-
-
-def is_bytes_budget(storage_budget: Any) -> bool:
-    """Whether `storage_budget` is a size in bytes (a string, or an int > 1) rather than a fraction."""
-    if isinstance(storage_budget, bool) or storage_budget is None:
-        return False
-    return isinstance(storage_budget, str) or (isinstance(storage_budget, int) and storage_budget > 1)
-
-
 def _check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise ValueError(f"`{name}` must be one of {list(allowed)}, got {value!r}.")
@@ -188,14 +118,15 @@ class D2CMergeConfig:
         examples_per_task (`int`, defaults to 10):
             n, the number of examples per task used for clustering; extra examples are ignored.
         combination_type (`str`, defaults to `"ties"`):
-            Any combination type of PEFT's `add_weighted_adapter`.
+            Any combination type of PEFT's `add_weighted_adapter`, or a rank-r update-space merge of peft-d2c
+            (`UPDATE_TYPES`, exact for rslora and lora_bias adapters; see `docs/concepts.md`).
         density (`float`, defaults to 0.5):
             Fraction of values kept by the pruning combination types (ties, dare, magnitude_prune).
         merge_weight (`float`, *optional*):
             Weight given to every member of a cluster. `None` picks the weight for which merging k identical copies
             of an adapter gives that adapter back (see `merge_weights_for`).
         svd_rank (`int`, *optional*):
-            Rank of the merged adapter for the `*svd` combination types (defaults to the largest source rank).
+            Rank of the merged adapter for the `*svd` and `UPDATE_TYPES` merges (defaults to the largest source rank).
         majority_sign_method (`str`, defaults to `"total"`):
             Sign election of the ties merges: `"total"` or `"frequency"`.
         svd_embedding_dim (`int`, defaults to 8):
@@ -212,6 +143,15 @@ class D2CMergeConfig:
             p, the candidate moves scored per step. 1 is the paper's Algorithm 1; with p > 1 each step scores p
             candidates in one batch (split across processes under `accelerate launch`) and applies the one whose task
             loss drops the most, a greedier search with more evaluations per step.
+        search (`str`, defaults to `"paper"`):
+            Acceptance rule of a move: `"paper"` (Algorithm 1: the moved task's loss) or `"partition"` (the summed
+            loss of every task of the two clusters the move changes, so the total few-shot loss never rises).
+        restarts (`int`, defaults to 1):
+            R starts (the `init` partition, then `kmeans_svd`, then random), T split between them; the partition with
+            the lowest total few-shot loss is kept.
+        final_pass (`bool`, defaults to `False`):
+            After the steps, apply improving single moves (every task to every cluster, and a singleton's adapter
+            joining another cluster while a task takes its place) until none is left.
         checkpoint_every (`int`, defaults to 10):
             With a `checkpoint_dir` given to `merge_adapters_d2c`, save the search state every this many steps.
         seed (`int`, defaults to 0):
@@ -220,6 +160,13 @@ class D2CMergeConfig:
             The merged adapters are named `{prefix}_0 ... {prefix}_{K-1}`.
         show_progress (`bool`, defaults to `True`):
             Show a tqdm bar over the iterations (also silenced by the `TQDM_DISABLE` environment variable).
+        allow_mixed_base_models (`bool`, defaults to `False`):
+            Adapters whose `base_model_name_or_path` name different Hub ids or different folders are refused; set this
+            to merge them anyway (with a `D2CWarning`), e.g. when two folders hold the same weights.
+        max_batch_tokens (`int`, defaults to 16384):
+            Budget of one scoring forward pass in tokens (rows x longest row, padding included): a batch of
+            `batch_size` rows is split further so that long examples cannot run out of memory mid-search. The split
+            depends only on the examples, so 1-process and N-process runs stay bit-identical.
 
     Example:
         ```python
@@ -263,10 +210,19 @@ class D2CMergeConfig:
     proposals_per_step: int = field(
         default=1, metadata={"help": "Candidate moves scored per step; 1 = the paper's Algorithm 1."}
     )
+    search: Literal["paper", "partition"] = field(default="paper", metadata={"help": "Move acceptance rule."})
+    restarts: int = field(default=1, metadata={"help": "Start partitions searched; the lowest total loss is kept."})
+    final_pass: bool = field(default=False, metadata={"help": "Finish with improving single moves until none is left."})
     checkpoint_every: int = field(default=10, metadata={"help": "Steps between two checkpoints of the search."})
     seed: int = field(default=0, metadata={"help": "Seed of every random choice of the run."})
     merged_adapter_prefix: str = field(default="d2c", metadata={"help": "Merged adapters are named {prefix}_{i}."})
     show_progress: bool = field(default=True, metadata={"help": "Show a progress bar."})
+    allow_mixed_base_models: bool = field(
+        default=False, metadata={"help": "Merge adapters that record different base models (warns instead)."}
+    )
+    max_batch_tokens: int = field(
+        default=16384, metadata={"help": "Tokens per scoring forward pass at most (rows x longest row)."}
+    )
 
     def __post_init__(self) -> None:
         if (self.num_clusters is None) == (self.storage_budget is None):
@@ -301,8 +257,12 @@ class D2CMergeConfig:
         _check_int("examples_per_task", self.examples_per_task, minimum=1)
         _check_int("svd_embedding_dim", self.svd_embedding_dim, minimum=1)
         _check_int("batch_size", self.batch_size, minimum=1)
+        _check_int("max_batch_tokens", self.max_batch_tokens, minimum=1)
         _check_int("merge_cache_size", self.merge_cache_size, minimum=2)
         _check_int("proposals_per_step", self.proposals_per_step, minimum=1)
+        _check_choice("search", self.search, ("paper", "partition"))
+        _check_int("restarts", self.restarts, minimum=1)
+        _check_choice("final_pass", self.final_pass, (True, False))
         _check_int("checkpoint_every", self.checkpoint_every, minimum=1)
         _check_int("seed", self.seed, minimum=0)
         if self.svd_rank is not None:

@@ -7,6 +7,8 @@ above every stage it calls: `config`, `data`, `engine` and `result`.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import time
@@ -24,6 +26,8 @@ from .engine.checkpoint import load_checkpoint, run_fingerprint, save_checkpoint
 from .engine.distributed import SingleProcess, get_process_group
 from .engine.lora import (
     adapter_digest,
+    base_model_digest,
+    check_base_models,
     check_peft_model,
     check_source_adapters,
     delta_gram_matrix,
@@ -32,6 +36,7 @@ from .engine.lora import (
 from .engine.merging import AdapterMerger
 from .engine.scoring import LossScorer, UserScoreFn
 from .engine.search import SearchState, balanced_random_partition, d2c_search, kmeans_partition
+from .engine.search_robust import robust_search
 from .engine.state import ModelState
 from .result import D2CResult
 
@@ -128,11 +133,14 @@ def merge_adapters_d2c(
     examples = {name: examples[name][: config.examples_per_task] for name in names}
     num_clusters = resolve_num_clusters(peft_model, names, config)
     check_source_adapters(peft_model, names, config.combination_type)
+    check_base_models(peft_model, names, allow_mixed=config.allow_mixed_base_models)
     merged_names = [f"{config.merged_adapter_prefix}_{i}" for i in range(num_clusters)]
     merger = AdapterMerger(peft_model, config)
     merger.check_names(merged_names)
 
     group = process_group if process_group is not None else get_process_group()
+    if group.num_processes > 1:
+        group.check_same_run(_call_digest(config, names, examples, adapter_digest(peft_model, names)))
     snapshot = ModelState.capture(peft_model)
     created: list[str] = []
     try:
@@ -141,17 +149,25 @@ def merge_adapters_d2c(
             peft_model, tokenizer, examples, merger, user_score_fn=score_fn, process_group=group
         )
         rng = np.random.default_rng(config.seed)
+        trace: list[list[int]] = []  # [history records, forward passes so far] after every step (any-time view)
         start = _start_partition(peft_model, names, num_clusters, config, rng)
         state = SearchState(clusters=[list(c) for c in start])
         if config.method == "d2c":
             checkpointer = None
             if checkpoint_dir is not None:
                 fingerprint = run_fingerprint(
-                    config, names, examples, adapter_digest(peft_model, names), custom_score_fn=score_fn is not None
+                    config,
+                    names,
+                    examples,
+                    adapter_digest(peft_model, names),
+                    score_fn=score_fn,
+                    tokenized=scorer.tokenized,
+                    model_digest=base_model_digest(peft_model),
                 )
                 checkpointer = _Checkpointer(checkpoint_dir, fingerprint, group, scorer, rng, config.checkpoint_every)
                 start, state = checkpointer.resume(start, state)
-            state = _run_search(state, scorer, rng, config, checkpointer, group)
+            starts = [start, *_restart_starts(peft_model, names, num_clusters, config)]
+            state = _run_search(state, starts, scorer, rng, config, checkpointer, group, trace)
         clusters = state.clusters
         task_losses = dict(zip(names, scorer([(clusters[_index_of(clusters, n)], n) for n in names]), strict=True))
         merger.cleanup()
@@ -163,8 +179,10 @@ def merge_adapters_d2c(
             peft_model.delete_adapter(name)
         raise
     finally:
-        merger.cleanup()
-        snapshot.restore(peft_model)
+        try:
+            merger.cleanup()
+        finally:  # the user's model gets its state back even if removing a temporary adapter fails
+            snapshot.restore(peft_model)
 
     assignment = {n: i for i, members in enumerate(clusters) for n in members}
     sources = adapter_sources if adapter_sources is not None else getattr(peft_model, "d2c_adapter_sources", {})
@@ -190,6 +208,8 @@ def merge_adapters_d2c(
             "forward_seconds": scorer.forward_seconds,
             "num_processes": group.num_processes,
             "seconds": time.perf_counter() - started,
+            "trace": trace,
+            "restarts": [dict(f) for f in state.finished],
         },
         model=peft_model,
     )
@@ -206,13 +226,28 @@ def _start_partition(
     return kmeans_partition(names, gram, k, seed=config.seed, svd_components=components)
 
 
+def _restart_starts(peft_model: PeftModel, names: list[str], k: int, config: D2CMergeConfig) -> list[list[list[str]]]:
+    """Starts 2..R of `restarts`: the `kmeans_svd` partition (unless it is the `init`), then balanced random
+    partitions, each from its own generator seeded by (seed, r), so start 1 stays the single-start run's."""
+    starts: list[list[list[str]]] = []
+    for r in range(1, config.restarts):
+        if r == 1 and config.init != "kmeans_svd":
+            gram = delta_gram_matrix(peft_model, names)
+            starts.append(kmeans_partition(names, gram, k, seed=config.seed, svd_components=config.svd_embedding_dim))
+        else:
+            starts.append(balanced_random_partition(names, k, np.random.default_rng([config.seed, r])))
+    return starts
+
+
 def _run_search(
     state: SearchState,
+    starts: list[list[list[str]]],
     scorer: LossScorer,
     rng: np.random.Generator,
     config: D2CMergeConfig,
     checkpointer: _Checkpointer | None,
     group,
+    trace: list[list[int]],
 ) -> SearchState:
     disable = (
         not config.show_progress
@@ -224,21 +259,31 @@ def _run_search(
     ) as bar:
 
         def on_step(current: SearchState) -> None:
-            bar.update(1)
+            bar.update(min(current.iteration, config.num_iterations) - bar.n)
+            trace.append([len(current.history), scorer.forward_passes])
             logger.debug("step %d: %s", current.iteration, current.history[-1])
-            if checkpointer is not None and current.iteration % checkpointer.every == 0:
+            # Only the steps are checkpointed: a final pass is deterministic and re-runs from its cached losses.
+            if checkpointer is not None and current.phase == "search" and current.iteration % checkpointer.every == 0:
                 checkpointer.save(current)
 
-        state = d2c_search(
-            state.clusters,
-            scorer,
-            rng,
-            num_iterations=config.num_iterations,
-            patience=config.patience,
-            state=state,
-            on_step=on_step,
-            proposals_per_step=config.proposals_per_step,
-        )
+        exact_paper = config.search == "paper" and config.restarts == 1 and not config.final_pass
+        options = {"patience": config.patience, "proposals_per_step": config.proposals_per_step, "on_step": on_step}
+        if exact_paper:  # Algorithm 1, the draws and decisions of `benchmarks/reference_d2c.py`
+            state = d2c_search(
+                state.clusters, scorer, rng, num_iterations=config.num_iterations, state=state, **options
+            )
+        else:
+            objective = "task" if config.search == "paper" else "partition"
+            state = robust_search(
+                starts,
+                scorer,
+                rng,
+                num_iterations=config.num_iterations,
+                objective=objective,
+                final_pass=config.final_pass,
+                state=state,
+                **options,
+            )
     if checkpointer is not None:
         checkpointer.save(state)  # a finished search resumes straight to its final merges
     return state
@@ -291,6 +336,16 @@ class _Checkpointer:
                 "cache": self.scorer.cache_to_list(),
             },
         )
+
+
+def _call_digest(config: D2CMergeConfig, names: list[str], examples: dict, weights_digest: str) -> str:
+    """What every process of a launch must agree on before a run: settings, adapters and their weights, examples."""
+    payload = json.dumps(
+        [config.to_dict(), names, weights_digest, {t: [e.to_dict() for e in items] for t, items in examples.items()}],
+        sort_keys=True,
+        default=str,
+    )
+    return hashlib.sha256(payload.encode()).hexdigest()
 
 
 def _index_of(clusters: list[list[str]], name: str) -> int:

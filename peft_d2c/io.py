@@ -1,12 +1,15 @@
-"""The files of a saved result, and atomic writes: a crash never leaves a half-written file behind.
+"""The files of a saved result, and atomic writes: a crash never leaves a half-written file or folder behind.
 
 The lowest layer of peft-d2c with `errors`: imports nothing of the package.
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
+import logging
 import os
+import shutil
 import tempfile
 from typing import Any
 
@@ -14,6 +17,8 @@ from typing import Any
 # adapter); the Hub push and the CLI read them by these names.
 RESULT_NAME = "d2c_result.json"
 ROUTING_NAME = "d2c_routing.json"
+
+logger = logging.getLogger(__name__)
 
 
 def read_json(path: str | os.PathLike) -> Any:
@@ -43,3 +48,54 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 def atomic_write_json(path: str | os.PathLike, data: Any) -> None:
     """Write `data` as indented, key-sorted JSON to `path`, atomically."""
     atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def _exchange(a: str, b: str) -> bool:
+    """Swap two paths in one atomic step (Linux `renameat2(RENAME_EXCHANGE)`); `False` where unsupported."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    error = ctypes.get_errno()
+    if error in (22, 38, 95):  # EINVAL, ENOSYS, EOPNOTSUPP: this file system or kernel cannot exchange
+        return False
+    raise OSError(error, os.strerror(error), b)
+
+
+def replace_folder(staging: str, target: str, *, owned: set[str]) -> None:
+    """Make the complete folder `staging` the folder `target`, as one atomic step, keeping foreign files.
+
+    Entries of an existing `target` that are not in `owned` (the previous result's files) and not replaced by an
+    entry of `staging` are the user's: they are hard-linked (or copied) into `staging` first, so they survive. Then
+    the two folders are exchanged atomically, and the previous folder (now at `staging`) is deleted. Readers see the
+    old folder or the new one, never a mix; an interruption before the exchange leaves `target` untouched. Where
+    the file system cannot exchange two folders, `target` is moved aside and `staging` renamed in its place.
+    """
+    if os.path.isdir(target):
+        for entry in os.listdir(target):
+            if entry in owned or os.path.lexists(os.path.join(staging, entry)):
+                continue
+            source, copy = os.path.join(target, entry), os.path.join(staging, entry)
+            if os.path.isdir(source) and not os.path.islink(source):
+                shutil.copytree(source, copy, copy_function=_link_or_copy, symlinks=True)
+            else:
+                _link_or_copy(source, copy)
+        if not _exchange(staging, target):
+            aside = tempfile.mkdtemp(prefix=".d2c-old-", dir=os.path.dirname(target))
+            os.rename(target, os.path.join(aside, "old"))
+            os.rename(staging, target)
+            shutil.rmtree(aside, ignore_errors=True)
+            return
+        shutil.rmtree(staging, ignore_errors=True)
+    else:
+        os.rename(staging, target)
+
+
+def _link_or_copy(source: str, destination: str) -> None:
+    try:
+        os.link(source, destination, follow_symlinks=False)
+    except OSError:
+        shutil.copy2(source, destination, follow_symlinks=False)

@@ -8,11 +8,13 @@ result stage: imports `data`, `engine` and `hub.adapters`; `result.D2CResult.add
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from peft import get_peft_model_state_dict, set_peft_model_state_dict
 from transformers import AutoModelForCausalLM
 
 from .data.examples import normalize_task_examples
@@ -110,15 +112,23 @@ def add_adapter(
         check_partition_fits(model, new_clusters, config)
         merger.cleanup()
         merged_name = result.merged_adapter_names[best]
+        # Keep the old merged adapter (config and weights) in memory: if the new merge fails, it is put back as it was.
+        old_config = copy.deepcopy(model.peft_config[merged_name])
+        old_weights = {k: v.clone() for k, v in get_peft_model_state_dict(model, adapter_name=merged_name).items()}
         model.delete_adapter(merged_name)
         try:
             merger.merge(candidates[best], merged_name)
         except BaseException:
-            merger.merge(result.clusters[best], merged_name)  # put the old merge back
+            if merged_name in model.peft_config:
+                model.delete_adapter(merged_name)
+            model.add_adapter(merged_name, old_config)
+            set_peft_model_state_dict(model, old_weights, adapter_name=merged_name)
             raise
     finally:
-        merger.cleanup()
-        snapshot.restore(model)
+        try:
+            merger.cleanup()
+        finally:  # the model gets its state back even if removing a temporary adapter fails
+            snapshot.restore(model)
 
     result.clusters = new_clusters
     result.assignment[name] = best

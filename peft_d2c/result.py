@@ -10,8 +10,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .config import CONFIG_NAME, D2CMergeConfig
+from .export.folder import export_d2c_folder
+from .hub.cards import build_result_card
 from .hub.push import push_d2c_folder
-from .io import RESULT_NAME, ROUTING_NAME, atomic_write_json
+from .io import RESULT_NAME, ROUTING_NAME, atomic_write_json, read_json, replace_folder
 from .online import add_adapter
 from .version import __version__ as PEFT_D2C_VERSION
 
@@ -138,9 +140,12 @@ class D2CResult:
         """Write the merged adapters (PEFT format, one subfolder each), routing, config and results.
 
         Layout: `dir/<merged name>/adapter_config.json` + `adapter_model.safetensors` for each cluster,
-        `dir/d2c_routing.json`, `dir/d2c_config.json` and `dir/d2c_result.json`. Everything is written into a
-        temporary folder next to `dir` first, then moved into place, so an interrupted save never leaves a
-        half-written adapter behind.
+        `dir/d2c_routing.json`, `dir/d2c_config.json`, `dir/d2c_result.json` and the model card `dir/README.md` that a
+        push writes (unless `dir` holds a README of the user's, which is kept). The whole result is written into a
+        temporary folder next to `dir`, then exchanged with `dir` in one atomic step: an interrupted save leaves the
+        previous folder as it was, and a reader never sees new adapters with an old routing table. A previous
+        result's files (including merged adapters it had and this one has not) are replaced; any other file in
+        `dir` is kept.
 
         Args:
             save_directory (`str` or `os.PathLike`): Output folder (created if needed).
@@ -166,27 +171,33 @@ class D2CResult:
                 "This D2CResult holds no model with its merged adapters (it was read from disk); its adapters are "
                 "already saved in the folder it was loaded from."
             )
-        parent = os.path.dirname(os.path.abspath(save_directory))
-        os.makedirs(parent, exist_ok=True)
-        staging = tempfile.mkdtemp(prefix=".d2c-save-", dir=parent)
+        target = os.path.abspath(save_directory)
+        if os.path.exists(target) and not os.path.isdir(target):
+            raise FileExistsError(f"{save_directory!r} exists and is not a folder; choose another output folder.")
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        staging = tempfile.mkdtemp(prefix=".d2c-save-", dir=os.path.dirname(target))
+        os.chmod(staging, 0o755)  # mkdtemp makes it private; the result folder is an ordinary folder
         try:
-            peft_dir = os.path.join(staging, "peft")
+            peft_dir = tempfile.mkdtemp(prefix=".peft-", dir=staging)
             self.model.save_pretrained(peft_dir, selected_adapters=list(self.merged_adapter_names))
-            os.makedirs(save_directory, exist_ok=True)
             for name in self.merged_adapter_names:
                 # PEFT writes the adapter named "default" at the top level and every other one in a subfolder.
                 src = peft_dir if name == "default" else os.path.join(peft_dir, name)
-                dst = os.path.join(save_directory, name)
-                staged = os.path.join(staging, f"adapter-{name}")
-                os.makedirs(staged)
+                os.makedirs(os.path.join(staging, name))
                 for filename in ("adapter_config.json", "adapter_model.safetensors"):
-                    shutil.copy2(os.path.join(src, filename), os.path.join(staged, filename))
-                if os.path.isdir(dst):
-                    shutil.rmtree(dst)
-                os.replace(staged, dst)
-            atomic_write_json(os.path.join(save_directory, ROUTING_NAME), self.routing)
-            self.config.save_pretrained(save_directory)
-            atomic_write_json(os.path.join(save_directory, RESULT_NAME), self.to_dict())
+                    os.replace(os.path.join(src, filename), os.path.join(staging, name, filename))
+            shutil.rmtree(peft_dir)
+            owned = _previous_result_files(target)
+            # The model card a push writes, so the folder explains itself; never over a README that is the user's.
+            with_card = not os.path.exists(os.path.join(target, CARD_NAME)) or CARD_NAME in owned
+            files = _result_files(self) + ([CARD_NAME] if with_card else [])
+            atomic_write_json(os.path.join(staging, ROUTING_NAME), self.routing)
+            self.config.save_pretrained(staging)
+            atomic_write_json(os.path.join(staging, RESULT_NAME), {**self.to_dict(), "files": sorted(files)})
+            if with_card:
+                card = build_result_card(staging, location=os.path.basename(target))
+                card.save(os.path.join(staging, CARD_NAME))
+            replace_folder(staging, target, owned=owned)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         return save_directory
@@ -200,6 +211,8 @@ class D2CResult:
         token: str | bool | None = None,
         commit_message: str | None = None,
         layout: str = "subfolders",
+        allow_public: bool = False,
+        delete_stale_repos: bool = False,
     ):
         """Save to a temporary folder and push it in one commit per repo with model cards.
 
@@ -216,6 +229,8 @@ class D2CResult:
                 token=token,
                 commit_message=commit_message,
                 layout=layout,
+                allow_public=allow_public,
+                delete_stale_repos=delete_stale_repos,
             )
 
     @classmethod
@@ -254,3 +269,66 @@ class D2CResult:
             heldout_scores=data.get("heldout_scores", {}),
             stats=data.get("stats", {}),
         )
+
+    def export(
+        self,
+        directory: str | os.PathLike,
+        *,
+        format: str = "gguf",
+        base_gguf: str | os.PathLike | None = None,
+        base_model_id: str | None = None,
+    ) -> dict[str, Any]:
+        """Export the merged adapters for deployment: llama.cpp (GGUF), vLLM or PEFT, with a manifest.
+
+        The result is saved to a temporary folder first (`save_pretrained`), then exported from it by
+        `peft_d2c.export.export_d2c_folder`; a result read from disk is exported from its folder with that function
+        or `peft-d2c export FOLDER`.
+
+        Args:
+            directory (`str` or `os.PathLike`): Output folder of the export.
+            format (`str`, *optional*, defaults to `"gguf"`): `"gguf"`, `"vllm"` or `"peft"`.
+            base_gguf (`str` or `os.PathLike`, *optional*): The base model's GGUF file (checked against the adapters;
+                its sha256 goes into the manifest).
+            base_model_id (`str`, *optional*): The base model's name in the manifest and commands.
+
+        Returns:
+            `dict`: the manifest (`directory/d2c_export.json`): task -> adapter file, sizes, serving commands.
+
+        Raises:
+            ValueError: If the result holds no model (read from disk) or `format` is unknown.
+            UnsupportedAdapterError: If a merged adapter cannot be served in `format`; nothing is written then.
+
+        Example:
+            ```python
+            >>> manifest = result.export("d2c_gguf", format="gguf", base_gguf="SmolLM2-135M-Instruct.Q4_1.gguf")
+            >>> manifest["tasks"]["capital_world"]["server_request"]["lora"]  # doctest: +SKIP
+            [{'id': 0, 'scale': 1.0}]
+            ```
+        """
+        if self.model is None:
+            raise ValueError(
+                "This D2CResult holds no model (it was read from disk); export its folder instead: "
+                "`peft_d2c.export.export_d2c_folder(folder, directory, format=...)` or `peft-d2c export FOLDER`."
+            )
+        with tempfile.TemporaryDirectory(prefix="d2c-export-") as tmp:
+            folder = self.save_pretrained(os.path.join(tmp, "result"))
+            return export_d2c_folder(
+                folder, directory, format=format, base_gguf=base_gguf, base_model_id=base_model_id
+            )
+
+
+CARD_NAME = "README.md"
+
+
+def _result_files(result: D2CResult) -> list[str]:
+    """The entries of a result folder that belong to the result (what a later save may replace)."""
+    return sorted([*result.merged_adapter_names, ROUTING_NAME, CONFIG_NAME, RESULT_NAME])
+
+
+def _previous_result_files(directory: str) -> set[str]:
+    """The entries of the result already saved in `directory` (none if it holds no result)."""
+    path = os.path.join(directory, RESULT_NAME)
+    if not os.path.isfile(path):
+        return set()
+    data = read_json(path)
+    return {*data.get("files", []), *data.get("merged_adapter_names", []), ROUTING_NAME, CONFIG_NAME, RESULT_NAME}

@@ -19,11 +19,11 @@ PACKAGE_DIR = Path(__file__).resolve().parents[1] / "peft_d2c"
 
 # Stages from the bottom up: a module may import its own stage and lower ones, never a higher one.
 STAGES = [
-    ("peft_d2c.errors", "peft_d2c.io", "peft_d2c.version", "peft_d2c._moved"),
+    ("peft_d2c.errors", "peft_d2c.io", "peft_d2c.sizes", "peft_d2c.version", "peft_d2c._moved"),
     ("peft_d2c.config",),
     ("peft_d2c.data",),
     ("peft_d2c.engine",),
-    ("peft_d2c.hub",),
+    ("peft_d2c.hub", "peft_d2c.export"),
     ("peft_d2c.online", "peft_d2c.result"),
     ("peft_d2c.d2c", "peft_d2c.testing"),
     ("peft_d2c.evaluation",),
@@ -210,13 +210,15 @@ class TestOneDefinitionEach:
     @pytest.mark.parametrize(
         ("concept", "module"),
         [
-            ("tokenize_example", "peft_d2c.engine.scoring"),
+            ("tokenize_example", "peft_d2c.engine.tokenization"),
+            ("check_token_ids", "peft_d2c.engine.tokenization"),
+            ("check_base_models", "peft_d2c.engine.lora"),
             ("ModelState", "peft_d2c.engine.state"),
             ("check_adapter_name", "peft_d2c.config"),
             ("merged_rank", "peft_d2c.engine.budget"),
             ("SVD_TYPES", "peft_d2c.config"),
             ("COMBINATION_TYPES", "peft_d2c.config"),
-            ("parse_size", "peft_d2c.config"),
+            ("parse_size", "peft_d2c.sizes"),
             ("lora_factors", "peft_d2c.engine.lora"),
             ("resolve_adapter_names", "peft_d2c.engine.lora"),
             ("RESULT_NAME", "peft_d2c.io"),

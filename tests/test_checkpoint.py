@@ -172,3 +172,41 @@ class TestMismatch:
             next(p for n, p in model.named_parameters() if ".copy." in n and "lora_B" in n).add_(1e-3)
         with pytest.raises(CheckpointMismatchError, match="weights changed"):
             merge_adapters_d2c(model, tiny_task_examples, config, tokenizer=tiny_tokenizer, checkpoint_dir=tmp_path)
+
+    @pytest.mark.parametrize("change", ["tokenizer", "base weights", "dtype", "score_fn"])
+    def test_what_the_losses_depend_on_is_in_the_fingerprint(
+        self, tiny_assets, tiny_tokenizer, tiny_task_examples, tmp_path, change
+    ):
+        """Resuming after changing the tokenizer, the base model's weights or dtype, or the score function used to
+        reuse the old losses silently."""
+
+        def score(model, adapter, task, examples):
+            return float(len(adapter))
+
+        def other_score(model, adapter, task, examples):
+            return float(len(task))
+
+        config = D2CMergeConfig(num_clusters=2, num_iterations=4)
+        first = {"score_fn": score} if change == "score_fn" else {"tokenizer": tiny_tokenizer}
+        model = tiny.load_peft_model(*tiny_assets)
+        merge_adapters_d2c(model, tiny_task_examples, config, checkpoint_dir=tmp_path, **first)
+        model = tiny.load_peft_model(*tiny_assets)
+        kwargs = dict(first)
+        if change == "tokenizer":
+            tokenizer = tiny.make_tokenizer()
+            tokenizer.eos_token = tokenizer.bos_token  # completions now end with another id
+            kwargs["tokenizer"] = tokenizer
+            match = "token ids"
+        elif change == "base weights":
+            with torch.no_grad():
+                model.get_base_model().model.norm.weight.mul_(1.01)
+            match = "base model"
+        elif change == "dtype":
+            model = model.double()
+            match = "base model"
+        else:
+            kwargs["score_fn"] = other_score
+            match = "score function"
+        with pytest.raises(CheckpointMismatchError, match=match):
+            merge_adapters_d2c(model, tiny_task_examples, config, checkpoint_dir=tmp_path, **kwargs)
+

@@ -160,7 +160,7 @@ def test_push_in_a_subprocess_reaches_the_local_hub(merged, hub_api):
 
 
 def test_help_of_every_subcommand_exits_0(capsys):
-    for command in ("merge", "evaluate", "push", "add-adapter", "estimate", "sweep", "benchmark", "run"):
+    for command in ("merge", "evaluate", "push", "add-adapter", "estimate", "sweep", "benchmark", "run", "export"):
         with pytest.raises(SystemExit) as exit_info:
             main([command, "--help"])
         assert exit_info.value.code == 0

@@ -59,15 +59,6 @@ class TestPartitions:
         )
         assert result.history == [] and len(result.clusters) == k
 
-    def test_accepted_moves_lower_the_loss(self, tiny_peft_model, tiny_tokenizer, tiny_task_examples):
-        config = D2CMergeConfig(num_clusters=3, num_iterations=40, seed=1)
-        result = merge_adapters_d2c(tiny_peft_model, tiny_task_examples, config, tokenizer=tiny_tokenizer)
-        assert len(result.history) == 40
-        accepted = [h for h in result.history if h["accepted"]]
-        assert accepted, "the search never moved anything"
-        assert all(h["loss_after"] < h["loss_before"] for h in accepted)
-        assert all(h["loss_after"] >= h["loss_before"] for h in result.history if not h["accepted"])
-
     def test_storage_budget_and_dataset_input(self, tiny_peft_model, tiny_tokenizer, tiny_task_examples):
         from datasets import Dataset
 
@@ -221,7 +212,7 @@ class TestBadInput:
         examples.pop(change.get("drop", None), None)
         kwargs = {"tokenizer": change.get("tokenizer", tiny_tokenizer), "adapter_names": change.get("adapter_names")}
         config = change.get("config", D2CMergeConfig(num_clusters=2))
-        target = LlamaForCausalLM.from_pretrained(tiny.__file__.rsplit("/", 1)[0]) if False else model
+        target = model
         if case == "not a peft model":
             target = model.get_base_model()
         if case == "name clash":

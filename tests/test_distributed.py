@@ -19,6 +19,8 @@ from peft_d2c.engine.distributed import SingleProcess, get_process_group
 RUNS = [
     {"num_clusters": 3, "num_iterations": 20, "seed": 0},
     {"num_clusters": 2, "num_iterations": 8, "seed": 1, "proposals_per_step": 3},
+    # the robust search (issue 12): starts one after the other, each step's batches shared out
+    {"num_clusters": 2, "num_iterations": 6, "seed": 2, "search": "partition", "restarts": 2, "final_pass": True},
 ]
 
 CHILD = textwrap.dedent(
@@ -145,3 +147,57 @@ class TestAccelerateLaunch:
                 # The work was really shared: both processes ran forward passes, fewer than one process alone.
                 passes = [rank["runs"][index]["stats"]["forward_passes"] for rank in ranks]
                 assert all(0 < p < single.stats["forward_passes"] for p in passes), passes
+
+
+MISUSE_CHILD = textwrap.dedent(
+    """
+    import json, os, sys, time
+    from peft_d2c import D2CMergeConfig, merge_adapters_d2c
+    from peft_d2c import testing as tiny
+    from peft_d2c.engine.distributed import get_process_group
+
+    base_dir, adapters, examples, case, out_dir = sys.argv[1:6]
+    group = get_process_group()
+    model = tiny.load_peft_model(base_dir, json.loads(adapters))
+    examples = json.loads(examples)
+    if case == "other examples" and group.process_index == 1:
+        examples["copy"] = examples["copy"][1:]
+    outcome = "finished"
+    if case == "main only" and group.process_index == 1:
+        time.sleep(20)  # busy elsewhere, never calls merge_adapters_d2c
+        outcome = "skipped"
+    else:
+        try:
+            merge_adapters_d2c(model, examples, D2CMergeConfig(num_clusters=2, num_iterations=2, show_progress=False),
+                               tokenizer=tiny.make_tokenizer())
+        except Exception as error:
+            outcome = f"{type(error).__name__}: {error}"
+    with open(os.path.join(out_dir, f"rank{group.process_index}.txt"), "w") as f:
+        f.write(outcome)
+    """
+)
+
+
+class TestLaunchMisuse:
+    @pytest.mark.parametrize("case", ["main only", "other examples"])
+    def test_misuse_is_reported_instead_of_hanging_or_mixing(self, tiny_assets, tiny_task_examples, tmp_path, case):
+        """A call on the main process only used to wait forever in the first gather; ranks holding other examples
+        mixed their losses silently."""
+        base_dir, adapter_dirs = tiny_assets
+        script = tmp_path / "child.py"
+        script.write_text(MISUSE_CHILD)
+        command = [
+            sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+            "--main_process_port", str(free_port()), str(script), base_dir, json.dumps(adapter_dirs),
+            json.dumps(tiny_task_examples), case, str(tmp_path),
+        ]  # fmt: skip
+        env = {**os.environ, "TQDM_DISABLE": "1", "PEFT_D2C_SYNC_TIMEOUT": "5"}
+        env.pop("WORLD_SIZE", None)
+        subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+        outcomes = [(tmp_path / f"rank{i}.txt").read_text() for i in range(2)]
+        if case == "main only":
+            assert "SingleProcess()" in outcomes[0] and "waited 5 s" in outcomes[0]
+            assert outcomes[1] == "skipped"
+        else:
+            assert all("other settings, adapters or examples" in o for o in outcomes), outcomes

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import re
 from pathlib import Path
 
@@ -9,11 +11,16 @@ import pytest
 
 ROOT = Path(__file__).parents[1]
 DOC_FILES = sorted([ROOT / "README.md", *(ROOT / "docs").glob("*.md")])
-RUNNABLE = re.compile(r"^```python runnable\n(.*?)^```", flags=re.S | re.M)
+RUNNABLE = re.compile(r"^```python runnable\n(.*?)^```\n(?:\n?```text output\n(.*?)^```)?", flags=re.S | re.M)
 
 
 def runnable_blocks(path: Path) -> list[str]:
-    return RUNNABLE.findall(path.read_text())
+    return [code for code, _ in RUNNABLE.findall(path.read_text())]
+
+
+def documented_outputs(path: Path) -> list[str | None]:
+    """The ```text output block shown right after each runnable block (None where the doc shows none)."""
+    return [output or None for _, output in RUNNABLE.findall(path.read_text())]
 
 
 def test_some_docs_are_runnable():
@@ -25,11 +32,22 @@ def test_runnable_blocks_execute(path, tiny_assets, tiny_task_examples, tmp_path
     monkeypatch.chdir(tmp_path)
     base_dir, adapter_dirs = tiny_assets
     namespace = {"base_dir": base_dir, "adapter_dirs": dict(adapter_dirs), "task_examples": tiny_task_examples}
-    for index, block in enumerate(runnable_blocks(path)):
+    for index, (block, expected) in enumerate(zip(runnable_blocks(path), documented_outputs(path), strict=True)):
+        printed = io.StringIO()
         try:
-            exec(compile(block, f"{path.name}[block {index}]", "exec"), namespace)
+            with contextlib.redirect_stdout(printed):
+                exec(compile(block, f"{path.name}[block {index}]", "exec"), namespace)
         except Exception as error:  # name the block so a broken doc is easy to find
             raise AssertionError(f"{path.name} block {index} raised {error!r}:\n{block}") from error
+        if expected is not None:  # what the doc says the block prints is what it prints
+            assert printed.getvalue() == expected, f"{path.name} block {index} printed something else"
+        if "print(" in block:
+            assert printed.getvalue().strip(), f"{path.name} block {index} should print"
+
+
+def test_documented_outputs_are_checked():
+    """The output check above is not vacuous: the quickstart shows outputs for some of its blocks."""
+    assert sum(o is not None for o in documented_outputs(ROOT / "docs" / "quickstart.md")) >= 2
 
 
 def test_api_reference_matches_the_docstrings():

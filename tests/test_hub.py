@@ -384,3 +384,85 @@ class TestExample:
         assert check is not None and float(check.group(1)) < 1e-5, done.stdout
         assert len(hub_server.commits(repo_id)) == 2
         assert "dummy-token" not in done.stdout + done.stderr
+
+
+def _with_extra_cluster(folder: str, out: str) -> str:
+    """A copy of a saved 2-cluster result as a 3-cluster one (a third adapter folder serving one task)."""
+    shutil.copytree(folder, out)
+    data = json.loads(open(os.path.join(out, "d2c_result.json")).read())
+    routing = json.loads(open(os.path.join(out, "d2c_routing.json")).read())
+    extra = "d2c_2"
+    shutil.copytree(os.path.join(out, data["merged_adapter_names"][0]), os.path.join(out, extra))
+    task = sorted(routing)[0]
+    routing[task] = extra
+    data["merged_adapter_names"] = [*data["merged_adapter_names"], extra]
+    data["clusters"] = [[t for t in members if t != task] for members in data["clusters"]] + [[task]]
+    data["routing"] = routing
+    for name, payload in (("d2c_result.json", data), ("d2c_routing.json", routing)):
+        with open(os.path.join(out, name), "w") as f:
+            json.dump(payload, f)
+    return out
+
+
+class TestPushSafety:
+    def test_private_push_to_an_existing_public_repo_is_refused(self, api, d2c_run, hub_sources):
+        _, folder = d2c_run
+        repo_id = f"{hub_sources['owner']}/public-{_uid()}"
+        api.create_repo(repo_id, private=False)
+        commits = len(api.list_repo_commits(repo_id))
+        with pytest.raises(D2CPushError, match="already exists and is public"):
+            push_d2c_folder(folder, repo_id, base_model_id=BASE_ID, private=True)
+        assert len(api.list_repo_commits(repo_id)) == commits  # nothing was uploaded
+        pushed = push_d2c_folder(folder, repo_id, base_model_id=BASE_ID, private=True, allow_public=True)
+        assert pushed.repo_ids == [repo_id]
+
+    def test_re_push_with_fewer_clusters_deletes_the_stale_adapters_in_one_commit(
+        self, api, d2c_run, hub_server, hub_sources, tmp_path
+    ):
+        _, folder = d2c_run
+        repo_id = f"{hub_sources['owner']}/shrink-{_uid()}"
+        push_d2c_folder(_with_extra_cluster(folder, str(tmp_path / "three")), repo_id, base_model_id=BASE_ID)
+        api.upload_file(path_or_fileobj=b"keep me", path_in_repo="notes/mine.txt", repo_id=repo_id)
+        assert any(f.startswith("d2c_2/") for f in api.list_repo_files(repo_id))
+        commits = hub_server.commits(repo_id)
+        pushed = push_d2c_folder(folder, repo_id, base_model_id=BASE_ID)
+        files = api.list_repo_files(repo_id)
+        assert not any(f.startswith("d2c_2/") for f in files)
+        assert "notes/mine.txt" in files and "d2c_0/adapter_config.json" in files
+        assert hub_server.commits(repo_id) == [*commits, pushed.commit_oids[0]]  # one commit added and removed
+        assert sorted(pushed.deleted_files) == sorted(
+            f"{repo_id}/d2c_2/{n}" for n in ("README.md", "adapter_config.json", "adapter_model.safetensors")
+        )
+
+    def test_repos_layout_lists_stale_cluster_repos_and_deletes_them_on_request(
+        self, api, d2c_run, hub_sources, tmp_path
+    ):
+        _, folder = d2c_run
+        prefix = f"{hub_sources['owner']}/layout-{_uid()}"
+        push_d2c_folder(
+            _with_extra_cluster(folder, str(tmp_path / "three")), prefix, base_model_id=BASE_ID, layout="repos"
+        )
+        pushed = push_d2c_folder(folder, prefix, base_model_id=BASE_ID, layout="repos")
+        assert pushed.stale_repos == [f"{prefix}-cluster-2"] and api.repo_exists(f"{prefix}-cluster-2")
+        pushed = push_d2c_folder(folder, prefix, base_model_id=BASE_ID, layout="repos", delete_stale_repos=True)
+        assert pushed.stale_repos == [f"{prefix}-cluster-2"] and not api.repo_exists(f"{prefix}-cluster-2")
+
+    def test_local_paths_never_reach_the_hub(self, api, d2c_run, hub_sources, tmp_path):
+        _, folder = d2c_run
+        local = shutil.copytree(folder, str(tmp_path / "local"))
+        path = os.path.join(local, "d2c_result.json")
+        data = json.loads(open(path).read())
+        task = sorted(data["routing"])[0]
+        data["sources"][task] = {"path": "/home/alice/private-loras/lora-x"}
+        data["data_sources"][task] = {"path": "/home/alice/data/train.jsonl", "name": None, "split": "train"}
+        data["base_model"] = "/home/alice/models/tiny-llama"
+        with open(path, "w") as f:
+            json.dump(data, f)
+        repo_id = f"{hub_sources['owner']}/paths-{_uid()}"
+        push_d2c_folder(local, repo_id, base_model_id=BASE_ID)
+        for filename in api.list_repo_files(repo_id):
+            if filename.endswith((".json", ".md")):
+                assert "/home/alice" not in open(hf_hub_download(repo_id, filename)).read(), filename
+        pushed = json.loads(open(hf_hub_download(repo_id, "d2c_result.json")).read())
+        assert pushed["sources"][task] == {"path": "lora-x"} and pushed["data_sources"][task]["path"] == "train.jsonl"
+        assert pushed["base_model"] == BASE_ID

@@ -35,7 +35,8 @@ def assert_same_update(model, merged, original, rtol=1e-4):
 
 
 class TestMergeWeights:
-    @pytest.mark.parametrize("combination_type", COMBINATION_TYPES)
+    # tsv_m keeps r/k singular directions per copy: it never gives identical copies back (tests/test_merge_methods.py)
+    @pytest.mark.parametrize("combination_type", [t for t in COMBINATION_TYPES if t != "tsv_m"])
     def test_identical_copies_merge_to_the_adapter(self, tiny_assets, combination_type):
         """The weight table is honest: k identical copies merge back to the adapter (density 1, no pruning)."""
         model = copies_model(tiny_assets)

@@ -83,13 +83,24 @@ class TestD2CSearch:
 
     def test_history_records_and_acceptance_rule(self):
         rng = np.random.default_rng(3)
-        state = d2c_search(balanced_random_partition(list(GROUPS), 3, rng), group_score, rng, num_iterations=50)
+        start = balanced_random_partition(list(GROUPS), 3, rng)
+        state = d2c_search([list(c) for c in start], group_score, rng, num_iterations=50)
         assert len(state.history) == 50
         assert [h["iteration"] for h in state.history] == list(range(50))
+        clusters = [list(c) for c in start]
         for record in state.history:
             assert set(record) == {"iteration", "task", "source", "target", "loss_before", "loss_after", "accepted"}
             assert record["source"] != record["target"]
-            assert record["accepted"] == (record["loss_after"] < record["loss_before"])
+            # recomputed from the toy score itself, on the partition replayed from the start
+            task, source, target = record["task"], clusters[record["source"]], clusters[record["target"]]
+            assert task in source
+            assert record["loss_before"] == group_score([(source, task)])[0]
+            assert record["loss_after"] == group_score([([*target, task], task)])[0]
+            assert record["accepted"] == (group_score([([*target, task], task)])[0] < group_score([(source, task)])[0])
+            if record["accepted"]:
+                source.remove(task)
+                target.append(task)
+        assert canonical_partition(clusters) == canonical_partition(state.clusters)
         assert any(h["accepted"] for h in state.history) and any(not h["accepted"] for h in state.history)
 
     def test_equal_loss_is_rejected(self):

@@ -1,6 +1,8 @@
 """`peft-d2c benchmark`: the command line of the embedded benchmark (`peft_d2c.embedded.benchmark`).
 
 peft-d2c benchmark --seeds 3 --plot docs/img/benchmark.png
+peft-d2c benchmark --search partition --restarts 2 --final-pass     # a robust D2C next to the paper's
+peft-d2c benchmark --variant "partition T30: search=partition num_iterations=30"    # an extra D2C method
 python -m peft_d2c.cli benchmark --model tiny      # the same without the entry point script
 """
 
@@ -9,7 +11,34 @@ from __future__ import annotations
 import argparse
 import os
 
-from ..embedded.benchmark import DEFAULT_ITERATIONS, format_table, run_benchmark
+from ..config import COMBINATION_TYPES
+from ..embedded.benchmark import DEFAULT_ITERATIONS, format_anytime_table, format_table, run_benchmark
+
+_VARIANT_KEYS = {
+    "search": str,
+    "restarts": int,
+    "final_pass": lambda v: {"true": True, "false": False}[v.lower()],
+    "proposals_per_step": int,
+    "patience": int,
+    "num_iterations": int,
+    "init": str,
+}
+
+
+def parse_variant(text: str) -> tuple[str, dict]:
+    """`"name: key=value key=value"` -> `(name, settings)` for `--variant` (keys: those of `_VARIANT_KEYS`)."""
+    name, _, spec = text.partition(":")
+    settings = {}
+    for item in spec.split():
+        key, _, value = item.partition("=")
+        if key not in _VARIANT_KEYS or not value:
+            raise argparse.ArgumentTypeError(
+                f"`--variant` settings must be key=value with keys {sorted(_VARIANT_KEYS)}, got {item!r}."
+            )
+        settings[key] = _VARIANT_KEYS[key](value)
+    if not name.strip():
+        raise argparse.ArgumentTypeError(f"`--variant` must start with a name and ':', got {text!r}.")
+    return name.strip(), settings
 
 
 def add_benchmark_arguments(parser: argparse.ArgumentParser) -> None:
@@ -19,20 +48,47 @@ def add_benchmark_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--clusters", type=int, nargs="+", default=[2, 4], help="Values of K (default: 2 4).")
     parser.add_argument("--seeds", type=int, default=3, help="Seeds per cell (default: 3).")
+    parser.add_argument("--first-seed", type=int, default=0, help="First seed (default: 0).")
     parser.add_argument("--iterations", type=int, default=DEFAULT_ITERATIONS, help="D2C iterations T (default: 100).")
     parser.add_argument("--json", default="benchmark_results/benchmark.json", help="Results file (written per cell).")
-    parser.add_argument("--plot", default=None, help="PNG of score vs storage (+ a task x cluster loss heatmap).")
+    parser.add_argument("--plot", default=None, help="PNG of score vs storage (+ loss heatmap and any-time curves).")
     parser.add_argument("--resume", action="store_true", help="Keep the cells already in --json and run the rest.")
     parser.add_argument("--cache-dir", default=None, help="Model and adapter cache (default: ~/.cache/peft_d2c).")
     parser.add_argument("--no-fetch", action="store_true", help="Never download the base model.")
+    search = parser.add_argument_group("D2C search (the `d2c` methods; default: D2CMergeConfig's)")
+    search.add_argument("--search", choices=["paper", "partition"], default=None, help="Move acceptance rule.")
+    search.add_argument("--restarts", type=int, default=None, help="Start partitions searched (best total kept).")
+    search.add_argument(
+        "--final-pass", action=argparse.BooleanOptionalAction, default=None, help="Finish with improving moves."
+    )
+    search.add_argument("--proposals-per-step", type=int, default=None, help="Candidate moves scored per step.")
+    search.add_argument("--patience", type=int, default=None, help="Stop a start after this many rejections.")
+    search.add_argument(
+        "--variant",
+        type=parse_variant,
+        action="append",
+        default=[],
+        help="Extra D2C method 'name: key=value ...' (keys: search restarts final_pass proposals_per_step patience "
+        "num_iterations init), from the paper's settings; repeatable.",
+    )
+    parser.add_argument(
+        "--combination-type", choices=list(COMBINATION_TYPES), default=None, help="Merge of every method (ties)."
+    )
+    parser.add_argument("--methods", nargs="+", default=None, help="Run only these methods (labels of the table).")
 
 
 def run_benchmark_command(args: argparse.Namespace) -> int:
-    """`peft-d2c benchmark`: run, print the table (and where the files are)."""
+    """`peft-d2c benchmark`: run, print the tables (and where the files are)."""
+    options = {
+        key: getattr(args, key)
+        for key in ("search", "restarts", "final_pass", "proposals_per_step", "patience")
+        if getattr(args, key) is not None
+    }
     data = run_benchmark(
         model=args.model,
         clusters=args.clusters,
         seeds=args.seeds,
+        first_seed=args.first_seed,
         iterations=args.iterations,
         json_path=args.json,
         plot_path=args.plot,
@@ -40,8 +96,15 @@ def run_benchmark_command(args: argparse.Namespace) -> int:
         cache_dir=args.cache_dir,
         fetch=not args.no_fetch,
         show_progress=not getattr(args, "quiet", False),
+        search_options=options,
+        variants=dict(args.variant),
+        combination_type=args.combination_type,
+        methods=args.methods,
     )
     print(format_table(data))
+    anytime = format_anytime_table(data)
+    if anytime:
+        print("\nMean few-shot loss reached after a number of forward passes (fp):\n\n" + anytime)
     print(f"\nResults: {os.path.abspath(args.json)}" + (f"; plot: {os.path.abspath(args.plot)}" if args.plot else ""))
     print(f"Wall time: {data['seconds'] / 60:.1f} min")
     return 0

@@ -1,4 +1,4 @@
-"""Subcommands of `peft-d2c` built on the public API: merge, evaluate, push, add-adapter, estimate, sweep.
+"""Subcommands of `peft-d2c` built on the public API: merge, evaluate, push, export, add-adapter, estimate, sweep.
 
 Part of the command-line layer (with `main.py`): these handlers print; the library modules they call only log.
 """
@@ -20,9 +20,10 @@ from ..evaluation.estimate import estimate_run
 from ..evaluation.heldout import evaluate_routing, loss_matrix
 from ..evaluation.plots import plot_run
 from ..evaluation.sweep import run_sweep, save_sweep
+from ..export.folder import EXPORT_FORMATS, MANIFEST_NAME, export_d2c_folder
 from ..hub.adapters import load_adapters
 from ..hub.push import push_d2c_folder
-from ..io import RESULT_NAME, atomic_write_json
+from ..io import RESULT_NAME, atomic_write_json, atomic_write_text
 from ..online import attach_model
 from ..result import D2CResult
 from .run_config import load_run_config
@@ -128,8 +129,7 @@ def _write_run_readme(output: str, result, plots: list[str] | None = None) -> No
     ]
     if plots:
         lines += ["", "## Plots", "", *(f"![{os.path.splitext(p)[0]}]({p})" for p in plots)]
-    with open(os.path.join(output, "RUN.md"), "w", encoding="utf-8") as f:
-        f.write("\n".join(lines) + "\n")
+    atomic_write_text(os.path.join(output, "RUN.md"), "\n".join(lines) + "\n")
 
 
 def _maybe_plot(output: str, result, model, tokenizer, examples) -> None:
@@ -177,9 +177,33 @@ def cmd_push(args: argparse.Namespace) -> int:
     if not os.path.isdir(args.directory):
         raise FileNotFoundError(f"`DIR` is not a folder: {args.directory!r}.")
     pushed = push_d2c_folder(
-        args.directory, args.repo_id, base_model_id=args.base_model_id, private=args.private, layout=args.layout
+        args.directory,
+        args.repo_id,
+        base_model_id=args.base_model_id,
+        private=args.private,
+        layout=args.layout,
+        allow_public=args.allow_public,
+        delete_stale_repos=args.delete_stale_repos,
     )
     print(f"Pushed to {', '.join(pushed.repo_ids)}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    if not os.path.isdir(args.directory):
+        raise FileNotFoundError(f"`RESULT_DIR` is not a folder: {args.directory!r}.")
+    output = args.output or os.path.join(args.directory, f"export-{args.format}")
+    manifest = export_d2c_folder(
+        args.directory, output, format=args.format, base_gguf=args.base_gguf, base_model_id=args.base_model_id
+    )
+    print(f"Exported {len(manifest['adapters'])} merged adapters ({args.format}) to {output}:")
+    for adapter in manifest["adapters"].values():
+        print(f"  {adapter['file']}: {adapter['bytes']} bytes, tasks {', '.join(adapter['tasks'])}")
+    if "llama_server" in manifest:
+        print(f"Serve: {manifest['llama_server']}")
+    if "vllm" in manifest:
+        print(f"Serve: {manifest['vllm']['serve']}")
+    print(f"Manifest: {os.path.join(output, MANIFEST_NAME)}")
     return 0
 
 
@@ -268,7 +292,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def add_subcommands(commands, add_common) -> None:
-    """Register merge, evaluate, push, add-adapter and estimate on the `peft-d2c` subparsers."""
+    """Register merge, evaluate, push, export, add-adapter, estimate and sweep on the `peft-d2c` subparsers."""
     merge = commands.add_parser(
         "merge",
         help="Cluster and merge adapters from a YAML run config (or flags); save, optionally push.",
@@ -301,10 +325,32 @@ def add_subcommands(commands, add_common) -> None:
     push.add_argument("--base-model-id", help="Hub id of the base model (required if the result recorded a path).")
     push.add_argument("--private", action="store_true", help="Create new repos as private.")
     push.add_argument(
+        "--allow-public", action="store_true", help="With --private, push even to an existing public repo."
+    )
+    push.add_argument(
+        "--delete-stale-repos", action="store_true", help="--layout repos: delete cluster repos of an earlier push."
+    )
+    push.add_argument(
         "--layout", choices=("subfolders", "repos"), default="subfolders", help="One repo or one per cluster."
     )
     add_common(push)
     push.set_defaults(handler=cmd_push)
+
+    export = commands.add_parser(
+        "export",
+        help="Export a saved result for llama.cpp (GGUF LoRA), vLLM or PEFT, with a manifest.",
+        description=(
+            "Write every merged adapter of RESULT_DIR in the chosen format, the manifest d2c_export.json (task -> "
+            "adapter file, sizes, the llama.cpp / vLLM commands), the routing and lm_eval_commands.sh."
+        ),
+    )
+    export.add_argument("directory", metavar="RESULT_DIR", help="Folder of a saved result.")
+    export.add_argument("--format", choices=EXPORT_FORMATS, default="gguf", help="Export format (default: gguf).")
+    export.add_argument("--base-gguf", metavar="FILE", help="GGUF file of the base model (checked, hashed).")
+    export.add_argument("--base-model-id", help="Base model name for the manifest (default: the recorded one).")
+    export.add_argument("--output", "-o", metavar="DIR", help="Output folder (default: RESULT_DIR/export-FORMAT).")
+    add_common(export)
+    export.set_defaults(handler=cmd_export)
 
     add = commands.add_parser(
         "add-adapter",

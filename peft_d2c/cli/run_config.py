@@ -30,6 +30,7 @@ import yaml
 
 from ..config import D2CMergeConfig
 from ..data.spec import load_data_spec
+from ..io import atomic_write_text
 
 RUN_CONFIG_NAME = "d2c_run.yaml"
 RUN_KEYS = ("base_model", "adapters", "data", "d2c", "output", "push_to_hub")
@@ -71,9 +72,7 @@ class MergeRunConfig:
         """Write `directory/d2c_run.yaml` and return its path."""
 
         path = os.path.join(os.fspath(directory), RUN_CONFIG_NAME)
-        os.makedirs(os.fspath(directory), exist_ok=True)
-        with open(path, "w", encoding="utf-8") as f:
-            yaml.safe_dump(self.to_dict(), f, sort_keys=False)
+        atomic_write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))  # never a half-written config
         return path
 
 

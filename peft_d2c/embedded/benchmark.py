@@ -2,11 +2,15 @@
 
     peft-d2c benchmark                          # SmolLM2-135M, 16 tasks, K = 2 and 4, 3 seeds
     peft-d2c benchmark --model tiny             # the same on the tiny random model (a smoke test)
+    peft-d2c benchmark --search partition --restarts 2 --final-pass   # another D2C search, next to the paper's
 
 Clustering sees only the `fewshot` split (10 examples per task); every score is on the held-out `test` split:
 exact match of the greedy answer's first word, and the mean completion loss, averaged over tasks. Each finished
-cell (method, K, seed) is written to the JSON file at once, so `--resume` continues an interrupted run. The command
-line lives in `peft_d2c.cli.benchmark`.
+cell (method, K, seed) is written to the JSON file at once, so `--resume` continues an interrupted run. D2C cells
+also record their any-time curve: the mean few-shot loss of the partition held after each number of forward passes
+(from the search records where the objective is the total loss, else recomputed for every tenth step with a
+separate memoised scorer that is not counted in the cell's forward passes). Tables and plots are in
+`peft_d2c.embedded.benchmark_report`; the command line lives in `peft_d2c.cli.benchmark`.
 """
 
 from __future__ import annotations
@@ -14,31 +18,77 @@ from __future__ import annotations
 import json
 import logging
 import os
-import statistics
 import time
 from collections.abc import Sequence
+from dataclasses import fields
 from typing import Any
 
 from ..config import D2CMergeConfig
 from ..d2c import merge_adapters_d2c
+from ..data.examples import normalize_task_examples
+from ..engine.merging import AdapterMerger
+from ..engine.scoring import LossScorer
 from ..evaluation.generation import BASE_ADAPTER
 from ..evaluation.heldout import evaluate_routing, loss_matrix
-from ..evaluation.plots import plot_loss_heatmap, plot_score_vs_storage
 from ..io import atomic_write_json
+from .benchmark_report import (
+    BASELINES,
+    REFERENCE_METHODS,
+    format_anytime_table,
+    format_table,
+    paired_differences,
+    plot_benchmark,
+    summarize,
+)
 from .mainjob import load_embedded_assets, load_quick_assets
 
 logger = logging.getLogger(__name__)
 
-# (label, settings): the merged methods of one benchmark cell, all at the same storage budget K.
-CLUSTER_METHODS: list[tuple[str, dict[str, str]]] = [
-    ("random", {"method": "random"}),
-    ("kmeans", {"method": "kmeans"}),
-    ("kmeans_svd", {"method": "kmeans_svd"}),
-    ("d2c", {"method": "d2c", "init": "random"}),
-    ("d2c (kmeans_svd init)", {"method": "d2c", "init": "kmeans_svd"}),
+__all__ = [
+    "CLUSTER_METHODS",
+    "DEFAULT_ITERATIONS",
+    "REFERENCE_METHODS",
+    "SEARCH_OPTIONS",
+    "cluster_methods",
+    "format_anytime_table",
+    "format_table",
+    "paired_differences",
+    "plot_benchmark",
+    "run_benchmark",
+    "summarize",
 ]
-REFERENCE_METHODS = ["zero-shot", "single-task LoRAs"]
+
 DEFAULT_ITERATIONS = 100
+# The settings of a D2C search that `--search`, `--restarts`, ... set, with the exact paper mode's values.
+SEARCH_OPTIONS = ("search", "restarts", "final_pass", "proposals_per_step", "patience")
+PAPER_SEARCH = {"search": "paper", "restarts": 1, "final_pass": False, "proposals_per_step": 1, "patience": None}
+_DEFAULTS = {f.name: f.default for f in fields(D2CMergeConfig)}
+
+
+def cluster_methods(
+    search_options: dict[str, Any] | None = None, variants: dict[str, dict[str, Any]] | None = None
+) -> list[tuple[str, dict[str, Any]]]:
+    """The merged methods of one benchmark cell, all at the same storage budget K: `(label, config settings)`.
+
+    The baselines; `d2c` with `search_options` (the `D2CMergeConfig` defaults for those not given) from a random
+    start and from the `kmeans_svd` partition; `d2c (paper)`, the exact Algorithm 1, when `d2c` is another search;
+    and one `d2c [name]` per entry of `variants` (extra settings, e.g. `{"search": "partition", "num_iterations": 30}`).
+    """
+    d2c = {k: (search_options or {}).get(k, _DEFAULTS[k]) for k in SEARCH_OPTIONS}
+    methods: list[tuple[str, dict[str, Any]]] = [(m, {"method": m}) for m in BASELINES]
+    methods += [
+        ("d2c", {"method": "d2c", "init": "random", **d2c}),
+        ("d2c (kmeans_svd init)", {"method": "d2c", "init": "kmeans_svd", **d2c}),
+    ]
+    if d2c != PAPER_SEARCH:
+        methods.append(("d2c (paper)", {"method": "d2c", "init": "random", **PAPER_SEARCH}))
+    for name, settings in (variants or {}).items():
+        methods.append((f"d2c [{name}]", {"method": "d2c", "init": "random", **PAPER_SEARCH, **settings}))
+    return methods
+
+
+# The default benchmark's merged methods (the `D2CMergeConfig` defaults for the D2C search).
+CLUSTER_METHODS = cluster_methods()
 
 
 def _load(model: str, cache_dir: str | None, fetch: bool, show_progress: bool):
@@ -67,44 +117,77 @@ def run_benchmark(
     cache_dir: str | None = None,
     fetch: bool = True,
     show_progress: bool = True,
+    search_options: dict[str, Any] | None = None,
+    variants: dict[str, dict[str, Any]] | None = None,
+    combination_type: str | None = None,
+    methods: Sequence[str] | None = None,
+    first_seed: int = 0,
 ) -> dict[str, Any]:
     """Run every method at every K and seed, write the results JSON (and plot), and return the results.
 
     Args:
         model (`str`): `"smollm2"` (the embedded default) or `"tiny"`.
         clusters (`Sequence[int]`): The storage budgets K.
-        seeds (`int`): Seeds 0..seeds-1 per (method, K).
-        iterations (`int`): T of the D2C runs.
+        seeds (`int`): Seeds `first_seed .. first_seed + seeds - 1` per (method, K), run seed by seed.
+        iterations (`int`): T of the D2C runs (a variant may set its own `num_iterations`).
         json_path (`str`): `{"model": ..., "results": [{"method", "num_clusters", "storage_fraction", "seed",
-            "heldout_score", "heldout_loss", "seconds", ...}]}`, rewritten after every cell.
-        plot_path (`str`, *optional*): PNG of score vs storage per method, plus `<stem>_heatmap.png`.
-        resume (`bool`): Reuse the finished cells of an existing `json_path` with the same model and T.
+            "heldout_score", "heldout_loss", "fewshot_loss", "forward_passes", "seconds", "anytime", ...}]}`,
+            rewritten after every cell.
+        plot_path (`str`, *optional*): PNG of score vs storage per method, plus `<stem>_heatmap.png` and the
+            any-time curves `<stem>_anytime_k<K>.png`.
+        resume (`bool`): Reuse the finished cells of an existing `json_path` with the same settings.
         cache_dir (`str`, *optional*), fetch (`bool`), show_progress (`bool`): As for the main job.
+        search_options (`dict`, *optional*): `search`, `restarts`, `final_pass`, `proposals_per_step`, `patience`
+            of the `d2c` methods (the `D2CMergeConfig` defaults for those not given).
+        variants (`dict[str, dict]`, *optional*): Extra D2C methods `d2c [name]` (see `cluster_methods`).
+        combination_type (`str`, *optional*): The merge of every method (default: `D2CMergeConfig`'s).
+        methods (`Sequence[str]`, *optional*): Run only these labels (references always run).
+        first_seed (`int`): The first seed.
 
     Returns:
         `dict`: the content of the JSON file.
 
     Raises:
-        ValueError: If `seeds` < 1, a K is out of range, or `--resume` meets a file of another model or T.
+        ValueError: If `seeds` < 1, a K is out of range, a method is unknown, or `--resume` meets a file of other
+            settings.
     """
     if seeds < 1:
         raise ValueError(f"`--seeds` must be >= 1, got {seeds}.")
+    combination_type = combination_type or _DEFAULTS["combination_type"]
+    table = cluster_methods(search_options, variants)
+    if methods is not None:
+        unknown = sorted(set(methods) - {label for label, _ in table})
+        if unknown:
+            raise ValueError(f"`--methods` must name methods of {[label for label, _ in table]}, got {unknown}.")
+        table = [(label, kwargs) for label, kwargs in table if label in methods]
     started = time.perf_counter()
     peft_model, tokenizer, source_info, fewshot, test = _load(model, cache_dir, fetch, show_progress)
     tasks = list(fewshot)
     for k in clusters:
         if not 1 <= k <= len(tasks):
             raise ValueError(f"`--clusters` values must be between 1 and {len(tasks)}, got {k}.")
-    settings = {"model": model, "base_model": source_info, "iterations": iterations, "tasks": tasks}
+    settings = {
+        "model": model,
+        "base_model": source_info,
+        "iterations": iterations,
+        "tasks": tasks,
+        "combination_type": combination_type,
+        "methods": {label: kwargs for label, kwargs in table},
+    }
     done: dict[tuple[str, int, int], dict[str, Any]] = {}
     if resume and os.path.isfile(json_path):
         with open(json_path, encoding="utf-8") as f:
             previous = json.load(f)
-        if {k: previous.get(k) for k in settings} != settings:
+        same = all(previous.get(k, _OLD_DEFAULTS.get(k)) == v for k, v in settings.items() if k != "methods")
+        old_methods = previous.get("methods", {})
+        same = same and all(old_methods.get(label, kwargs) == kwargs for label, kwargs in table)
+        if not same:
             raise ValueError(f"{json_path} holds a run with other settings; drop --resume or pick another --json.")
+        settings["methods"] = {**old_methods, **settings["methods"]}
         done = {(r["method"], r["num_clusters"], r["seed"]): r for r in previous["results"]}
         logger.info("Resuming: %d cells already done", len(done))
     results = dict(done)
+    anytime_scorer = _AnytimeScorer(peft_model, tokenizer, fewshot, combination_type)
 
     def save() -> dict[str, Any]:
         data = {**settings, "results": list(results.values())}
@@ -137,48 +220,29 @@ def run_benchmark(
             "per_task": scores,
         }
 
-    run_cell(("zero-shot", 0, 0), lambda: reference({t: BASE_ADAPTER for t in tasks}))
-    run_cell(("single-task LoRAs", len(tasks), 0), lambda: reference({t: t for t in tasks}))
-    for k in clusters:
-        for seed in range(seeds):
-            for label, kwargs in CLUSTER_METHODS:
+    labels = [label for label, _ in table]
+    try:
+        run_cell(("zero-shot", 0, 0), lambda: reference({t: BASE_ADAPTER for t in tasks}))
+        run_cell(("single-task LoRAs", len(tasks), 0), lambda: reference({t: t for t in tasks}))
+        for seed in range(first_seed, first_seed + seeds):
+            for k in clusters:
+                for label, kwargs in table:
 
-                def compute(label=label, kwargs=kwargs, k=k, seed=seed):
-                    prefix = f"bench{k}s{seed}m{[m for m, _ in CLUSTER_METHODS].index(label)}"
-                    config = D2CMergeConfig(
-                        num_clusters=k,
-                        num_iterations=iterations,
-                        seed=seed,
-                        merged_adapter_prefix=prefix,
-                        show_progress=show_progress,
-                        **kwargs,
-                    )
-                    result = merge_adapters_d2c(peft_model, fewshot, config, tokenizer=tokenizer)
-                    try:
-                        scores = evaluate_routing(peft_model, tokenizer, test, result.routing)
-                        heatmap = None
-                        if label == "d2c" and seed == 0:  # one task x cluster loss matrix per K, for the plot
-                            heatmap = {
-                                "tasks": tasks,
-                                "clusters": result.clusters,
-                                "losses": loss_matrix(peft_model, tokenizer, fewshot, result.merged_adapter_names),
-                            }
-                    finally:
-                        for name in result.merged_adapter_names:
-                            peft_model.delete_adapter(name)
-                    score, loss = _mean_scores(scores)
-                    return {
-                        "storage_fraction": k / len(tasks),
-                        "heldout_score": score,
-                        "heldout_loss": loss,
-                        "clusters": result.clusters,
-                        "fewshot_losses": result.task_losses,
-                        "per_task": scores,
-                        "search_stats": result.stats,
-                        **({"heatmap": heatmap} if heatmap else {}),
-                    }
+                    def compute(label=label, kwargs=kwargs, k=k, seed=seed):
+                        config = D2CMergeConfig(
+                            num_clusters=k,
+                            num_iterations=kwargs.get("num_iterations", iterations),
+                            seed=seed,
+                            merged_adapter_prefix=f"bench{k}s{seed}m{labels.index(label)}",
+                            show_progress=show_progress,
+                            combination_type=combination_type,
+                            **{key: value for key, value in kwargs.items() if key != "num_iterations"},
+                        )
+                        return _cell(peft_model, tokenizer, fewshot, test, config, label, anytime_scorer)
 
-                run_cell((label, k, seed), compute)
+                    run_cell((label, k, seed), compute)
+    finally:
+        anytime_scorer.close()
     data = save()
     data["seconds"] = time.perf_counter() - started
     if plot_path:
@@ -186,63 +250,107 @@ def run_benchmark(
     return data
 
 
-def summarize(data: dict[str, Any]) -> list[dict[str, Any]]:
-    """Mean ± std over seeds of every (method, K): rows `{method, num_clusters, storage, score, std, loss, n}`."""
-    groups: dict[tuple[str, int], list[dict[str, Any]]] = {}
-    for r in data["results"]:
-        groups.setdefault((r["method"], r["num_clusters"]), []).append(r)
-    order = [*REFERENCE_METHODS, *(label for label, _ in CLUSTER_METHODS)]
-    rows = []
-    for (method, k), cells in sorted(
-        groups.items(), key=lambda kv: (kv[0][1] if kv[0][0] in order[2:] else -1, order.index(kv[0][0]))
-    ):
-        scores = [c["heldout_score"] for c in cells]
-        rows.append(
-            {
-                "method": method,
-                "num_clusters": k,
-                "storage": cells[0]["storage_fraction"],
-                "score": statistics.mean(scores),
-                "std": statistics.stdev(scores) if len(scores) > 1 else 0.0,
-                "loss": statistics.mean(c["heldout_loss"] for c in cells),
-                "n": len(cells),
+# Settings of results files written before they were recorded.
+_OLD_DEFAULTS = {"combination_type": "ties"}
+
+
+def _cell(peft_model, tokenizer, fewshot, test, config: D2CMergeConfig, label: str, anytime_scorer) -> dict[str, Any]:
+    tasks = list(fewshot)
+    result = merge_adapters_d2c(peft_model, fewshot, config, tokenizer=tokenizer)
+    try:
+        scores = evaluate_routing(peft_model, tokenizer, test, result.routing)
+        heatmap = None
+        if label == "d2c" and config.seed == 0:  # one task x cluster loss matrix per K, for the plot
+            heatmap = {
+                "tasks": tasks,
+                "clusters": result.clusters,
+                "losses": loss_matrix(peft_model, tokenizer, fewshot, result.merged_adapter_names),
             }
-        )
-    return rows
-
-
-def format_table(data: dict[str, Any]) -> str:
-    """Markdown table in the shape of the paper's Table 1 (average held-out exact match %, mean ± std over seeds)."""
-    base = data.get("base_model", {}).get("model_id", data["model"])
-    lines = [f"| method | K | storage | {base} EM % | held-out loss | seeds |", "|---|---|---|---|---|---|"]
-    for row in summarize(data):
-        k = "-" if row["method"] in REFERENCE_METHODS else str(row["num_clusters"])
-        lines.append(
-            f"| {row['method']} | {k} | {100 * row['storage']:.1f}% | {100 * row['score']:.1f} ± "
-            f"{100 * row['std']:.1f} | {row['loss']:.3f} | {row['n']} |"
-        )
-    return "\n".join(lines)
-
-
-def plot_benchmark(data: dict[str, Any], path: str) -> list[str]:
-    """Score vs storage for every method (the Pareto view) and the task x cluster loss heatmap of the first D2C run
-    (largest K) next to it as `<stem>_heatmap.png` (drawn by `peft_d2c.evaluation.plots`)."""
-    rows = summarize(data)
-    series = {
-        method: [(100 * r["storage"], 100 * r["score"], 100 * r["std"]) for r in rows if r["method"] == method]
-        for method in dict.fromkeys(r["method"] for r in rows)
+    finally:
+        for name in result.merged_adapter_names:
+            peft_model.delete_adapter(name)
+    score, loss = _mean_scores(scores)
+    stats = {k: v for k, v in result.stats.items() if k != "trace"}
+    cell = {
+        "storage_fraction": config.num_clusters / len(tasks),
+        "heldout_score": score,
+        "heldout_loss": loss,
+        "fewshot_loss": sum(result.task_losses.values()) / len(tasks),
+        "forward_passes": result.stats["forward_passes"],
+        "clusters": result.clusters,
+        "fewshot_losses": result.task_losses,
+        "per_task": scores,
+        "search_stats": stats,
+        **({"heatmap": heatmap} if heatmap else {}),
     }
-    plot_score_vs_storage(
-        series,
-        path,
-        xlabel="storage (% of the single-task adapters kept)",
-        ylabel="held-out exact match (%)",
-        title=f"D2C vs baselines — {data.get('base_model', {}).get('model_id', data['model'])}",
-    )
-    written = [path]
-    heatmaps = sorted((r for r in data["results"] if "heatmap" in r), key=lambda r: -r["num_clusters"])
-    heatmap = heatmaps[0]["heatmap"] if heatmaps else None
-    if heatmap is not None:
-        heat_path = os.path.splitext(path)[0] + "_heatmap.png"
-        written.append(plot_loss_heatmap(heatmap["tasks"], heatmap["clusters"], heatmap["losses"], heat_path))
-    return written
+    if config.method == "d2c":
+        cell["initial_clusters"] = result.initial_clusters
+        cell["history"] = result.history
+        cell["anytime"] = anytime_curve(result, anytime_scorer)
+        anytime_scorer.close()  # its temporary merges leave the model (the losses stay memoised)
+    return cell
+
+
+def anytime_curve(result, total_of) -> list[list[float]]:
+    """`[[forward passes, mean few-shot loss], ...]` of a D2C run: the loss of the partition the search would
+    return if stopped then (the best finished start's, or the current partition's if lower), from 0 passes.
+
+    Records with `total_loss` (the partition objective) give it directly; for the others the partition is rebuilt
+    from the moves and scored by `total_of(clusters)` at every tenth step and the last one.
+    """
+    n = len(result.assignment)
+    fp_after = {records: passes for records, passes in result.stats["trace"]}
+    history = result.history
+    starts = [result.initial_clusters, *(r["start"] for r in result.stats.get("restarts", [])[1:])]
+    finished = result.stats.get("restarts", [])
+    clusters = [list(c) for c in starts[0]]
+    points = [[0, total_of(clusters) / n]]
+    restart, in_final, done_best = 0, False, float("inf")
+    every = max(1, len(history) // 10)
+    for index, record in enumerate(history):
+        if record.get("phase") == "final" and not in_final:
+            in_final = True
+            done_best = min(f["total_loss"] for f in finished)
+            best = min(range(len(finished)), key=lambda i: (finished[i]["total_loss"], i))
+            clusters = [list(c) for c in finished[best]["clusters"]]
+        elif record.get("phase") != "final" and record.get("restart", 0) != restart:
+            done_best = min(done_best, finished[restart]["total_loss"])
+            restart = record["restart"]
+            clusters = [list(c) for c in starts[restart]]
+        if "relocated" in record:
+            clusters[record["target"]].remove(record["relocated"])
+            clusters[record["joined"]] = sorted([*clusters[record["joined"]], record["relocated"]])
+        if record["accepted"]:
+            clusters[record["source"]].remove(record["task"])
+            clusters[record["target"]] = sorted([*clusters[record["target"]], record["task"]])
+        if "total_loss" in record:
+            current = record["total_loss"]
+        elif index % every == every - 1 or index == len(history) - 1:
+            current = total_of(clusters)
+        else:
+            continue
+        if index + 1 in fp_after:
+            points.append([fp_after[index + 1], min(done_best, current) / n])
+    if points[-1][0] < result.stats["forward_passes"]:  # the end: the returned partition, all passes counted
+        points.append([result.stats["forward_passes"], sum(result.task_losses.values()) / n])
+    return points
+
+
+class _AnytimeScorer:
+    """Total few-shot loss of a partition, memoised over the whole benchmark run; its passes are not counted."""
+
+    def __init__(self, peft_model, tokenizer, fewshot, combination_type: str) -> None:
+        config = D2CMergeConfig(num_clusters=1, combination_type=combination_type, merged_adapter_prefix="anytime")
+        examples = normalize_task_examples(fewshot)
+        examples = {task: items[: config.examples_per_task] for task, items in examples.items()}
+        self.model = peft_model
+        self.merger = AdapterMerger(peft_model, config)
+        self.scorer = LossScorer.for_config(peft_model, tokenizer, examples, self.merger)
+
+    def __call__(self, clusters: Sequence[Sequence[str]]) -> float:
+        self.model.eval()
+        return sum(self.scorer([(tuple(sorted(c)), t) for c in clusters for t in c]))
+
+    def close(self) -> None:
+        """Remove the temporary merged adapters from the model; the memoised losses are kept."""
+        self.merger.cleanup()

@@ -21,7 +21,8 @@ from collections.abc import Sequence
 
 from peft import PeftModel
 
-from ..config import SVD_TYPES, D2CMergeConfig, format_size, is_bytes_budget, parse_size
+from ..config import SVD_TYPES, UPDATE_TYPES, D2CMergeConfig
+from ..sizes import format_size, is_bytes_budget, parse_size
 from .lora import adapter_rank, lora_factors, lora_layers
 
 __all__ = [
@@ -41,7 +42,8 @@ def merged_rank(ranks: Sequence[int], combination_type: str, svd_rank: int | Non
     """Rank of the adapter PEFT's `add_weighted_adapter` creates from adapters of ranks `ranks`.
 
     PEFT merges a single adapter with `linear` (its own rank); `cat` sums the ranks; the `*svd` types use
-    `svd_rank` or the largest rank; the others need equal ranks and keep it.
+    `svd_rank` or the largest rank; the others need equal ranks and keep it. peft-d2c's update-space types
+    (`UPDATE_TYPES`) always give rank `svd_rank` or the largest rank, a single member included.
 
     Example:
         ```python
@@ -50,6 +52,8 @@ def merged_rank(ranks: Sequence[int], combination_type: str, svd_rank: int | Non
         ```
     """
     ranks = list(ranks)
+    if combination_type in UPDATE_TYPES:
+        return svd_rank or max(ranks)
     if len(ranks) == 1:
         return ranks[0]
     if combination_type == "cat":

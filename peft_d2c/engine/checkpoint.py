@@ -13,7 +13,7 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from ..config import D2CMergeConfig
@@ -28,13 +28,25 @@ CHECKPOINT_FORMAT = 1
 _RESUMABLE_SETTINGS = ("show_progress", "checkpoint_every")
 
 
+def score_fn_identity(score_fn: Callable | None) -> str:
+    """Which loss a run used: the built-in completion loss, or a user function by qualified name and code digest."""
+    if score_fn is None:
+        return "completion_loss"
+    name = f"{getattr(score_fn, '__module__', '?')}.{getattr(score_fn, '__qualname__', type(score_fn).__name__)}"
+    code = getattr(score_fn, "__code__", None) or getattr(type(score_fn).__call__, "__code__", None)
+    body = hashlib.sha256(code.co_code + repr(code.co_consts).encode()).hexdigest()[:16] if code else "no-code"
+    return f"custom:{name}:{body}"
+
+
 def run_fingerprint(
     config: D2CMergeConfig,
     adapter_names: Sequence[str],
     examples: Mapping[str, Sequence[Any]],
     adapter_digest: str,
     *,
-    custom_score_fn: bool = False,
+    score_fn: Callable | None = None,
+    tokenized: Mapping[str, Sequence[Any]] | None = None,
+    model_digest: str | None = None,
 ) -> dict[str, Any]:
     """What a search's results depend on, in a JSON-comparable form.
 
@@ -42,23 +54,33 @@ def run_fingerprint(
         config (`D2CMergeConfig`): The run's settings (those in `_RESUMABLE_SETTINGS` left out).
         adapter_names (`Sequence[str]`): The clustered adapters, in order.
         examples (`Mapping[str, Sequence]`): The examples of every task (objects with `to_dict()`, or dicts).
-        adapter_digest (`str`): A digest of the adapters' weights (see `merging.adapter_digest`).
-        custom_score_fn (`bool`): Whether a user score function replaces the built-in loss.
+        adapter_digest (`str`): A digest of the adapters' weights (see `peft_d2c.engine.lora.adapter_digest`).
+        score_fn (`Callable`, *optional*): The user score function replacing the built-in loss, if any.
+        tokenized (`Mapping[str, Sequence]`, *optional*): The token ids the loss sees (objects with `input_ids` and
+            `completion_start`): they change with the tokenizer and the chat template.
+        model_digest (`str`, *optional*): A digest of the base model's weights and dtype
+            (`peft_d2c.engine.lora.base_model_digest`).
 
     Returns:
-        `dict`: `config`, `adapters`, `adapter_weights`, `examples` and `score_fn` entries.
+        `dict`: `config`, `adapters`, `adapter_weights`, `examples`, `tokens`, `base_model` and `score_fn` entries.
     """
     settings = {k: v for k, v in config.to_dict().items() if k not in _RESUMABLE_SETTINGS}
     rows = {
         task: [e.to_dict() if hasattr(e, "to_dict") else dict(e) for e in items] for task, items in examples.items()
     }
     examples_digest = hashlib.sha256(json.dumps(rows, sort_keys=True).encode()).hexdigest()
+    tokens_digest = None
+    if tokenized:
+        ids = {task: [[list(t.input_ids), t.completion_start] for t in items] for task, items in tokenized.items()}
+        tokens_digest = hashlib.sha256(json.dumps(ids, sort_keys=True).encode()).hexdigest()
     return {
         "config": settings,
         "adapters": list(adapter_names),
         "adapter_weights": adapter_digest,
         "examples": examples_digest,
-        "score_fn": "custom" if custom_score_fn else "completion_loss",
+        "tokens": tokens_digest,
+        "base_model": model_digest,
+        "score_fn": score_fn_identity(score_fn),
     }
 
 
@@ -119,6 +141,10 @@ def _differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
         out.append("the adapters' weights changed")
     if saved.get("examples") != current.get("examples"):
         out.append("the task examples changed")
+    if saved.get("tokens") != current.get("tokens"):
+        out.append("the token ids of the examples changed (another tokenizer or chat template)")
+    if saved.get("base_model") != current.get("base_model"):
+        out.append("the base model's weights or dtype changed")
     if saved.get("score_fn") != current.get("score_fn"):
         out.append(f"the score function was {saved.get('score_fn')!r}, now {current.get('score_fn')!r}")
     return out

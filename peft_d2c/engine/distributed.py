@@ -14,6 +14,7 @@ process. Launch two CPU processes with `accelerate launch --multi_gpu --num_proc
 
 from __future__ import annotations
 
+import datetime
 import logging
 import os
 from collections.abc import Callable, Sequence
@@ -22,6 +23,8 @@ from typing import Any, TypeVar
 import torch
 
 logger = logging.getLogger(__name__)
+
+DEFAULT_SYNC_TIMEOUT_S = 300.0
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -56,6 +59,9 @@ class SingleProcess:
 
     def wait_for_everyone(self) -> None:
         """Nothing to wait for."""
+
+    def check_same_run(self, fingerprint: str, *, timeout_s: float | None = None) -> None:
+        """Nothing to compare on one process."""
 
     def close(self) -> None:
         """Nothing to close."""
@@ -130,6 +136,42 @@ class AccelerateProcesses(SingleProcess):
 
     def wait_for_everyone(self) -> None:
         self.state.wait_for_everyone()
+
+    def check_same_run(self, fingerprint: str, *, timeout_s: float | None = None) -> None:
+        """Check, before any work, that every process called the same run (same config, adapters and examples).
+
+        A call on the main process only (inside `if accelerator.is_main_process:`) would otherwise wait forever in
+        the first gather, and processes holding different examples or adapters would mix their losses silently. On
+        the gloo (CPU) backend the processes first meet in a barrier that gives up after `timeout_s` seconds
+        (default: `$PEFT_D2C_SYNC_TIMEOUT`, else 300).
+
+        Raises:
+            RuntimeError: If the other processes do not arrive in time (the message says to pass `SingleProcess()`).
+            ValueError: If the processes' fingerprints differ.
+        """
+        from accelerate.utils import gather_object  # only multi-process runs get here
+
+        if self.num_processes == 1:
+            return
+        if timeout_s is None:
+            timeout_s = float(os.environ.get("PEFT_D2C_SYNC_TIMEOUT", DEFAULT_SYNC_TIMEOUT_S))
+        if torch.distributed.get_backend() == "gloo":  # NCCL has no monitored barrier
+            try:
+                torch.distributed.monitored_barrier(timeout=datetime.timedelta(seconds=timeout_s))
+            except RuntimeError as error:
+                raise RuntimeError(
+                    f"Process {self.process_index} of {self.num_processes} waited {timeout_s:.0f} s for the others "
+                    "at the start of merge_adapters_d2c. Under `accelerate launch` every process must call it; to run "
+                    "it on one process only (e.g. inside `if accelerator.is_main_process:`), pass "
+                    "`process_group=peft_d2c.engine.distributed.SingleProcess()`."
+                ) from error
+        fingerprints = gather_object([(self.process_index, fingerprint)])
+        different = sorted(rank for rank, value in fingerprints if value != fingerprints[0][1])
+        if different:
+            raise ValueError(
+                f"Processes {different} called merge_adapters_d2c with other settings, adapters or examples than "
+                "process 0; every process must pass the same config, the same adapters and the same examples."
+            )
 
     def close(self) -> None:
         """Wait for every process, then tear the process group down.

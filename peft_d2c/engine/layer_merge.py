@@ -8,11 +8,13 @@ between releases (PEFT 0.21 stopped applying the LoRA scaling twice in the SVD h
 checks them once per process on a tiny merge against the closed-form update ΔW = Σ w_i·s_i·B_i·A_i computed here
 from the raw factors. When they disagree, peft-d2c warns (`D2CWarning`) and uses `own_merge_layer`, which
 computes every combination type from PEFT's public `merge_utils` functions as the PEFT documentation describes.
-May import `peft_d2c.config` and `peft_d2c.errors` only.
+`update_merge_into` feeds the layers' factors, scalings and LoRA biases to the rank-r update-space merges of
+`peft_d2c.engine.merge_methods`. May import `peft_d2c.config`, `peft_d2c.errors` and `engine.merge_methods` only.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import math
@@ -27,6 +29,7 @@ from peft.utils.merge_utils import dare_linear, dare_ties, magnitude_prune, task
 
 from ..config import SVD_TYPES
 from ..errors import D2CWarning
+from .merge_methods import merge_biases, merge_updates
 
 logger = logging.getLogger(__name__)
 
@@ -145,7 +148,7 @@ class _TinyLinear(torch.nn.Module):
 def _helper_errors() -> dict[str, float]:
     """Relative error of PEFT's helpers against the closed form on a tiny two-adapter merge, per helper."""
     generator = torch.Generator().manual_seed(0)
-    configs = {"a": (2, 6.0), "b": (3, 2.0)}  # (r, lora_alpha): scalings 3 and 2/3, so a doubled scaling shows
+    configs = {"one": (2, 6.0), "two": (3, 2.0)}  # (r, lora_alpha): scalings 3 and 2/3, so a doubled scaling shows
     model = None
     for name, (r, alpha) in configs.items():
         config = LoraConfig(r=r, lora_alpha=alpha, target_modules=["proj"], init_lora_weights=False)
@@ -162,17 +165,17 @@ def _helper_errors() -> dict[str, float]:
             factors[name] = (layer.lora_A[name].weight.double(), layer.lora_B[name].weight.double())
     weights = [0.7, 0.4]
     scalings = [alpha / r for r, alpha in configs.values()]
-    (a_a, b_a), (a_b, b_b) = factors["a"], factors["b"]
+    (a_a, b_a), (a_b, b_b) = factors["one"], factors["two"]
     # svd: the exact weighted sum of the full updates (total rank 5 = the merged rank: no truncation error).
     expected_svd = weights[0] * scalings[0] * b_a @ a_a + weights[1] * scalings[1] * b_b @ a_b
-    # linear needs equal ranks: merge "a" with itself, factors combined separately with √(w·s) each.
+    # linear needs equal ranks: merge "one" with itself, factors combined separately with √(w·s) each.
     c = [math.sqrt(w * scalings[0]) for w in weights]
     expected_linear = ((c[0] + c[1]) * b_a) @ ((c[0] + c[1]) * a_a)
     errors = {}
     lora_model = model.base_model
     for kind, members, rank, expected in (
-        ("svd", ["a", "b"], 5, expected_svd),
-        ("linear", ["a", "a"], 2, expected_linear),
+        ("svd", ["one", "two"], 5, expected_svd),
+        ("linear", ["one", "one"], 2, expected_linear),
     ):
         target_a = torch.zeros(rank, 7)
         target_b = torch.zeros(5, rank)
@@ -230,3 +233,100 @@ def peft_helpers_verified() -> bool:
         stacklevel=2,
     )
     return False
+
+
+def update_merge_into(
+    combination_type: str,
+    members: Sequence[str],
+    weights: Sequence[float],
+    layers: Sequence[LoraLayer],
+    adapter_name: str,
+    *,
+    rank: int,
+    density: float,
+    majority_sign_method: str,
+) -> None:
+    """Merge `members` with a rank-r update-space type (`peft_d2c.config.UPDATE_TYPES`) into the existing adapter
+    `adapter_name` of every layer in `layers` (its factors, and its LoRA bias if it has one, are overwritten).
+
+    Each member's update is s_i·B_i·A_i with its own scaling s_i as PEFT applies it in that layer (`layer.scaling`:
+    alpha/r, alpha/sqrt(r) for rslora, `rank_pattern` / `alpha_pattern`), and its LoRA bias (`lora_bias=True`) is
+    s_i·b_i; the maths is `peft_d2c.engine.merge_methods`, one batched call per group of layers with the same shapes
+    (the same projection in every block). The merged factors are for scaling 1 (`lora_alpha = r`); a merged bias
+    where no member has one is zero.
+
+    Raises:
+        NotImplementedError: For a convolutional LoRA layer.
+    """
+    groups: dict[tuple, list[tuple[LoraLayer, list]]] = {}
+    for layer in layers:
+        if _factors(layer, adapter_name) is None:
+            continue
+        if isinstance(layer.get_base_layer(), torch.nn.Conv2d | torch.nn.Conv1d | torch.nn.Conv3d):
+            raise NotImplementedError("peft-d2c's update-space merges do not handle convolutional LoRA layers.")
+        present = []
+        for member, weight in zip(members, weights, strict=True):
+            factors = _factors(layer, member)
+            if factors is not None:
+                bias = layer.lora_B[member].bias if member in layer.lora_B else None
+                present.append((member, weight, factors, bias))
+        if not present:
+            raise ValueError(f"None of {list(members)} adapts this layer.")
+        key = tuple((m, a.shape, b.shape, bias is not None) for m, _, (a, b), bias in present)
+        groups.setdefault(key, []).append((layer, present))
+    with torch.no_grad():
+        for entries in groups.values():
+            _merge_group(combination_type, entries, adapter_name, rank, density, majority_sign_method)
+
+
+def _merge_group(combination_type, entries, adapter_name, rank, density, majority_sign_method) -> None:
+    """One batched merge of layers whose members have the same shapes (see `update_merge_into`)."""
+    first = entries[0][1]
+    weights = [weight for _, weight, _, _ in first]
+    pairs = []
+    for index, (member, _, _, _) in enumerate(first):
+        scalings = [float(layer.scaling[member]) for layer, _ in entries]
+        b = torch.stack([present[index][2][1] for _, present in entries])
+        a = torch.stack([present[index][2][0] * s for (_, present), s in zip(entries, scalings, strict=True)])
+        pairs.append((b, a))
+    new_a, new_b = merge_updates(
+        combination_type, pairs, weights, rank=rank, density=density, majority_sign_method=majority_sign_method
+    )
+    biases = None
+    if any(bias is not None for _, _, _, bias in first):
+        vectors = []
+        for index, (member, _, _, bias) in enumerate(first):
+            if bias is None:
+                vectors.append(new_b.new_zeros(new_b.shape[:-1]))
+            else:
+                vectors.append(
+                    torch.stack([present[index][3] * float(layer.scaling[member]) for layer, present in entries])
+                )
+        biases = merge_biases(
+            combination_type, vectors, weights, density=density, majority_sign_method=majority_sign_method
+        )
+    for position, (layer, _) in enumerate(entries):
+        target_a, target_b = _factors(layer, adapter_name)  # the parameters' storage: written in place
+        target_a.copy_(new_a[position])
+        target_b.copy_(new_b[position])
+        target_bias = layer.lora_B[adapter_name].bias if adapter_name in layer.lora_B else None
+        if target_bias is not None:
+            target_bias.copy_(biases[position] if biases is not None else torch.zeros_like(target_bias))
+
+
+def merged_lora_config(configs: Sequence[LoraConfig], rank: int) -> LoraConfig:
+    """The `LoraConfig` of an update-space merge of adapters with these configs: an ordinary LoRA of rank `rank` and
+    scaling 1 (`lora_alpha = rank`, no rslora, no rank or alpha pattern), with a LoRA bias if any member has one,
+    on the first member's target modules. Initialised like a fresh LoRA (never PiSSA / LoftQ, which would change the
+    base weights); the merge then writes every factor."""
+    return dataclasses.replace(
+        configs[0],
+        r=rank,
+        lora_alpha=rank,
+        use_rslora=False,
+        rank_pattern={},
+        alpha_pattern={},
+        lora_bias=any(config.lora_bias for config in configs),
+        init_lora_weights=True,
+        inference_mode=configs[0].inference_mode,
+    )

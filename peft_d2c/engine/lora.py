@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 
 import numpy as np
@@ -17,8 +19,8 @@ from peft import PeftModel
 from peft.tuners.lora import LoraLayer, LoraModel
 from peft.utils import PeftType
 
-from ..config import EQUAL_RANK_TYPES, check_adapter_name
-from ..errors import UnsupportedAdapterError
+from ..config import EQUAL_RANK_TYPES, SVD_TYPES, UPDATE_TYPES, check_adapter_name
+from ..errors import D2CWarning, UnsupportedAdapterError
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +41,8 @@ UNMERGEABLE_FLAGS = {
     "trainable_token_indices": "trainable tokens (trainable_token_indices)",
     "layer_replication": "layer replication",
 }
+# Flags the update-space types (`config.UPDATE_TYPES`) merge exactly: each update with its own scaling, the bias folded.
+EXACT_IN_UPDATE_SPACE = ("use_rslora", "lora_bias")
 
 
 def lora_layers(peft_model: PeftModel) -> Iterator[tuple[str, LoraLayer]]:
@@ -95,7 +99,8 @@ def check_source_adapters(peft_model: PeftModel, adapter_names: Sequence[str], c
         ValueError: If an adapter does not exist, adapters adapt different modules, or ranks differ where the
             combination type needs equal ranks.
         UnsupportedAdapterError: If an adapter is not a plain LoRA (DoRA, rslora, lora_bias and other variants are
-            merged wrongly by PEFT, peft issue 3761).
+            merged wrongly by PEFT, peft issue 3761). rslora and lora_bias pass for the update-space types
+            (`config.UPDATE_TYPES`), which merge them exactly; DoRA never does.
     """
     for name in adapter_names:
         if name not in peft_model.peft_config:
@@ -104,10 +109,25 @@ def check_source_adapters(peft_model: PeftModel, adapter_names: Sequence[str], c
         if config.peft_type != PeftType.LORA:
             raise UnsupportedAdapterError(f"Adapter {name!r} is a {config.peft_type} adapter; only LoRA is supported.")
         for flag, feature in UNMERGEABLE_FLAGS.items():
+            if combination_type in UPDATE_TYPES and flag in EXACT_IN_UPDATE_SPACE:
+                continue
             if getattr(config, flag, None):
+                hint = (
+                    f" or one of {list(UPDATE_TYPES)} as `combination_type`" if flag in EXACT_IN_UPDATE_SPACE else ""
+                )
                 raise UnsupportedAdapterError(
                     f"Adapter {name!r} uses {feature}; PEFT cannot merge it faithfully (peft issue 3761). "
-                    "Use plain LoRA adapters."
+                    f"Use plain LoRA adapters{hint}."
+                )
+    if combination_type not in (*SVD_TYPES, *UPDATE_TYPES):
+        for name in adapter_names:
+            if peft_model.peft_config[name].rank_pattern:
+                # PEFT sizes the merged adapter from each config's `r`: a module with another rank gets the wrong
+                # shape (`cat`) or is combined with factors of another rank (`ties`, `linear`, ...).
+                raise UnsupportedAdapterError(
+                    f"Adapter {name!r} has a `rank_pattern` (ranks per module); PEFT's {combination_type!r} merge "
+                    "assumes one rank per adapter. Use an `*svd` combination type, which merges every module's full "
+                    "update."
                 )
     for module_name, layer in lora_layers(peft_model):
         for name in adapter_names:
@@ -241,3 +261,69 @@ def resolve_adapter_names(
     if not names:
         raise ValueError(f"No adapter to cluster: none of the loaded adapters {loaded} has examples.")
     return names
+
+
+def base_model_digest(peft_model: PeftModel) -> str:
+    """A cheap digest of the base model's weights and dtypes (not the LoRA weights): for each parameter its name,
+    dtype, shape, sum and sum of squares (in float64) and its first elements. Checkpoints use it to spot a resumed
+    run on another base model or dtype."""
+    digest = hashlib.sha256()
+    with torch.no_grad():
+        for name, param in peft_model.get_base_model().named_parameters():
+            if "lora_" in name:
+                continue
+            flat = param.detach().reshape(-1)
+            head = flat[:8].double().cpu().tolist()
+            stats = (flat.double().sum().item(), flat.double().square().sum().item())
+            digest.update(f"{name}|{param.dtype}|{tuple(param.shape)}|{stats!r}|{head!r}".encode())
+    return digest.hexdigest()
+
+
+def _is_local_path(value: str) -> bool:
+    return os.path.isabs(value) or value.startswith(("./", "../", "~")) or os.path.exists(value)
+
+
+def _model_name(value: str) -> str:
+    """The last component of a Hub id or a folder: what a local copy of a Hub model is usually named."""
+    return os.path.basename(os.path.normpath(os.path.expanduser(value))).lower()
+
+
+def check_base_models(peft_model: PeftModel, adapter_names: Sequence[str], *, allow_mixed: bool = False) -> None:
+    """Refuse adapters trained on different base models (their `base_model_name_or_path`), before any work.
+
+    Different Hub ids (e.g. a base model and its Instruct variant, which have the same shapes) or different local
+    folders are refused; a local folder and a Hub id with the same model name (the folder is probably a download of
+    that repo) only warn. Adapters that record no base model are not compared.
+
+    Raises:
+        ValueError: If two adapters name different base models and `allow_mixed` is `False`.
+    """
+    bases: dict[str, list[str]] = {}
+    for name in adapter_names:
+        base = peft_model.peft_config[name].base_model_name_or_path
+        if base:
+            key = os.path.realpath(os.path.expanduser(base)) if _is_local_path(base) else base
+            bases.setdefault(key, []).append(name)
+    if len(bases) < 2:
+        return
+    listing = "; ".join(f"{base!r}: {names}" for base, names in bases.items())
+    local = [b for b in bases if _is_local_path(b)]
+    hub = [b for b in bases if not _is_local_path(b)]
+    same_model = len(hub) == 1 and len(local) == 1 and _model_name(hub[0]) == _model_name(local[0])
+    if same_model or allow_mixed:
+        warnings.warn(
+            f"The adapters record different base models ({listing})"
+            + (
+                "; the local folder is taken to be a copy of the Hub model of the same name."
+                if same_model and local
+                else "; merging them anyway (`allow_mixed_base_models=True`)."
+            ),
+            D2CWarning,
+            stacklevel=3,
+        )
+        return
+    raise ValueError(
+        f"The adapters were trained on different base models ({listing}); merging them would mix updates of "
+        "different weights. Cluster adapters of one base model, or pass "
+        "`D2CMergeConfig(allow_mixed_base_models=True)` if the bases really are the same weights."
+    )

@@ -20,14 +20,24 @@ from peft import PeftModel
 from peft.tuners.lora import LoraLayer
 from peft.utils.merge_utils import calculate_majority_sign_mask, disjoint_merge, prune, reshape_weight_task_tensors
 
-from ..config import RANDOM_TYPES, D2CMergeConfig
+from ..config import RANDOM_TYPES, UPDATE_TYPES, D2CMergeConfig
 from .budget import merged_rank
-from .layer_merge import own_merge_layer, peft_helpers_verified, peft_merge_layer
+from .layer_merge import (
+    merged_lora_config,
+    own_merge_layer,
+    peft_helpers_verified,
+    peft_merge_layer,
+    update_merge_into,
+)
 from .lora import adapter_rank, check_new_adapter_name, lora_factors, lora_layers
 
 logger = logging.getLogger(__name__)
 
 Members = tuple[str, ...]
+
+
+# Types whose members all get weight 1 (a disjoint mean after pruning, or TSV-M's sum of orthogonalised directions).
+_WEIGHT_ONE_TYPES = ("ties", "ties_svd", "dare_ties", "dare_ties_svd", "core_ties", "knots_ties", "tsv_m")
 
 
 def merge_weights_for(combination_type: str, cluster_size: int, override: float | None = None) -> list[float]:
@@ -38,6 +48,9 @@ def merge_weights_for(combination_type: str, cluster_size: int, override: float 
     - `ties`, `ties_svd`, `dare_ties`, `dare_ties_svd` take a disjoint mean after pruning: w_i = 1.
     - `linear`, `dare_linear`, `magnitude_prune` sum √w_i·A_i and √w_i·B_i separately: w_i = 1/k² gives
       mean(B)·mean(A), which is exact for identical copies (w_i = 1/k would give k·ΔW).
+    - peft-d2c's update-space types (`peft_d2c.engine.merge_methods`): `core_ta` sums w_i·ΔW_i (w_i = 1/k, the
+      mean); `core_ties` and `knots_ties` take TIES' disjoint mean (w_i = 1); `tsv_m` sums its members'
+      orthogonalised singular directions, each scaled by w_i (w_i = 1, as in TSV-M).
 
     A single-member cluster always gets weight 1 (PEFT then copies the adapter), unless `override` is given.
 
@@ -59,7 +72,7 @@ def merge_weights_for(combination_type: str, cluster_size: int, override: float 
     """
     if override is not None:
         return [float(override)] * cluster_size
-    if cluster_size == 1 or combination_type in ("ties", "ties_svd", "dare_ties", "dare_ties_svd"):
+    if cluster_size == 1 or combination_type in _WEIGHT_ONE_TYPES:
         return [1.0] * cluster_size
     if combination_type in ("linear", "dare_linear", "magnitude_prune"):
         return [1.0 / cluster_size**2] * cluster_size
@@ -85,7 +98,9 @@ class AdapterMerger:
     module (which dominates the cost of a merge on real models). For `ties` and `magnitude_prune`, each source
     adapter's magnitude-pruned factors are kept for the run (one extra copy of the source LoRA weights at most), since
     PEFT prunes every member on its own. `dare_*` merges, whose random masks depend on the module construction, and
-    slots of another rank (`cat` of clusters of other sizes) use a full PEFT merge.
+    slots of another rank (`cat` of clusters of other sizes) use a full PEFT merge. The update-space types
+    (`config.UPDATE_TYPES`) create a plain rank-r LoRA with PEFT's `add_adapter` and write its factors with
+    `layer_merge.update_merge_into`, for full merges and refills alike.
 
     Args:
         peft_model (`PeftModel`): The model holding the source adapters; merged adapters are added to it.
@@ -139,17 +154,23 @@ class AdapterMerger:
         try:
             with torch.random.fork_rng():
                 torch.manual_seed(merge_seed(config.seed, members))
-                self.peft_model.add_weighted_adapter(
-                    members,
-                    weights,
-                    adapter_name,
-                    combination_type=config.combination_type,
-                    svd_rank=config.svd_rank,
-                    density=config.density,
-                    majority_sign_method=config.majority_sign_method,
-                )
+                if config.combination_type in UPDATE_TYPES:
+                    # A fresh rank-r LoRA (scaling 1) from PEFT's `add_adapter`; every layer is then written here.
+                    configs = [self.peft_model.peft_config[m] for m in members]
+                    self.peft_model.add_adapter(adapter_name, merged_lora_config(configs, self.rank_of(members)))
+                    self._write_layers(members, adapter_name, config.combination_type, weights, self.rank_of(members))
+                else:
+                    self.peft_model.add_weighted_adapter(
+                        members,
+                        weights,
+                        adapter_name,
+                        combination_type=config.combination_type,
+                        svd_rank=config.svd_rank,
+                        density=config.density,
+                        majority_sign_method=config.majority_sign_method,
+                    )
                 combination_type = "linear" if len(members) == 1 else config.combination_type  # PEFT's rule
-                if not self._trust_peft and combination_type != "cat":
+                if not self._trust_peft and combination_type not in ("cat", *UPDATE_TYPES):
                     # PEFT's layers were computed by its unverified private helpers: recompute them here.
                     torch.manual_seed(merge_seed(config.seed, members))
                     self._write_layers(members, adapter_name, combination_type, weights, self.rank_of(members))
@@ -160,8 +181,20 @@ class AdapterMerger:
             raise
         finally:
             self.merge_seconds += time.perf_counter() - started
+        self._match_layer_modes(adapter_name)
         self.num_merges += 1
         return adapter_name
+
+    def _match_layer_modes(self, adapter_name: str) -> None:
+        """Put the modules PEFT just built for `adapter_name` in the train/eval mode of their LoRA layer.
+
+        `add_weighted_adapter` creates the merged adapter's `lora_dropout` modules in training mode even in an eval
+        model: with source adapters saved with `lora_dropout > 0`, every loss under the merge would be random.
+        """
+        for _, layer in self._layers:
+            for container in (layer.lora_dropout, layer.lora_A, layer.lora_B):
+                if adapter_name in container:
+                    container[adapter_name].train(layer.training)
 
     def rank_of(self, members: Sequence[str]) -> int:
         """Rank of the adapter PEFT creates for `members` (see `peft_d2c.engine.budget.merged_rank`)."""
@@ -187,7 +220,9 @@ class AdapterMerger:
                 f"Adapter {adapter_name!r} has rank {self.peft_model.peft_config[adapter_name].r}, "
                 f"the merge of {members} needs {new_rank}."
             )
-        combination_type = "linear" if len(members) == 1 else config.combination_type  # PEFT's rule
+        combination_type = config.combination_type
+        if len(members) == 1 and combination_type not in UPDATE_TYPES:
+            combination_type = "linear"  # PEFT's rule
         weights = merge_weights_for(config.combination_type, len(members), config.merge_weight)
         started = time.perf_counter()
         self._write_layers(members, adapter_name, combination_type, weights, new_rank)
@@ -203,6 +238,10 @@ class AdapterMerger:
         config = self.config
         lora_model = self.peft_model.base_model
         settings = {"rank": rank, "density": config.density, "majority_sign_method": config.majority_sign_method}
+        if combination_type in UPDATE_TYPES:  # every layer at once, batched over layers of the same shapes
+            layers = [layer for _, layer in self._layers]
+            update_merge_into(combination_type, members, weights, layers, adapter_name, **settings)
+            return
         with torch.no_grad():
             for layer_index, (_, layer) in enumerate(self._layers):
                 target = lora_factors(layer, adapter_name)
@@ -297,8 +336,9 @@ class AdapterMerger:
         if not self._can_refill or not self._free_slots:
             return None
         rank = self.rank_of(key)
+        bias = any(self.peft_model.peft_config[m].lora_bias for m in key)  # a slot holds a LoRA bias or not
         for index, name in enumerate(self._free_slots):
-            if self.peft_model.peft_config[name].r == rank:
+            if self.peft_model.peft_config[name].r == rank and self.peft_model.peft_config[name].lora_bias == bias:
                 del self._free_slots[index]
                 try:
                     return self.refill(key, name)

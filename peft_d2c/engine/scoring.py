@@ -1,4 +1,4 @@
-"""Loss of a merged adapter on a task's few-shot examples: tokenised once, batched, memoised for the whole run.
+"""Loss of a merged adapter on a task's few-shot examples: tokenised once (`tokenization`), batched, memoised.
 
 The loss is the mean token cross-entropy of the completions given their prompts, pooled over the task's examples
 (prompt and padding tokens masked). Prompt and completion are tokenised separately and concatenated, with EOS
@@ -12,8 +12,8 @@ import inspect
 import logging
 import math
 import time
+import weakref
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +23,7 @@ from ..data.examples import Example
 from ..errors import NonFiniteLossError
 from .distributed import SingleProcess
 from .merging import AdapterMerger
+from .tokenization import TokenizedExample, check_token_ids, pad_token_id_for, tokenize_example
 
 logger = logging.getLogger(__name__)
 
@@ -31,57 +32,45 @@ UserScoreFn = Callable[[torch.nn.Module, str, str, list[dict[str, str]]], float]
 IGNORE_INDEX = -100
 
 
-@dataclass(frozen=True)
-class TokenizedExample:
-    """Token ids of prompt + completion, and where the completion starts."""
-
-    input_ids: tuple[int, ...]
-    completion_start: int
-
-
-def tokenize_example(
-    tokenizer, example: Example, *, use_chat_template: bool = False, max_length: int | None = None
-) -> TokenizedExample:
-    """Tokenise one example the way every peft-d2c loss sees it.
-
-    The prompt keeps the tokenizer's special tokens (e.g. BOS); the completion gets none but a final EOS. With
-    `max_length`, the prompt is cut from the left so the completion is always scored whole.
-    """
-    prompt = example.prompt
-    if use_chat_template:
-        prompt = tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
-        )
-        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    else:
-        prompt_ids = tokenizer(prompt)["input_ids"]
-    completion_ids = tokenizer(example.completion, add_special_tokens=False)["input_ids"]
-    if tokenizer.eos_token_id is not None:
-        completion_ids = [*completion_ids, tokenizer.eos_token_id]
-    if max_length is not None and len(prompt_ids) + len(completion_ids) > max_length:
-        keep = max(1, max_length - len(completion_ids))
-        prompt_ids = prompt_ids[-keep:]
-        completion_ids = completion_ids[: max_length - keep]
-    return TokenizedExample(tuple(prompt_ids) + tuple(completion_ids), len(prompt_ids))
-
-
-def pad_token_id_for(tokenizer) -> int:
-    """The id used to pad batches: the tokenizer's pad token, else its EOS, else 0 (padding is always masked)."""
-    if tokenizer.pad_token_id is not None:
-        return tokenizer.pad_token_id
-    return tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+# model -> whether it accepts a boolean `logits_to_keep` mask (found by trying it once; see `_keeps_logits_by_mask`).
+_MASK_SUPPORT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _keeps_logits_by_mask(model: torch.nn.Module) -> bool:
-    """Whether the model can be asked for the logits of the completion positions only (`logits_to_keep` as a boolean
-    mask, transformers >= 5). Not when the output layer is itself adapted: PEFT's mixed-adapter batches split the
-    rows of each LoRA layer's input by batch row, which a flattened selection of positions no longer has."""
-
+    """Whether the model can be asked for the logits of the completion positions only (a boolean `logits_to_keep`
+    mask). Found by trying it once on a three-token input: transformers 4.49 to 5.20 accept the argument but fail on
+    a boolean mask (`IndexError: too many indices`), older releases name it otherwise. Not when the output layer is
+    itself adapted: PEFT's mixed-adapter batches split the rows of each LoRA layer's input by batch row, which a
+    flattened selection of positions no longer has."""
     get_output_embeddings = getattr(model, "get_output_embeddings", None)
     if get_output_embeddings is None or isinstance(get_output_embeddings(), BaseTunerLayer):
         return False
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return "logits_to_keep" in inspect.signature(base.forward).parameters
+    if "logits_to_keep" not in inspect.signature(base.forward).parameters:
+        return False
+    if model not in _MASK_SUPPORT:
+        device = next(model.parameters()).device
+        keep = torch.tensor([[False, True, True]], device=device)
+        try:
+            with torch.inference_mode():
+                logits = model(input_ids=torch.zeros((1, 3), dtype=torch.long, device=device), logits_to_keep=keep)
+            supported = logits.logits.reshape(-1, logits.logits.shape[-1]).shape[0] == 2
+        except Exception as error:  # any failure means: this transformers cannot do it, use full logits
+            logger.info("Boolean logits_to_keep is not supported here (%s: %s).", type(error).__name__, error)
+            supported = False
+        _MASK_SUPPORT[model] = supported
+    return _MASK_SUPPORT[model]
+
+
+def _token_batches(order: Sequence[int], lengths: Sequence[int], batch_size: int, max_tokens: int | None):
+    """Consecutive slices of `order` (rows sorted longest first) with at most `batch_size` rows and, with
+    `max_tokens`, at most that many tokens once padded to the slice's first (longest) row; a longer row goes alone."""
+    start = 0
+    while start < len(order):
+        width = lengths[order[start]]
+        size = batch_size if max_tokens is None else max(1, min(batch_size, max_tokens // max(width, 1)))
+        yield order[start : start + size]
+        start += size
 
 
 def completion_loss_sums(
@@ -91,13 +80,15 @@ def completion_loss_sums(
     *,
     pad_token_id: int,
     batch_size: int,
+    max_batch_tokens: int | None = None,
 ) -> tuple[list[float], list[int], int]:
     """Summed completion cross-entropy and completion token count of every row, each under its own adapter.
 
     `adapter_names` has one name per row for a `PeftModel` (PEFT's mixed-adapter batches), or is `None` for a plain
     model.
 
-    Rows are sorted by length and padded to the longest row of their batch. Where the model supports it, the output
+    Rows are sorted by length and padded to the longest row of their batch; a batch holds at most `batch_size` rows
+    and, with `max_batch_tokens`, at most that many tokens (rows x longest row). Where the model supports it, the output
     layer runs only at the positions that predict a completion token (`logits_to_keep`): with a large vocabulary it
     is a sizeable part of a forward pass, and prompt positions are never scored. The caller puts the model in eval
     mode (PEFT refuses `adapter_names` in training mode).
@@ -112,8 +103,8 @@ def completion_loss_sums(
     order = sorted(range(len(rows)), key=lambda i: len(rows[i].input_ids), reverse=True)
     forward_passes = 0
     with torch.inference_mode():
-        for start in range(0, len(order), batch_size):
-            batch = order[start : start + batch_size]
+        lengths = [len(row.input_ids) for row in rows]
+        for batch in _token_batches(order, lengths, batch_size, max_batch_tokens):
             width = max(len(rows[i].input_ids) for i in batch)
             input_ids = torch.full((len(batch), width), pad_token_id, dtype=torch.long)
             attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
@@ -244,6 +235,7 @@ class LossScorer:
             examples,
             merger,
             batch_size=config.batch_size,
+            max_batch_tokens=config.max_batch_tokens,
             use_chat_template=config.use_chat_template,
             max_length=config.max_length,
             user_score_fn=user_score_fn,
@@ -258,6 +250,7 @@ class LossScorer:
         merger: AdapterMerger,
         *,
         batch_size: int = 32,
+        max_batch_tokens: int | None = None,
         use_chat_template: bool = False,
         max_length: int | None = None,
         user_score_fn: UserScoreFn | None = None,
@@ -267,6 +260,7 @@ class LossScorer:
         self.merger = merger
         self.examples = {task: list(items) for task, items in examples.items()}
         self.batch_size = batch_size
+        self.max_batch_tokens = max_batch_tokens
         self.user_score_fn = user_score_fn
         self.process_group = process_group if process_group is not None else SingleProcess()
         self.cache: dict[tuple[Members, str], float] = {}
@@ -280,11 +274,14 @@ class LossScorer:
             self.pad_token_id = pad_token_id_for(tokenizer)
             self.tokenized = {
                 task: [
-                    tokenize_example(tokenizer, ex, use_chat_template=use_chat_template, max_length=max_length)
+                    tokenize_example(
+                        tokenizer, ex, use_chat_template=use_chat_template, max_length=max_length, task=task
+                    )
                     for ex in items
                 ]
                 for task, items in self.examples.items()
             }
+            check_token_ids(model, self.tokenized)
 
     def __call__(self, requests: Sequence[tuple[Sequence[str], str]]) -> list[float]:
         """Losses of `(members, task)` requests, computing only those not seen before in this run."""
@@ -330,7 +327,12 @@ class LossScorer:
                     row_adapters.append(name)
                     owners.append(index)
             sums, counts, passes = completion_loss_sums(
-                self.model, rows, row_adapters, pad_token_id=self.pad_token_id, batch_size=self.batch_size
+                self.model,
+                rows,
+                row_adapters,
+                pad_token_id=self.pad_token_id,
+                batch_size=self.batch_size,
+                max_batch_tokens=self.max_batch_tokens,
             )
             self.forward_passes += passes
             total = [0.0] * len(keys)

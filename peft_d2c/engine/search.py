@@ -28,6 +28,8 @@ Members = tuple[str, ...]
 # Scores a batch of (cluster members, task) requests at once; lower is better. Batching lets the caller evaluate the
 # two merges of one proposal in a single forward pass.
 BatchScoreFn = Callable[[Sequence[tuple[Members, str]]], Sequence[float]]
+# Acceptance objectives: the paper's moved-task loss, or the total loss of every task whose merge a move changes.
+OBJECTIVES = ("task", "partition")
 
 
 def canonical_partition(clusters: Sequence[Sequence[str]]) -> list[list[str]]:
@@ -88,6 +90,11 @@ class SearchState:
     iteration: int = 0
     rejections_in_a_row: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
+    # Used by the restarts and the final pass of `peft_d2c.engine.search_robust` only: the start being searched,
+    # the phase of that start ("search", "final", "done") and one summary per finished start.
+    restart: int = 0
+    phase: str = "search"
+    finished: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable copy (used by checkpoints)."""
@@ -96,6 +103,9 @@ class SearchState:
             "iteration": self.iteration,
             "rejections_in_a_row": self.rejections_in_a_row,
             "history": [dict(h) for h in self.history],
+            "restart": self.restart,
+            "phase": self.phase,
+            "finished": [dict(f) for f in self.finished],
         }
 
     @classmethod
@@ -106,6 +116,9 @@ class SearchState:
             iteration=int(data["iteration"]),
             rejections_in_a_row=int(data["rejections_in_a_row"]),
             history=[dict(h) for h in data["history"]],
+            restart=int(data.get("restart", 0)),
+            phase=str(data.get("phase", "search")),
+            finished=[dict(f) for f in data.get("finished", [])],
         )
 
 
@@ -119,6 +132,7 @@ def d2c_search(
     state: SearchState | None = None,
     on_step: Callable[[SearchState], None] | None = None,
     proposals_per_step: int = 1,
+    objective: str = "task",
 ) -> SearchState:
     """Run Algorithm 1: propose moving one adapter between clusters, keep the move if its task's loss drops.
 
@@ -145,21 +159,29 @@ def d2c_search(
             Called after every step, e.g. for progress bars or checkpoints.
         proposals_per_step (`int`, defaults to 1):
             p, the number of candidate moves scored per step; 1 is the paper's Algorithm 1.
+        objective (`str`, defaults to `"task"`):
+            `"task"` (the paper's rule) compares the moved task's loss under merge(c) and merge(c' + t).
+            `"partition"` compares the summed losses of every task of c and c' before the move (each under its
+            cluster's merge) with the summed losses of every task of c - t and c' + t after it: the change of the
+            total few-shot loss of the partition, which an accepted move therefore always lowers. Its records
+            also carry `total_loss`, the total over all tasks after the step.
 
     Returns:
         `SearchState`: the final partition (cluster order kept from the start) and one history record per step
         with keys `iteration, task, source, target, loss_before, loss_after, accepted` (for p > 1, the best
-        candidate's, plus `candidates` = p and `improving` = how many candidates lowered their task's loss).
+        candidate's, plus `candidates` = p and `improving` = how many candidates lowered their loss; with
+        `objective="partition"` the losses are the sums over the two clusters' tasks, plus `total_loss`).
 
     Raises:
-        ValueError: If a cluster is empty, an adapter appears twice, or `proposals_per_step` < 1.
+        ValueError: If a cluster is empty, an adapter appears twice, `proposals_per_step` < 1 or `objective` is
+            unknown.
 
     Example:
         ```python
         >>> import numpy as np
         >>> groups = {"a1": "a", "a2": "a", "b1": "b", "b2": "b"}
-        >>> def score(requests):  # loss 0 when every member of the cluster shares the task's group
-        ...     return [sum(groups[m] != groups[t] for m in members) for members, t in requests]
+        >>> def score(requests):  # the share of the cluster's members from another group than the task's
+        ...     return [sum(groups[m] != groups[t] for m in members) / len(members) for members, t in requests]
         >>> final = d2c_search([["a1", "b1"], ["a2", "b2"]], score, np.random.default_rng(0), num_iterations=30)
         >>> canonical_partition(final.clusters)
         [['a1', 'a2'], ['b1', 'b2']]
@@ -167,6 +189,8 @@ def d2c_search(
     """
     if isinstance(proposals_per_step, bool) or not isinstance(proposals_per_step, int) or proposals_per_step < 1:
         raise ValueError(f"`proposals_per_step` must be an int >= 1, got {proposals_per_step!r}.")
+    if objective not in OBJECTIVES:
+        raise ValueError(f"`objective` must be one of {list(OBJECTIVES)}, got {objective!r}.")
     if state is None:
         state = SearchState(clusters=[sorted(c) for c in clusters])
     _check_partition(state.clusters)
@@ -174,30 +198,45 @@ def d2c_search(
     if num_clusters < 2 or all(len(c) == 1 for c in state.clusters):
         return state  # K = 1 or K = N: a single possible partition, nothing to search.
 
+    current: dict[str, float] = {}
     while state.iteration < num_iterations:
         if patience is not None and state.rejections_in_a_row >= patience:
             break
         # Draw every candidate before scoring any: the draws then never depend on the scores, so a distributed
         # caller can split the batch freely and every process keeps the same random stream.
         candidates = [_draw_move(state.clusters, rng) for _ in range(proposals_per_step)]
-        requests: list[tuple[Members, str]] = []
-        for source, target, task in candidates:
-            requests.append((tuple(state.clusters[source]), task))
-            requests.append((tuple(sorted([*state.clusters[target], task])), task))
+        if objective == "task":
+            groups = [_task_requests(state.clusters, move) for move in candidates]
+        else:
+            if not current:  # every task's loss under its cluster (memoised by the caller's scorer)
+                current = partition_losses(state.clusters, score_fn)
+            groups = [_partition_requests(state.clusters, move) for move in candidates]
+        requests = [r for before, after in groups for r in (*before, *after)]
         losses = [float(x) for x in score_fn(requests)]
         if len(losses) != len(requests):
             raise ValueError(f"`score_fn` returned {len(losses)} losses for {len(requests)} requests.")
+        sums, offset = [], 0
+        for before, after in groups:  # (loss before, loss after) of every candidate
+            sums.append(
+                (
+                    sum(losses[offset : offset + len(before)]),
+                    sum(losses[offset + len(before) : offset + len(before) + len(after)]),
+                )
+            )
+            offset += len(before) + len(after)
         best = 0
         for index in range(1, len(candidates)):
-            if losses[2 * index] - losses[2 * index + 1] > losses[2 * best] - losses[2 * best + 1]:
+            if sums[index][0] - sums[index][1] > sums[best][0] - sums[best][1]:
                 best = index
         source, target, task = candidates[best]
-        loss_before, loss_after = losses[2 * best], losses[2 * best + 1]
+        loss_before, loss_after = sums[best]
         accepted = loss_after < loss_before
         if accepted:
             state.clusters[source] = [m for m in state.clusters[source] if m != task]
-            state.clusters[target] = list(requests[2 * best + 1][0])
+            state.clusters[target] = sorted([*state.clusters[target], task])
             state.rejections_in_a_row = 0
+            if objective == "partition":
+                current.update(partition_losses([state.clusters[source], state.clusters[target]], score_fn))
         else:
             state.rejections_in_a_row += 1
         record: dict[str, Any] = {
@@ -211,12 +250,40 @@ def d2c_search(
         }
         if proposals_per_step > 1:
             record["candidates"] = proposals_per_step
-            record["improving"] = sum(losses[2 * i + 1] < losses[2 * i] for i in range(len(candidates)))
+            record["improving"] = sum(after < before for before, after in sums)
+        if objective == "partition":
+            record["total_loss"] = total_loss(current)
         state.history.append(record)
         state.iteration += 1
         if on_step is not None:
             on_step(state)
     return state
+
+
+def partition_losses(clusters: Sequence[Sequence[str]], score_fn: BatchScoreFn) -> dict[str, float]:
+    """The loss of every task under the merge of the cluster holding it, in one `score_fn` call."""
+    requests = [(tuple(sorted(c)), task) for c in clusters for task in sorted(c)]
+    return {task: float(loss) for (_, task), loss in zip(requests, score_fn(requests), strict=True)}
+
+
+def total_loss(losses: dict[str, float]) -> float:
+    """The sum of per-task losses in task-name order (the same float however the dict was filled)."""
+    return sum(losses[task] for task in sorted(losses))
+
+
+def _task_requests(clusters: Sequence[Sequence[str]], move: tuple[int, int, str]):
+    """The paper's two requests for a move: task t under merge(c), and under merge(c' + t)."""
+    source, target, task = move
+    return [(tuple(clusters[source]), task)], [(tuple(sorted([*clusters[target], task])), task)]
+
+
+def _partition_requests(clusters: Sequence[Sequence[str]], move: tuple[int, int, str]):
+    """Every task of c and c' under their merges now, and every task of c - t and c' + t under theirs after."""
+    source, target, task = move
+    before = [(tuple(sorted(clusters[i])), m) for i in (source, target) for m in sorted(clusters[i])]
+    shrunk = tuple(sorted(m for m in clusters[source] if m != task))
+    grown = tuple(sorted([*clusters[target], task]))
+    return before, [(shrunk, m) for m in shrunk] + [(grown, m) for m in grown]
 
 
 def _draw_move(clusters: Sequence[Sequence[str]], rng: np.random.Generator) -> tuple[int, int, str]:

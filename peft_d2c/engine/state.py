@@ -43,13 +43,25 @@ class ModelState:
         )
 
     def restore(self, model: torch.nn.Module) -> None:
-        """Give back the recorded state. Modules and parameters created since `capture` keep theirs."""
+        """Give back the recorded state.
+
+        A module created since `capture` (e.g. the `lora_dropout` of a merged adapter, which PEFT builds in training
+        mode whatever the model's mode) takes the train/eval flag of its closest recorded parent, so an adapter
+        returned to the user behaves like the model it lives in. Parameters created since `capture` keep their flags.
+        """
         if self.active is not None and model.active_adapter != self.active:
             model.set_adapter(self.active)
         for name, module in model.named_modules():
-            if name in self.training:
-                module.training = self.training[name]
+            module.training = self.training[name] if name in self.training else self._parent_training(name)
         self.restore_requires_grad(model)
+
+    def _parent_training(self, name: str) -> bool:
+        parts = name.split(".")
+        for end in range(len(parts) - 1, -1, -1):
+            parent = ".".join(parts[:end])
+            if parent in self.training:
+                return self.training[parent]
+        return False
 
     def restore_requires_grad(self, model: torch.nn.Module) -> None:
         """Give back only the recorded `requires_grad` flags (PEFT's `set_adapter` makes the adapter it activates

@@ -64,8 +64,10 @@ def estimate_run(peft_model, task_examples, config, *, tokenizer, probe_evaluati
         per_evaluation = (time.perf_counter() - started) / max(1, probe_evaluations)
         per_merge = merger.merge_seconds / max(1, merger.num_merges)
     finally:
-        merger.cleanup()
-        snapshot.restore(peft_model)
+        try:
+            merger.cleanup()
+        finally:  # the model gets its state back even if removing a temporary adapter fails
+            snapshot.restore(peft_model)
     steps = config.num_iterations if config.method == "d2c" and 1 < k < len(names) else 0
     evaluations = 2 * steps * config.proposals_per_step + len(names)
     return {

@@ -4,6 +4,7 @@
 - `plot_loss_heatmap`: task x cluster few-shot loss, each task's own cluster outlined;
 - `plot_cluster_membership`: which tasks each merged adapter serves;
 - `plot_score_vs_storage`: score against storage for one or more series (the sweep and the benchmark use it);
+- `plot_anytime`: best value reached against cost spent (the benchmark's few-shot loss vs forward passes);
 - `plot_run`: the first three for a `D2CResult`, written next to its results.
 
 Every function writes a PNG and returns its path; matplotlib runs with the non-interactive Agg backend.
@@ -145,6 +146,35 @@ def plot_score_vs_storage(
         errors = [p[2] for p in points] if all(len(p) > 2 for p in points) else None
         style = {"marker": "o", "capsize": 3} if len(points) > 1 else {"marker": "s", "ls": "none"}
         ax.errorbar(xs, ys, yerr=errors, label=label, **style)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title)
+    ax.grid(alpha=0.3)
+    if len(series) > 1:
+        ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def plot_anytime(
+    series: Mapping[str, Sequence[Sequence[float]]], path: str, *, xlabel: str, ylabel: str, title: str = ""
+) -> str:
+    """Any-time curves: the best value reached against the cost spent, one step line per series.
+
+    Args:
+        series (`Mapping[str, Sequence]`): label -> points `(cost, value)`, drawn as a step function (the value
+            holds until the next point).
+        path (`str`): The PNG to write.
+        xlabel, ylabel, title (`str`): Axis labels and title.
+
+    Returns:
+        `str`: `path`.
+    """
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for label, points in series.items():
+        points = sorted(tuple(p) for p in points)
+        ax.step([p[0] for p in points], [p[1] for p in points], where="post", label=label, marker=".")
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     if title:

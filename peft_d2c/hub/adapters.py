@@ -21,7 +21,7 @@ from peft.tuners.tuners_utils import check_target_module_exists
 from safetensors import safe_open
 
 from ..config import check_adapter_name
-from ..engine.lora import UNMERGEABLE_FLAGS, reserved_adapter_names
+from ..engine.lora import EXACT_IN_UPDATE_SPACE, UNMERGEABLE_FLAGS, reserved_adapter_names
 from ..errors import D2CWarning, UnsupportedAdapterError
 
 __all__ = ["AdapterSource", "load_adapters"]
@@ -201,7 +201,8 @@ def _check_adapter(
             f"Adapter {where!r} is a {config.get('peft_type')!r} adapter; only LoRA is supported."
         )
     for flag, feature in UNMERGEABLE_FLAGS.items():
-        if config.get(flag):
+        # rslora and lora_bias load fine and merge exactly with the update-space types: the merge decides.
+        if config.get(flag) and flag not in EXACT_IN_UPDATE_SPACE:
             raise UnsupportedAdapterError(
                 f"Adapter {where!r} uses {feature} (`{flag}`); PEFT cannot merge it faithfully."
             )

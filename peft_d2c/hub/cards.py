@@ -14,17 +14,27 @@ from typing import Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from .adapters import REPO_ID_PATTERN
+from ..config import CONFIG_NAME, UPDATE_TYPES
+from ..io import RESULT_NAME, ROUTING_NAME, read_json
+from .adapters import ADAPTER_CONFIG_NAME, REPO_ID_PATTERN, WEIGHTS_NAMES
 
-__all__ = ["CITATION", "build_adapter_card", "build_collection_card", "is_hub_id"]
+__all__ = [
+    "CITATION",
+    "build_adapter_card",
+    "build_collection_card",
+    "build_result_card",
+    "is_hub_id",
+    "read_result_folder",
+]
 
 CARD_TAGS = ["peft", "lora", "d2c", "merge"]
 PAPER_TITLE = "Data-driven Clustering and Merging of Adapters for On-device Large Language Models"
 PAPER_URL = "https://arxiv.org/abs/2601.17441"
-CITATION = """@inproceedings{bohdal2026d2c,
+# Authors in the paper's order (arXiv 2601.17441); the key is named after the first author.
+CITATION = """@inproceedings{lee2026d2c,
   title         = {Data-driven Clustering and Merging of Adapters for On-device Large Language Models},
-  author        = {Bohdal, Ondrej and Ceritli, Taha and Ozay, Mete and Moon, Jijoong and Lee, Kyeng-Hun and
-                   Ko, Hyeonmok and Michieli, Umberto},
+  author        = {Lee, Kyeng-Hun and Ko, Hyeonmok and Bohdal, Ondrej and Michieli, Umberto and Ozay, Mete and
+                   Ceritli, T. and Moon, J.},
   booktitle     = {IEEE International Conference on Acoustics, Speech and Signal Processing (ICASSP)},
   year          = {2026},
   eprint        = {2601.17441},
@@ -107,6 +117,13 @@ def _source_text(record: Mapping[str, Any] | None) -> str:
     return f"local folder `{os.path.basename(str(record.get('path', '')).rstrip('/'))}`"
 
 
+def _merge_engine(combination_type: str | None) -> str:
+    """Who computes the merge: PEFT's `add_weighted_adapter`, or peft-d2c's update-space merges (rank r, exact)."""
+    if combination_type in UPDATE_TYPES:
+        return "peft-d2c's update-space merge (`peft_d2c.engine.merge_methods`, rank r, a standard LoRA)"
+    return "PEFT `add_weighted_adapter`"
+
+
 def _method_section(data: dict[str, Any]) -> str:
     result, config = data["result"], data["config"]
     n, k = result.get("num_adapters", len(data["routing"])), result.get("num_clusters", len(data["names"]))
@@ -116,11 +133,12 @@ def _method_section(data: dict[str, Any]) -> str:
     else:
         budget_text = f"storage budget {budget}, " if budget else ""
     density = result.get("density", config.get("density"))
+    combination = result.get("combination_type", config.get("combination_type"))
     lines = [
         f"- **Clustering**: `{result.get('method', config.get('method'))}` "
         f"(start `{config.get('init')}`, {config.get('num_iterations')} proposed moves, "
         f"{config.get('examples_per_task')} few-shot examples per task, seed {config.get('seed')}).",
-        f"- **Merge**: PEFT `add_weighted_adapter`, `combination_type={result.get('combination_type', config.get('combination_type'))!r}`"
+        f"- **Merge**: {_merge_engine(combination)}, `combination_type={combination!r}`"
         + (f", `density={density}`" if density is not None else "")
         + ".",
         f"- **Storage**: {budget_text}{k} merged adapters stored instead of {n} ({k / max(n, 1):.1%}).",
@@ -245,3 +263,57 @@ model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("{base_mo
 {_citation_section()}"""
     card_data = _card_data(repo_id, base_model_id, sorted(routing), data, served_by=routing)
     return ModelCard(f"---\n{card_data.to_yaml()}\n---\n{body}")
+
+
+def read_result_folder(folder: str | os.PathLike) -> dict[str, Any]:
+    """A folder written by `D2CResult.save_pretrained`, read back and checked: the `data` the cards are built from.
+
+    Returns:
+        `dict`: `{"result": d2c_result.json, "routing": d2c_routing.json, "config": d2c_config.json,
+        "names": [merged adapter names]}`.
+
+    Raises:
+        FileNotFoundError: If a result file, or the config or weights of a merged adapter, is missing.
+    """
+    folder = os.fspath(folder)
+    for filename in (ROUTING_NAME, RESULT_NAME, CONFIG_NAME):
+        if not os.path.isfile(os.path.join(folder, filename)):
+            raise FileNotFoundError(f"{folder!r} is not a saved D2C result: {filename} is missing.")
+    result = read_json(os.path.join(folder, RESULT_NAME))
+    routing = read_json(os.path.join(folder, ROUTING_NAME))
+    names = result.get("merged_adapter_names") or sorted(set(routing.values()))
+    for name in names:
+        files = os.listdir(os.path.join(folder, name)) if os.path.isdir(os.path.join(folder, name)) else []
+        if ADAPTER_CONFIG_NAME not in files or not any(w in files for w in WEIGHTS_NAMES):
+            raise FileNotFoundError(f"Merged adapter {name!r} is missing from {folder!r} (no config or weights).")
+    config = read_json(os.path.join(folder, CONFIG_NAME))
+    return {"result": result, "routing": routing, "config": config, "names": names}
+
+
+def build_result_card(
+    folder: str | os.PathLike, *, base_model_id: str | None = None, location: str | None = None
+) -> ModelCard:
+    """The README model card of a saved result folder: the collection card a push (`layout="subfolders"`) writes.
+
+    Call it once the folder's `d2c_result.json`, `d2c_routing.json`, `d2c_config.json` and adapters are written (a
+    staging folder is fine) and save it with `card.save(os.path.join(folder, "README.md"))`.
+
+    Args:
+        folder (`str` or `os.PathLike`): The saved result folder.
+        base_model_id (`str`, *optional*): The base model's name in the card; defaults to the recorded base model.
+        location (`str`, *optional*): What the usage snippets load from, where a push puts the repo id; defaults to
+            the folder's name.
+
+    Returns:
+        `huggingface_hub.ModelCard`: the card (YAML metadata + body, with the citation).
+
+    Example:
+        ```python
+        >>> card = build_result_card("d2c_output")
+        >>> card.save("d2c_output/README.md")
+        ```
+    """
+    data = read_result_folder(folder)
+    base = base_model_id or data["result"].get("base_model") or "unknown-base-model"
+    where = location or os.path.basename(os.path.abspath(os.fspath(folder)))
+    return build_collection_card(data, repo_id=where, base_model_id=str(base))

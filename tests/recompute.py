@@ -1,0 +1,60 @@
+"""Independent recomputation of D2C losses for the tests: fresh `add_weighted_adapter` merges and plain PEFT forwards.
+
+Nothing here uses peft-d2c's tokenisation, batching, merger or scorer: examples are tokenised with direct tokenizer
+calls, each example is scored alone through the model's own `labels=` loss, and clusters are merged by PEFT.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+
+_counter = itertools.count()
+
+
+def example_ids(tokenizer, prompt: str, completion: str) -> tuple[list[int], int]:
+    """prompt ids (with special tokens) + completion ids (none) + EOS, and the number of prompt tokens."""
+    prompt_ids = list(tokenizer(prompt)["input_ids"])
+    completion_ids = list(tokenizer(completion, add_special_tokens=False)["input_ids"]) + [tokenizer.eos_token_id]
+    return prompt_ids + completion_ids, len(prompt_ids)
+
+
+def task_loss(model, adapter: str, tokenizer, examples) -> float:
+    """Mean completion-token cross-entropy of `examples` under `adapter`, pooled over tokens, one example at a time."""
+    model.set_adapter(adapter)
+    model.eval()
+    total, tokens = 0.0, 0
+    with torch.no_grad():
+        for example in examples:
+            ids, start = example_ids(tokenizer, example["prompt"], example["completion"])
+            labels = [-100] * start + ids[start:]
+            loss = model(input_ids=torch.tensor([ids]), labels=torch.tensor([labels])).loss
+            count = len(ids) - start  # every completion token has a predicting position
+            total += loss.item() * count
+            tokens += count
+    return total / tokens
+
+
+def cluster_loss(model, members, task, tokenizer, examples, combination_type="ties", density=0.5) -> float:
+    """Loss of `task` under a fresh PEFT merge of `members` (weight 1 each, as documented for ties; a single member
+    is the adapter itself)."""
+    members = sorted(members)
+    if len(members) == 1:
+        return task_loss(model, members[0], tokenizer, examples[task])
+    name = f"recompute_{next(_counter)}"
+    model.add_weighted_adapter(members, [1.0] * len(members), name, combination_type=combination_type, density=density)
+    try:
+        return task_loss(model, name, tokenizer, examples[task])
+    finally:
+        model.delete_adapter(name)
+
+
+def replay(initial_clusters, history):
+    """The partition before each history record, replaying the accepted moves from the start partition."""
+    clusters = [list(c) for c in initial_clusters]
+    for record in history:
+        yield [list(c) for c in clusters]
+        if record["accepted"]:
+            clusters[record["source"]].remove(record["task"])
+            clusters[record["target"]].append(record["task"])

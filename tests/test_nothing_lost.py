@@ -1,0 +1,155 @@
+"""Interrupted and repeated saves, failed online additions and failing clean-ups never lose the user's work."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from peft_d2c import D2CMergeConfig, D2CResult, merge_adapters_d2c
+from peft_d2c import result as result_module
+from peft_d2c import testing as tiny
+from peft_d2c.engine.merging import AdapterMerger
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def snapshot(folder: str) -> dict[str, bytes]:
+    out = {}
+    for root, _, files in os.walk(folder):
+        for name in files:
+            path = os.path.join(root, name)
+            with open(path, "rb") as f:
+                out[os.path.relpath(path, folder)] = f.read()
+    return out
+
+
+@pytest.fixture
+def two_results(tiny_assets, tiny_tokenizer, tiny_task_examples):
+    """A K=3 and a K=2 result of the same model (different merged adapter prefixes)."""
+    model = tiny.load_peft_model(*tiny_assets)
+    three = merge_adapters_d2c(
+        model, tiny_task_examples, D2CMergeConfig(num_clusters=3, num_iterations=4), tokenizer=tiny_tokenizer
+    )
+    two = merge_adapters_d2c(
+        model,
+        tiny_task_examples,
+        D2CMergeConfig(num_clusters=2, num_iterations=4, merged_adapter_prefix="two"),
+        tokenizer=tiny_tokenizer,
+    )
+    return three, two
+
+
+class TestSaves:
+    def test_a_smaller_result_replaces_a_larger_one_and_keeps_foreign_files(self, two_results, tmp_path):
+        three, two = two_results
+        folder = tmp_path / "out"
+        three.save_pretrained(folder)
+        (folder / "notes.txt").write_text("mine")
+        two.save_pretrained(folder)
+        entries = set(os.listdir(folder))
+        assert not any(name in entries for name in three.merged_adapter_names)  # no stale adapter folder loads
+        assert (folder / "notes.txt").read_text() == "mine"
+        assert D2CResult.from_pretrained(folder).routing == two.routing
+        assert {*two.merged_adapter_names, "notes.txt"} <= entries
+
+    def test_an_interrupted_save_leaves_the_previous_result_whole(self, two_results, tmp_path, monkeypatch):
+        three, two = two_results
+        folder = tmp_path / "out"
+        three.save_pretrained(folder)
+        before = snapshot(folder)
+        real_write = result_module.atomic_write_json
+
+        def write_then_fail(path, data):
+            if os.path.basename(path) == "d2c_result.json":  # every adapter and the routing are written by now ...
+                raise KeyboardInterrupt  # ... when the user presses Ctrl-C
+            real_write(path, data)
+
+        monkeypatch.setattr(result_module, "atomic_write_json", write_then_fail)
+        with pytest.raises(KeyboardInterrupt):
+            two.save_pretrained(folder)
+        assert snapshot(folder) == before
+        assert [p for p in os.listdir(tmp_path) if p != "out"] == []  # no staging folder left behind
+
+    def test_save_into_a_file_path_is_refused(self, two_results, tmp_path):
+        target = tmp_path / "file"
+        target.write_text("x")
+        with pytest.raises(FileExistsError, match="not a folder"):
+            two_results[1].save_pretrained(target)
+
+
+class TestOnlineAdditionFailure:
+    def test_a_failed_re_merge_keeps_the_old_merged_adapter(self, tiny_assets, tiny_tokenizer, monkeypatch):
+        families = ["copy", "reverse", "sort", "first"]
+        model = tiny.load_peft_model(*tiny_assets)
+        examples = {f: tiny.make_examples(f, 5, seed=7) for f in families}
+        result = merge_adapters_d2c(
+            model,
+            examples,
+            D2CMergeConfig(num_clusters=2, num_iterations=4),
+            tokenizer=tiny_tokenizer,
+            adapter_names=families,
+        )
+        before = {n: p.detach().clone() for n, p in model.named_parameters() if ".d2c_" in n}
+        routing = dict(result.routing)
+        real_merge = AdapterMerger.merge
+
+        def merge_fails_for_final_names(self, members, adapter_name):
+            if adapter_name in result.merged_adapter_names:
+                raise RuntimeError("disk full")
+            return real_merge(self, members, adapter_name)
+
+        monkeypatch.setattr(AdapterMerger, "merge", merge_fails_for_final_names)
+        with pytest.raises(RuntimeError, match="disk full"):
+            result.add_adapter("last", tiny.make_examples("last", 5, seed=7), tokenizer=tiny_tokenizer)
+        after = {n: p.detach() for n, p in model.named_parameters() if ".d2c_" in n}
+        assert after.keys() == before.keys()
+        assert all(torch.equal(after[n], before[n]) for n in before)
+        assert result.routing == routing and "last" not in result.assignment
+
+
+class TestCleanupFailure:
+    def test_model_state_is_restored_even_if_cleanup_raises(
+        self, tiny_assets, tiny_tokenizer, tiny_task_examples, monkeypatch
+    ):
+        model = tiny.load_peft_model(*tiny_assets)
+        model.set_adapter("sort")
+        model.eval()
+        modes = {n: m.training for n, m in model.named_modules()}
+        grads = {n: p.requires_grad for n, p in model.named_parameters()}
+        calls = {"n": 0}
+        real_cleanup = AdapterMerger.cleanup
+
+        def cleanup_fails_at_the_end(self):
+            calls["n"] += 1
+            real_cleanup(self)
+            if calls["n"] >= 2:  # the final clean-up of the run
+                raise OSError("could not delete")
+
+        monkeypatch.setattr(AdapterMerger, "cleanup", cleanup_fails_at_the_end)
+        with pytest.raises(OSError, match="could not delete"):
+            merge_adapters_d2c(
+                model, tiny_task_examples, D2CMergeConfig(num_clusters=2, num_iterations=2), tokenizer=tiny_tokenizer
+            )
+        assert model.active_adapter == "sort"
+        assert {n: m.training for n, m in model.named_modules() if n in modes} == modes
+        assert {n: p.requires_grad for n, p in model.named_parameters() if n in grads} == grads
+
+
+class TestResultCard:
+    def test_a_saved_result_explains_itself_and_a_users_readme_is_kept(self, two_results, tmp_path):
+        three, two = two_results
+        folder = tmp_path / "out"
+        three.save_pretrained(folder)
+        card = (folder / "README.md").read_text()
+        assert "Lee, Kyeng-Hun and Ko, Hyeonmok" in card and all(
+            f"`{name}`" in card for name in three.merged_adapter_names
+        )
+        two.save_pretrained(folder)  # the earlier result's card is the result's own: replaced
+        assert all(f"`{name}`" in (folder / "README.md").read_text() for name in two.merged_adapter_names)
+        mine = tmp_path / "mine"
+        mine.mkdir()
+        (mine / "README.md").write_text("my notes")
+        two.save_pretrained(mine)
+        assert (mine / "README.md").read_text() == "my notes"
