@@ -97,7 +97,7 @@ def completion_loss_sums(
         `(sums, counts, forward_passes)`.
     """
     device = next(model.parameters()).device
-    keep_by_mask = _keeps_logits_by_mask(model)
+    keep_by_mask = _keeps_logits_by_mask(model)  # a one-off three-token probe, not counted as a scoring pass
     sums = [0.0] * len(rows)
     counts = [0] * len(rows)
     order = sorted(range(len(rows)), key=lambda i: len(rows[i].input_ids), reverse=True)
