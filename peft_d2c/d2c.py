@@ -139,8 +139,10 @@ def merge_adapters_d2c(
     merger.check_names(merged_names)
 
     group = process_group if process_group is not None else get_process_group()
+    # The adapters' weights digest, computed once: the processes compare it, and the checkpoint records it.
+    weights_digest = adapter_digest(peft_model, names) if group.num_processes > 1 or checkpoint_dir else None
     if group.num_processes > 1:
-        group.check_same_run(_call_digest(config, names, examples, adapter_digest(peft_model, names)))
+        group.check_same_run(_call_digest(config, names, examples, weights_digest))
     snapshot = ModelState.capture(peft_model)
     created: list[str] = []
     try:
@@ -159,7 +161,7 @@ def merge_adapters_d2c(
                     config,
                     names,
                     examples,
-                    adapter_digest(peft_model, names),
+                    weights_digest,
                     score_fn=score_fn,
                     tokenized=scorer.tokenized,
                     model_digest=base_model_digest(peft_model),

@@ -6,7 +6,9 @@ calls, each example is scored alone through the model's own `labels=` loss, and 
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
+from pathlib import Path
 
 import torch
 
@@ -58,3 +60,12 @@ def replay(initial_clusters, history):
         if record["accepted"]:
             clusters[record["source"]].remove(record["task"])
             clusters[record["target"]].append(record["task"])
+
+
+def load_reference():
+    """`reference_d2c` of benchmarks/reference_d2c.py: the independent implementation of the paper's Algorithm 1."""
+    path = Path(__file__).parents[1] / "benchmarks" / "reference_d2c.py"
+    spec = importlib.util.spec_from_file_location("reference_d2c", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.reference_d2c

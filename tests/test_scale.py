@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
+from recompute import load_reference
 
 from peft_d2c import D2CMergeConfig, merge_adapters_d2c
 from peft_d2c import testing as tiny
@@ -25,14 +23,6 @@ REFILLABLE = [t for t in COMBINATION_TYPES if not t.startswith("dare")]
 
 def group_score(requests):
     return [sum(GROUPS[m] != GROUPS[t] for m in members) / len(members) for members, t in requests]
-
-
-def load_reference():
-    path = Path(__file__).parents[1] / "benchmarks" / "reference_d2c.py"
-    spec = importlib.util.spec_from_file_location("reference_d2c", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.reference_d2c
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

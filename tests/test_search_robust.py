@@ -8,13 +8,12 @@ evaluation of the partitions rebuilt from the history, and on the tiny model by 
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import itertools
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
+from recompute import load_reference
 
 from peft_d2c import D2CMergeConfig, merge_adapters_d2c
 from peft_d2c import testing as tiny
@@ -224,14 +223,6 @@ class TestFinalPass:
         assert finals and all(h["accepted"] for h in finals)
         assert [h["total_loss"] for h in finals] == sorted((h["total_loss"] for h in finals), reverse=True)
         assert finals[-1]["total_loss"] == pytest.approx(best, abs=1e-9)
-
-
-def load_reference():
-    path = Path(__file__).parents[1] / "benchmarks" / "reference_d2c.py"
-    spec = importlib.util.spec_from_file_location("reference_d2c", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.reference_d2c
 
 
 @pytest.mark.usefixtures("one_thread")

@@ -125,6 +125,18 @@ def plot_cluster_membership(clusters: Sequence[Sequence[str]], merged_names: Seq
     return _save(fig, path)
 
 
+def _finish_series_plot(fig, ax, path: str, *, xlabel: str, ylabel: str, title: str, legend: bool) -> str:
+    """Labels, optional title, grid and (for several series) legend of a line plot, then save it."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title)
+    ax.grid(alpha=0.3)
+    if legend:
+        ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
 def plot_score_vs_storage(
     series: Mapping[str, Sequence[Sequence[float]]], path: str, *, xlabel: str, ylabel: str, title: str = ""
 ) -> str:
@@ -146,14 +158,7 @@ def plot_score_vs_storage(
         errors = [p[2] for p in points] if all(len(p) > 2 for p in points) else None
         style = {"marker": "o", "capsize": 3} if len(points) > 1 else {"marker": "s", "ls": "none"}
         ax.errorbar(xs, ys, yerr=errors, label=label, **style)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    if title:
-        ax.set_title(title)
-    ax.grid(alpha=0.3)
-    if len(series) > 1:
-        ax.legend(fontsize=8)
-    return _save(fig, path)
+    return _finish_series_plot(fig, ax, path, xlabel=xlabel, ylabel=ylabel, title=title, legend=len(series) > 1)
 
 
 def plot_anytime(
@@ -175,14 +180,7 @@ def plot_anytime(
     for label, points in series.items():
         points = sorted(tuple(p) for p in points)
         ax.step([p[0] for p in points], [p[1] for p in points], where="post", label=label, marker=".")
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    if title:
-        ax.set_title(title)
-    ax.grid(alpha=0.3)
-    if len(series) > 1:
-        ax.legend(fontsize=8)
-    return _save(fig, path)
+    return _finish_series_plot(fig, ax, path, xlabel=xlabel, ylabel=ylabel, title=title, legend=len(series) > 1)
 
 
 def plot_sweep(sweep: Mapping[str, Any], path: str) -> str:
