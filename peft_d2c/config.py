@@ -45,6 +45,10 @@ RANDOM_TYPES = ("dare_ties", "dare_linear", "dare_ties_svd", "dare_linear_svd")
 
 # The one rule for the names of adapters peft-d2c creates: PEFT breaks on '.', and keys of `nn.ModuleDict` must be
 # identifiers that do not shadow module attributes.
+# T when `num_iterations` is None, per `search`: a `"partition"` step scores every task of the two clusters it
+# changes (2N/K tasks), a `"paper"` step only the moved task, so 30 partition steps cost about 1-2.5x the forward
+# passes of the paper's 100 steps at K = 4 and 2 on the embedded default (docs/benchmark.md).
+DEFAULT_STEPS = {"paper": 100, "partition": 30}
 ADAPTER_NAME_PATTERN = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
 
 
@@ -111,8 +115,9 @@ class D2CMergeConfig:
             full updates B·A·scaling) or `"kmeans_svd"` (K-means on cosine-normalised truncated-SVD embeddings of them).
         init (`str`, defaults to `"random"`):
             Starting partition for `method="d2c"`: a balanced `"random"` partition, `"kmeans"` or `"kmeans_svd"`.
-        num_iterations (`int`, defaults to 100):
-            T, the number of proposed moves.
+        num_iterations (`int`, *optional*):
+            T, the number of proposed moves. `None` takes `DEFAULT_STEPS[search]`: 100 for `"paper"` (the paper's T)
+            and 30 for `"partition"`, whose steps each score every task of two clusters (see `search_steps`).
         patience (`int`, *optional*):
             Stop early after this many proposals in a row were rejected. `None` runs all `num_iterations`.
         examples_per_task (`int`, defaults to 10):
@@ -143,9 +148,11 @@ class D2CMergeConfig:
             p, the candidate moves scored per step. 1 is the paper's Algorithm 1; with p > 1 each step scores p
             candidates in one batch (split across processes under `accelerate launch`) and applies the one whose task
             loss drops the most, a greedier search with more evaluations per step.
-        search (`str`, defaults to `"paper"`):
-            Acceptance rule of a move: `"paper"` (Algorithm 1: the moved task's loss) or `"partition"` (the summed
-            loss of every task of the two clusters the move changes, so the total few-shot loss never rises).
+        search (`str`, defaults to `"partition"`):
+            Acceptance rule of a move: `"partition"` (the summed loss of every task of the two clusters the move
+            changes, so the total few-shot loss never rises; the best measured, docs/benchmark.md) or `"paper"`
+            (Algorithm 1: the moved task's loss; with `restarts=1`, `final_pass=False` and T = 100 the paper's
+            algorithm exactly).
         restarts (`int`, defaults to 1):
             R starts (the `init` partition, then `kmeans_svd`, then random), T split between them; the partition with
             the lowest total few-shot loss is kept.
@@ -190,7 +197,9 @@ class D2CMergeConfig:
     init: Literal["random", "kmeans", "kmeans_svd"] = field(
         default="random", metadata={"help": f"Start partition of the d2c search, one of {list(INITS)}."}
     )
-    num_iterations: int = field(default=100, metadata={"help": "T, the number of proposed moves."})
+    num_iterations: int | None = field(
+        default=None, metadata={"help": "T, the number of proposed moves (None: 100 for paper, 30 for partition)."}
+    )
     patience: int | None = field(default=None, metadata={"help": "Stop after this many rejections in a row."})
     examples_per_task: int = field(default=10, metadata={"help": "n, examples per task used for clustering."})
     combination_type: str = field(default="ties", metadata={"help": "PEFT add_weighted_adapter combination type."})
@@ -210,9 +219,11 @@ class D2CMergeConfig:
     proposals_per_step: int = field(
         default=1, metadata={"help": "Candidate moves scored per step; 1 = the paper's Algorithm 1."}
     )
-    search: Literal["paper", "partition"] = field(default="paper", metadata={"help": "Move acceptance rule."})
+    search: Literal["paper", "partition"] = field(default="partition", metadata={"help": "Move acceptance rule."})
     restarts: int = field(default=1, metadata={"help": "Start partitions searched; the lowest total loss is kept."})
-    final_pass: bool = field(default=False, metadata={"help": "Finish with improving single moves until none is left."})
+    final_pass: bool = field(
+        default=False, metadata={"help": "Finish with improving single moves until none is left."}
+    )
     checkpoint_every: int = field(default=10, metadata={"help": "Steps between two checkpoints of the search."})
     seed: int = field(default=0, metadata={"help": "Seed of every random choice of the run."})
     merged_adapter_prefix: str = field(default="d2c", metadata={"help": "Merged adapters are named {prefix}_{i}."})
@@ -251,7 +262,8 @@ class D2CMergeConfig:
         _check_choice("init", self.init, INITS)
         _check_choice("combination_type", self.combination_type, COMBINATION_TYPES)
         _check_choice("majority_sign_method", self.majority_sign_method, ("total", "frequency"))
-        _check_int("num_iterations", self.num_iterations, minimum=0)
+        if self.num_iterations is not None:
+            _check_int("num_iterations", self.num_iterations, minimum=0)
         if self.patience is not None:
             _check_int("patience", self.patience, minimum=1)
         _check_int("examples_per_task", self.examples_per_task, minimum=1)
@@ -279,6 +291,11 @@ class D2CMergeConfig:
         check_adapter_name(self.merged_adapter_prefix, argument="`merged_adapter_prefix`")
         if self.method != "d2c" and self.init != "random":
             warnings.warn(f"`init={self.init!r}` is ignored for `method={self.method!r}`.", D2CWarning, stacklevel=3)
+
+    @property
+    def search_steps(self) -> int:
+        """T of the search: `num_iterations`, or `DEFAULT_STEPS[search]` when it is None."""
+        return DEFAULT_STEPS[self.search] if self.num_iterations is None else self.num_iterations
 
     def resolve_num_clusters(self, num_adapters: int) -> int:
         """Number of clusters K for `num_adapters` source adapters.

@@ -257,11 +257,11 @@ def _run_search(
         or os.environ.get("TQDM_DISABLE", "").lower() in ("1", "true", "yes")
     )
     with tqdm(
-        total=config.num_iterations, initial=state.iteration, desc="D2C search", unit="step", disable=disable
+        total=config.search_steps, initial=state.iteration, desc="D2C search", unit="step", disable=disable
     ) as bar:
 
         def on_step(current: SearchState) -> None:
-            bar.update(min(current.iteration, config.num_iterations) - bar.n)
+            bar.update(min(current.iteration, config.search_steps) - bar.n)
             trace.append([len(current.history), scorer.forward_passes])
             logger.debug("step %d: %s", current.iteration, current.history[-1])
             # Only the steps are checkpointed: a final pass is deterministic and re-runs from its cached losses.
@@ -271,16 +271,14 @@ def _run_search(
         exact_paper = config.search == "paper" and config.restarts == 1 and not config.final_pass
         options = {"patience": config.patience, "proposals_per_step": config.proposals_per_step, "on_step": on_step}
         if exact_paper:  # Algorithm 1, the draws and decisions of `benchmarks/reference_d2c.py`
-            state = d2c_search(
-                state.clusters, scorer, rng, num_iterations=config.num_iterations, state=state, **options
-            )
+            state = d2c_search(state.clusters, scorer, rng, num_iterations=config.search_steps, state=state, **options)
         else:
             objective = "task" if config.search == "paper" else "partition"
             state = robust_search(
                 starts,
                 scorer,
                 rng,
-                num_iterations=config.num_iterations,
+                num_iterations=config.search_steps,
                 objective=objective,
                 final_pass=config.final_pass,
                 state=state,

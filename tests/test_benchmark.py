@@ -102,15 +102,93 @@ class TestReport:
         assert rows["d2c"]["budgets"] == [0, 50, 60, 100, 200] and rows["d2c"]["losses"][-1] == 0.7
         assert rows["d2c [long]"]["losses"] == [1.0, 1.0, 1.0, 0.5]
 
+    def test_paired_against_paper_pairs_the_same_seeds_and_counts_lower_losses(self):
+        from peft_d2c.embedded.benchmark_report import format_table, paired_against_paper
+
+        paper = {"method": "d2c", "init": "random", "search": "paper", "restarts": 1, "final_pass": False}
+        methods = {
+            "d2c": {**paper, "search": "partition"},
+            "d2c (paper)": paper,
+            "d2c (kmeans_svd init)": {**paper, "search": "partition", "init": "kmeans_svd"},
+        }
+        results = []
+        for seed, (ours, theirs) in enumerate([(0.50, 0.60), (0.55, 0.52), (0.40, 0.45), (0.30, 0.31)]):
+            results.append({**_cell("d2c", 4, seed, 0.7, ours), "forward_passes": 200})
+            results.append({**_cell("d2c (paper)", 4, seed, 0.6 + 0.01 * seed, theirs), "forward_passes": 80})
+            results.append({**_cell("d2c (kmeans_svd init)", 4, seed, 0.7, 0.1), "forward_passes": 80})
+        results.append({**_cell("d2c", 4, 9, 0.7, 0.0), "forward_passes": 200})  # no paper cell: not paired
+        (row,) = paired_against_paper({"model": "m", "methods": methods, "iterations": None, "results": results})
+        diffs = [-0.10, 0.03, -0.05, -0.01]  # ours minus the paper's, by hand
+        mean = sum(diffs) / 4
+        std = (sum((d - mean) ** 2 for d in diffs) / 3) ** 0.5
+        assert row["method"] == "d2c" and row["paper"] == "d2c (paper)" and row["n"] == 4 and row["lower"] == 3
+        assert row["loss_diff"] == pytest.approx(mean)
+        assert row["loss_high"] - row["loss_diff"] == pytest.approx(3.182 * std / 2)  # t(0.975, df=3), sqrt(4)
+        assert row["pass_ratio"] == pytest.approx(2.5)
+        assert row["em_diff"] == pytest.approx(0.7 - (0.6 + 0.015))
+        table = format_table({"model": "m", "methods": methods, "iterations": None, "results": results})
+        assert "| d2c | 4 | d2c (paper) | -0.032 [-0.121, +0.056] |" in table and "| 3 of 4 | 2.50x |" in table
+        # A paper mode at another T than the run's is not the paper's algorithm of that run: nothing to pair with.
+        other = {**methods, "d2c (paper)": {**paper, "num_iterations": 30}}
+        assert paired_against_paper({"model": "m", "methods": other, "iterations": None, "results": results}) == []
+
 
 def test_search_options_add_the_exact_paper_mode_next_to_d2c():
     from peft_d2c.cli.benchmark import parse_variant
     from peft_d2c.embedded.benchmark import PAPER_SEARCH, cluster_methods
 
-    assert "d2c (paper)" not in dict(cluster_methods())
+    default = dict(cluster_methods())  # the default D2C search is not the paper's, so the paper's runs beside it
+    assert default["d2c"]["search"] == "partition" and default["d2c (paper)"]["search"] == "paper"
+    assert "d2c (paper)" not in dict(cluster_methods(PAPER_SEARCH))
     methods = dict(
         cluster_methods({"search": "partition", "restarts": 2}, dict([parse_variant("v: num_iterations=30")]))
     )
     assert methods["d2c"]["search"] == "partition" and methods["d2c"]["restarts"] == 2
     assert {k: methods["d2c (paper)"][k] for k in PAPER_SEARCH} == PAPER_SEARCH
     assert methods["d2c [v]"]["num_iterations"] == 30 and methods["d2c [v]"]["search"] == "paper"
+
+
+def test_same_partition_is_evaluated_once_and_anytime_seeds_limit_the_recomputed_curves(tmp_path):
+    """Cells whose clusters repeat reuse the held-out scores (checked against a fresh merge and evaluation), and
+    paper-rule cells from seed `anytime_seeds` on have no recomputed curve while partition-objective cells do."""
+    from peft_d2c import D2CMergeConfig, merge_adapters_d2c
+    from peft_d2c.embedded.benchmark import run_benchmark
+    from peft_d2c.embedded.mainjob import load_quick_assets
+    from peft_d2c.evaluation.heldout import evaluate_routing
+
+    data = run_benchmark(
+        model="tiny",
+        clusters=[2],
+        seeds=2,
+        iterations=3,
+        json_path=str(tmp_path / "b.json"),
+        cache_dir=str(tmp_path / "cache"),
+        show_progress=False,
+        methods=["kmeans", "kmeans_svd", "d2c", "d2c (paper)"],
+        anytime_seeds=1,
+    )
+    cells = {(r["method"], r["seed"]): r for r in data["results"] if r["method"] not in REFERENCE_METHODS}
+    assert "anytime" in cells[("d2c (paper)", 0)] and "anytime" not in cells[("d2c (paper)", 1)]
+    assert all("anytime" in cells[("d2c", s)] for s in (0, 1))
+    order = sorted(cells, key=lambda key: (key[1], [m for m, _ in CLUSTER_METHODS].index(key[0])))
+    seen, reused = {}, 0
+    for key in order:  # the run order: the first cell of a partition is evaluated, every later one reuses it
+        partition = tuple(sorted(tuple(sorted(c)) for c in cells[key]["clusters"]))
+        if partition in seen:
+            assert cells[key]["heldout_reused_from"] == list(seen[partition])
+            assert cells[key]["per_task"] == cells[seen[partition]]["per_task"]
+            reused += 1
+        else:
+            assert "heldout_reused_from" not in cells[key]
+            seen[partition] = key
+    assert reused >= 1  # K-means finds the same partition for both seeds (kmeans and kmeans_svd may agree too)
+    # The reused scores are what a fresh merge of that partition scores.
+    key = next(k for k in order if "heldout_reused_from" in cells[k] and k[0].startswith("kmeans"))
+    model, tokenizer, _, fewshot, test = load_quick_assets(str(tmp_path / "cache"))
+    config = D2CMergeConfig(num_clusters=2, seed=key[1], method=key[0], show_progress=False)
+    result = merge_adapters_d2c(model, fewshot, config, tokenizer=tokenizer)
+    assert sorted(map(sorted, result.clusters)) == sorted(map(sorted, cells[key]["clusters"]))
+    fresh = evaluate_routing(model, tokenizer, test, result.routing)
+    for task, scores in fresh.items():
+        assert scores["exact_match"] == cells[key]["per_task"][task]["exact_match"]
+        assert scores["loss"] == pytest.approx(cells[key]["per_task"][task]["loss"], rel=1e-5)

@@ -59,3 +59,13 @@ class TestD2CMergeConfig:
     def test_init_ignored_by_baselines_warns(self):
         with pytest.warns(D2CWarning, match="ignored"):
             D2CMergeConfig(num_clusters=2, method="random", init="kmeans")
+
+
+def test_search_steps_default_per_search_and_explicit_t_wins():
+    """T defaults to 30 partition steps and to the paper's 100 steps; an explicit num_iterations is kept."""
+    assert D2CMergeConfig(num_clusters=2).search == "partition"
+    assert D2CMergeConfig(num_clusters=2).search_steps == 30
+    assert D2CMergeConfig(num_clusters=2, search="paper").search_steps == 100
+    assert D2CMergeConfig(num_clusters=2, search="paper", num_iterations=7).search_steps == 7
+    config = D2CMergeConfig(num_clusters=2)
+    assert D2CMergeConfig.from_dict({**config.to_dict(), "search": "paper"}).search_steps == 100

@@ -168,7 +168,7 @@ class TestNothingLost:
         assert set(tiny_peft_model.peft_config) == before
 
     def test_loss_cache_hits_when_a_cluster_repeats(self, tiny_peft_model, tiny_tokenizer, tiny_task_examples):
-        config = D2CMergeConfig(num_clusters=2, num_iterations=60, seed=0)
+        config = D2CMergeConfig(num_clusters=2, num_iterations=60, seed=0, search="paper")
         result = merge_adapters_d2c(tiny_peft_model, tiny_task_examples, config, tokenizer=tiny_tokenizer)
         # Every proposal asks for two losses; repeated (cluster, task) pairs must come from the cache.
         assert result.stats["cache_hits"] > 0

@@ -194,7 +194,11 @@ def deployment(tmp_path_factory):
         f"loaded from {source_info['source']!r}. Run with HF_HUB_OFFLINE=1 and no Hub copy in the HF cache."
     )
     fewshot, test = load_embedded_tasks("fewshot", tasks=TASKS), load_embedded_tasks("test", tasks=TASKS)
-    config = D2CMergeConfig(num_clusters=2, num_iterations=6, seed=0, show_progress=False)
+    # The deployment docs/deploy.md reports (clusters of the paper-mode search). The partition search's clusters
+    # for these 4 tasks leave capital_world alone, and llama.cpp's Q4_1 arithmetic then moves 5 of its 40 first
+    # words (94.2% overall, measured 2026-12-02): the Q4_1 token agreement depends on the adapters served, which is
+    # why the per-token criteria are checked on the dequantised copy.
+    config = D2CMergeConfig(num_clusters=2, num_iterations=6, seed=0, search="paper", show_progress=False)
     result = merge_adapters_d2c(model, fewshot, config, tokenizer=tokenizer)
     root = tmp_path_factory.mktemp("deploy")
     folder = result.save_pretrained(root / "result")

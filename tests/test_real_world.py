@@ -88,7 +88,7 @@ class TestHistoryIsRight:
         """Each record's two losses, recomputed with a fresh PEFT merge and the model's own loss, and the decision
         recomputed from them (the paper's rule: keep the move only if the moved task's loss drops)."""
         examples = {f: tiny.make_examples(f, 4, seed=7) for f in FAMILIES}
-        config = D2CMergeConfig(num_clusters=3, num_iterations=8, seed=1)
+        config = D2CMergeConfig(num_clusters=3, num_iterations=8, seed=1, search="paper")
         result = merge_adapters_d2c(tiny_peft_model, examples, config, tokenizer=tiny_tokenizer)
         assert result.history
         for clusters, record in zip(replay(result.initial_clusters, result.history), result.history, strict=True):

@@ -71,7 +71,7 @@ class TestProposalsPerStep:
     def test_default_matches_the_naive_reference_implementation(self, tiny_assets, tiny_tokenizer, tiny_task_examples):
         """proposals_per_step=1 is Algorithm 1: same clusters and history as the uncached, unbatched reference."""
         reference_d2c = load_reference()
-        config = D2CMergeConfig(num_clusters=3, num_iterations=40, seed=3)
+        config = D2CMergeConfig(num_clusters=3, num_iterations=40, seed=3, search="paper")
         reference = reference_d2c(tiny.load_peft_model(*tiny_assets), tiny_tokenizer, tiny_task_examples, config)
         result = merge_adapters_d2c(
             tiny.load_peft_model(*tiny_assets), tiny_task_examples, config, tokenizer=tiny_tokenizer
@@ -166,7 +166,7 @@ class TestMemoryStaysFlat:
             )
         )
         try:
-            config = D2CMergeConfig(num_clusters=3, num_iterations=300, merge_cache_size=3, seed=1)
+            config = D2CMergeConfig(num_clusters=3, num_iterations=300, merge_cache_size=3, seed=1, search="paper")
             result = merge_adapters_d2c(model, tiny_task_examples, config, tokenizer=tiny_tokenizer)
         finally:
             hook.remove()

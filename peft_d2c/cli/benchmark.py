@@ -12,7 +12,7 @@ import argparse
 import os
 
 from ..config import COMBINATION_TYPES
-from ..embedded.benchmark import DEFAULT_ITERATIONS, format_anytime_table, format_table, run_benchmark
+from ..embedded.benchmark import format_anytime_table, format_table, run_benchmark
 
 _VARIANT_KEYS = {
     "search": str,
@@ -49,7 +49,9 @@ def add_benchmark_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--clusters", type=int, nargs="+", default=[2, 4], help="Values of K (default: 2 4).")
     parser.add_argument("--seeds", type=int, default=3, help="Seeds per cell (default: 3).")
     parser.add_argument("--first-seed", type=int, default=0, help="First seed (default: 0).")
-    parser.add_argument("--iterations", type=int, default=DEFAULT_ITERATIONS, help="D2C iterations T (default: 100).")
+    parser.add_argument(
+        "--iterations", type=int, default=None, help="D2C iterations T (default: 100 for paper, 30 for partition)."
+    )
     parser.add_argument("--json", default="benchmark_results/benchmark.json", help="Results file (written per cell).")
     parser.add_argument("--plot", default=None, help="PNG of score vs storage (+ loss heatmap and any-time curves).")
     parser.add_argument("--resume", action="store_true", help="Keep the cells already in --json and run the rest.")
@@ -75,6 +77,12 @@ def add_benchmark_arguments(parser: argparse.ArgumentParser) -> None:
         "--combination-type", choices=list(COMBINATION_TYPES), default=None, help="Merge of every method (ties)."
     )
     parser.add_argument("--methods", nargs="+", default=None, help="Run only these methods (labels of the table).")
+    parser.add_argument(
+        "--anytime-seeds",
+        type=int,
+        default=None,
+        help="Recompute the any-time curve of paper-rule D2C cells only for seeds below this (default: all).",
+    )
 
 
 def run_benchmark_command(args: argparse.Namespace) -> int:
@@ -100,6 +108,7 @@ def run_benchmark_command(args: argparse.Namespace) -> int:
         variants=dict(args.variant),
         combination_type=args.combination_type,
         methods=args.methods,
+        anytime_seeds=args.anytime_seeds,
     )
     print(format_table(data))
     anytime = format_anytime_table(data)

@@ -63,7 +63,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--quick", action="store_true", help="Use a tiny random model and synthetic tasks (seconds).")
     run.add_argument("--clusters", "-k", type=int, default=None, help="K (default: 4, or 2 with --quick).")
-    run.add_argument("--iterations", "-t", type=int, default=None, help="T (default: 100, or 30 with --quick).")
+    run.add_argument(
+        "--iterations",
+        "-t",
+        type=int,
+        default=None,
+        help="T (default: 100 for the paper search, 30 for partition; 30 with --quick).",
+    )
     run.add_argument("--method", default="d2c", help="d2c | random | kmeans | kmeans_svd (default: d2c).")
     run.add_argument("--output", "-o", default="d2c_output", help="Output folder (default: ./d2c_output).")
     run.add_argument("--cache-dir", default=None, help="Model and adapter cache (default: ~/.cache/peft_d2c).")

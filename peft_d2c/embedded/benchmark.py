@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from dataclasses import fields
 from typing import Any
 
-from ..config import D2CMergeConfig
+from ..config import RANDOM_TYPES, D2CMergeConfig
 from ..d2c import merge_adapters_d2c
 from ..data.examples import normalize_task_examples
 from ..engine.merging import AdapterMerger
@@ -33,6 +33,7 @@ from ..evaluation.heldout import evaluate_routing, loss_matrix
 from ..io import atomic_write_json
 from .benchmark_report import (
     BASELINES,
+    PAPER_SEARCH,
     REFERENCE_METHODS,
     format_anytime_table,
     format_table,
@@ -46,7 +47,6 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "CLUSTER_METHODS",
-    "DEFAULT_ITERATIONS",
     "REFERENCE_METHODS",
     "SEARCH_OPTIONS",
     "cluster_methods",
@@ -58,10 +58,7 @@ __all__ = [
     "summarize",
 ]
 
-DEFAULT_ITERATIONS = 100
-# The settings of a D2C search that `--search`, `--restarts`, ... set, with the exact paper mode's values.
-SEARCH_OPTIONS = ("search", "restarts", "final_pass", "proposals_per_step", "patience")
-PAPER_SEARCH = {"search": "paper", "restarts": 1, "final_pass": False, "proposals_per_step": 1, "patience": None}
+SEARCH_OPTIONS = tuple(PAPER_SEARCH)
 _DEFAULTS = {f.name: f.default for f in fields(D2CMergeConfig)}
 
 
@@ -110,7 +107,7 @@ def run_benchmark(
     model: str = "smollm2",
     clusters: Sequence[int] = (2, 4),
     seeds: int = 3,
-    iterations: int = DEFAULT_ITERATIONS,
+    iterations: int | None = None,
     json_path: str = "benchmark_results/benchmark.json",
     plot_path: str | None = None,
     resume: bool = False,
@@ -122,6 +119,7 @@ def run_benchmark(
     combination_type: str | None = None,
     methods: Sequence[str] | None = None,
     first_seed: int = 0,
+    anytime_seeds: int | None = None,
 ) -> dict[str, Any]:
     """Run every method at every K and seed, write the results JSON (and plot), and return the results.
 
@@ -129,7 +127,8 @@ def run_benchmark(
         model (`str`): `"smollm2"` (the embedded default) or `"tiny"`.
         clusters (`Sequence[int]`): The storage budgets K.
         seeds (`int`): Seeds `first_seed .. first_seed + seeds - 1` per (method, K), run seed by seed.
-        iterations (`int`): T of the D2C runs (a variant may set its own `num_iterations`).
+        iterations (`int`, *optional*): T of the D2C runs (default: `D2CMergeConfig`'s for each search; a variant
+            may set its own `num_iterations`).
         json_path (`str`): `{"model": ..., "results": [{"method", "num_clusters", "storage_fraction", "seed",
             "heldout_score", "heldout_loss", "fewshot_loss", "forward_passes", "seconds", "anytime", ...}]}`,
             rewritten after every cell.
@@ -143,6 +142,9 @@ def run_benchmark(
         combination_type (`str`, *optional*): The merge of every method (default: `D2CMergeConfig`'s).
         methods (`Sequence[str]`, *optional*): Run only these labels (references always run).
         first_seed (`int`): The first seed.
+        anytime_seeds (`int`, *optional*): Record the any-time curve of paper-rule D2C cells only for seeds below
+            this (their curve is recomputed with extra scoring; partition-objective cells always have theirs, from
+            their records). `None`: every seed.
 
     Returns:
         `dict`: the content of the JSON file.
@@ -187,6 +189,11 @@ def run_benchmark(
         done = {(r["method"], r["num_clusters"], r["seed"]): r for r in previous["results"]}
         logger.info("Resuming: %d cells already done", len(done))
     results = dict(done)
+    # Held-out scores by partition: the same clusters under the same (deterministic) merge give the same merged
+    # adapters, so e.g. a K-means partition that every seed finds is evaluated once.
+    evaluated = {
+        _partition_key(r["clusters"], r["seed"], combination_type): r for r in done.values() if "clusters" in r
+    }
     anytime_scorer = _AnytimeScorer(peft_model, tokenizer, fewshot, combination_type)
 
     def save() -> dict[str, Any]:
@@ -238,7 +245,17 @@ def run_benchmark(
                             combination_type=combination_type,
                             **{key: value for key, value in kwargs.items() if key != "num_iterations"},
                         )
-                        return _cell(peft_model, tokenizer, fewshot, test, config, label, anytime_scorer)
+                        curve = anytime_seeds is None or seed < anytime_seeds or config.search == "partition"
+                        return _cell(
+                            peft_model,
+                            tokenizer,
+                            fewshot,
+                            test,
+                            config,
+                            label,
+                            anytime_scorer if curve else None,
+                            evaluated,
+                        )
 
                     run_cell((label, k, seed), compute)
     finally:
@@ -254,11 +271,24 @@ def run_benchmark(
 _OLD_DEFAULTS = {"combination_type": "ties"}
 
 
-def _cell(peft_model, tokenizer, fewshot, test, config: D2CMergeConfig, label: str, anytime_scorer) -> dict[str, Any]:
+def _partition_key(clusters, seed: int, combination_type: str) -> tuple:
+    """What the merged adapters of a cell depend on: the clusters, and the seed only for randomised merges."""
+    members = tuple(sorted(tuple(sorted(c)) for c in clusters))
+    return members, combination_type, seed if combination_type in RANDOM_TYPES else None
+
+
+def _cell(
+    peft_model, tokenizer, fewshot, test, config: D2CMergeConfig, label: str, anytime_scorer, evaluated: dict
+) -> dict[str, Any]:
     tasks = list(fewshot)
     result = merge_adapters_d2c(peft_model, fewshot, config, tokenizer=tokenizer)
+    key = _partition_key(result.clusters, config.seed, config.combination_type)
+    reused = evaluated.get(key)
     try:
-        scores = evaluate_routing(peft_model, tokenizer, test, result.routing)
+        if reused is not None:
+            scores = reused["per_task"]
+        else:
+            scores = evaluate_routing(peft_model, tokenizer, test, result.routing)
         heatmap = None
         if label == "d2c" and config.seed == 0:  # one task x cluster loss matrix per K, for the plot
             heatmap = {
@@ -282,12 +312,15 @@ def _cell(peft_model, tokenizer, fewshot, test, config: D2CMergeConfig, label: s
         "per_task": scores,
         "search_stats": stats,
         **({"heatmap": heatmap} if heatmap else {}),
+        **({"heldout_reused_from": [reused["method"], reused["seed"]]} if reused is not None else {}),
     }
+    evaluated.setdefault(key, {**cell, "method": label, "seed": config.seed})
     if config.method == "d2c":
         cell["initial_clusters"] = result.initial_clusters
         cell["history"] = result.history
-        cell["anytime"] = anytime_curve(result, anytime_scorer)
-        anytime_scorer.close()  # its temporary merges leave the model (the losses stay memoised)
+        if anytime_scorer is not None:
+            cell["anytime"] = anytime_curve(result, anytime_scorer)
+            anytime_scorer.close()  # its temporary merges leave the model (the losses stay memoised)
     return cell
 
 

@@ -20,6 +20,8 @@ from ..evaluation.plots import plot_anytime, plot_loss_heatmap, plot_score_vs_st
 
 REFERENCE_METHODS = ["zero-shot", "single-task LoRAs"]
 BASELINES = ["random", "kmeans", "kmeans_svd"]
+# The settings of a D2C search that `--search`, `--restarts`, ... set, with the exact paper mode's values.
+PAPER_SEARCH = {"search": "paper", "restarts": 1, "final_pass": False, "proposals_per_step": 1, "patience": None}
 # Two-sided 95% quantiles of Student's t for 1..30 degrees of freedom (then the normal 1.96).
 _T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131]
 _T975 += [2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042]
@@ -120,6 +122,56 @@ def paired_differences(data: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
+def _is_paper(settings: dict[str, Any] | None, iterations: int | None) -> bool:
+    """Whether a D2C method's settings are the exact Algorithm 1 from a random start at the run's T."""
+    if not settings or settings.get("method") != "d2c" or settings.get("init", "random") != "random":
+        return False
+    steps = settings.get("num_iterations", iterations)
+    return steps == iterations and all(settings.get(k, v) == v for k, v in PAPER_SEARCH.items())
+
+
+def paired_against_paper(data: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every other D2C method from a random start minus the exact paper mode, paired by seed (the same start):
+    rows `{method, num_clusters, paper, loss_diff, loss_low, loss_high, lower, n, pass_ratio, em_diff, em_low,
+    em_high}` (`loss_*` in nats of the mean few-shot loss; `lower`: seeds where the method ends lower;
+    `pass_ratio`: mean forward passes over the paper's)."""
+    methods = data.get("methods", {})
+    paper = next((m for m in methods if _is_paper(methods[m], data.get("iterations"))), None)
+    if paper is None:
+        return []
+    cells = {(r["method"], r["num_clusters"], r["seed"]): r for r in data["results"]}
+    rows = []
+    for k in sorted({kk for (m, kk, _) in cells if m == paper}):
+        for method in _order(data):
+            settings = methods.get(method, {})
+            if method == paper or settings.get("method") != "d2c" or settings.get("init", "random") != "random":
+                continue
+            seeds = sorted(s for (m, kk, s) in cells if m == method and kk == k and (paper, k, s) in cells)
+            if not seeds:
+                continue
+            pairs = [(cells[(method, k, s)], cells[(paper, k, s)]) for s in seeds]
+            loss = t_interval([a["fewshot_loss"] - b["fewshot_loss"] for a, b in pairs])
+            em = t_interval([a["heldout_score"] - b["heldout_score"] for a, b in pairs])
+            rows.append(
+                {
+                    "method": method,
+                    "num_clusters": k,
+                    "paper": paper,
+                    "loss_diff": loss[0],
+                    "loss_low": loss[1],
+                    "loss_high": loss[2],
+                    "lower": sum(a["fewshot_loss"] < b["fewshot_loss"] for a, b in pairs),
+                    "n": len(pairs),
+                    "pass_ratio": statistics.mean(a["forward_passes"] for a, _ in pairs)
+                    / statistics.mean(b["forward_passes"] for _, b in pairs),
+                    "em_diff": em[0],
+                    "em_low": em[1],
+                    "em_high": em[2],
+                }
+            )
+    return rows
+
+
 def _fmt(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
@@ -158,6 +210,21 @@ def format_table(data: dict[str, Any]) -> str:
                 + f" | {row['wins']} of {row['n']} | "
                 f"{_fmt(row['fewshot_diff'], '+.3f')} |"
             )
+    against = paired_against_paper(data)
+    if against:
+        lines += [
+            "",
+            "| method | K | minus the paper's search (same start) | few-shot loss diff, nats (95% t interval) "
+            "| seeds lower | forward passes / paper's | EM points (95% t interval) |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for row in against:
+            lines.append(
+                f"| {row['method']} | {row['num_clusters']} | {row['paper']} | {row['loss_diff']:+.3f} "
+                f"[{row['loss_low']:+.3f}, {row['loss_high']:+.3f}] | {row['lower']} of {row['n']} | "
+                f"{row['pass_ratio']:.2f}x | {100 * row['em_diff']:+.1f} [{100 * row['em_low']:+.1f}, "
+                f"{100 * row['em_high']:+.1f}] |"
+            )
     return "\n".join(lines)
 
 
@@ -173,13 +240,18 @@ def value_at(curve: Sequence[Sequence[float]], budget: float) -> float:
 
 
 def anytime_rows(data: dict[str, Any], budgets: Sequence[int] = ANYTIME_BUDGETS) -> list[dict[str, Any]]:
-    """Per D2C method and K, the mean over seeds of the few-shot loss reached within each forward-pass budget:
-    rows `{method, num_clusters, budgets, losses, final_passes, n}` (budgets up to the longest run's total; a run
+    """Per D2C method and K, the mean over seeds (those every method of that K has a curve for) of the few-shot
+    loss reached within each forward-pass budget: rows `{method, num_clusters, budgets, losses, final_passes, n}` (budgets up to the longest run's total; a run
     that ended earlier keeps its final loss)."""
     groups: dict[tuple[str, int], list[dict[str, Any]]] = {}
     for r in data["results"]:
         if r.get("anytime"):
             groups.setdefault((r["method"], r["num_clusters"]), []).append(r)
+    for k in {kk for _, kk in groups}:  # the same seeds for every method of a K, so the means compare
+        common = set.intersection(*({c["seed"] for c in cells} for (_, kk), cells in groups.items() if kk == k))
+        for key in [key for key in groups if key[1] == k]:
+            groups[key] = [c for c in groups[key] if c["seed"] in common]
+    groups = {key: cells for key, cells in groups.items() if cells}
     order = _order(data)
     rows = []
     largest = max((c["anytime"][-1][0] for cells in groups.values() for c in cells), default=0)

@@ -86,7 +86,7 @@ def run_main_job(
     Args:
         quick (`bool`): Use the tiny random model and synthetic tasks instead of SmolLM2-135M and the 16 tasks.
         num_clusters (`int`, *optional*): K (default 4, or 2 with `quick`).
-        num_iterations (`int`, *optional*): T (default 100, or 30 with `quick`).
+        num_iterations (`int`, *optional*): T (default `D2CMergeConfig`'s, or 30 with `quick`).
         method (`str`): `"d2c"` or a baseline.
         output_dir (`str`): Where the merged adapters, routing, config, results and `heldout.json` are written.
         cache_dir (`str`, *optional*): Model and adapter cache (default `~/.cache/peft_d2c`).
@@ -105,7 +105,7 @@ def run_main_job(
     loaded = time.perf_counter()
     config = D2CMergeConfig(
         num_clusters=num_clusters or (2 if quick else 4),
-        num_iterations=num_iterations if num_iterations is not None else (30 if quick else 100),
+        num_iterations=num_iterations if num_iterations is not None else (30 if quick else None),
         method=method,
         seed=seed,
         show_progress=show_progress,
@@ -137,7 +137,7 @@ def _report(result, source_info: Mapping[str, Any], heldout, output_dir, load_s,
         f"Base model: {source_info.get('model_id')} ({source_info.get('source')})",
         f"Adapters: {len(result.routing)}; K = {result.num_clusters} "
         f"({100 * result.num_clusters / len(result.routing):.1f}% storage); method {config.method}, "
-        f"T = {config.num_iterations}, {config.combination_type} merges (density {config.density}), seed {config.seed}",
+        f"{config.search} search, T = {config.search_steps}, {config.combination_type} merges (density {config.density}), seed {config.seed}",
         f"Search: {sum(h['accepted'] for h in result.history)} of {len(result.history)} moves accepted, "
         f"{result.stats['num_merges']} merges, {result.stats['forward_passes']} forward passes",
         "",

@@ -14,7 +14,7 @@ from typing import Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from ..config import CONFIG_NAME, UPDATE_TYPES
+from ..config import CONFIG_NAME, DEFAULT_STEPS, UPDATE_TYPES
 from ..io import RESULT_NAME, ROUTING_NAME, read_json
 from .adapters import ADAPTER_CONFIG_NAME, REPO_ID_PATTERN, WEIGHTS_NAMES
 
@@ -134,9 +134,12 @@ def _method_section(data: dict[str, Any]) -> str:
         budget_text = f"storage budget {budget}, " if budget else ""
     density = result.get("density", config.get("density"))
     combination = result.get("combination_type", config.get("combination_type"))
+    search = config.get("search", "paper")
+    steps = config.get("num_iterations")
+    steps = DEFAULT_STEPS.get(search) if steps is None else steps
     lines = [
         f"- **Clustering**: `{result.get('method', config.get('method'))}` "
-        f"(start `{config.get('init')}`, {config.get('num_iterations')} proposed moves, "
+        f"(start `{config.get('init')}`, `{search}` search, {steps} proposed moves, "
         f"{config.get('examples_per_task')} few-shot examples per task, seed {config.get('seed')}).",
         f"- **Merge**: {_merge_engine(combination)}, `combination_type={combination!r}`"
         + (f", `density={density}`" if density is not None else "")
