@@ -69,3 +69,18 @@ def test_search_steps_default_per_search_and_explicit_t_wins():
     assert D2CMergeConfig(num_clusters=2, search="paper", num_iterations=7).search_steps == 7
     config = D2CMergeConfig(num_clusters=2)
     assert D2CMergeConfig.from_dict({**config.to_dict(), "search": "paper"}).search_steps == 100
+
+
+def test_the_card_names_the_search_and_its_default_t():
+    """A result saved with `num_iterations=None` shows the T its search ran (the card reads the saved config)."""
+    from peft_d2c.hub.cards import _method_section
+
+    def section(**config):
+        base = {"init": "random", "examples_per_task": 10, "seed": 0, "combination_type": "ties", **config}
+        return _method_section(
+            {"result": {"num_adapters": 4, "num_clusters": 2}, "config": base, "routing": {}, "names": []}
+        )
+
+    assert "`partition` search, 30 proposed moves" in section(search="partition", num_iterations=None)
+    assert "`paper` search, 100 proposed moves" in section(search="paper", num_iterations=None)
+    assert "`paper` search, 12 proposed moves" in section(search="paper", num_iterations=12)

@@ -247,6 +247,7 @@ class TestPush:
         _check_card_metadata(card, model_name=repo_id, tasks=sorted(result.routing), result=result,
                              dataset_id=hub_sources["dataset"])  # fmt: skip
         assert "2 merged adapters stored instead of 4" in card.text
+        assert "`partition` search, 4 proposed moves" in card.text  # the config's search and its T
 
         with pytest.warns(D2CWarning, match="Names are unreliable"):  # pushed for BASE_ID, loaded from a local path
             model, router = load_d2c_collection(_base(tiny_assets), repo_id)
