@@ -46,8 +46,8 @@ RANDOM_TYPES = ("dare_ties", "dare_linear", "dare_ties_svd", "dare_linear_svd")
 # The one rule for the names of adapters peft-d2c creates: PEFT breaks on '.', and keys of `nn.ModuleDict` must be
 # identifiers that do not shadow module attributes.
 # T when `num_iterations` is None, per `search`: a `"partition"` step scores every task of the two clusters it
-# changes (2N/K tasks), a `"paper"` step only the moved task, so 30 partition steps cost about 1-2.5x the forward
-# passes of the paper's 100 steps at K = 4 and 2 on the embedded default (docs/benchmark.md).
+# changes (2N/K tasks), a `"paper"` step only the moved task, so 30 partition steps cost 1.07x and 2.09x the
+# forward passes of the paper's 100 steps at K = 4 and 2 on the embedded default (10 seeds, docs/benchmark.md).
 DEFAULT_STEPS = {"paper": 100, "partition": 30}
 ADAPTER_NAME_PATTERN = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
 
@@ -150,7 +150,7 @@ class D2CMergeConfig:
             loss drops the most, a greedier search with more evaluations per step.
         search (`str`, defaults to `"partition"`):
             Acceptance rule of a move: `"partition"` (the summed loss of every task of the two clusters the move
-            changes, so the total few-shot loss never rises; the best measured, docs/benchmark.md) or `"paper"`
+            changes, so the total few-shot loss never rises; 10 seeds in docs/benchmark.md) or `"paper"`
             (Algorithm 1: the moved task's loss; with `restarts=1`, `final_pass=False` and T = 100 the paper's
             algorithm exactly).
         restarts (`int`, defaults to 1):
