@@ -11,7 +11,6 @@ refused before any work, with the message.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import time
@@ -24,6 +23,7 @@ from peft_d2c.embedded import DEFAULT_RECIPE, default_cache_dir, load_embedded_b
 from peft_d2c.embedded.adapters import train_task_adapter
 from peft_d2c.evaluation.heldout import evaluate_routing
 from peft_d2c.hub import load_adapters
+from peft_d2c.testing import edited_adapter_copy
 
 TASKS = ["capital_world", "currency", "plural", "past_tense"]
 RECIPES = {
@@ -33,18 +33,6 @@ RECIPES = {
     "past_tense": replace(DEFAULT_RECIPE, r=8, lora_alpha=16, lora_dropout=0.05),
 }
 OTHER_TARGETS = replace(DEFAULT_RECIPE, target_modules=("q_proj", "k_proj", "v_proj", "o_proj"))
-
-
-def edited_copy(src: str, dst: str, **changes) -> str:
-    shutil.rmtree(dst, ignore_errors=True)
-    shutil.copytree(src, dst)
-    path = os.path.join(dst, "adapter_config.json")
-    with open(path) as f:
-        config = json.load(f)
-    config.update(changes)
-    with open(path, "w") as f:
-        json.dump(config, f)
-    return dst
 
 
 def attempt(label: str, model, examples, config, tokenizer) -> object | None:
@@ -73,8 +61,8 @@ def main() -> None:
                 base, tokenizer, train[task.split("_other")[0]], seed=1, output_dir=folder, recipe=recipe
             )
         dirs[task] = str(folder)
-    dirs["currency_rslora"] = edited_copy(dirs["currency"], str(root / "currency_rslora"), use_rslora=True)
-    dirs["plural_base"] = edited_copy(
+    dirs["currency_rslora"] = edited_adapter_copy(dirs["currency"], str(root / "currency_rslora"), use_rslora=True)
+    dirs["plural_base"] = edited_adapter_copy(
         dirs["plural"], str(root / "plural_base"), base_model_name_or_path="HuggingFaceTB/SmolLM2-135M"
     )
 

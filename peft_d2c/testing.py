@@ -7,8 +7,10 @@ with PEFT and a short real training run, so the tests exercise real code.
 
 from __future__ import annotations
 
+import json
 import os
 import random
+import shutil
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
@@ -147,4 +149,18 @@ def perturbed_copy(src_dir: str, out_dir: str, *, noise: float, seed: int) -> st
         open(os.path.join(out_dir, "adapter_config.json"), "w") as f_out,
     ):
         f_out.write(f_in.read())
+    return out_dir
+
+
+def edited_adapter_copy(src_dir: str, out_dir: str, **changes) -> str:
+    """Copy an adapter folder to `out_dir` (replacing it) with `changes` set in its adapter_config.json; the weights
+    stay the same (e.g. `lora_dropout=0.2`, `use_rslora=True`, another `base_model_name_or_path`)."""
+    shutil.rmtree(out_dir, ignore_errors=True)
+    shutil.copytree(src_dir, out_dir)
+    path = os.path.join(out_dir, "adapter_config.json")
+    with open(path) as f:
+        config = json.load(f)
+    config.update(changes)
+    with open(path, "w") as f:
+        json.dump(config, f)
     return out_dir

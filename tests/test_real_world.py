@@ -6,10 +6,6 @@ before any work with an error that names the adapter or task and what to do.
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
-
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
@@ -23,18 +19,6 @@ from peft_d2c.engine.tokenization import tokenize_example
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 FAMILIES = list(tiny.TASK_FAMILIES)
-
-
-def with_config(src: str, dst: str, **changes) -> str:
-    """A copy of an adapter folder whose adapter_config.json has `changes` (the weights stay the same)."""
-    shutil.copytree(src, dst)
-    path = os.path.join(dst, "adapter_config.json")
-    with open(path) as f:
-        config = json.load(f)
-    config.update(changes)
-    with open(path, "w") as f:
-        json.dump(config, f)
-    return dst
 
 
 def fresh_adapter(base_dir: str, out_dir: str, seed: int, **lora_kwargs) -> str:
@@ -51,7 +35,7 @@ def fresh_adapter(base_dir: str, out_dir: str, seed: int, **lora_kwargs) -> str:
 def dropout_model(tiny_assets, tmp_path):
     """The six tiny task adapters as if saved with lora_dropout=0.2 (the usual Hub values are 0.05-0.1)."""
     base_dir, adapter_dirs = tiny_assets
-    dirs = {f: with_config(d, str(tmp_path / f), lora_dropout=0.2) for f, d in adapter_dirs.items()}
+    dirs = {f: tiny.edited_adapter_copy(d, str(tmp_path / f), lora_dropout=0.2) for f, d in adapter_dirs.items()}
     return tiny.load_peft_model(base_dir, dirs)
 
 
@@ -183,7 +167,8 @@ class TestBaseModels:
     def model_with_bases(self, tiny_assets, tmp_path, bases: dict[str, str]):
         base_dir, adapter_dirs = tiny_assets
         dirs = {
-            f: with_config(adapter_dirs[f], str(tmp_path / f), base_model_name_or_path=b) for f, b in bases.items()
+            f: tiny.edited_adapter_copy(adapter_dirs[f], str(tmp_path / f), base_model_name_or_path=b)
+            for f, b in bases.items()
         }
         return tiny.load_peft_model(base_dir, dirs), {f: tiny.make_examples(f, 3, seed=7) for f in bases}
 
