@@ -192,3 +192,123 @@ def test_same_partition_is_evaluated_once_and_anytime_seeds_limit_the_recomputed
     for task, scores in fresh.items():
         assert scores["exact_match"] == cells[key]["per_task"][task]["exact_match"]
         assert scores["loss"] == pytest.approx(cells[key]["per_task"][task]["loss"], rel=1e-5)
+
+
+def _merge_cell(method, k, seed, merge, score, per_task=None, stats=None):
+    return {
+        **_cell(method, k, seed, score),
+        "combination_type": merge,
+        "forward_passes": 100 if method.startswith("d2c") else 0,
+        **({"per_task": per_task} if per_task else {}),
+        **({"search_stats": stats} if stats else {}),
+    }
+
+
+class TestMergeReport:
+    def test_merge_rows_pair_each_merge_with_ties_on_the_seeds_both_have(self):
+        from peft_d2c.embedded.merge_report import format_merge_tables, merge_rows
+
+        results = [_merge_cell("random", 2, s, "ties", 0.50 + 0.02 * s) for s in range(4)]
+        results += [_merge_cell("random", 2, s, "core_ta", v) for s, v in enumerate([0.55, 0.50, 0.60])]
+        stats = {"seconds": 10.0, "merge_seconds": 2.0}
+        results += [_merge_cell("d2c", 2, s, m, 0.6, stats=stats) for s in range(2) for m in ("ties", "core_ta")]
+        data = {"model": "m", "combination_types": ["ties", "core_ta"], "results": results}
+        rows = {(r["method"], r["merge"]): r for r in merge_rows(data)}
+        ties, core = rows[("random", "ties")], rows[("random", "core_ta")]
+        assert ties["n"] == 4 and ties["score"] == pytest.approx(0.53) and ties["diff"] == 0.0
+        diffs = [0.55 - 0.50, 0.50 - 0.52, 0.60 - 0.54]  # core_ta minus ties, seeds 0-2, by hand
+        mean = sum(diffs) / 3
+        std = (sum((d - mean) ** 2 for d in diffs) / 2) ** 0.5
+        assert core["n"] == 3 and core["pairs"] == 3 and core["wins"] == 2
+        assert core["diff"] == pytest.approx(mean) and core["high"] - mean == pytest.approx(4.303 * std / 3**0.5)
+        assert core["merge_share"] is None and rows[("d2c", "core_ta")]["merge_share"] == pytest.approx(0.2)
+        table = format_merge_tables(data)
+        assert (
+            "| 2 | random | 53.0 ± 2.6 (4) | 55.0 ± 5.0 (3); +3.0 [-7.8, +13.8], 2/3 |" in table
+        )  # 4.303 * 0.0436 / sqrt(3)
+        assert "| 2 | d2c | `core_ta` | 100 |" in table and "| 20 |" in table
+
+    def test_task_keep_rows_average_the_cells_every_merge_has(self):
+        from peft_d2c.embedded.merge_report import format_merge_tables, task_keep_rows
+
+        def scores(a, b):
+            return {"a": {"exact_match": a, "loss": 1.0}, "b": {"exact_match": b, "loss": 1.0}}
+
+        results = [{**_cell("single-task LoRAs", 2, 0, 0.9), "per_task": scores(1.0, 0.8)}]
+        results += [
+            _merge_cell("random", 2, 0, "ties", 0.5, scores(0.6, 0.4)),
+            _merge_cell("random", 2, 1, "ties", 0.5, scores(0.8, 0.2)),
+            _merge_cell("random", 2, 0, "knots_ties", 0.5, scores(0.9, 0.5)),
+            _merge_cell("random", 2, 2, "ties", 0.5, scores(0.0, 0.0)),  # not in knots_ties: left out
+            _merge_cell("random", 2, 1, "knots_ties", 0.5, scores(0.7, 0.3)),
+        ]
+        data = {"model": "m", "tasks": ["a", "b"], "results": results}
+        rows = {r["task"]: r for r in task_keep_rows(data)}
+        assert rows["a"]["single"] == 1.0 and rows["a"]["n"] == {2: 2}
+        assert rows["a"]["kept"][2] == pytest.approx({"ties": 0.7, "knots_ties": 0.8})
+        assert rows["b"]["kept"][2] == pytest.approx({"ties": 0.3, "knots_ties": 0.4})
+        table = format_merge_tables(data)
+        # mean kept: ties (0.7 + 0.3) / 2 over single (1.0 + 0.8) / 2 = 56%, knots_ties 0.6 / 0.9 = 67%
+        assert "| a | 100 | 70 | 80 |" in table and "| **mean EM kept, % of single-task** | 100 | 56 | 67 |" in table
+
+    def test_old_files_name_their_merge_and_runs_combine(self):
+        from peft_d2c.embedded.merge_report import combine_runs, split_by_merge, with_merge_labels
+
+        old = {"model": "m", "tasks": ["a"], "combination_type": "ties", "methods": {"random": {"method": "random"}}}
+        old["results"] = [_cell("zero-shot", 0, 0, 0.1), _cell("random", 2, 0, 0.5)]
+        new = {"model": "m", "tasks": ["a"], "combination_types": ["core_ta"], "methods": {}}
+        new["results"] = [_merge_cell("zero-shot", 0, 0, "core_ta", 0.1), _merge_cell("random", 2, 0, "core_ta", 0.6)]
+        labelled = with_merge_labels(old)
+        assert labelled["combination_types"] == ["ties"] and "combination_type" in labelled["results"][1]
+        assert "combination_type" not in old["results"][1]  # the input is left as it was
+        both = combine_runs([old, new])
+        assert both["combination_types"] == ["ties", "core_ta"]
+        assert [c["method"] for c in both["results"]] == ["zero-shot", "random", "random"]  # one zero-shot
+        parts = split_by_merge(both)
+        assert [c["heldout_score"] for c in parts["core_ta"]["results"]] == [0.1, 0.6]
+        with pytest.raises(ValueError, match="differ in `tasks`"):
+            combine_runs([old, {**new, "tasks": ["b"]}])
+
+
+def test_merge_axis_runs_every_method_with_every_merge_and_resumes_an_old_run(tmp_path, capsys):
+    """A run with one merge, resumed with a second: the first merge's cells are kept, a baseline's partition is the
+    same under both merges, and the new merge's held-out scores are those of a fresh merge and evaluation."""
+    from peft_d2c import D2CMergeConfig, merge_adapters_d2c
+    from peft_d2c.embedded.benchmark import run_benchmark
+    from peft_d2c.embedded.mainjob import load_quick_assets
+    from peft_d2c.evaluation.heldout import evaluate_routing
+
+    common = dict(
+        model="tiny",
+        clusters=[2],
+        seeds=1,
+        iterations=3,
+        json_path=str(tmp_path / "b.json"),
+        cache_dir=str(tmp_path / "cache"),
+        show_progress=False,
+        methods=["kmeans", "d2c"],
+    )
+    first = run_benchmark(**common, combination_types=["ties"])
+    both = run_benchmark(**common, combination_types=["core_ta"], resume=True)
+    assert both["combination_types"] == ["ties", "core_ta"]
+    cells = {(r["method"], r["combination_type"]): r for r in both["results"]}
+    assert set(cells) == {(m, t) for m in ("kmeans", "d2c") for t in ("ties", "core_ta")} | {
+        ("zero-shot", "ties"),
+        ("single-task LoRAs", "ties"),
+    }
+    kept = {(r["method"], r["combination_type"]): r["seconds"] for r in first["results"]}
+    assert all(cells[key]["seconds"] == seconds for key, seconds in kept.items())
+    ties, core = cells[("kmeans", "ties")], cells[("kmeans", "core_ta")]
+    assert ties["clusters"] == core["clusters"] and "heldout_reused_from" not in core
+    model, tokenizer, _, fewshot, test = load_quick_assets(str(tmp_path / "cache"))
+    config = D2CMergeConfig(num_clusters=2, method="kmeans", combination_type="core_ta", show_progress=False)
+    result = merge_adapters_d2c(model, fewshot, config, tokenizer=tokenizer)
+    fresh = evaluate_routing(model, tokenizer, test, result.routing)
+    for task, scores in fresh.items():
+        assert scores["exact_match"] == core["per_task"][task]["exact_match"]
+        assert scores["loss"] == pytest.approx(core["per_task"][task]["loss"], rel=1e-5)
+    # The command line prints the per-merge tables and the merge axis of the saved file.
+    assert main(["benchmark", "--report", common["json_path"]]) == 0
+    printed = capsys.readouterr().out
+    assert "### `core_ta` merges" in printed and "### The merge axis" in printed
+    assert "| 2 | kmeans | " in printed and "K=2 `core_ta`" in printed

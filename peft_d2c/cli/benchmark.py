@@ -3,16 +3,20 @@
 peft-d2c benchmark --seeds 3 --plot docs/img/benchmark.png
 peft-d2c benchmark --search partition --restarts 2 --final-pass     # a robust D2C next to the paper's
 peft-d2c benchmark --variant "partition T30: search=partition num_iterations=30"    # an extra D2C method
+peft-d2c benchmark --combination-type ties knots_ties --methods random d2c    # the merge axis
+peft-d2c benchmark --report run_ties.json run_knots.json     # the tables of finished runs, combined
 python -m peft_d2c.cli benchmark --model tiny      # the same without the entry point script
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 
 from ..config import COMBINATION_TYPES
-from ..embedded.benchmark import format_anytime_table, format_table, run_benchmark
+from ..embedded.benchmark import run_benchmark
+from ..embedded.merge_report import combine_runs, format_report
 
 _VARIANT_KEYS = {
     "search": str,
@@ -74,7 +78,13 @@ def add_benchmark_arguments(parser: argparse.ArgumentParser) -> None:
         "num_iterations init), from the paper's settings; repeatable.",
     )
     parser.add_argument(
-        "--combination-type", choices=list(COMBINATION_TYPES), default=None, help="Merge of every method (ties)."
+        "--combination-type",
+        dest="combination_types",
+        choices=list(COMBINATION_TYPES),
+        nargs="+",
+        default=None,
+        metavar="TYPE",
+        help="Merge(s) of every method; several give the merge axis (default: D2CMergeConfig's).",
     )
     parser.add_argument("--methods", nargs="+", default=None, help="Run only these methods (labels of the table).")
     parser.add_argument(
@@ -83,10 +93,24 @@ def add_benchmark_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="Recompute the any-time curve of paper-rule D2C cells only for seeds below this (default: all).",
     )
+    parser.add_argument(
+        "--report",
+        nargs="+",
+        default=None,
+        metavar="JSON",
+        help="Run nothing: print the tables of these results files, combined (e.g. one run per merge).",
+    )
 
 
 def run_benchmark_command(args: argparse.Namespace) -> int:
-    """`peft-d2c benchmark`: run, print the tables (and where the files are)."""
+    """`peft-d2c benchmark`: run, print the tables (and where the files are); or only print them (`--report`)."""
+    if args.report:
+        runs = []
+        for path in args.report:
+            with open(path, encoding="utf-8") as f:
+                runs.append(json.load(f))
+        print(format_report(combine_runs(runs)))
+        return 0
     options = {
         key: getattr(args, key)
         for key in ("search", "restarts", "final_pass", "proposals_per_step", "patience")
@@ -106,14 +130,11 @@ def run_benchmark_command(args: argparse.Namespace) -> int:
         show_progress=not getattr(args, "quiet", False),
         search_options=options,
         variants=dict(args.variant),
-        combination_type=args.combination_type,
+        combination_types=args.combination_types,
         methods=args.methods,
         anytime_seeds=args.anytime_seeds,
     )
-    print(format_table(data))
-    anytime = format_anytime_table(data)
-    if anytime:
-        print("\nMean few-shot loss reached after a number of forward passes (fp):\n\n" + anytime)
+    print(format_report(data))
     print(f"\nResults: {os.path.abspath(args.json)}" + (f"; plot: {os.path.abspath(args.plot)}" if args.plot else ""))
     print(f"Wall time: {data['seconds'] / 60:.1f} min")
     return 0

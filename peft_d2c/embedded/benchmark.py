@@ -3,14 +3,16 @@
     peft-d2c benchmark                          # SmolLM2-135M, 16 tasks, K = 2 and 4, 2 seeds (~40 min)
     peft-d2c benchmark --model tiny             # the same on the tiny random model (a smoke test)
     peft-d2c benchmark --search partition --restarts 2 --final-pass   # another D2C search, next to the paper's
+    peft-d2c benchmark --combination-type ties knots_ties core_ta      # the merge axis: every method x merge
 
 Clustering sees only the `fewshot` split (10 examples per task); every score is on the held-out `test` split:
 exact match of the greedy answer's first word, and the mean completion loss, averaged over tasks. Each finished
-cell (method, K, seed) is written to the JSON file at once, so `--resume` continues an interrupted run. D2C cells
+cell (method, merge, K, seed) is written to the JSON file at once, so `--resume` continues an interrupted run. D2C cells
 also record their any-time curve: the mean few-shot loss of the partition held after each number of forward passes
 (from the search records where the objective is the total loss, else recomputed for every tenth step with a
-separate memoised scorer that is not counted in the cell's forward passes). Tables and plots are in
-`peft_d2c.embedded.benchmark_report`; the command line lives in `peft_d2c.cli.benchmark`.
+separate memoised scorer that is not counted in the cell's forward passes; `peft_d2c.embedded.anytime`). Tables and
+plots are in `peft_d2c.embedded.benchmark_report` (one merge) and `peft_d2c.embedded.merge_report` (the merge
+axis); the command line lives in `peft_d2c.cli.benchmark`.
 """
 
 from __future__ import annotations
@@ -25,12 +27,10 @@ from typing import Any
 
 from ..config import RANDOM_TYPES, D2CMergeConfig
 from ..d2c import merge_adapters_d2c
-from ..data.examples import normalize_task_examples
-from ..engine.merging import AdapterMerger
-from ..engine.scoring import LossScorer
 from ..evaluation.generation import BASE_ADAPTER
 from ..evaluation.heldout import evaluate_routing, loss_matrix
 from ..io import atomic_write_json
+from .anytime import AnytimeScorer, anytime_curve
 from .benchmark_report import (
     BASELINES,
     PAPER_SEARCH,
@@ -42,6 +42,7 @@ from .benchmark_report import (
     summarize,
 )
 from .mainjob import load_embedded_assets, load_quick_assets
+from .merge_report import format_report, plot_report, with_merge_labels
 
 logger = logging.getLogger(__name__)
 
@@ -51,9 +52,11 @@ __all__ = [
     "SEARCH_OPTIONS",
     "cluster_methods",
     "format_anytime_table",
+    "format_report",
     "format_table",
     "paired_differences",
     "plot_benchmark",
+    "plot_report",
     "run_benchmark",
     "summarize",
 ]
@@ -116,30 +119,33 @@ def run_benchmark(
     show_progress: bool = True,
     search_options: dict[str, Any] | None = None,
     variants: dict[str, dict[str, Any]] | None = None,
-    combination_type: str | None = None,
+    combination_types: Sequence[str] | None = None,
     methods: Sequence[str] | None = None,
     first_seed: int = 0,
     anytime_seeds: int | None = None,
 ) -> dict[str, Any]:
-    """Run every method at every K and seed, write the results JSON (and plot), and return the results.
+    """Run every method with every merge at every K and seed, write the results JSON (and plots), return the results.
 
     Args:
         model (`str`): `"smollm2"` (the embedded default) or `"tiny"`.
         clusters (`Sequence[int]`): The storage budgets K.
-        seeds (`int`): Seeds `first_seed .. first_seed + seeds - 1` per (method, K), run seed by seed.
+        seeds (`int`): Seeds `first_seed .. first_seed + seeds - 1` per (method, merge, K), run seed by seed.
         iterations (`int`, *optional*): T of the D2C runs (default: `D2CMergeConfig`'s for each search; a variant
             may set its own `num_iterations`).
-        json_path (`str`): `{"model": ..., "results": [{"method", "num_clusters", "storage_fraction", "seed",
-            "heldout_score", "heldout_loss", "fewshot_loss", "forward_passes", "seconds", "anytime", ...}]}`,
-            rewritten after every cell.
+        json_path (`str`): `{"model": ..., "combination_types": [...], "results": [{"method", "combination_type",
+            "num_clusters", "storage_fraction", "seed", "heldout_score", "heldout_loss", "fewshot_loss",
+            "forward_passes", "seconds", "anytime", ...}]}`, rewritten after every cell.
         plot_path (`str`, *optional*): PNG of score vs storage per method, plus `<stem>_heatmap.png` and the
             any-time curves `<stem>_anytime_k<K>.png`.
-        resume (`bool`): Reuse the finished cells of an existing `json_path` with the same settings.
+        resume (`bool`): Reuse the finished cells of an existing `json_path` with the same settings (it may hold
+            other methods or merges too).
         cache_dir (`str`, *optional*), fetch (`bool`), show_progress (`bool`): As for the main job.
         search_options (`dict`, *optional*): `search`, `restarts`, `final_pass`, `proposals_per_step`, `patience`
             of the `d2c` methods (the `D2CMergeConfig` defaults for those not given).
         variants (`dict[str, dict]`, *optional*): Extra D2C methods `d2c [name]` (see `cluster_methods`).
-        combination_type (`str`, *optional*): The merge of every method (default: `D2CMergeConfig`'s).
+        combination_types (`Sequence[str]`, *optional*): The merge axis: every method runs with each of these
+            merges (default: `D2CMergeConfig`'s `combination_type` alone). A baseline's partition does not depend
+            on the merge; a D2C search does, since it scores merged adapters.
         methods (`Sequence[str]`, *optional*): Run only these labels (references always run).
         first_seed (`int`): The first seed.
         anytime_seeds (`int`, *optional*): Record the any-time curve of paper-rule D2C cells only for seeds below
@@ -150,12 +156,14 @@ def run_benchmark(
         `dict`: the content of the JSON file.
 
     Raises:
-        ValueError: If `seeds` < 1, a K is out of range, a method is unknown, or `--resume` meets a file of other
-            settings.
+        ValueError: If `seeds` < 1, a K is out of range, a method or merge is unknown, or `--resume` meets a file
+            of other settings.
     """
     if seeds < 1:
         raise ValueError(f"`--seeds` must be >= 1, got {seeds}.")
-    combination_type = combination_type or _DEFAULTS["combination_type"]
+    merges = list(dict.fromkeys(combination_types or [_DEFAULTS["combination_type"]]))
+    for merge in merges:
+        D2CMergeConfig(num_clusters=1, combination_type=merge)  # the config's own check and message
     table = cluster_methods(search_options, variants)
     if methods is not None:
         unknown = sorted(set(methods) - {label for label, _ in table})
@@ -173,28 +181,32 @@ def run_benchmark(
         "base_model": source_info,
         "iterations": iterations,
         "tasks": tasks,
-        "combination_type": combination_type,
+        "combination_types": merges,
         "methods": {label: kwargs for label, kwargs in table},
     }
-    done: dict[tuple[str, int, int], dict[str, Any]] = {}
+    done: dict[tuple[str, int, int, str], dict[str, Any]] = {}
     if resume and os.path.isfile(json_path):
         with open(json_path, encoding="utf-8") as f:
-            previous = json.load(f)
-        same = all(previous.get(k, _OLD_DEFAULTS.get(k)) == v for k, v in settings.items() if k != "methods")
+            previous = with_merge_labels(json.load(f))
+        same = all(previous.get(k) == v for k, v in settings.items() if k not in ("methods", "combination_types"))
         old_methods = previous.get("methods", {})
         same = same and all(old_methods.get(label, kwargs) == kwargs for label, kwargs in table)
         if not same:
             raise ValueError(f"{json_path} holds a run with other settings; drop --resume or pick another --json.")
         settings["methods"] = {**old_methods, **settings["methods"]}
-        done = {(r["method"], r["num_clusters"], r["seed"]): r for r in previous["results"]}
+        settings["combination_types"] = list(dict.fromkeys([*previous["combination_types"], *merges]))
+        done = {_cell_key(r): r for r in previous["results"]}
         logger.info("Resuming: %d cells already done", len(done))
     results = dict(done)
     # Held-out scores by partition: the same clusters under the same (deterministic) merge give the same merged
     # adapters, so e.g. a K-means partition that every seed finds is evaluated once.
     evaluated = {
-        _partition_key(r["clusters"], r["seed"], combination_type): r for r in done.values() if "clusters" in r
+        _partition_key(r["clusters"], r["seed"], r["combination_type"]): r for r in done.values() if "clusters" in r
     }
-    anytime_scorer = _AnytimeScorer(peft_model, tokenizer, fewshot, combination_type)
+    anytime_scorers = {
+        merge: AnytimeScorer(peft_model, tokenizer, fewshot, merge, prefix=f"anytime{i}")
+        for i, merge in enumerate(merges)
+    }
 
     def save() -> dict[str, Any]:
         data = {**settings, "results": list(results.values())}
@@ -206,11 +218,17 @@ def run_benchmark(
             return
         cell_start = time.perf_counter()
         cell = compute()
-        cell.update(method=key[0], num_clusters=key[1], seed=key[2], seconds=time.perf_counter() - cell_start)
+        cell.update(
+            method=key[0],
+            num_clusters=key[1],
+            seed=key[2],
+            combination_type=key[3],
+            seconds=time.perf_counter() - cell_start,
+        )
         results[key] = cell
         save()
         logger.info(
-            "%s K=%d seed=%d: EM %.3f, loss %.3f (%.0f s)",
+            "%s K=%d seed=%d %s: EM %.3f, loss %.3f (%.0f s)",
             *key,
             cell["heldout_score"],
             cell["heldout_loss"],
@@ -229,46 +247,42 @@ def run_benchmark(
 
     labels = [label for label, _ in table]
     try:
-        run_cell(("zero-shot", 0, 0), lambda: reference({t: BASE_ADAPTER for t in tasks}))
-        run_cell(("single-task LoRAs", len(tasks), 0), lambda: reference({t: t for t in tasks}))
+        # No merge in either reference: they are recorded under the first merge of the file.
+        no_merge = settings["combination_types"][0]
+        run_cell(("zero-shot", 0, 0, no_merge), lambda: reference({t: BASE_ADAPTER for t in tasks}))
+        run_cell(("single-task LoRAs", len(tasks), 0, no_merge), lambda: reference({t: t for t in tasks}))
         for seed in range(first_seed, first_seed + seeds):
             for k in clusters:
-                for label, kwargs in table:
+                for merge in merges:
+                    for label, kwargs in table:
 
-                    def compute(label=label, kwargs=kwargs, k=k, seed=seed):
-                        config = D2CMergeConfig(
-                            num_clusters=k,
-                            num_iterations=kwargs.get("num_iterations", iterations),
-                            seed=seed,
-                            merged_adapter_prefix=f"bench{k}s{seed}m{labels.index(label)}",
-                            show_progress=show_progress,
-                            combination_type=combination_type,
-                            **{key: value for key, value in kwargs.items() if key != "num_iterations"},
-                        )
-                        curve = anytime_seeds is None or seed < anytime_seeds or config.search == "partition"
-                        return _cell(
-                            peft_model,
-                            tokenizer,
-                            fewshot,
-                            test,
-                            config,
-                            label,
-                            anytime_scorer if curve else None,
-                            evaluated,
-                        )
+                        def compute(label=label, kwargs=kwargs, k=k, seed=seed, merge=merge):
+                            config = D2CMergeConfig(
+                                num_clusters=k,
+                                num_iterations=kwargs.get("num_iterations", iterations),
+                                seed=seed,
+                                merged_adapter_prefix=f"bench{k}s{seed}m{labels.index(label)}c{merges.index(merge)}",
+                                show_progress=show_progress,
+                                combination_type=merge,
+                                **{key: value for key, value in kwargs.items() if key != "num_iterations"},
+                            )
+                            curve = anytime_seeds is None or seed < anytime_seeds or config.search == "partition"
+                            scorer = anytime_scorers[merge] if curve else None
+                            return _cell(peft_model, tokenizer, fewshot, test, config, label, scorer, evaluated)
 
-                    run_cell((label, k, seed), compute)
+                        run_cell((label, k, seed, merge), compute)
     finally:
-        anytime_scorer.close()
+        for scorer in anytime_scorers.values():
+            scorer.close()
     data = save()
     data["seconds"] = time.perf_counter() - started
     if plot_path:
-        plot_benchmark(data, plot_path)
+        plot_report(data, plot_path)
     return data
 
 
-# Settings of results files written before they were recorded.
-_OLD_DEFAULTS = {"combination_type": "ties"}
+def _cell_key(cell: dict[str, Any]) -> tuple[str, int, int, str]:
+    return cell["method"], cell["num_clusters"], cell["seed"], cell["combination_type"]
 
 
 def _partition_key(clusters, seed: int, combination_type: str) -> tuple:
@@ -322,68 +336,3 @@ def _cell(
             cell["anytime"] = anytime_curve(result, anytime_scorer)
             anytime_scorer.close()  # its temporary merges leave the model (the losses stay memoised)
     return cell
-
-
-def anytime_curve(result, total_of) -> list[list[float]]:
-    """`[[forward passes, mean few-shot loss], ...]` of a D2C run: the loss of the partition the search would
-    return if stopped then (the best finished start's, or the current partition's if lower), from 0 passes.
-
-    Records with `total_loss` (the partition objective) give it directly; for the others the partition is rebuilt
-    from the moves and scored by `total_of(clusters)` at every tenth step and the last one.
-    """
-    n = len(result.assignment)
-    fp_after = {records: passes for records, passes in result.stats["trace"]}
-    history = result.history
-    starts = [result.initial_clusters, *(r["start"] for r in result.stats.get("restarts", [])[1:])]
-    finished = result.stats.get("restarts", [])
-    clusters = [list(c) for c in starts[0]]
-    points = [[0, total_of(clusters) / n]]
-    restart, in_final, done_best = 0, False, float("inf")
-    every = max(1, len(history) // 10)
-    for index, record in enumerate(history):
-        if record.get("phase") == "final" and not in_final:
-            in_final = True
-            done_best = min(f["total_loss"] for f in finished)
-            best = min(range(len(finished)), key=lambda i: (finished[i]["total_loss"], i))
-            clusters = [list(c) for c in finished[best]["clusters"]]
-        elif record.get("phase") != "final" and record.get("restart", 0) != restart:
-            done_best = min(done_best, finished[restart]["total_loss"])
-            restart = record["restart"]
-            clusters = [list(c) for c in starts[restart]]
-        if "relocated" in record:
-            clusters[record["target"]].remove(record["relocated"])
-            clusters[record["joined"]] = sorted([*clusters[record["joined"]], record["relocated"]])
-        if record["accepted"]:
-            clusters[record["source"]].remove(record["task"])
-            clusters[record["target"]] = sorted([*clusters[record["target"]], record["task"]])
-        if "total_loss" in record:
-            current = record["total_loss"]
-        elif index % every == every - 1 or index == len(history) - 1:
-            current = total_of(clusters)
-        else:
-            continue
-        if index + 1 in fp_after:
-            points.append([fp_after[index + 1], min(done_best, current) / n])
-    if points[-1][0] < result.stats["forward_passes"]:  # the end: the returned partition, all passes counted
-        points.append([result.stats["forward_passes"], sum(result.task_losses.values()) / n])
-    return points
-
-
-class _AnytimeScorer:
-    """Total few-shot loss of a partition, memoised over the whole benchmark run; its passes are not counted."""
-
-    def __init__(self, peft_model, tokenizer, fewshot, combination_type: str) -> None:
-        config = D2CMergeConfig(num_clusters=1, combination_type=combination_type, merged_adapter_prefix="anytime")
-        examples = normalize_task_examples(fewshot)
-        examples = {task: items[: config.examples_per_task] for task, items in examples.items()}
-        self.model = peft_model
-        self.merger = AdapterMerger(peft_model, config)
-        self.scorer = LossScorer.for_config(peft_model, tokenizer, examples, self.merger)
-
-    def __call__(self, clusters: Sequence[Sequence[str]]) -> float:
-        self.model.eval()
-        return sum(self.scorer([(tuple(sorted(c)), t) for c in clusters for t in c]))
-
-    def close(self) -> None:
-        """Remove the temporary merged adapters from the model; the memoised losses are kept."""
-        self.merger.cleanup()

@@ -39,7 +39,8 @@ def t_interval(values: Sequence[float]) -> tuple[float, float, float]:
     return mean, mean - half, mean + half
 
 
-def _order(data: dict[str, Any]) -> list[str]:
+def method_order(data: dict[str, Any]) -> list[str]:
+    """The methods of a results dict in table order: references, baselines, then the rest as first met."""
     methods = list(dict.fromkeys(r["method"] for r in data["results"]))
     return sorted(methods, key=lambda m: (REFERENCE_METHODS + BASELINES + [m]).index(m))
 
@@ -55,7 +56,7 @@ def summarize(data: dict[str, Any]) -> list[dict[str, Any]]:
     groups: dict[tuple[str, int], list[dict[str, Any]]] = {}
     for r in data["results"]:
         groups.setdefault((r["method"], r["num_clusters"]), []).append(r)
-    order = _order(data)
+    order = method_order(data)
     rows = []
     for (method, k), cells in sorted(
         groups.items(), key=lambda kv: (-1 if kv[0][0] in REFERENCE_METHODS else kv[0][1], order.index(kv[0][0]))
@@ -92,7 +93,7 @@ def paired_differences(data: dict[str, Any]) -> list[dict[str, Any]]:
         if not means:
             continue
         baseline = max(means, key=lambda m: (means[m], -BASELINES.index(m)))
-        for method in _order(data):
+        for method in method_order(data):
             if not method.startswith("d2c"):
                 continue
             seeds = sorted(s for (m, kk, s) in cells if m == method and kk == k and (baseline, k, s) in cells)
@@ -142,7 +143,7 @@ def paired_against_paper(data: dict[str, Any]) -> list[dict[str, Any]]:
     cells = {(r["method"], r["num_clusters"], r["seed"]): r for r in data["results"]}
     rows = []
     for k in sorted({kk for (m, kk, _) in cells if m == paper}):
-        for method in _order(data):
+        for method in method_order(data):
             settings = methods.get(method, {})
             if method == paper or settings.get("method") != "d2c" or settings.get("init", "random") != "random":
                 continue
@@ -252,7 +253,7 @@ def anytime_rows(data: dict[str, Any], budgets: Sequence[int] = ANYTIME_BUDGETS)
         for key in [key for key in groups if key[1] == k]:
             groups[key] = [c for c in groups[key] if c["seed"] in common]
     groups = {key: cells for key, cells in groups.items() if cells}
-    order = _order(data)
+    order = method_order(data)
     rows = []
     largest = max((c["anytime"][-1][0] for cells in groups.values() for c in cells), default=0)
     for (method, k), cells in sorted(groups.items(), key=lambda kv: (kv[0][1], order.index(kv[0][0]))):
