@@ -13,7 +13,7 @@ import logging
 import math
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from peft import PeftModel
@@ -140,16 +140,25 @@ class AdapterMerger:
         for name in [*final_names, *(self.temporary_name(i) for i in range(self.config.merge_cache_size))]:
             check_new_adapter_name(self.peft_model, name)
 
-    def merge(self, members: Sequence[str], adapter_name: str) -> str:
+    def _weights(self, members: Sequence[str], weights: Mapping[str, float] | None) -> list[float]:
+        """The merge weight of every member of sorted `members`: `weights[m]`, or the config's rule."""
+        if weights is None:
+            return merge_weights_for(self.config.combination_type, len(members), self.config.merge_weight)
+        if set(weights) != set(members):
+            raise ValueError(f"`weights` must name exactly the members {list(members)}, got {sorted(weights)}.")
+        return [float(weights[m]) for m in members]
+
+    def merge(self, members: Sequence[str], adapter_name: str, weights: Mapping[str, float] | None = None) -> str:
         """Merge `members` into a new adapter `adapter_name` with PEFT's `add_weighted_adapter`.
 
         The merge runs inside `torch.random.fork_rng()` seeded from (config seed, sorted members), so `dare_*`
         masks are the same every time the same cluster is merged, and torch's global generator is left untouched.
+        `weights` (member -> weight) replaces the weights of `merge_weights_for` (e.g. tuned ones).
         """
         members = sorted(members)
         check_new_adapter_name(self.peft_model, adapter_name)
         config = self.config
-        weights = merge_weights_for(config.combination_type, len(members), config.merge_weight)
+        weights = self._weights(members, weights)
         started = time.perf_counter()
         try:
             with torch.random.fork_rng():
@@ -201,11 +210,12 @@ class AdapterMerger:
         ranks = [adapter_rank(self.peft_model, m) for m in members]
         return merged_rank(ranks, self.config.combination_type, self.config.svd_rank)
 
-    def refill(self, members: Sequence[str], adapter_name: str) -> str:
+    def refill(self, members: Sequence[str], adapter_name: str, weights: Mapping[str, float] | None = None) -> str:
         """Overwrite the weights of the existing merged adapter `adapter_name` with the merge of `members`.
 
         Runs the same per-layer computations as `add_weighted_adapter` (PEFT's own functions, with the same weights
         and settings), so the result equals a fresh merge of `members`; only the module construction is skipped.
+        `weights` (member -> weight) replaces the weights of `merge_weights_for`, as in `merge`.
 
         Raises:
             ValueError: If `adapter_name` has another rank than the merge of `members`, or uses a random type.
@@ -223,7 +233,7 @@ class AdapterMerger:
         combination_type = config.combination_type
         if len(members) == 1 and combination_type not in UPDATE_TYPES:
             combination_type = "linear"  # PEFT's rule
-        weights = merge_weights_for(config.combination_type, len(members), config.merge_weight)
+        weights = self._weights(members, weights)
         started = time.perf_counter()
         self._write_layers(members, adapter_name, combination_type, weights, new_rank)
         self.merge_seconds += time.perf_counter() - started

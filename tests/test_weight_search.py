@@ -1,0 +1,84 @@
+"""Tuned merge weights: the pure (1+1)-ES on toy objectives, and on the tiny model the loss of the tuned weights
+recomputed from a fresh PEFT merge, independently of the tuner."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from peft_d2c import D2CMergeConfig
+from peft_d2c.engine.merging import AdapterMerger
+from peft_d2c.engine.weight_search import search_weights
+from peft_d2c.evaluation.heldout import loss_matrix
+from peft_d2c.evaluation.tune import tune_cluster_weights
+
+
+class TestSearchWeights:
+    def test_finds_the_minimum_of_a_quadratic_inside_the_bounds(self):
+        calls = []
+
+        def objective(w):
+            calls.append(list(w))
+            return (w[0] - 0.2) ** 2 + (w[1] - 1.4) ** 2 + (w[2] - 3.0) ** 2  # w[2]: optimum beyond the bound
+
+        result = search_weights(objective, [1.0, 1.0, 1.0], budget=300, seed=3)
+        assert len(calls) == result.evaluations == 300
+        assert result.weights == pytest.approx([0.2, 1.4, 2.0], abs=1e-2)  # factor bound 2 caps the third
+        assert all(0.0 <= w <= 2.0 for c in calls for w in c)
+        assert result.value == pytest.approx(objective(result.weights))
+        assert result.initial_value == pytest.approx(0.64 + 0.16 + 4.0)
+        values = [v for _, v in result.history]
+        assert values == sorted(values, reverse=True) and result.history[-1][1] == result.value
+
+    def test_never_worse_than_the_untuned_weights_and_seeded(self):
+        def bumpy(w):  # the untuned weights are the minimum: nothing may be accepted
+            return abs(w[0] - 0.5) + abs(w[1] - 0.5)
+
+        result = search_weights(bumpy, [0.5, 0.5], budget=50, seed=0)
+        assert result.weights == [0.5, 0.5] and result.value == 0.0 and result.history == [(1, 0.0)]
+        again = [search_weights(lambda w: (w[0] - 0.1) ** 2 + w[1] ** 2, [1, 1], budget=40, seed=s) for s in (7, 7, 8)]
+        assert again[0].weights == again[1].weights != again[2].weights
+
+    def test_single_member_and_bad_arguments(self):
+        assert search_weights(lambda w: 1.0, [1.0], budget=10, seed=0).evaluations == 1
+        with pytest.raises(ValueError, match="budget"):
+            search_weights(lambda w: 1.0, [1.0, 1.0], budget=0, seed=0)
+        with pytest.raises(ValueError, match="contain 1"):
+            search_weights(lambda w: 1.0, [1.0, 1.0], budget=5, seed=0, low=1.5)
+
+
+def test_explicit_weights_equal_the_configs_weights(tiny_peft_model):
+    """`refill(..., weights)` with every weight 0.3 is the merge a config with `merge_weight=0.3` makes."""
+    model = tiny_peft_model
+    members = ["copy", "reverse", "sort"]
+    AdapterMerger(model, D2CMergeConfig(num_clusters=1, merge_weight=0.3)).merge(members, "by_config")
+    merger = AdapterMerger(model, D2CMergeConfig(num_clusters=1, merged_adapter_prefix="w"))
+    merger.merge(members, "explicit")
+    merger.refill(members, "explicit", {m: 0.3 for m in members})
+    for name, module in model.named_modules():
+        if hasattr(module, "lora_A") and "explicit" in module.lora_A:
+            for factor in ("lora_A", "lora_B"):
+                left = getattr(module, factor)["explicit"].weight
+                right = getattr(module, factor)["by_config"].weight
+                assert torch.allclose(left, right, atol=1e-6), (name, factor)
+    with pytest.raises(ValueError, match="exactly the members"):
+        merger.refill(members, "explicit", {"copy": 1.0})
+
+
+def test_tuned_weights_loss_recomputed_from_a_fresh_peft_merge(tiny_peft_model, tiny_tokenizer, tiny_task_examples):
+    model = tiny_peft_model
+    model.eval()
+    members = ["copy", "reverse", "sort"]
+    examples = {t: tiny_task_examples[t] for t in members}
+    merger = AdapterMerger(model, D2CMergeConfig(num_clusters=1, merged_adapter_prefix="tune"))
+    name = merger.merge(members, "tuned")
+    result, passes = tune_cluster_weights(model, tiny_tokenizer, merger, members, name, examples, budget=8, seed=0)
+    assert result.evaluations == 8 and passes == 8 * 1  # 30 rows: one batch of 32 per evaluation
+    assert result.value < result.initial_value and result.weights != [1.0, 1.0, 1.0]  # seed 0 finds better
+    # Independently: PEFT's own merge with the tuned weights, scored by the held-out loss code, task by task.
+    model.add_weighted_adapter(members, result.weights, "fresh", combination_type="ties", density=0.5)
+    fresh = loss_matrix(model, tiny_tokenizer, examples, ["fresh", "tuned"])
+    assert sum(row[0] for row in fresh) / 3 == pytest.approx(result.value, rel=1e-5)
+    assert [row[1] for row in fresh] == pytest.approx([row[0] for row in fresh], rel=1e-5)  # left at the best
+    untuned = loss_matrix(model, tiny_tokenizer, examples, [members[0]])  # sanity: a real, finite loss
+    assert all(0 < row[0] < 50 for row in untuned)
