@@ -128,7 +128,9 @@ def worker(args) -> None:
     loaded = time.perf_counter()
     model, tokenizer, examples = load_model(args)
     load_seconds = time.perf_counter() - loaded
-    config = D2CMergeConfig(
+    config = D2CMergeConfig(  # the paper's search with `ties` merges: the settings docs/performance.md measured
+        search="paper",
+        combination_type="ties",
         num_clusters=args.num_clusters,
         num_iterations=args.iterations,
         seed=args.seed,

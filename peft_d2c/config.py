@@ -122,9 +122,10 @@ class D2CMergeConfig:
             Stop early after this many proposals in a row were rejected. `None` runs all `num_iterations`.
         examples_per_task (`int`, defaults to 10):
             n, the number of examples per task used for clustering; extra examples are ignored.
-        combination_type (`str`, defaults to `"ties"`):
-            Any combination type of PEFT's `add_weighted_adapter`, or a rank-r update-space merge of peft-d2c
-            (`UPDATE_TYPES`, exact for rslora and lora_bias adapters; see `docs/concepts.md`).
+        combination_type (`str`, defaults to `"knots_ties"`):
+            A rank-r update-space merge of peft-d2c (`UPDATE_TYPES`: `knots_ties`, `core_ta`, `core_ties`, `tsv_m`;
+            exact for rslora, rank / alpha patterns and lora_bias adapters), or any combination type of PEFT's
+            `add_weighted_adapter` (`ties` was the default before the merge benchmark; see `docs/concepts.md`).
         density (`float`, defaults to 0.5):
             Fraction of values kept by the pruning combination types (ties, dare, magnitude_prune).
         merge_weight (`float`, *optional*):
@@ -202,7 +203,9 @@ class D2CMergeConfig:
     )
     patience: int | None = field(default=None, metadata={"help": "Stop after this many rejections in a row."})
     examples_per_task: int = field(default=10, metadata={"help": "n, examples per task used for clustering."})
-    combination_type: str = field(default="ties", metadata={"help": "PEFT add_weighted_adapter combination type."})
+    combination_type: str = field(
+        default="knots_ties", metadata={"help": "Merge: an update-space type or a PEFT add_weighted_adapter type."}
+    )
     density: float = field(default=0.5, metadata={"help": "Fraction kept by ties / dare / magnitude_prune merges."})
     merge_weight: float | None = field(
         default=None, metadata={"help": "Weight of every cluster member; None = the exact-average weight."}

@@ -20,7 +20,8 @@ def _weights(model, adapter_name: str) -> dict[str, torch.Tensor]:
 @pytest.fixture
 def partial_result(tiny_peft_model, tiny_tokenizer, tiny_task_examples):
     names = [n for n in tiny_peft_model.peft_config if n != NEW]
-    config = D2CMergeConfig(num_clusters=2, num_iterations=6, show_progress=False)
+    # `ties`: the test's independent check merges with PEFT's own `add_weighted_adapter`.
+    config = D2CMergeConfig(num_clusters=2, num_iterations=6, show_progress=False, combination_type="ties")
     examples = {n: tiny_task_examples[n] for n in names}
     return merge_adapters_d2c(tiny_peft_model, examples, config, tokenizer=tiny_tokenizer, adapter_names=names)
 

@@ -139,7 +139,7 @@ class TestResume:
 
 MISMATCHES = [
     ("other seed", {"seed": 1}, None, None, r"`seed` was 0, now 1"),
-    ("other merge", {"combination_type": "cat"}, None, None, r"`combination_type` was 'ties', now 'cat'"),
+    ("other merge", {"combination_type": "cat"}, None, None, r"`combination_type` was 'knots_ties', now 'cat'"),
     ("other adapters", {}, ["copy", "reverse", "sort", "first"], None, "adapters were"),
     ("other examples", {}, None, "copy", "task examples changed"),
 ]
@@ -209,4 +209,3 @@ class TestMismatch:
             match = "score function"
         with pytest.raises(CheckpointMismatchError, match=match):
             merge_adapters_d2c(model, tiny_task_examples, config, checkpoint_dir=tmp_path, **kwargs)
-

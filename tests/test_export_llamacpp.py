@@ -198,7 +198,10 @@ def deployment(tmp_path_factory):
     # for these 4 tasks leave capital_world alone, and llama.cpp's Q4_1 arithmetic then moves 5 of its 40 first
     # words (94.2% overall, measured 2026-12-02): the Q4_1 token agreement depends on the adapters served, which is
     # why the per-token criteria are checked on the dequantised copy.
-    config = D2CMergeConfig(num_clusters=2, num_iterations=6, seed=0, search="paper", show_progress=False)
+    # `ties` merges, as in the run deploy.md reports (the default merge was `ties` then).
+    config = D2CMergeConfig(
+        num_clusters=2, num_iterations=6, seed=0, search="paper", combination_type="ties", show_progress=False
+    )
     result = merge_adapters_d2c(model, fewshot, config, tokenizer=tokenizer)
     root = tmp_path_factory.mktemp("deploy")
     folder = result.save_pretrained(root / "result")

@@ -72,7 +72,8 @@ class TestHistoryIsRight:
         """Each record's two losses, recomputed with a fresh PEFT merge and the model's own loss, and the decision
         recomputed from them (the paper's rule: keep the move only if the moved task's loss drops)."""
         examples = {f: tiny.make_examples(f, 4, seed=7) for f in FAMILIES}
-        config = D2CMergeConfig(num_clusters=3, num_iterations=8, seed=1, search="paper")
+        # `ties`: the fresh merges below are PEFT's own `add_weighted_adapter`.
+        config = D2CMergeConfig(num_clusters=3, num_iterations=8, seed=1, search="paper", combination_type="ties")
         result = merge_adapters_d2c(tiny_peft_model, examples, config, tokenizer=tiny_tokenizer)
         assert result.history
         for clusters, record in zip(replay(result.initial_clusters, result.history), result.history, strict=True):
@@ -127,7 +128,7 @@ class TestMixedCollections:
         model, examples = self.model_with(tiny_assets, tmp_path, {"rank4": {"r": 4, "lora_alpha": 8}})
         before = set(model.peft_config)
         with pytest.raises(ValueError, match=r"equal rank.*rank4.*`cat`"):
-            self.run(model, examples, tiny_tokenizer)
+            self.run(model, examples, tiny_tokenizer, combination_type="ties")
         assert set(model.peft_config) == before
 
     @pytest.mark.parametrize(

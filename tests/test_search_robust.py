@@ -239,8 +239,14 @@ class TestOnTheTinyModel:
         self, tiny_assets, tiny_tokenizer, tiny_task_examples
     ):
         """Replay the robust search on the tiny model: merge every cluster again with PEFT and score it."""
-        config = D2CMergeConfig(
-            num_clusters=2, num_iterations=12, seed=1, search="partition", restarts=2, final_pass=True
+        config = D2CMergeConfig(  # `ties`: the replay merges with PEFT's own `add_weighted_adapter`
+            num_clusters=2,
+            num_iterations=12,
+            seed=1,
+            search="partition",
+            restarts=2,
+            final_pass=True,
+            combination_type="ties",
         )
         result = merge_adapters_d2c(
             tiny.load_peft_model(*tiny_assets), tiny_task_examples, config, tokenizer=tiny_tokenizer

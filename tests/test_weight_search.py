@@ -70,7 +70,8 @@ def test_tuned_weights_loss_recomputed_from_a_fresh_peft_merge(tiny_peft_model, 
     model.eval()
     members = ["copy", "reverse", "sort"]
     examples = {t: tiny_task_examples[t] for t in members}
-    merger = AdapterMerger(model, D2CMergeConfig(num_clusters=1, merged_adapter_prefix="tune"))
+    config = D2CMergeConfig(num_clusters=1, merged_adapter_prefix="tune", combination_type="ties")  # PEFT's, below
+    merger = AdapterMerger(model, config)
     name = merger.merge(members, "tuned")
     result, passes = tune_cluster_weights(model, tiny_tokenizer, merger, members, name, examples, budget=8, seed=0)
     assert result.evaluations == 8 and passes == 8 * 1  # 30 rows: one batch of 32 per evaluation
