@@ -45,7 +45,8 @@ def method_order(data: dict[str, Any]) -> list[str]:
     return sorted(methods, key=lambda m: (REFERENCE_METHODS + BASELINES + [m]).index(m))
 
 
-def _mean(cells: Sequence[dict[str, Any]], key: str) -> float | None:
+def mean_of(cells: Sequence[dict[str, Any]], key: str) -> float | None:
+    """Mean of `key` over the cells that have it (not `None`), or `None` if none has."""
     values = [c[key] for c in cells if c.get(key) is not None]
     return statistics.mean(values) if values else None
 
@@ -70,8 +71,8 @@ def summarize(data: dict[str, Any]) -> list[dict[str, Any]]:
                 "score": statistics.mean(scores),
                 "std": statistics.stdev(scores) if len(scores) > 1 else 0.0,
                 "loss": statistics.mean(c["heldout_loss"] for c in cells),
-                "fewshot_loss": _mean(cells, "fewshot_loss"),
-                "forward_passes": _mean(cells, "forward_passes"),
+                "fewshot_loss": mean_of(cells, "fewshot_loss"),
+                "forward_passes": mean_of(cells, "forward_passes"),
                 "seconds": statistics.mean(c["seconds"] for c in cells),
                 "n": len(cells),
             }

@@ -25,6 +25,7 @@ from .benchmark_report import (
     REFERENCE_METHODS,
     format_anytime_table,
     format_table,
+    mean_of,
     method_order,
     plot_benchmark,
     t_interval,
@@ -140,7 +141,6 @@ def merge_rows(data: dict[str, Any], reference: str | None = None) -> list[dict[
             diff, low, high = t_interval(diffs) if diffs else (None, None, None)
             stats = [c["search_stats"] for c in own if c.get("search_stats", {}).get("seconds")]
             shares = [s.get("merge_seconds", 0.0) / s["seconds"] for s in stats]
-            passes = [c["forward_passes"] for c in own if c.get("forward_passes") is not None]
             rows.append(
                 {
                     "num_clusters": k,
@@ -155,7 +155,7 @@ def merge_rows(data: dict[str, Any], reference: str | None = None) -> list[dict[
                     "high": high,
                     "wins": sum(d > 0 for d in diffs),
                     "pairs": len(diffs),
-                    "forward_passes": statistics.mean(passes) if passes else None,
+                    "forward_passes": mean_of(own, "forward_passes"),
                     "seconds": statistics.mean(c["seconds"] for c in own),
                     "merge_share": statistics.mean(shares) if method.startswith("d2c") and shares else None,
                 }
