@@ -98,6 +98,55 @@ class TestInstalledPeft:
                 torch.testing.assert_close(ours, theirs)
 
 
+def reference_factor_merge(kind: str, tensors, weights, density: float) -> torch.Tensor:
+    """TIES / magnitude pruning of one factor written out from the papers (not PEFT's `merge_utils`): keep each
+    tensor's top int(density·n) magnitudes, then (TIES) elect the sign of the summed pruned tensors per entry and
+    average the weighted entries that agree with it, or (magnitude_prune) sum the weighted pruned tensors."""
+    pruned = []
+    for tensor in tensors:
+        flat = tensor.double().flatten()
+        keep = torch.zeros_like(flat)
+        order = flat.abs().argsort(descending=True)[: int(density * flat.numel())]
+        keep[order] = flat[order]
+        pruned.append(keep.view_as(tensor))
+    weighted = [w * t for w, t in zip(weights, pruned, strict=True)]
+    if kind == "magnitude_prune":
+        return sum(weighted)
+    elected = torch.where(sum(pruned) >= 0, 1.0, -1.0).double()
+    agree = [(t.sign() == elected).double() for t in pruned]
+    total = sum(w * a for w, a in zip(weighted, agree, strict=True))
+    return total / sum(agree).clamp(min=1.0)
+
+
+@pytest.mark.parametrize("combination_type", ["ties", "magnitude_prune"])
+def test_pruned_factor_merges_equal_a_reference_written_from_the_papers(tiny_peft_model, combination_type):
+    """PEFT's helpers, `own_merge_layer` and the merger's memoised pruning, each against `reference_factor_merge`
+    (A and B merged separately with ±√(w_i·s_i), the sign on A, as PEFT documents)."""
+    weights = merge_weights_for(combination_type, 3)
+    merger = AdapterMerger(tiny_peft_model, D2CMergeConfig(num_clusters=1, combination_type=combination_type))
+    merger.merge(MEMBERS, "merged")
+    settings = {"rank": 8, "density": 0.5, "majority_sign_method": "total"}
+    for name, layer in lora_layers(tiny_peft_model):
+        scaled = [w * float(layer.scaling[m]) for m, w in zip(MEMBERS, weights, strict=True)]
+        weights_a = [abs(x) ** 0.5 * (1 if x >= 0 else -1) for x in scaled]
+        weights_b = [abs(x) ** 0.5 for x in scaled]
+        expected = (
+            reference_factor_merge(combination_type, [layer.lora_A[m].weight for m in MEMBERS], weights_a, 0.5),
+            reference_factor_merge(combination_type, [layer.lora_B[m].weight for m in MEMBERS], weights_b, 0.5),
+        )
+        target_a, target_b = torch.zeros(8, layer.in_features), torch.zeros(layer.out_features, 8)
+        candidates = {
+            "merger": (layer.lora_A["merged"].weight, layer.lora_B["merged"].weight),
+            "own": layer_merge.own_merge_layer(combination_type, MEMBERS, weights, layer, **settings),
+            "peft": layer_merge.peft_merge_layer(
+                tiny_peft_model.base_model, combination_type, MEMBERS, weights, layer, target_a, target_b, **settings
+            ),
+        }
+        for source, (got_a, got_b) in candidates.items():
+            torch.testing.assert_close(got_a.double(), expected[0], rtol=1e-5, atol=1e-7, msg=f"{source} A {name}")
+            torch.testing.assert_close(got_b.double(), expected[1], rtol=1e-5, atol=1e-7, msg=f"{source} B {name}")
+
+
 def scaling_applied_twice(original):
     """What PEFT 0.20's SVD helper computed: the LoRA scaling applied once more on top of `get_delta_weight`."""
 

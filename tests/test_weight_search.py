@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from peft_d2c import D2CMergeConfig
+from peft_d2c.engine.lora import lora_layers
 from peft_d2c.engine.merging import AdapterMerger
 from peft_d2c.engine.weight_search import search_weights
 from peft_d2c.evaluation.heldout import loss_matrix
@@ -47,20 +48,31 @@ class TestSearchWeights:
             search_weights(lambda w: 1.0, [1.0, 1.0], budget=5, seed=0, low=1.5)
 
 
-def test_explicit_weights_equal_the_configs_weights(tiny_peft_model):
-    """`refill(..., weights)` with every weight 0.3 is the merge a config with `merge_weight=0.3` makes."""
+@pytest.mark.parametrize("combination_type", ["svd", "core_ta"])
+def test_explicit_weights_give_the_weighted_sum_of_updates(tiny_peft_model, combination_type):
+    """`merge_weight=0.3` in the config and `refill(..., weights)` with other explicit weights each give the exact
+    weighted sum Σ w_i·s_i·B_i·A_i, recomputed here from the raw factors (svd_rank 24 = the members' total rank, so
+    neither merge truncates)."""
     model = tiny_peft_model
     members = ["copy", "reverse", "sort"]
-    AdapterMerger(model, D2CMergeConfig(num_clusters=1, merge_weight=0.3)).merge(members, "by_config")
-    merger = AdapterMerger(model, D2CMergeConfig(num_clusters=1, merged_adapter_prefix="w"))
+    settings = {"num_clusters": 1, "combination_type": combination_type, "svd_rank": 24}
+    AdapterMerger(model, D2CMergeConfig(merge_weight=0.3, **settings)).merge(members, "by_config")
+    merger = AdapterMerger(model, D2CMergeConfig(merged_adapter_prefix="w", **settings))
     merger.merge(members, "explicit")
-    merger.refill(members, "explicit", {m: 0.3 for m in members})
-    for name, module in model.named_modules():
-        if hasattr(module, "lora_A") and "explicit" in module.lora_A:
-            for factor in ("lora_A", "lora_B"):
-                left = getattr(module, factor)["explicit"].weight
-                right = getattr(module, factor)["by_config"].weight
-                assert torch.allclose(left, right, atol=1e-6), (name, factor)
+    explicit = {"copy": 0.7, "reverse": -0.2, "sort": 0.4}
+    merger.refill(members, "explicit", explicit)
+    for _, layer in lora_layers(model):
+        for name, weights in (("by_config", dict.fromkeys(members, 0.3)), ("explicit", explicit)):
+            expected = sum(
+                weights[m]
+                * float(layer.scaling[m])
+                * (layer.lora_B[m].weight.double() @ layer.lora_A[m].weight.double())
+                for m in members
+            )
+            got = float(layer.scaling[name]) * (
+                layer.lora_B[name].weight.double() @ layer.lora_A[name].weight.double()
+            )
+            assert float(torch.linalg.norm(got - expected) / torch.linalg.norm(expected)) < 1e-5, name
     with pytest.raises(ValueError, match="exactly the members"):
         merger.refill(members, "explicit", {"copy": 1.0})
 

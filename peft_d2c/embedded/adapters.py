@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
 from ..data.examples import Example
-from ..engine.scoring import TokenizedExample, pad_token_id_for, tokenize_example
+from ..engine.scoring import TokenizedExample, input_device, pad_token_id_for, tokenize_example
 from ..engine.state import preserved_state
 from ..io import atomic_write_json
 from .base_model import default_cache_dir, load_embedded_base_model, staging_dir
@@ -166,7 +166,7 @@ def train_task_adapter(
         for e in examples
     ]
     pad_id = pad_token_id_for(tokenizer)
-    device = next(model.parameters()).device
+    device = input_device(model)
     lora_config = LoraConfig(
         r=recipe.r,
         lora_alpha=recipe.lora_alpha,

@@ -29,7 +29,7 @@ from peft.utils.merge_utils import dare_linear, dare_ties, magnitude_prune, task
 
 from ..config import SVD_TYPES
 from ..errors import D2CWarning
-from .merge_methods import merge_biases, merge_updates
+from .merge_methods import merge_biases, merge_updates, widest_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +58,24 @@ def _factors(layer: LoraLayer, adapter: str) -> tuple[torch.Tensor, torch.Tensor
     if adapter in layer.lora_embedding_A:
         return layer.lora_embedding_A[adapter].data, layer.lora_embedding_B[adapter].data
     return None
+
+
+def _parameter_like(old: torch.nn.Parameter, value: torch.Tensor) -> torch.nn.Parameter:
+    """A new parameter holding `value` (its device and dtype), trainable like `old`."""
+    return torch.nn.Parameter(value.contiguous(), requires_grad=old.requires_grad)
+
+
+def _set_factors(layer: LoraLayer, adapter: str, new_a: torch.Tensor, new_b: torch.Tensor) -> None:
+    """Make `(new_a, new_b)` the factors of `adapter` in `layer`, with their device and dtype.
+
+    New parameters rather than `.data =`: PEFT creates a new adapter on a `meta` base layer on the CPU, and a
+    parameter cannot take data of another device."""
+    if adapter in layer.lora_A:
+        layer.lora_A[adapter].weight = _parameter_like(layer.lora_A[adapter].weight, new_a)
+        layer.lora_B[adapter].weight = _parameter_like(layer.lora_B[adapter].weight, new_b)
+    else:
+        layer.lora_embedding_A[adapter] = _parameter_like(layer.lora_embedding_A[adapter], new_a)
+        layer.lora_embedding_B[adapter] = _parameter_like(layer.lora_embedding_B[adapter], new_b)
 
 
 def own_merge_layer(
@@ -272,7 +290,11 @@ def update_merge_into(
                 present.append((member, weight, factors, bias))
         if not present:
             raise ValueError(f"None of {list(members)} adapts this layer.")
-        key = tuple((m, a.shape, b.shape, bias is not None) for m, _, (a, b), bias in present)
+        # Layers are batched only where every tensor can be stacked: same shapes, device and dtype (a model spread
+        # over devices, or with layers in different dtypes, merges each layer where it lives, in its own dtype).
+        key = tuple(
+            (m, a.shape, b.shape, a.device, a.dtype, b.dtype, bias is not None) for m, _, (a, b), bias in present
+        )
         groups.setdefault(key, []).append((layer, present))
     with torch.no_grad():
         for entries in groups.values():
@@ -280,14 +302,20 @@ def update_merge_into(
 
 
 def _merge_group(combination_type, entries, adapter_name, rank, density, majority_sign_method) -> None:
-    """One batched merge of layers whose members have the same shapes (see `update_merge_into`)."""
+    """One batched merge of layers whose members have the same shapes, device and dtype (see `update_merge_into`).
+
+    The scalings are folded in float32 (or float64): scaling a bf16 factor in bf16 would round it once more."""
     first = entries[0][1]
     weights = [weight for _, weight, _, _ in first]
+    source_dtype = widest_dtype([t.dtype for _, _, factors, _ in first for t in factors])
+    compute = torch.promote_types(source_dtype, torch.float32)
     pairs = []
     for index, (member, _, _, _) in enumerate(first):
         scalings = [float(layer.scaling[member]) for layer, _ in entries]
-        b = torch.stack([present[index][2][1] for _, present in entries])
-        a = torch.stack([present[index][2][0] * s for (_, present), s in zip(entries, scalings, strict=True)])
+        b = torch.stack([present[index][2][1].to(compute) for _, present in entries])
+        a = torch.stack(
+            [present[index][2][0].to(compute) * s for (_, present), s in zip(entries, scalings, strict=True)]
+        )
         pairs.append((b, a))
     new_a, new_b = merge_updates(
         combination_type, pairs, weights, rank=rank, density=density, majority_sign_method=majority_sign_method
@@ -300,18 +328,22 @@ def _merge_group(combination_type, entries, adapter_name, rank, density, majorit
                 vectors.append(new_b.new_zeros(new_b.shape[:-1]))
             else:
                 vectors.append(
-                    torch.stack([present[index][3] * float(layer.scaling[member]) for layer, present in entries])
+                    torch.stack(
+                        [present[index][3].to(compute) * float(layer.scaling[member]) for layer, present in entries]
+                    )
                 )
         biases = merge_biases(
             combination_type, vectors, weights, density=density, majority_sign_method=majority_sign_method
         )
     for position, (layer, _) in enumerate(entries):
-        target_a, target_b = _factors(layer, adapter_name)  # the parameters' storage: written in place
-        target_a.copy_(new_a[position])
-        target_b.copy_(new_b[position])
+        # The merged adapter stays where its members live (the merge ran there) and takes their dtype, whatever
+        # dtype PEFT gave the new adapter (the base layer's: bf16 under float32 sources, say): it costs the bytes of
+        # a source.
+        _set_factors(layer, adapter_name, new_a[position].to(source_dtype), new_b[position].to(source_dtype))
         target_bias = layer.lora_B[adapter_name].bias if adapter_name in layer.lora_B else None
         if target_bias is not None:
-            target_bias.copy_(biases[position] if biases is not None else torch.zeros_like(target_bias))
+            bias = biases[position] if biases is not None else new_b.new_zeros(target_bias.shape)
+            layer.lora_B[adapter_name].bias = _parameter_like(target_bias, bias.to(source_dtype))
 
 
 def merged_lora_config(configs: Sequence[LoraConfig], rank: int) -> LoraConfig:

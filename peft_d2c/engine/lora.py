@@ -100,7 +100,7 @@ def check_source_adapters(peft_model: PeftModel, adapter_names: Sequence[str], c
             combination type needs equal ranks.
         UnsupportedAdapterError: If an adapter is not a plain LoRA (DoRA, rslora, lora_bias and other variants are
             merged wrongly by PEFT, peft issue 3761). rslora and lora_bias pass for the update-space types
-            (`config.UPDATE_TYPES`), which merge them exactly; DoRA never does.
+            (`config.UPDATE_TYPES`), which apply their scaling exactly; DoRA never does.
     """
     for name in adapter_names:
         if name not in peft_model.peft_config:
@@ -172,6 +172,13 @@ def check_new_adapter_name(peft_model: PeftModel, name: str) -> None:
     check_adapter_name(name, taken=peft_model.peft_config, reserved=reserved_adapter_names(peft_model))
 
 
+def _float64(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor` in float64 on its own device (bf16 / fp16 adapters included), or on the CPU for Apple's `mps`,
+    which has no float64."""
+    device = "cpu" if tensor.device.type == "mps" else tensor.device
+    return tensor.detach().to(device=device, dtype=torch.float64)
+
+
 def delta_gram_matrix(peft_model: PeftModel, adapter_names: Sequence[str]) -> np.ndarray:
     """Inner products <ΔW_i, ΔW_j> of the adapters' full updates ΔW = B·A·scaling, summed over modules.
 
@@ -190,7 +197,7 @@ def delta_gram_matrix(peft_model: PeftModel, adapter_names: Sequence[str]) -> np
                     continue
                 a, b = pair
                 scaling = float(layer.scaling[name])
-                factors.append((a.detach().double().flatten(1), b.detach().double().flatten(1), scaling))
+                factors.append((_float64(a).flatten(1), _float64(b).flatten(1), scaling))
             for i in range(n):
                 if factors[i] is None:
                     continue

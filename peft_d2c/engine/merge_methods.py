@@ -43,23 +43,47 @@ from peft.utils.merge_utils import calculate_majority_sign_mask, disjoint_merge
 
 Pair = tuple[torch.Tensor, torch.Tensor]  # (B, A): the update is B @ A, scaling folded into A; optional batch dims
 
-# Singular values below this fraction of the largest are numerical zeros (KnOTS coefficients there are set to 0).
-_RELATIVE_TOLERANCE = 1e-10
+
+def _significant(s: torch.Tensor, pairs: Sequence[Pair]) -> torch.Tensor:
+    """Which singular values `s` (decreasing, of a matrix built from `pairs`) are not numerical zeros."""
+    size = max(pairs[0][0].shape[-2], pairs[0][1].shape[-1])
+    return s > s[..., :1] * _relative_tolerance(s, size)
 
 
-def prune_magnitude(stacked: torch.Tensor, density: float, ndim: int = 2) -> torch.Tensor:
+def _relative_tolerance(s: torch.Tensor, size: int) -> float:
+    """Singular values below this fraction of the largest are numerical zeros (KnOTS coefficients there are set to
+    0): `size`·eps of the dtype the decomposition ran in (the rule of `numpy.linalg.matrix_rank`). A fixed 1e-10
+    would sit below float32 resolution (eps 1.2e-7), so rounding noise in a zero direction would be divided by a
+    tiny singular value and outweigh every real coefficient in TIES' magnitude pruning."""
+    return size * torch.finfo(s.dtype).eps
+
+
+def prune_magnitude(
+    stacked: torch.Tensor, density: float, ndim: int = 2, sizes: torch.Tensor | None = None
+) -> torch.Tensor:
     """Keep the top int(density·n) magnitudes of every tensor made of the last `ndim` dimensions (PEFT's
     `merge_utils.prune(..., method="magnitude")`, applied to each slice of a batch at once). The threshold is the
     k-th largest magnitude (`kthvalue`, linear time; PEFT's `topk` sorts): the two differ only for magnitudes that
-    tie exactly at the threshold, which are all kept here."""
+    tie exactly at the threshold, which are all kept here.
+
+    `sizes` (one integer per slice, broadcastable to the batch dimensions) is the n of each slice when only that many
+    of its entries are meaningful and the others are structural zeros (coordinates of numerically-zero directions):
+    the density is then a share of the meaningful entries, as if the zeros were not there.
+    """
     if density >= 1:
         return stacked
     flat = stacked.flatten(-ndim)
-    keep = int(density * flat.shape[-1])
-    if keep == 0:
-        return torch.zeros_like(stacked)
     magnitude = flat.abs()
-    threshold = magnitude.kthvalue(flat.shape[-1] - keep + 1, dim=-1, keepdim=True).values
+    if sizes is None:
+        keep = int(density * flat.shape[-1])
+        if keep == 0:
+            return torch.zeros_like(stacked)
+        threshold = magnitude.kthvalue(flat.shape[-1] - keep + 1, dim=-1, keepdim=True).values
+    else:
+        keep = torch.floor(density * sizes.to(torch.float64)).long().expand(flat.shape[:-1])[..., None]
+        ordered = magnitude.sort(dim=-1, descending=True).values
+        threshold = ordered.gather(-1, (keep - 1).clamp(min=0))
+        threshold = torch.where(keep > 0, threshold, torch.full_like(threshold, torch.inf))
     return torch.where(magnitude >= threshold, flat, torch.zeros_like(flat)).view_as(stacked)
 
 
@@ -69,12 +93,16 @@ def ties(
     density: float,
     majority_sign_method: str = "total",
     ndim: int = 2,
+    sizes: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """TIES (Yadav et al., NeurIPS 2023) as PEFT's `merge_utils.ties` computes it (trim to the top `density`
-    magnitudes of each member, elect a sign per entry, weighted disjoint mean), for batches of `ndim`-dim tensors."""
-    stacked = prune_magnitude(torch.stack(list(tensors), dim=0), density, ndim)
+    magnitudes of each member, elect a sign per entry, weighted disjoint mean), for batches of `ndim`-dim tensors;
+    `sizes` as for `prune_magnitude`."""
+    stacked = prune_magnitude(torch.stack(list(tensors), dim=0), density, ndim, sizes)
     mask = calculate_majority_sign_mask(stacked, method=majority_sign_method)
-    values = torch.tensor(list(weights), dtype=stacked.dtype).view(-1, *[1] * (stacked.ndim - 1))
+    values = torch.tensor(list(weights), dtype=stacked.dtype, device=stacked.device).view(
+        -1, *[1] * (stacked.ndim - 1)
+    )
     return disjoint_merge(stacked * values, mask)
 
 
@@ -135,13 +163,13 @@ def concat_left_svd(pairs: Sequence[Pair]) -> tuple[torch.Tensor, torch.Tensor]:
     return q @ u_c, s
 
 
-def stack_right_basis(pairs: Sequence[Pair]) -> torch.Tensor:
-    """Right singular vectors V (..., in, m) of the vertical stack [ΔW_1; ..; ΔW_k]: the row-space counterpart of
-    `concat_left_svd`, computed from blockdiag(B_i)·[A_1; ..; A_k] the same way."""
+def stack_right_basis(pairs: Sequence[Pair]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right singular vectors V (..., in, m) and singular values S of the vertical stack [ΔW_1; ..; ΔW_k]: the
+    row-space counterpart of `concat_left_svd`, computed from blockdiag(B_i)·[A_1; ..; A_k] the same way."""
     q, r = torch.linalg.qr(torch.cat([a for _, a in pairs], dim=-2).mT)
     blocks = _block_diag([torch.linalg.qr(b)[1] for b, _ in pairs])
-    _, _, vh_c = torch.linalg.svd(blocks @ r.mT, full_matrices=False)
-    return q @ vh_c.mT
+    _, s, vh_c = torch.linalg.svd(blocks @ r.mT, full_matrices=False)
+    return q @ vh_c.mT, s
 
 
 def task_arithmetic_rank_r(pairs: Sequence[Pair], weights: Sequence[float], *, rank: int) -> tuple[torch.Tensor, ...]:
@@ -170,16 +198,20 @@ def ties_in_core(
     M_i = U^T·ΔW_i·V (at most kr x kr). TIES (trim each M_i to its top `density` magnitudes, elect a sign per entry,
     disjoint weighted mean) merges the M_i into M; the merged update U·M·V^T is then truncated through the SVD of M.
     Each core entry couples one column-space and one row-space direction of the cluster, so pruning drops the weakest
-    (direction, direction) interactions rather than d x d weight entries. With density 1, k identical copies give
-    the adapter back.
+    (direction, direction) interactions rather than d x d weight entries. Directions of numerically zero singular
+    value (members that share directions) hold no core entries, and `density` is a share of the entries of the
+    others. With density 1, k identical copies give the adapter back.
 
     Returns:
         `tuple`: `(A, B)`, (..., rank, in) and (..., out, rank).
     """
-    u, _ = concat_left_svd(pairs)
-    v = stack_right_basis(pairs)
-    cores = [(u.mT @ b) @ (a @ v) for b, a in pairs]
-    merged = ties(cores, weights, density, majority_sign_method)
+    u, s_u = concat_left_svd(pairs)
+    v, s_v = stack_right_basis(pairs)
+    rows, columns = _significant(s_u, pairs), _significant(s_v, pairs)
+    mask = (rows[..., :, None] & columns[..., None, :]).to(u.dtype)  # numerically-zero directions hold no core
+    cores = [mask * ((u.mT @ b) @ (a @ v)) for b, a in pairs]
+    sizes = rows.sum(-1) * columns.sum(-1)
+    merged = ties(cores, weights, density, majority_sign_method, sizes=sizes)
     u_m, s, vh_m = torch.linalg.svd(merged, full_matrices=False)
     return truncate(u @ u_m, s, vh_m @ v.mT, rank)
 
@@ -192,17 +224,20 @@ def knots_ties(
     The space it prunes in: the SVD of the concatenated updates [ΔW_1 .. ΔW_k] = U·S·[V_1^T .. V_k^T] aligns the
     members in one shared basis U of their column spaces; member i is ΔW_i = U·S·V_i^T, and its coefficient matrix
     V_i^T = S^-1·U^T·ΔW_i (m x in, m <= kr, one row per shared direction, normalised by its singular value) is what
-    TIES trims, sign-elects and averages, as KnOTS does. The merged update U·S·V^T (rank <= m) is then truncated to
-    `rank` through a QR of V and an SVD of an m x m core. With density 1, k identical copies give the adapter back.
+    TIES trims, sign-elects and averages, as KnOTS does; m counts only the directions whose singular value is not a
+    numerical zero, and `density` is a share of their coefficients. The merged update U·S·V^T (rank <= m) is then
+    truncated to `rank` through a QR of V and an SVD of an m x m core. With density 1, k identical copies give the
+    adapter back; at density < 1 they give the copy pruned in its own singular basis.
 
     Returns:
         `tuple`: `(A, B)`, (..., rank, in) and (..., out, rank).
     """
     u, s = concat_left_svd(pairs)
-    significant = s > s[..., :1] * _RELATIVE_TOLERANCE
+    significant = _significant(s, pairs)
     inverse = torch.where(significant, 1 / torch.where(significant, s, torch.ones_like(s)), torch.zeros_like(s))
     coefficients = [inverse[..., :, None] * ((u.mT @ b) @ a) for b, a in pairs]
-    merged = ties(coefficients, weights, density, majority_sign_method)
+    sizes = significant.sum(-1) * pairs[0][1].shape[-1]  # the density is a share of the real directions' entries
+    merged = ties(coefficients, weights, density, majority_sign_method, sizes=sizes)
     return truncate(*low_rank_svd(u * s[..., None, :], merged), rank)
 
 
@@ -232,7 +267,7 @@ def tsv_merge(pairs: Sequence[Pair], weights: Sequence[float], *, rank: int) -> 
     # Which singular directions are kept: each member's first r // k always, then the largest of the others (per
     # member the values decrease, so this equals giving each remaining slot to the largest next singular value).
     base = rank // len(pairs)
-    always = torch.cat([torch.arange(s.shape[-1]) < base for _, s, _ in decompositions])
+    always = torch.cat([torch.arange(s.shape[-1], device=s.device) < base for _, s, _ in decompositions])
     score = torch.where(always, torch.full_like(ss, torch.inf), ss)
     kept = min(rank, ss.shape[-1])
     index = score.topk(kept, dim=-1).indices.sort(dim=-1).values
@@ -265,23 +300,37 @@ def merge_updates(
         density (`float`, defaults to 1.0), majority_sign_method (`str`, defaults to `"total"`): TIES settings.
 
     Returns:
-        `tuple[Tensor, Tensor]`: `(A, B)`, (..., rank, in) and (..., out, rank), in float32 or the inputs' wider
-            dtype (float64 inputs give float64 results).
+        `tuple[Tensor, Tensor]`: `(A, B)`, (..., rank, in) and (..., out, rank), on the inputs' device and in the
+            dtype of the source factors (the widest of them): a bf16 source gives a bf16 merge of the same bytes.
+            The decompositions run in float32 (float64 for float64 inputs): torch has no bf16 / fp16 QR or SVD, and
+            their 8 / 11-bit mantissas could not hold the small singular values that TIES' pruning compares.
 
     Raises:
         ValueError: For another combination type.
     """
-    dtype = torch.promote_types(pairs[0][0].dtype, torch.float32)  # float32 LoRA weights: float32 maths
+    source_dtype = widest_dtype([t.dtype for pair in pairs for t in pair])
+    dtype = torch.promote_types(source_dtype, torch.float32)
     pairs = [(b.to(dtype), a.to(dtype)) for b, a in pairs]
     if combination_type == "core_ta" or len(pairs) == 1:  # one member: the adapter itself (weight 1), re-expressed
-        return task_arithmetic_rank_r(pairs, weights, rank=rank)
-    if combination_type == "core_ties":
-        return ties_in_core(pairs, weights, rank=rank, density=density, majority_sign_method=majority_sign_method)
-    if combination_type == "knots_ties":
-        return knots_ties(pairs, weights, rank=rank, density=density, majority_sign_method=majority_sign_method)
-    if combination_type == "tsv_m":
-        return tsv_merge(pairs, weights, rank=rank)
-    raise ValueError(f"No update-space merge for combination_type={combination_type!r}.")
+        merged = task_arithmetic_rank_r(pairs, weights, rank=rank)
+    elif combination_type == "core_ties":
+        merged = ties_in_core(pairs, weights, rank=rank, density=density, majority_sign_method=majority_sign_method)
+    elif combination_type == "knots_ties":
+        merged = knots_ties(pairs, weights, rank=rank, density=density, majority_sign_method=majority_sign_method)
+    elif combination_type == "tsv_m":
+        merged = tsv_merge(pairs, weights, rank=rank)
+    else:
+        raise ValueError(f"No update-space merge for combination_type={combination_type!r}.")
+    new_a, new_b = merged
+    return new_a.to(source_dtype), new_b.to(source_dtype)
+
+
+def widest_dtype(dtypes: Sequence[torch.dtype]) -> torch.dtype:
+    """The dtype every one of `dtypes` converts to without loss of range (`torch.promote_types` over them)."""
+    widest = dtypes[0]
+    for dtype in dtypes[1:]:
+        widest = torch.promote_types(widest, dtype)
+    return widest
 
 
 def merge_biases(
@@ -296,8 +345,12 @@ def merge_biases(
 
     `core_ta` and `tsv_m` sum w_i·b_i (their rule for the updates); `core_ties` and `knots_ties` run TIES on the
     bias vectors in their own coordinates (a bias has no rotation ambiguity). A member without a bias counts as zero.
+    Computed in float32 (or float64) and returned in the biases' (widest) dtype, like `merge_updates`.
     """
-    vectors = [bias.to(torch.promote_types(bias.dtype, torch.float32)) for bias in biases]
+    source_dtype = widest_dtype([bias.dtype for bias in biases])
+    vectors = [bias.to(torch.promote_types(source_dtype, torch.float32)) for bias in biases]
     if combination_type in ("core_ties", "knots_ties") and len(vectors) > 1:
-        return ties(vectors, weights, density, majority_sign_method, ndim=1)
-    return sum(w * v for w, v in zip(weights, vectors, strict=True))
+        merged = ties(vectors, weights, density, majority_sign_method, ndim=1)
+    else:
+        merged = sum(w * v for w, v in zip(weights, vectors, strict=True))
+    return merged.to(source_dtype)

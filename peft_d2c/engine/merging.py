@@ -3,7 +3,7 @@
 Picks the merge weights per combination type, seeds every merge from its members (so `dare_*` merges are
 reproducible and cacheable), creates merged adapters with PEFT's `add_weighted_adapter` and refills evicted ones in
 place with the same per-layer arithmetic (`peft_d2c.engine.layer_merge`). May import `peft_d2c.config`,
-`peft_d2c.errors` and the engine modules `lora`, `layer_merge` and `budget`.
+`peft_d2c.errors` and the engine modules `lora`, `layer_merge`, `merge_methods` and `budget`.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from .layer_merge import (
     update_merge_into,
 )
 from .lora import adapter_rank, check_new_adapter_name, lora_factors, lora_layers
+from .merge_methods import widest_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -191,8 +192,26 @@ class AdapterMerger:
         finally:
             self.merge_seconds += time.perf_counter() - started
         self._match_layer_modes(adapter_name)
+        self._match_source_dtype(adapter_name, members)
         self.num_merges += 1
         return adapter_name
+
+    def _match_source_dtype(self, adapter_name: str, members: Sequence[str]) -> None:
+        """Give the merged adapter's factors the dtype of its members' factors in every layer (the widest of them).
+
+        PEFT's `*svd` merges come back in float32 whatever the sources' dtype, and `add_adapter` creates factors in
+        the base layer's dtype: left so, a merge of bf16 adapters would cost twice the bytes of a source, or a merge
+        of float32 adapters on a bf16 base would lose their precision.
+        """
+        for _, layer in self._layers:
+            target = lora_factors(layer, adapter_name)
+            sources = [f for m in members if (f := lora_factors(layer, m)) is not None]
+            if target is None or not sources:
+                continue
+            dtype = widest_dtype([t.dtype for factors in sources for t in factors])
+            for tensor in target:
+                if tensor.dtype != dtype:
+                    tensor.data = tensor.data.to(dtype)
 
     def _match_layer_modes(self, adapter_name: str) -> None:
         """Put the modules PEFT just built for `adapter_name` in the train/eval mode of their LoRA layer.
@@ -313,10 +332,11 @@ class AdapterMerger:
         """Name of a live adapter equal to the merge of `members`, merging (and evicting the oldest) when needed.
 
         A single member is served by the source adapter itself: PEFT's merge of one adapter copies it (to float
-        precision), unless `merge_weight` rescales it.
+        precision), unless `merge_weight` rescales it, or an update-space type truncates it (`svd_rank` below its
+        rank): then the truncated merge that will ship is what gets scored.
         """
         key = tuple(sorted(members))
-        if len(key) == 1 and self.config.merge_weight is None:
+        if len(key) == 1 and self.config.merge_weight is None and not self._truncates(key[0]):
             return key[0]
         if key in self._live:
             self._live.move_to_end(key)
@@ -340,6 +360,13 @@ class AdapterMerger:
                 raise
         self._live[key] = name
         return name
+
+    def _truncates(self, adapter: str) -> bool:
+        """Whether the merge of `adapter` alone has a lower rank than the adapter (update-space types only: PEFT
+        merges one adapter with `linear`, which copies it)."""
+        return self.config.combination_type in UPDATE_TYPES and self.rank_of([adapter]) < adapter_rank(
+            self.peft_model, adapter
+        )
 
     def _take_slot(self, key: Members) -> str | None:
         """Refill a free slot of the right rank with the merge of `key`, or return None if there is none."""

@@ -36,6 +36,15 @@ IGNORE_INDEX = -100
 _MASK_SUPPORT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
+def input_device(model: torch.nn.Module) -> torch.device:
+    """Where a model's input ids go: the device of its input embeddings (with `device_map="auto"` the first
+    parameter may live elsewhere), or of its first parameter for a model without `get_input_embeddings`."""
+    get_input_embeddings = getattr(model, "get_input_embeddings", None)
+    embeddings = get_input_embeddings() if get_input_embeddings is not None else None
+    weight = getattr(embeddings, "weight", None)
+    return weight.device if isinstance(weight, torch.Tensor) else next(model.parameters()).device
+
+
 def _keeps_logits_by_mask(model: torch.nn.Module) -> bool:
     """Whether the model can be asked for the logits of the completion positions only (a boolean `logits_to_keep`
     mask). Found by trying it once on a three-token input: transformers 4.49 to 5.20 accept the argument but fail on
@@ -49,7 +58,7 @@ def _keeps_logits_by_mask(model: torch.nn.Module) -> bool:
     if "logits_to_keep" not in inspect.signature(base.forward).parameters:
         return False
     if model not in _MASK_SUPPORT:
-        device = next(model.parameters()).device
+        device = input_device(model)
         keep = torch.tensor([[False, True, True]], device=device)
         try:
             with torch.inference_mode():
@@ -96,7 +105,7 @@ def completion_loss_sums(
     Returns:
         `(sums, counts, forward_passes)`.
     """
-    device = next(model.parameters()).device
+    device = input_device(model)
     keep_by_mask = _keeps_logits_by_mask(model)  # a one-off three-token probe, not counted as a scoring pass
     sums = [0.0] * len(rows)
     counts = [0] * len(rows)
@@ -123,11 +132,14 @@ def completion_loss_sums(
                 extra["adapter_names"] = [adapter_names[i] for i in batch]
             logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), **extra).logits
             forward_passes += 1
+            # A model spread over devices (`device_map="auto"`) returns its logits on the last one.
+            out = logits.device
             if not keep_by_mask:  # all positions came back: select the scored ones
-                logits = logits[scored.to(device)]
-            token_losses = F.cross_entropy(logits.float(), targets[scored[:, :-1]].to(device), reduction="none")
-            row_of_token = scored.nonzero()[:, 0].to(device)
-            row_sums = torch.zeros(len(batch), dtype=token_losses.dtype, device=device)
+                logits = logits[scored.to(out)]
+            # In float32 whatever the model's dtype: a bf16 log-softmax over the vocabulary loses ~3 digits.
+            token_losses = F.cross_entropy(logits.float(), targets[scored[:, :-1]].to(out), reduction="none")
+            row_of_token = scored.nonzero()[:, 0].to(out)
+            row_sums = torch.zeros(len(batch), dtype=token_losses.dtype, device=out)
             row_sums = row_sums.index_add(0, row_of_token, token_losses).tolist()
             row_counts = scored.sum(dim=1).tolist()
             for r, i in enumerate(batch):

@@ -16,11 +16,17 @@ With one start, no final pass and `objective="task"` this is exactly `d2c_search
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 
 import numpy as np
 
 from .search import BatchScoreFn, SearchState, _check_partition, d2c_search, partition_losses, total_loss
+
+logger = logging.getLogger(__name__)
+
+# A final-pass change must lower the total few-shot loss by more than this fraction of it (see `_lowers`).
+_RELATIVE_IMPROVEMENT = 1e-9
 
 
 def restart_budgets(num_iterations: int, num_starts: int) -> list[int]:
@@ -132,7 +138,11 @@ def robust_search(
 
 
 def polish(
-    state: SearchState, score_fn: BatchScoreFn, *, on_step: Callable[[SearchState], None] | None = None
+    state: SearchState,
+    score_fn: BatchScoreFn,
+    *,
+    on_step: Callable[[SearchState], None] | None = None,
+    max_sweeps: int = 100,
 ) -> SearchState:
     """The final pass: apply improving single moves and singleton relocations until none is left.
 
@@ -141,12 +151,13 @@ def polish(
     applies the best one if it lowers the total. A single move can never take the only member u of a cluster away,
     so when a sweep applies nothing, each singleton {u} is tried once more: u joins another cluster c' and some
     task t of a cluster that keeps at least one member takes u's place (the best such pair, if it lowers the
-    total). Sweeps repeat until neither applies anything: the result is a local optimum of both. Every applied
+    total). Sweeps repeat until neither applies anything (at most `max_sweeps`; a change counts only when it lowers
+    the total by more than rounding, see `_lowers`): the result is a local optimum of both. Every applied
     change is appended to `state.history` as `{"phase": "final", "task", "source", "target", "loss_before",
     "loss_after", "accepted": True, "total_loss"}` (a relocation also has `"relocated": u`). No random draws.
     """
     current = partition_losses(state.clusters, score_fn)
-    while True:
+    for _ in range(max_sweeps):
         improved = False
         for task in sorted(current):
             improved |= _best_single_move(state, score_fn, current, task, on_step)
@@ -157,6 +168,18 @@ def polish(
                 improved |= _best_relocation(state, score_fn, current, slot, on_step)
         if not improved:
             return state
+    logger.warning("The final pass stopped after max_sweeps=%d sweeps that each still improved the total.", max_sweeps)
+    return state
+
+
+def _lowers(before: float, after: float) -> bool:
+    """Whether `after` is a real improvement on `before`, not a rounding difference.
+
+    The two are sums of (mostly) the same losses in another order, so equal totals can differ in their last bits;
+    taking such a difference for an improvement lets two moves undo each other for ever (seen with scores
+    quantised to 0.1). An improvement must exceed `_RELATIVE_IMPROVEMENT` of the total.
+    """
+    return after < before - _RELATIVE_IMPROVEMENT * max(abs(before), abs(after), 1.0)
 
 
 def _apply(state, current, changes, record, on_step) -> bool:
@@ -188,8 +211,8 @@ def _best_single_move(state, score_fn, current, task, on_step) -> bool:
         before = sum(current[m] for m in (*clusters[source], *clusters[i]))
         after = sum(losses[(shrunk, m)] for m in shrunk) + sum(losses[(members, m)] for m in members)
         moves.append((after - before, i, before, after))
-    delta, target, before, after = min(moves)
-    if delta >= 0:
+    _, target, before, after = min(moves)
+    if not _lowers(before, after):
         return False
     changes = {
         source: (shrunk, {m: losses[(shrunk, m)] for m in shrunk}),
@@ -222,7 +245,7 @@ def _best_relocation(state, score_fn, current, slot, on_step) -> bool:
         after = sum(losses[(c, m)] for c in new.values() for m in c)
         if best is None or after - before < best[0]:
             best = (after - before, task, source, joined, new, before, after)
-    if best is None or best[0] >= 0:
+    if best is None or not _lowers(best[5], best[6]):
         return False
     _, task, source, joined, new, before, after = best
     changes = {i: (c, {m: losses[(c, m)] for m in c}) for i, c in new.items()}

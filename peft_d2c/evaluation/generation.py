@@ -17,7 +17,7 @@ import torch
 from peft import PeftModel
 
 from ..data.examples import Example
-from ..engine.scoring import completion_loss_sums, pad_token_id_for, tokenize_example
+from ..engine.scoring import completion_loss_sums, input_device, pad_token_id_for, tokenize_example
 
 __all__ = ["BASE_ADAPTER", "completion_loss", "exact_match_accuracy", "generate_answers", "normalize_answer"]
 
@@ -127,7 +127,7 @@ def generate_answers(
     """
     rows = _row_adapters(model, adapter_names, len(prompts))
     encoded = [list(tokenizer(prompt)["input_ids"]) for prompt in prompts]
-    pad_id, device = pad_token_id_for(tokenizer), next(model.parameters()).device
+    pad_id, device = pad_token_id_for(tokenizer), input_device(model)
     answers = [""] * len(prompts)
     with _eval_mode(model):
         for batch in _batch_order([len(ids) for ids in encoded], batch_size):
