@@ -49,7 +49,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="Seed of the run (default: 0).")
     parser.add_argument("--repo-id", required=True, help="Target repo (or prefix of the cluster repos).")
     parser.add_argument("--layout", choices=["subfolders", "repos"], default="subfolders")
-    parser.add_argument("--private", action="store_true", help="Create the repos as private.")
+    parser.add_argument(
+        "--private", action="store_true", default=None, help="Create the repos as private (default: the account's)."
+    )
     parser.add_argument("--output", default="d2c_hub_output", help="Local folder for the saved result.")
     parser.add_argument("--check", action="store_true", help="Reload the pushed collection and compare logits.")
     return parser.parse_args(argv)

@@ -4,15 +4,12 @@ The public API. The package is laid out by pipeline stage (docs/architecture.md)
 search, merging) -> `result` -> `hub` / `evaluation` -> `embedded` -> `cli`, with `config` and `errors` below all.
 """
 
-from . import _moved
 from .config import D2CMergeConfig
 from .d2c import merge_adapters_d2c
 from .data.examples import Example
 from .errors import CheckpointMismatchError, D2CWarning, NonFiniteLossError, UnsupportedAdapterError
 from .result import D2CResult
 from .version import __version__
-
-_moved.install()  # the flat layout's import paths (peft_d2c.merging, ...) keep working
 
 __all__ = [
     "CheckpointMismatchError",

@@ -16,10 +16,14 @@ from .io import atomic_write_json
 from .sizes import is_bytes_budget, parse_size
 
 CONFIG_NAME = "d2c_config.json"
+# Format of `d2c_config.json`: 2 holds the T the run used; 1 (no key) may hold None, and a key it lacks had the
+# default of then: before `search="partition"` (12358e6), `knots_ties` (ee75b00) and T = None (= 30 for partition).
+CONFIG_VERSION, CONFIG_VERSION_KEY = 2, "d2c_config_version"
+_V1_DEFAULTS, _V1_DEFAULT_STEPS = {"search": "paper", "combination_type": "ties"}, {"paper": 100, "partition": 30}
 
 METHODS = ("d2c", "random", "kmeans", "kmeans_svd")
 INITS = ("random", "kmeans", "kmeans_svd")
-# peft-d2c's own rank-r merges in update space (`engine/merge_methods.py`): exact for rslora and lora_bias sources.
+# peft-d2c's rank-r merges in update space (`engine/merge_methods.py`): rslora / lora_bias scaling applied exactly.
 UPDATE_TYPES = ("core_ta", "core_ties", "knots_ties", "tsv_m")
 COMBINATION_TYPES = (
     "svd",
@@ -124,8 +128,8 @@ class D2CMergeConfig:
             n, the number of examples per task used for clustering; extra examples are ignored.
         combination_type (`str`, defaults to `"knots_ties"`):
             A rank-r update-space merge of peft-d2c (`UPDATE_TYPES`: `knots_ties`, `core_ta`, `core_ties`, `tsv_m`;
-            exact for rslora, rank / alpha patterns and lora_bias adapters), or any combination type of PEFT's
-            `add_weighted_adapter` (`ties` was the default before the merge benchmark; see `docs/concepts.md`).
+            rslora, rank / alpha pattern and lora_bias scaling applied exactly; the rank-r truncation is lossy), or any
+            combination type of PEFT's `add_weighted_adapter` (`ties`, the default before; see `docs/concepts.md`).
         density (`float`, defaults to 0.5):
             Fraction of values kept by the pruning combination types (ties, dare, magnitude_prune).
         merge_weight (`float`, *optional*):
@@ -330,19 +334,26 @@ class D2CMergeConfig:
         return asdict(self)
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> str:
-        """Write the configuration to `save_directory/d2c_config.json` (sorted keys, written atomically).
+        """Write the configuration to `save_directory/d2c_config.json` (sorted keys, written atomically), as the run
+        ran: `num_iterations` is the resolved T (`search_steps`); `d2c_config_version` is `CONFIG_VERSION`.
 
         Returns:
             `str`: the path of the written file.
         """
-        path = os.path.join(os.fspath(save_directory), CONFIG_NAME)
-        atomic_write_json(path, self.to_dict())
+        data = {**self.to_dict(), "num_iterations": self.search_steps, CONFIG_VERSION_KEY: CONFIG_VERSION}
+        atomic_write_json(path := os.path.join(os.fspath(save_directory), CONFIG_NAME), data)
         return path
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> D2CMergeConfig:
         """Build a configuration from `to_dict()` output; unknown keys (from a newer version) are dropped with a
-        warning."""
+        warning. A saved file's `d2c_config_version` is checked (newer: `ValueError`); 1 reads as in `from_pretrained`."""
+        data = dict(data)
+        version = _check_version(data.pop(CONFIG_VERSION_KEY, CONFIG_VERSION), "This D2C config")
+        if version == 1:
+            data = {**_V1_DEFAULTS, **data}
+            if data.get("num_iterations") is None and data["search"] in _V1_DEFAULT_STEPS:
+                data["num_iterations"] = _V1_DEFAULT_STEPS[data["search"]]
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -356,12 +367,29 @@ class D2CMergeConfig:
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike) -> D2CMergeConfig:
-        """Read a configuration written by `save_pretrained` (a folder, or the JSON file itself)."""
+        """Read a configuration written by `save_pretrained` (a folder, or the JSON file itself).
+
+        A file without `d2c_config_version` (1) reads as the run it was, not with today's defaults: no `search` means
+        `"paper"`, no `combination_type` `"ties"`, no (or None) `num_iterations` the T then (100 paper, 30 partition).
+
+        Raises:
+            ValueError: If the file was saved by a newer peft-d2c (a `d2c_config_version` above `CONFIG_VERSION`).
+        """
         path = os.fspath(directory)
         if os.path.isdir(path):
             path = os.path.join(path, CONFIG_NAME)
         with open(path, encoding="utf-8") as f:
-            return cls.from_dict(json.load(f))
+            data = json.load(f)
+        _check_version(data.get(CONFIG_VERSION_KEY, 1), path)
+        return cls.from_dict({CONFIG_VERSION_KEY: 1, **data})
+
+
+def _check_version(version: Any, source: str) -> int:
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise ValueError(f"{source}: `{CONFIG_VERSION_KEY}` must be a version number >= 1, got {version!r}.")
+    if version > CONFIG_VERSION:
+        raise ValueError(f"{source} was saved by a newer peft-d2c ({CONFIG_VERSION_KEY}={version}); upgrade peft-d2c.")
+    return version
 
 
 def _check_int(name: str, value: Any, *, minimum: int) -> None:

@@ -57,11 +57,18 @@ def merge_adapters_d2c(
 ) -> D2CResult:
     """Cluster the LoRA adapters of `peft_model` into K groups and merge each group into one adapter.
 
-    With `config.method="d2c"` this is Algorithm 1 of "Data-driven Clustering and Merging of Adapters for On-device Large Language Models" (arXiv 2601.17441):
-    starting from a partition, it repeatedly proposes to move one adapter t to another cluster and keeps the move
-    only if the loss of task t on its few-shot examples drops. The baselines (`"random"`, `"kmeans"`,
-    `"kmeans_svd"`) return their partition directly. Each final cluster is merged with PEFT's
-    `add_weighted_adapter` into an adapter named `{merged_adapter_prefix}_{i}`, added to `peft_model`.
+    With `config.method="d2c"` this is the D2C search of "Data-driven Clustering and Merging of Adapters for
+    On-device Large Language Models" (arXiv 2601.17441): starting from a partition, it repeatedly proposes to move one
+    adapter t from its cluster c to another cluster c'. With the default `config.search="partition"` (T = 30 moves)
+    the move is kept only if the summed few-shot loss of every task of c and c', each under its cluster's merge,
+    drops, so the total few-shot loss of the partition never rises; `config.restarts` splits the moves over several
+    start partitions and keeps the lowest total, `config.final_pass` then applies the improving single moves left.
+    `search="paper"` is the paper's Algorithm 1 (T = 100): a move is kept if the loss of task t alone drops. The
+    baselines (`"random"`, `"kmeans"`, `"kmeans_svd"`) return their partition directly. Each final cluster is merged
+    into an adapter named `{merged_adapter_prefix}_{i}`, added to `peft_model`: by default with `knots_ties`,
+    peft-d2c's update-space merge, into a plain LoRA with the rank of one source adapter (each source's scaling is
+    applied exactly, but the rank-r truncation is not lossless); PEFT's `add_weighted_adapter` computes the merge for
+    its own combination types (e.g. `ties`, the default before).
 
     The user's adapters are never modified; temporary merged adapters are removed (also on error or Ctrl-C), and the
     active adapter, train/eval mode and every parameter's `requires_grad` are restored.
@@ -108,7 +115,10 @@ def merge_adapters_d2c(
             malformed.
         ValueError: If K is out of range, an adapter lacks examples (or examples name an unknown adapter), adapters
             cannot be merged together, a merged adapter name is taken, or a loss is NaN/inf.
-        UnsupportedAdapterError: If an adapter is not a plain LoRA (DoRA, rslora, lora_bias, other variants).
+        UnsupportedAdapterError: If the merge cannot take an adapter: DoRA and the other LoRA variants always;
+            rslora and lora_bias adapters only with PEFT's combination types (the update-space types of
+            `config.UPDATE_TYPES`, the default `knots_ties` among them, accept them); rank patterns with PEFT's types
+            except the `*svd` ones.
         CheckpointMismatchError: If `checkpoint_dir` holds a checkpoint of another configuration, adapter set or
             example set.
 

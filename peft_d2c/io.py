@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import shutil
+import stat
 import tempfile
 from typing import Any
 
@@ -27,15 +28,50 @@ def read_json(path: str | os.PathLike) -> Any:
         return json.load(f)
 
 
+def _umask() -> int:
+    umask = os.umask(0o077)  # reading the umask means setting it; restored at once (0o077 meanwhile: never looser)
+    os.umask(umask)
+    return umask
+
+
+def ordinary_file_mode() -> int:
+    """The mode `open()` gives a new file under the current umask (`0o666 & ~umask`)."""
+    return 0o666 & ~_umask()
+
+
+def ordinary_folder_mode() -> int:
+    """The mode `os.mkdir` gives a new folder under the current umask (`0o777 & ~umask`)."""
+    return 0o777 & ~_umask()
+
+
+def make_ordinary(folder: str | os.PathLike) -> None:
+    """Give every file and subfolder under `folder` the mode of a new one under the current umask.
+
+    For a staging folder before `replace_folder`: `tempfile.mkdtemp` / `mkstemp` (and writers that use them, such
+    as safetensors' `save_file`) create private (0700 / 0600) entries, which a saved result must not keep. Symlinks
+    are left alone; `folder` itself gets its mode from `replace_folder`.
+    """
+    file_mode, folder_mode = ordinary_file_mode(), ordinary_folder_mode()
+    for root, dirs, files in os.walk(os.fspath(folder)):
+        for name in dirs:
+            if not os.path.islink(os.path.join(root, name)):
+                os.chmod(os.path.join(root, name), folder_mode)
+        for name in files:
+            if not os.path.islink(os.path.join(root, name)):
+                os.chmod(os.path.join(root, name), file_mode)
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write `text` to `path` through a temporary file in the same folder and `os.replace`."""
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
+    """Write `text` to `path` through a temporary file in the same folder and `os.replace`.
+
+    The file gets the ordinary mode of a new file (`0o666 & ~umask`), not the private one of `mkstemp`. A `path`
+    that is a symlink is written through: the link stays and its target gets the new text.
+    """
+    path = resolve_target(path)
+    directory = os.path.dirname(path)
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private; a result file is an ordinary file
+    os.chmod(tmp, ordinary_file_mode())  # mkstemp makes the file private; a result file is an ordinary file
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
@@ -76,7 +112,14 @@ def replace_folder(staging: str, target: str, *, owned: set[str]) -> None:
     the two folders are exchanged atomically, and the previous folder (now at `staging`) is deleted. Readers see the
     old folder or the new one, never a mix; an interruption before the exchange leaves `target` untouched. Where
     the file system cannot exchange two folders, `target` is moved aside and `staging` renamed in its place.
+
+    A `target` that is a symlink (to a folder, or dangling) is written through: the folder it resolves to is
+    replaced and the link is kept, so `staging` must be on the file system of `resolve_target(target)` (create it
+    next to that). The new folder keeps the mode of the folder it replaces, or gets the ordinary mode of a new folder
+    (`0o777 & ~umask`) when there was none; its entries keep the modes they have in `staging` (see `make_ordinary`).
     """
+    target = resolve_target(target)
+    os.chmod(staging, stat.S_IMODE(os.stat(target).st_mode) if os.path.isdir(target) else ordinary_folder_mode())
     if os.path.isdir(target):
         for entry in os.listdir(target):
             if entry in owned or os.path.lexists(os.path.join(staging, entry)):
@@ -95,6 +138,11 @@ def replace_folder(staging: str, target: str, *, owned: set[str]) -> None:
         shutil.rmtree(staging, ignore_errors=True)
     else:
         os.rename(staging, target)
+
+
+def resolve_target(path: str | os.PathLike) -> str:
+    """The absolute path a save into `path` writes: `path` with every symlink resolved (the user's links stay)."""
+    return os.path.realpath(os.fspath(path))
 
 
 def _link_or_copy(source: str, destination: str) -> None:

@@ -13,7 +13,7 @@ from .config import CONFIG_NAME, D2CMergeConfig
 from .export.folder import export_d2c_folder
 from .hub.cards import build_result_card
 from .hub.push import push_d2c_folder
-from .io import RESULT_NAME, ROUTING_NAME, atomic_write_json, read_json, replace_folder
+from .io import RESULT_NAME, ROUTING_NAME, atomic_write_json, make_ordinary, read_json, replace_folder, resolve_target
 from .online import add_adapter
 from .version import __version__ as PEFT_D2C_VERSION
 
@@ -145,7 +145,9 @@ class D2CResult:
         temporary folder next to `dir`, then exchanged with `dir` in one atomic step: an interrupted save leaves the
         previous folder as it was, and a reader never sees new adapters with an old routing table. A previous
         result's files (including merged adapters it had and this one has not) are replaced; any other file in
-        `dir` is kept.
+        `dir` is kept. A `dir` that is a symlink stays one: the folder it points at gets the new result. Files and
+        subfolders get the ordinary modes of new ones under the umask (`0o666 & ~umask`, `0o777 & ~umask`); `dir`
+        keeps its mode, or gets `0o777 & ~umask` when it is new.
 
         Args:
             save_directory (`str` or `os.PathLike`): Output folder (created if needed).
@@ -171,12 +173,12 @@ class D2CResult:
                 "This D2CResult holds no model with its merged adapters (it was read from disk); its adapters are "
                 "already saved in the folder it was loaded from."
             )
-        target = os.path.abspath(save_directory)
+        # A symlinked output folder is written through: staged next to the folder it points at and exchanged there.
+        target = resolve_target(save_directory)
         if os.path.exists(target) and not os.path.isdir(target):
             raise FileExistsError(f"{save_directory!r} exists and is not a folder; choose another output folder.")
         os.makedirs(os.path.dirname(target), exist_ok=True)
         staging = tempfile.mkdtemp(prefix=".d2c-save-", dir=os.path.dirname(target))
-        os.chmod(staging, 0o755)  # mkdtemp makes it private; the result folder is an ordinary folder
         try:
             peft_dir = tempfile.mkdtemp(prefix=".peft-", dir=staging)
             self.model.save_pretrained(peft_dir, selected_adapters=list(self.merged_adapter_names))
@@ -195,9 +197,11 @@ class D2CResult:
             self.config.save_pretrained(staging)
             atomic_write_json(os.path.join(staging, RESULT_NAME), {**self.to_dict(), "files": sorted(files)})
             if with_card:
-                card = build_result_card(staging, location=os.path.basename(target))
+                location = os.path.basename(os.path.abspath(save_directory))  # the name the user saved to
+                card = build_result_card(staging, location=location)
                 card.save(os.path.join(staging, CARD_NAME))
-            replace_folder(staging, target, owned=owned)
+            make_ordinary(staging)  # safetensors and mkdtemp write private files and folders
+            replace_folder(staging, target, owned=owned)  # the folder's mode: the replaced one's, or umask's
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         return save_directory
@@ -207,7 +211,7 @@ class D2CResult:
         repo_id: str,
         *,
         base_model_id: str | None = None,
-        private: bool = False,
+        private: bool | None = None,
         token: str | bool | None = None,
         commit_message: str | None = None,
         layout: str = "subfolders",
@@ -216,7 +220,8 @@ class D2CResult:
     ):
         """Save to a temporary folder and push it in one commit per repo with model cards.
 
-        See `peft_d2c.hub.push_d2c_folder` for the arguments, the two layouts and the guarantees on failure.
+        See `peft_d2c.hub.push_d2c_folder` for the arguments, the two layouts and the guarantees on failure
+        (`private=None`, the default, creates repos with the visibility the Hub account or organisation defaults to).
         """
         with tempfile.TemporaryDirectory(prefix="d2c-push-") as tmp:
             folder = os.path.join(tmp, "result")
@@ -281,8 +286,9 @@ class D2CResult:
         """Export the merged adapters for deployment: llama.cpp (GGUF), vLLM or PEFT, with a manifest.
 
         The result is saved to a temporary folder first (`save_pretrained`), then exported from it by
-        `peft_d2c.export.export_d2c_folder`; a result read from disk is exported from its folder with that function
-        or `peft-d2c export FOLDER`.
+        `peft_d2c.export.export_d2c_folder`, with the in-memory config of the base model (so the export works even
+        when the base model's name no longer loads, e.g. an offline Hub id or a moved folder); a result read from
+        disk is exported from its folder with that function or `peft-d2c export FOLDER`.
 
         Args:
             directory (`str` or `os.PathLike`): Output folder of the export.
@@ -310,10 +316,17 @@ class D2CResult:
                 "This D2CResult holds no model (it was read from disk); export its folder instead: "
                 "`peft_d2c.export.export_d2c_folder(folder, directory, format=...)` or `peft-d2c export FOLDER`."
             )
+        # The base model's config is in memory: never re-read it by a name that may no longer load.
+        base_config = self.model.get_base_model().config
         with tempfile.TemporaryDirectory(prefix="d2c-export-") as tmp:
             folder = self.save_pretrained(os.path.join(tmp, "result"))
             return export_d2c_folder(
-                folder, directory, format=format, base_gguf=base_gguf, base_model_id=base_model_id
+                folder,
+                directory,
+                format=format,
+                base_gguf=base_gguf,
+                base_model_id=base_model_id,
+                base_config=base_config,
             )
 
 

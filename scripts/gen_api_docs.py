@@ -16,16 +16,14 @@ PUBLIC = [
     ("peft_d2c.hub", ["load_adapters", "push_d2c_folder", "load_d2c_collection", "D2CRouter"]),
     ("peft_d2c.evaluation.heldout", ["evaluate_routing"]),
     ("peft_d2c.embedded", ["load_embedded_base_model", "load_embedded_tasks", "load_embedded_peft_model"]),
-    ("peft_d2c.engine.merging", ["merge_weights_for"]),
+    ("peft_d2c.engine.merge_weights", ["merge_weights_for"]),
     ("peft_d2c.engine.search", ["d2c_search", "kmeans_partition"]),
     ("peft_d2c.engine.search_robust", ["robust_search"]),
     ("peft_d2c.engine.layer_merge", ["peft_helpers_verified"]),
     ("peft_d2c.export", ["export_d2c_folder"]),
     ("peft_d2c.cli", ["main"]),
 ]
-METHODS = {
-    "D2CResult": ["save_pretrained", "from_pretrained", "push_to_hub", "add_adapter", "adapter_for", "export"]
-}
+METHODS = {"D2CResult": ["save_pretrained", "from_pretrained", "push_to_hub", "add_adapter", "adapter_for", "export"]}
 
 
 def summary(obj) -> str:

@@ -8,7 +8,8 @@ A commit is applied as a whole or not at all.
 
 Endpoints (models, datasets and spaces alike; see DESIGN.md §3):
 
-    POST   /api/repos/create                          DELETE /api/repos/delete
+    POST   /api/repos/create (no visibility given: the namespace's default, see `set_private_by_default`)
+    DELETE /api/repos/delete
     POST   /api/validate-yaml                         GET    /api/whoami-v2
     GET    /api/collections/{namespace}/{slug}
     GET    /api/{type}s/{repo}[/revision/{rev}]       repo info (sha, siblings, cardData)
@@ -177,6 +178,7 @@ class HubServer:
         self._repos: dict[tuple[str, str], _Repo] = {}
         self._collections: dict[str, dict[str, Any]] = {}
         self._failures: list[tuple[str, int]] = []
+        self._private_by_default: set[str] = set()  # namespaces whose new repos are private unless asked otherwise
         self._counter = 0
         self.requests: list[tuple[str, str, int]] = []  # (method, path, status) of every request answered
         self._load()
@@ -271,6 +273,13 @@ class HubServer:
             entry = repo.commits[self._resolve_rev(repo, revision)].files[path]
         with open(self._blob_path(entry.sha256), "rb") as f:
             return f.read()
+
+    def set_private_by_default(self, namespace: str, private: bool = True) -> None:
+        """Give the user or organisation `namespace` the Hub setting "new repos are private by default": a
+        `POST /api/repos/create` that names no visibility (`huggingface_hub`'s `private=None`) creates a private repo
+        there; an explicit `private` / `visibility` still wins."""
+        with self._lock:
+            (self._private_by_default.add if private else self._private_by_default.discard)(namespace)
 
     def create_repo(self, repo_id: str, repo_type: str = "model", *, private: bool = False) -> None:
         """Create a repo directly (same as `POST /api/repos/create`)."""
@@ -598,7 +607,11 @@ class _Handler(BaseHTTPRequestHandler):
             name, org = body.get("name"), body.get("organization")
             repo_type = body.get("type") or "model"
             repo_id = f"{org}/{name}" if org else f"{USER}/{name}"
-            private = body.get("private", body.get("visibility") == "private")
+            if "private" in body or "visibility" in body:
+                private = body.get("private", body.get("visibility") == "private")
+            else:  # no visibility asked for: the namespace's default, as on the Hub
+                with hub._lock:
+                    private = repo_id.split("/")[0] in hub._private_by_default
             hub._create_repo(repo_type, repo_id, bool(private))
             return self._send_json({"url": f"{hub.url}/{URL_PREFIX[repo_type]}{repo_id}", "name": repo_id})
         if s == ["repos", "delete"] and method == "DELETE":

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from peft_d2c import D2CMergeConfig, D2CResult, merge_adapters_d2c
-from peft_d2c.engine.merging import merge_seed, merge_weights_for
+from peft_d2c.engine.merge_weights import merge_seed, merge_weights_for
 from peft_d2c.evaluation.heldout import loss_matrix
 from peft_d2c.online import attach_model
 

@@ -19,7 +19,7 @@ PACKAGE_DIR = Path(__file__).resolve().parents[1] / "peft_d2c"
 
 # Stages from the bottom up: a module may import its own stage and lower ones, never a higher one.
 STAGES = [
-    ("peft_d2c.errors", "peft_d2c.io", "peft_d2c.sizes", "peft_d2c.version", "peft_d2c._moved"),
+    ("peft_d2c.errors", "peft_d2c.io", "peft_d2c.sizes", "peft_d2c.version"),
     ("peft_d2c.config",),
     ("peft_d2c.data",),
     ("peft_d2c.engine",),
@@ -262,7 +262,7 @@ class TestOneDefinitionEach:
         assert sorted(set(callers)) == ["peft_d2c.engine.layer_merge.peft_merge_layer"]
 
 
-class TestLayoutAndOldPaths:
+class TestLayout:
     def test_modules_stay_readable_in_one_sitting(self):
         long = {name: n for name, path in MODULES.items() if (n := len(path.read_text().splitlines())) > 400}
         assert long == {}
@@ -273,35 +273,10 @@ class TestLayoutAndOldPaths:
                 doc = ast.get_docstring(ast.parse(MODULES[name].read_text())) or ""
                 assert re.search(r"[Mm]ay import|[Ii]mports", doc), f"{name}: say what it may import"
 
-    @pytest.mark.parametrize(
-        ("old", "new"),
-        [
-            ("peft_d2c.search", "peft_d2c.engine.search"),
-            ("peft_d2c.merging", "peft_d2c.engine.merging"),
-            ("peft_d2c.scoring", "peft_d2c.engine.scoring"),
-            ("peft_d2c.budget", "peft_d2c.engine.budget"),
-            ("peft_d2c.distributed", "peft_d2c.engine.distributed"),
-            ("peft_d2c.data_spec", "peft_d2c.data.spec"),
-            ("peft_d2c.heldout", "peft_d2c.evaluation.heldout"),
-            ("peft_d2c.benchmark", "peft_d2c.embedded.benchmark"),
-            ("peft_d2c.hub_adapters", "peft_d2c.hub.adapters"),
-        ],
-    )
-    def test_flat_layout_paths_are_the_new_modules(self, old, new):
-        assert importlib.import_module(old) is importlib.import_module(new)
-
-    def test_old_package_level_names_still_import(self):
-        from peft_d2c.data_spec import load_task_examples  # noqa: F401
-        from peft_d2c.merging import AdapterMerger  # noqa: F401
-
+    def test_subpackages_export_their_entry_points(self):
         from peft_d2c.data import Example, normalize_task_examples  # noqa: F401
         from peft_d2c.embedded import EMBEDDED_TASK_NAMES, load_embedded_peft_model  # noqa: F401
         from peft_d2c.evaluation import completion_loss, exact_match_accuracy  # noqa: F401
         from peft_d2c.hub import load_adapters, load_d2c_collection, push_d2c_folder  # noqa: F401
 
         assert len(EMBEDDED_TASK_NAMES) == 16
-
-    def test_python_m_of_the_old_benchmark_path_runs_the_command(self):
-        run = subprocess.run([sys.executable, "-m", "peft_d2c.benchmark", "--help"], capture_output=True, text=True)
-        assert run.returncode == 0, run.stderr
-        assert "--seeds" in run.stdout and "usage: peft-d2c benchmark" in run.stdout

@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import uuid
 
 import pytest
 import yaml
@@ -157,6 +158,21 @@ def test_push_in_a_subprocess_reaches_the_local_hub(merged, hub_api):
     assert repo in done.stdout
     files = set(hub_api.list_repo_files(repo))
     assert {"README.md", "d2c_routing.json", "d2c_0/adapter_model.safetensors"} <= files
+
+
+@pytest.mark.parametrize(
+    "private_by_default,flags,private",
+    [(True, [], True), (True, ["--no-private"], False), (False, [], False), (False, ["--private"], True)],
+)
+def test_push_visibility_is_the_accounts_default_unless_a_flag_says(
+    merged, hub_server, hub_api, private_by_default, flags, private, capsys
+):
+    """Without `--private` the push used to send `private=False`, making repos public in a private-by-default org."""
+    owner = f"cli-vis-{uuid.uuid4().hex[:8]}"
+    hub_server.set_private_by_default(owner, private_by_default)
+    repo = f"{owner}/d2c"
+    assert main(["push", merged, repo, "--base-model-id", "tiny-org/tiny-llama", "-q", *flags]) == 0
+    assert hub_api.model_info(repo).private is private
 
 
 def test_help_of_every_subcommand_exits_0(capsys):

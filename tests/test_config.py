@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
 
 from peft_d2c import D2CMergeConfig, D2CWarning
+from peft_d2c.hub.cards import read_result_folder
 
 BAD_CONFIGS = [
     ({}, ValueError, "exactly one of `num_clusters` and `storage_budget`"),
@@ -44,12 +46,19 @@ class TestD2CMergeConfig:
 
     def test_save_and_load_round_trip_exactly(self, tmp_path):
         config = D2CMergeConfig(
-            num_clusters=3, method="d2c", init="kmeans_svd", combination_type="dare_ties", density=0.7, seed=4
-        )
+            num_clusters=3, method="d2c", init="kmeans_svd", combination_type="dare_ties", density=0.7, seed=4,
+            num_iterations=12,
+        )  # fmt: skip
         path = config.save_pretrained(tmp_path)
-        assert json.loads(open(path).read()) == config.to_dict()
+        assert json.loads(open(path).read()) == {**config.to_dict(), "d2c_config_version": 2}
         assert D2CMergeConfig.from_pretrained(tmp_path) == config
         assert D2CMergeConfig.from_pretrained(path).to_dict() == config.to_dict()
+
+    def test_a_default_t_round_trips_as_the_t_the_run_used(self, tmp_path):
+        """`num_iterations=None` is saved resolved: the reloaded config has the T of the run, not None."""
+        config = D2CMergeConfig(num_clusters=3, combination_type="dare_ties", seed=4)
+        loaded = D2CMergeConfig.from_pretrained(config.save_pretrained(tmp_path))
+        assert loaded == dataclasses.replace(config, num_iterations=30) and loaded.search_steps == config.search_steps
 
     def test_unknown_keys_from_newer_versions_warn_and_are_dropped(self):
         data = {**D2CMergeConfig(num_clusters=2).to_dict(), "future_option": 1}
@@ -84,3 +93,92 @@ def test_the_card_names_the_search_and_its_default_t():
     assert "`partition` search, 30 proposed moves" in section(search="partition", num_iterations=None)
     assert "`paper` search, 100 proposed moves" in section(search="paper", num_iterations=None)
     assert "`paper` search, 12 proposed moves" in section(search="paper", num_iterations=12)
+
+
+# What an old peft-d2c (before `search`, `restarts`, ... existed: commit 839ff9e) wrote, key for key.
+OLD_FILE = {
+    "batch_size": 32, "checkpoint_every": 10, "combination_type": "ties", "density": 0.5, "examples_per_task": 10,
+    "init": "random", "majority_sign_method": "total", "max_length": None, "merge_cache_size": 8,
+    "merge_weight": None, "merged_adapter_prefix": "d2c", "method": "d2c", "num_clusters": 2, "num_iterations": 100,
+    "patience": None, "proposals_per_step": 1, "seed": 3, "show_progress": True, "storage_budget": None,
+    "svd_embedding_dim": 8, "svd_rank": None, "use_chat_template": False,
+}  # fmt: skip
+# Version-1 files (no `d2c_config_version`) -> the run they describe: (file content, search, combination, T).
+OLD_FILES = [
+    (OLD_FILE, "paper", "ties", 100),
+    ({k: v for k, v in OLD_FILE.items() if k not in ("combination_type", "num_iterations")}, "paper", "ties", 100),
+    ({"num_clusters": 2}, "paper", "ties", 100),
+    ({"num_clusters": 2, "num_iterations": None}, "paper", "ties", 100),
+    ({"num_clusters": 2, "search": "partition", "num_iterations": None, "combination_type": "ties"}, "partition",
+     "ties", 30),  # between the partition default (12358e6) and knots_ties (ee75b00)
+    ({"num_clusters": 2, "search": "partition", "num_iterations": None, "combination_type": "knots_ties"},
+     "partition", "knots_ties", 30),
+    ({"num_clusters": 2, "search": "paper", "num_iterations": 7, "combination_type": "core_ta"}, "paper", "core_ta",
+     7),
+]  # fmt: skip
+
+
+class TestSavedFormat:
+    @pytest.mark.parametrize("search,num_iterations,saved", [("partition", None, 30), ("paper", None, 100),
+                                                             ("partition", 7, 7), ("paper", 0, 0)])  # fmt: skip
+    def test_the_saved_file_holds_the_resolved_t_search_merge_and_version(
+        self, tmp_path, search, num_iterations, saved
+    ):
+        """`num_iterations=None` used to be saved as null, which a later change of `DEFAULT_STEPS` would reread as
+        another T; the file holds the T the run used, its `search` and `combination_type`, and its format version."""
+        config = D2CMergeConfig(num_clusters=2, search=search, num_iterations=num_iterations)
+        data = json.loads(open(config.save_pretrained(tmp_path)).read())
+        assert data["num_iterations"] == saved
+        assert (data["search"], data["combination_type"], data["d2c_config_version"]) == (search, "knots_ties", 2)
+
+    @pytest.mark.parametrize("content,search,combination_type,steps", OLD_FILES)
+    def test_a_version_1_file_loads_as_the_run_it_describes(self, tmp_path, content, search, combination_type, steps):
+        """A file without `search` was written when every run was the paper's search with ties merges (T = 100);
+        it used to reload with today's defaults (partition search, knots_ties, T = 30), i.e. as another run."""
+        path = tmp_path / "d2c_config.json"
+        path.write_text(json.dumps(content))
+        loaded = D2CMergeConfig.from_pretrained(tmp_path)
+        assert (loaded.search, loaded.combination_type, loaded.num_iterations) == (search, combination_type, steps)
+        expected = {**content, "search": search, "combination_type": combination_type, "num_iterations": steps}
+        assert loaded == D2CMergeConfig(**expected)
+        # saved again, it is the same run in today's format
+        resaved = loaded.save_pretrained(tmp_path / "again")
+        assert D2CMergeConfig.from_pretrained(resaved) == loaded
+        assert json.loads(open(resaved).read())["d2c_config_version"] == 2
+
+    def test_an_explicit_version_1_key_reads_the_same_as_none(self, tmp_path):
+        path = tmp_path / "d2c_config.json"
+        path.write_text(json.dumps({"num_clusters": 2, "d2c_config_version": 1}))
+        assert D2CMergeConfig.from_pretrained(path) == D2CMergeConfig(
+            num_clusters=2, search="paper", combination_type="ties", num_iterations=100
+        )
+
+    @pytest.mark.parametrize("version", [3, 99])
+    def test_a_file_of_a_newer_version_is_refused(self, tmp_path, version):
+        data = {**D2CMergeConfig(num_clusters=2).to_dict(), "d2c_config_version": version}
+        (tmp_path / "d2c_config.json").write_text(json.dumps(data))
+        with pytest.raises(ValueError, match=rf"saved by a newer peft-d2c .*={version}.*upgrade peft-d2c"):
+            D2CMergeConfig.from_pretrained(tmp_path)
+        with pytest.raises(ValueError, match="saved by a newer peft-d2c"):
+            D2CMergeConfig.from_dict(data)
+
+    @pytest.mark.parametrize("version", [0, "2", None, True])
+    def test_a_bad_version_is_refused(self, tmp_path, version):
+        data = {**D2CMergeConfig(num_clusters=2).to_dict(), "d2c_config_version": version}
+        (tmp_path / "d2c_config.json").write_text(json.dumps(data))
+        with pytest.raises(ValueError, match="`d2c_config_version` must be a version number"):
+            D2CMergeConfig.from_pretrained(tmp_path)
+
+    def test_the_card_of_an_old_result_folder_names_the_run_it_was(self, tmp_path):
+        """The model card (and a push) reads `d2c_config.json` through `from_pretrained` too."""
+        (tmp_path / "d2c_0").mkdir()
+        for name in ("adapter_config.json", "adapter_model.safetensors"):
+            (tmp_path / "d2c_0" / name).write_text("{}")
+        (tmp_path / "d2c_routing.json").write_text(json.dumps({"copy": "d2c_0"}))
+        (tmp_path / "d2c_result.json").write_text(json.dumps({"merged_adapter_names": ["d2c_0"]}))
+        (tmp_path / "d2c_config.json").write_text(json.dumps({"num_clusters": 1, "num_iterations": None}))
+        config = read_result_folder(tmp_path)["config"]
+        assert (config["search"], config["combination_type"], config["num_iterations"]) == ("paper", "ties", 100)
+        (tmp_path / "d2c_config.json").write_text(json.dumps({"num_clusters": 1, "d2c_config_version": 3}))
+        with pytest.raises(ValueError, match="newer peft-d2c"):
+            read_result_folder(tmp_path)

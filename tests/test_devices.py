@@ -25,7 +25,8 @@ from peft_d2c.config import COMBINATION_TYPES, UPDATE_TYPES
 from peft_d2c.data.examples import normalize_task_examples
 from peft_d2c.engine import merge_methods
 from peft_d2c.engine.lora import delta_gram_matrix, lora_factors, lora_layers
-from peft_d2c.engine.merging import AdapterMerger, merge_weights_for
+from peft_d2c.engine.merge_weights import merge_weights_for
+from peft_d2c.engine.merging import AdapterMerger
 from peft_d2c.engine.scoring import LossScorer
 
 HALF_DTYPES = [torch.bfloat16, torch.float16]

@@ -147,6 +147,29 @@ class TestEmbeddedTasks:
         assert [len(v) for v in loaded.values()] == [3, 3]
         assert set(loaded["family"][0]) == {"prompt", "completion"}
 
+    def test_load_embedded_tasks_prints_no_generating_lines_and_restores_datasets_settings(self, tmp_path, capfd):
+        """The main job printed one "Generating ... split" bar of `datasets` per task file (48) on a first load.
+
+        A fresh process with bars on (the test session turns tqdm off at import) and an empty datasets cache; the
+        caller's verbosity (INFO, which would also log "Generating ...") and bar setting must be back afterwards.
+        """
+        script = (
+            "import datasets\n"
+            "from peft_d2c.embedded import load_embedded_tasks\n"
+            "datasets.logging.set_verbosity_info()\n"
+            "loaded = load_embedded_tasks('fewshot', tasks=['family', 'currency'])\n"
+            "assert [len(v) for v in loaded.values()] == [10, 10]\n"
+            "assert datasets.logging.get_verbosity() == datasets.logging.INFO\n"
+            "assert datasets.is_progress_bar_enabled()\n"
+            "print('loaded')\n"
+        )
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("TQDM_", "HF_DATASETS_DISABLE_PROGRESS"))}
+        env["HF_DATASETS_CACHE"] = str(tmp_path / "datasets-cache")
+        subprocess.run([sys.executable, "-c", script], env=env, check=True)
+        out, err = capfd.readouterr()
+        assert "loaded" in out
+        assert "Generating" not in out + err
+
     @pytest.mark.parametrize(
         "kwargs, error, match",
         [

@@ -17,6 +17,7 @@ import gguf
 import numpy as np
 import pytest
 import torch
+from huggingface_hub import ModelCard
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
 from safetensors.torch import load_file
@@ -25,6 +26,7 @@ from transformers import LlamaForCausalLM
 from peft_d2c import D2CMergeConfig, D2CResult, merge_adapters_d2c
 from peft_d2c import testing as tiny
 from peft_d2c.cli import main
+from peft_d2c.embedded.base_model import EMBEDDED_MODEL_ID, PYPI_BASE_KEY, PYPI_GGUF_MEMBER, PYPI_PACKAGE
 from peft_d2c.errors import UnsupportedAdapterError
 from peft_d2c.export import (
     MANIFEST_NAME,
@@ -304,6 +306,36 @@ class TestEntryPoints:
         with pytest.raises(ValueError, match="export its folder instead"):
             D2CResult.from_pretrained(folder).export(tmp_path / "c")
 
+    def test_in_memory_result_exports_after_its_base_model_folder_is_deleted(
+        self, tiny_assets, tiny_task_examples, tiny_tokenizer, tmp_path
+    ):
+        """`D2CResult.export` re-read the base model's config by its recorded name (`AutoConfig.from_pretrained`), so
+        the GGUF export failed with FileNotFoundError once that folder was gone, although the model is in memory."""
+        base_dir, adapter_dirs = tiny_assets
+        moved = str(tmp_path / "moved-base")
+        shutil.copytree(base_dir, moved)
+        copies = {}
+        for task, path in adapter_dirs.items():  # adapters trained on the folder that will be deleted
+            copies[task] = shutil.copytree(path, tmp_path / "adapters" / task)
+            config_path = copies[task] / "adapter_config.json"
+            config = json.loads(config_path.read_text())
+            config_path.write_text(json.dumps({**config, "base_model_name_or_path": moved}))
+        model = tiny.load_peft_model(moved, {t: str(p) for t, p in copies.items()})
+        config = D2CMergeConfig(num_clusters=2, num_iterations=2, show_progress=False)
+        result = merge_adapters_d2c(model, tiny_task_examples, config, tokenizer=tiny_tokenizer)
+        assert result.base_model == moved
+        names = result.merged_adapter_names
+        adapter_files = [f"{n}/{f}" for n in names for f in ("adapter_config.json", "adapter_model.safetensors")]
+        formats = {"gguf": [f"{n}.gguf" for n in names], "vllm": adapter_files, "peft": adapter_files}
+        before = {f: result.export(tmp_path / f"before-{f}", format=f) for f in formats}
+        shutil.rmtree(moved)
+        for format, files in formats.items():
+            after = result.export(tmp_path / f"after-{format}", format=format)
+            assert after["tasks"] == before[format]["tasks"] and after["base_model"] == {"name": moved}
+            for file in files:
+                written = (tmp_path / f"after-{format}" / file).read_bytes()
+                assert written == (tmp_path / f"before-{format}" / file).read_bytes(), (format, file)
+
     def test_cli_export_writes_the_manifest(self, tiny_result, tmp_path, capsys):
         _, folder, _ = tiny_result
         assert main(["export", folder, "--format", "gguf", "--output", str(tmp_path / "cli"), "--quiet"]) == 0
@@ -335,3 +367,47 @@ class TestEntryPoints:
         positions = [card.index(a) for a in authors]
         assert positions == sorted(positions)
         assert "d2c_routing.json" in card and "base_model: HuggingFaceTB/SmolLM2-135M-Instruct" in card
+
+
+class TestResultCard:
+    def test_local_base_model_path_is_not_card_metadata(self, tiny_result):
+        """A local folder is not a valid Hub `base_model`; the card named the machine-local path there."""
+        _, folder, base_dir = tiny_result
+        card = build_result_card(folder)
+        assert card.data.base_model is None and "base_model_relation" not in card.data.to_dict()
+        assert base_dir in card.text  # still named in the text
+        card.validate()
+        hub = build_result_card(folder, base_model_id=EMBEDDED_MODEL_ID)
+        assert hub.data.base_model == EMBEDDED_MODEL_ID and hub.data.to_dict()["base_model_relation"] == "adapter"
+
+    def test_main_job_card_names_the_hub_id_and_the_gguf_copy_of_the_embedded_base(self, tiny_result, tmp_path):
+        """The main job's card named the machine-local cache folder of the dequantised PyPI copy as `base_model`."""
+        from peft_d2c.embedded.mainjob import write_embedded_card
+
+        _, folder, base_dir = tiny_result
+        output = shutil.copytree(folder, tmp_path / "d2c_output")
+        source_info = {"source": "pypi-gguf", "package": PYPI_PACKAGE, "file": PYPI_GGUF_MEMBER,
+                       "model_id": EMBEDDED_MODEL_ID, "path": base_dir, "base_key": PYPI_BASE_KEY}  # fmt: skip
+        assert write_embedded_card(output, source_info)
+        card = ModelCard.load(output / "README.md")
+        assert card.data.base_model == EMBEDDED_MODEL_ID and base_dir not in card.content
+        assert "dequantised GGUF copy" in card.text and PYPI_PACKAGE in card.text
+        assert "`SmolLM2-135M-Instruct.Q4_1.gguf` (Q4_1 quantisation)" in card.text
+        assert f"# D2C adapter collection for `{EMBEDDED_MODEL_ID}`" in card.text
+        assert f'from_pretrained("{EMBEDDED_MODEL_ID}"), "d2c_output")' in card.text
+
+    def test_main_job_card_of_another_base_or_a_users_readme_is_left_alone(self, tiny_result, tmp_path):
+        from peft_d2c.embedded.mainjob import write_embedded_card
+
+        _, folder, _ = tiny_result
+        output = shutil.copytree(folder, tmp_path / "quick")
+        before = (output / "README.md").read_text()
+        assert not write_embedded_card(output, {"source": "tiny-random", "model_id": str(output)})
+        assert (output / "README.md").read_text() == before
+        mine = shutil.copytree(folder, tmp_path / "mine")
+        (mine / "README.md").write_text("my notes\n")
+        result = json.loads((mine / "d2c_result.json").read_text())
+        result["files"] = [f for f in result["files"] if f != "README.md"]
+        (mine / "d2c_result.json").write_text(json.dumps(result))
+        assert not write_embedded_card(mine, {"source": "hub", "model_id": EMBEDDED_MODEL_ID})
+        assert (mine / "README.md").read_text() == "my notes\n"

@@ -417,6 +417,25 @@ class TestPushSafety:
         pushed = push_d2c_folder(folder, repo_id, base_model_id=BASE_ID, private=True, allow_public=True)
         assert pushed.repo_ids == [repo_id]
 
+    def test_default_push_creates_repos_with_the_accounts_default_visibility(
+        self, api, d2c_run, hub_server, hub_sources
+    ):
+        """`private` defaulted to False and was sent as `"visibility": "public"`, so a push made a repo public even
+        where the account's setting makes new repos private; `None` (huggingface_hub's default) leaves it to the
+        Hub, and an explicit `private` still wins."""
+        result, folder = d2c_run
+        owner = f"private-org-{_uid()}"
+        hub_server.set_private_by_default(owner)
+        default = push_d2c_folder(folder, f"{owner}/default-{_uid()}", base_model_id=BASE_ID)
+        repos = push_d2c_folder(folder, f"{owner}/split-{_uid()}", base_model_id=BASE_ID, layout="repos")
+        method = result.push_to_hub(f"{owner}/method-{_uid()}", base_model_id=BASE_ID)
+        public = push_d2c_folder(folder, f"{owner}/public-{_uid()}", base_model_id=BASE_ID, private=False)
+        for pushed, private in ((default, True), (repos, True), (method, True), (public, False)):
+            assert pushed.created == pushed.repo_ids and len(pushed.repo_ids) >= 1
+            assert [api.model_info(r).private for r in pushed.repo_ids] == [private] * len(pushed.repo_ids)
+        elsewhere = push_d2c_folder(folder, f"{hub_sources['owner']}/default-{_uid()}", base_model_id=BASE_ID)
+        assert api.model_info(elsewhere.repo_ids[0]).private is False  # an account without the setting: public
+
     def test_re_push_with_fewer_clusters_deletes_the_stale_adapters_in_one_commit(
         self, api, d2c_run, hub_server, hub_sources, tmp_path
     ):

@@ -15,7 +15,8 @@ from peft.tuners.lora import LoraModel
 from peft_d2c import D2CMergeConfig, D2CWarning
 from peft_d2c.engine import layer_merge
 from peft_d2c.engine.lora import lora_layers
-from peft_d2c.engine.merging import AdapterMerger, merge_weights_for
+from peft_d2c.engine.merge_weights import merge_weights_for
+from peft_d2c.engine.merging import AdapterMerger
 
 MEMBERS = ["copy", "reverse", "sort"]
 DETERMINISTIC_TYPES = ["linear", "ties", "magnitude_prune", "svd", "ties_svd", "magnitude_prune_svd"]

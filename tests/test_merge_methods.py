@@ -26,7 +26,8 @@ from peft_d2c.config import UPDATE_TYPES
 from peft_d2c.engine import merge_methods
 from peft_d2c.engine.budget import merged_rank
 from peft_d2c.engine.lora import check_source_adapters, lora_layers
-from peft_d2c.engine.merging import AdapterMerger, merge_weights_for
+from peft_d2c.engine.merge_weights import merge_weights_for
+from peft_d2c.engine.merging import AdapterMerger
 from peft_d2c.evaluation.generation import completion_loss
 
 DTYPE = torch.float64

@@ -18,7 +18,8 @@ from peft_d2c.engine.lora import (
     delta_gram_matrix,
     lora_layers,
 )
-from peft_d2c.engine.merging import AdapterMerger, merge_weights_for
+from peft_d2c.engine.merge_weights import merge_weights_for
+from peft_d2c.engine.merging import AdapterMerger
 
 
 def copies_model(tiny_assets, family="copy", k=3) -> PeftModel:

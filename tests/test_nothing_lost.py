@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 
 import pytest
 import torch
@@ -77,6 +78,82 @@ class TestSaves:
         target.write_text("x")
         with pytest.raises(FileExistsError, match="not a folder"):
             two_results[1].save_pretrained(target)
+
+
+def modes(folder) -> dict[str, int]:
+    """The permission bits of `folder` ("." ) and of every folder and file under it."""
+    out = {".": stat.S_IMODE(os.stat(folder).st_mode)}
+    for root, dirs, files in os.walk(folder):
+        for name in dirs + files:
+            path = os.path.join(root, name)
+            out[os.path.relpath(path, folder)] = stat.S_IMODE(os.stat(path).st_mode)
+    return out
+
+
+@pytest.fixture
+def umask(request):
+    """Run the test under the umask of its parameter; the previous umask is restored after it."""
+    before = os.umask(request.param)
+    yield request.param
+    os.umask(before)
+
+
+class TestSaveModesAndLinks:
+    @pytest.mark.parametrize("umask", [0o027, 0o002], indirect=True, ids=oct)
+    def test_a_saved_result_has_the_ordinary_modes_of_the_umask(self, two_results, tmp_path, umask):
+        """Every file of a saved result used to be left as safetensors / mkdtemp made it (adapter weights 0600) and
+        the folder was forced to 0755 whatever the umask; they get the modes `open()` / `mkdir` give new ones."""
+        three, two = two_results
+        folder = tmp_path / "out"
+        three.save_pretrained(folder)
+        expected_file, expected_folder = 0o666 & ~umask, 0o777 & ~umask
+        found = modes(folder)
+        assert len(found) > 8 and "d2c_0/adapter_model.safetensors" in found  # adapters, metadata and the card
+        for path, mode in found.items():
+            want = expected_folder if os.path.isdir(os.path.join(folder, path)) else expected_file
+            assert mode == want, f"{path}: {oct(mode)} instead of {oct(want)} under umask {oct(umask)}"
+        two.save_pretrained(folder)  # a replaced result keeps the ordinary modes too
+        assert set(modes(folder).values()) <= {expected_file, expected_folder}
+
+    def test_saving_over_a_folder_keeps_the_folders_mode(self, two_results, tmp_path):
+        folder = tmp_path / "shared"
+        folder.mkdir()
+        os.chmod(folder, 0o710)  # the user's choice of who may enter it
+        two_results[1].save_pretrained(folder)
+        assert stat.S_IMODE(os.stat(folder).st_mode) == 0o710
+        two_results[0].save_pretrained(folder)
+        assert stat.S_IMODE(os.stat(folder).st_mode) == 0o710
+
+    @pytest.mark.parametrize("layout", ["same_folder", "other_folder"])
+    def test_saving_into_a_symlink_writes_the_folder_it_points_at(self, two_results, tmp_path, layout):
+        """The link itself used to be replaced by a real folder (the user's link lost, its target left stale)."""
+        three, two = two_results
+        (tmp_path / "data").mkdir()
+        (tmp_path / "links").mkdir()
+        real = tmp_path / "data" / "real"
+        real.mkdir()
+        (real / "notes.txt").write_text("mine")
+        link = (tmp_path / "data" if layout == "same_folder" else tmp_path / "links") / "out"
+        os.symlink(real, link)
+        for result in (three, two, two):  # a first save, a smaller result over it, and the same again
+            assert result.save_pretrained(link) == os.fspath(link)
+            assert os.path.islink(link) and os.readlink(link) == os.fspath(real)
+            assert D2CResult.from_pretrained(real).routing == result.routing
+            assert set(os.listdir(real)) == {
+                *result.merged_adapter_names, "notes.txt", "README.md", "d2c_config.json", "d2c_result.json",
+                "d2c_routing.json",
+            }  # fmt: skip
+            assert snapshot(link) == snapshot(real)
+            # no staging folder left behind, next to the link or to its target
+            assert sorted(os.listdir(tmp_path / "data")) == (["out", "real"] if layout == "same_folder" else ["real"])
+            assert os.listdir(tmp_path / "links") == ([] if layout == "same_folder" else ["out"])
+        assert (real / "notes.txt").read_text() == "mine"
+
+    def test_saving_into_a_dangling_symlink_creates_its_target(self, two_results, tmp_path):
+        link, real = tmp_path / "out", tmp_path / "new" / "real"
+        os.symlink(real, link)
+        two_results[1].save_pretrained(link)
+        assert os.path.islink(link) and D2CResult.from_pretrained(real).routing == two_results[1].routing
 
 
 class TestOnlineAdditionFailure:

@@ -46,7 +46,7 @@ class TestPurity:
         )
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
         assert out.stdout.strip() == "pure"
-        assert importlib.util.find_spec("peft_d2c.search") is not None
+        assert importlib.util.find_spec("peft_d2c.engine.search") is not None
 
 
 class TestBalancedRandomPartition:

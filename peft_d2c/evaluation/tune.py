@@ -10,7 +10,8 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 
-from ..engine.merging import AdapterMerger, merge_weights_for
+from ..engine.merge_weights import merge_weights_for
+from ..engine.merging import AdapterMerger
 from ..engine.weight_search import WeightSearchResult, search_weights
 from .heldout import loss_matrix
 

@@ -69,6 +69,7 @@ def export_d2c_folder(
     format: str = "gguf",
     base_gguf: str | os.PathLike | None = None,
     base_model_id: str | None = None,
+    base_config: Any = None,
     permute_qk: bool = True,
 ) -> dict[str, Any]:
     """Export the merged adapters of a saved result folder for llama.cpp, vLLM or PEFT, with a manifest.
@@ -80,9 +81,13 @@ def export_d2c_folder(
             `"vllm"` (standalone PEFT folders + `--lora-modules` JSON) or `"peft"` (the PEFT folders as they are).
         base_gguf (`str` or `os.PathLike`, *optional*): The base model's GGUF file. With `"gguf"` its architecture,
             heads and tensor shapes are checked against every adapter (recommended); the manifest records its
-            sha256. Without it the base model's `config.json` is read (`base_model_id` or the recorded base model).
+            sha256. Without it, `base_config` is used, else the base model's `config.json` is read by name
+            (`base_model_id` or the recorded base model).
         base_model_id (`str`, *optional*): The base model's name for the manifest and commands; defaults to the
             recorded base model.
+        base_config (`PretrainedConfig` or `dict`, *optional*): The base model's config, already in memory (as
+            `D2CResult.export` passes it); with `"gguf"` and no `base_gguf` it is used instead of reading the config
+            by name, which fails once that name is no longer loadable (an offline Hub id, a moved folder).
         permute_qk (`bool`, *optional*, defaults to `True`): See `convert_peft_adapter`; only for a negative control.
 
     Returns:
@@ -90,7 +95,8 @@ def export_d2c_folder(
 
     Raises:
         ValueError: If `format` is unknown.
-        FileNotFoundError: If `folder` is not a complete saved result, or `base_gguf` does not exist.
+        FileNotFoundError: If `folder` is not a complete saved result, `base_gguf` does not exist, or (`"gguf"`
+            without `base_gguf` or `base_config`) the base model's config cannot be loaded by name.
         UnsupportedAdapterError: If a merged adapter cannot be served in `format` (nothing is written then).
 
     Example:
@@ -117,6 +123,8 @@ def export_d2c_folder(
     if format == "gguf":
         if base_gguf is not None:
             info = base_info_from_gguf(base_gguf)
+        elif base_config is not None:
+            info = base_info_from_config(base_config)
         else:
             try:
                 info = base_info_from_config(base)

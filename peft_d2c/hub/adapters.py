@@ -201,7 +201,7 @@ def _check_adapter(
             f"Adapter {where!r} is a {config.get('peft_type')!r} adapter; only LoRA is supported."
         )
     for flag, feature in UNMERGEABLE_FLAGS.items():
-        # rslora and lora_bias load fine and merge exactly with the update-space types: the merge decides.
+        # rslora and lora_bias load fine and the update-space types merge them: the merge decides.
         if config.get(flag) and flag not in EXACT_IN_UPDATE_SPACE:
             raise UnsupportedAdapterError(
                 f"Adapter {where!r} uses {feature} (`{flag}`); PEFT cannot merge it faithfully."

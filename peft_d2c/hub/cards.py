@@ -14,7 +14,7 @@ from typing import Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from ..config import CONFIG_NAME, DEFAULT_STEPS, UPDATE_TYPES
+from ..config import CONFIG_NAME, DEFAULT_STEPS, UPDATE_TYPES, D2CMergeConfig
 from ..io import RESULT_NAME, ROUTING_NAME, read_json
 from .adapters import ADAPTER_CONFIG_NAME, REPO_ID_PATTERN, WEIGHTS_NAMES
 
@@ -41,6 +41,7 @@ CITATION = """@inproceedings{lee2026d2c,
   archivePrefix = {arXiv}
 }"""
 FILE_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet", ".txt", ".arrow")
+UNKNOWN_BASE = "unknown-base-model"
 
 
 def is_hub_id(value: Any) -> bool:
@@ -89,11 +90,13 @@ def _eval_results(tasks: Sequence[str], data: dict[str, Any], served_by: Mapping
 def _card_data(model_name: str, base: str, tasks: Sequence[str], data: dict[str, Any], served_by=None):
     sources = data["result"].get("data_sources") or {}
     datasets = sorted({s["path"] for t, s in sources.items() if t in tasks and s and is_hub_id(s.get("path"))})
+    # `base_model` metadata must be a Hub id: a local folder (or no known base) is named in the body only.
+    hub_base = base if base != UNKNOWN_BASE and is_hub_id(base) else None
     return ModelCardData(
         model_name=model_name,
         library_name="peft",
-        base_model=base,
-        base_model_relation="adapter",
+        base_model=hub_base,
+        base_model_relation="adapter" if hub_base else None,
         pipeline_tag="text-generation",
         tags=list(CARD_TAGS),
         datasets=datasets or None,
@@ -213,10 +216,17 @@ model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("{base_mo
     return ModelCard(f"---\n{card_data.to_yaml()}\n---\n{body}")
 
 
-def build_collection_card(data: dict[str, Any], *, repo_id: str, base_model_id: str):
-    """The repo-level `ModelCard` of a collection pushed with `layout="subfolders"`."""
+def build_collection_card(
+    data: dict[str, Any], *, repo_id: str, base_model_id: str, base_model_note: str | None = None
+):
+    """The repo-level `ModelCard` of a collection pushed with `layout="subfolders"`.
+
+    `base_model_note` (Markdown), when given, is a "Base model" paragraph after the introduction: what exactly the
+    adapters were trained and merged on, e.g. a converted copy of `base_model_id`.
+    """
 
     result, routing = data["result"], data["routing"]
+    note = f"\n**Base model.** {base_model_note}\n" if base_model_note else ""
     clusters = result.get("clusters") or [[t for t, a in routing.items() if a == n] for n in data["names"]]
     rows = [
         (f"[`{n}`](./{n})", ", ".join(f"`{t}`" for t in members))
@@ -230,7 +240,7 @@ together serve {len(routing)} tasks, made with [D2C]({PAPER_URL}) from {result.g
 single-task LoRA adapters. D2C clusters the source adapters using a few examples per task and merges each cluster into
 one adapter, so a device stores only the merged adapters and activates, per request, the one serving the task.
 Each subfolder is a standard PEFT adapter with its own model card.
-
+{note}
 ## Merged adapters
 
 {_table(["merged adapter", "merges the adapters of the tasks"], rows)}
@@ -277,6 +287,7 @@ def read_result_folder(folder: str | os.PathLike) -> dict[str, Any]:
 
     Raises:
         FileNotFoundError: If a result file, or the config or weights of a merged adapter, is missing.
+        ValueError: If `d2c_config.json` was saved by a newer peft-d2c.
     """
     folder = os.fspath(folder)
     for filename in (ROUTING_NAME, RESULT_NAME, CONFIG_NAME):
@@ -289,12 +300,17 @@ def read_result_folder(folder: str | os.PathLike) -> dict[str, Any]:
         files = os.listdir(os.path.join(folder, name)) if os.path.isdir(os.path.join(folder, name)) else []
         if ADAPTER_CONFIG_NAME not in files or not any(w in files for w in WEIGHTS_NAMES):
             raise FileNotFoundError(f"Merged adapter {name!r} is missing from {folder!r} (no config or weights).")
-    config = read_json(os.path.join(folder, CONFIG_NAME))
+    # Through `from_pretrained`: a file of an older format reads as the run it describes, a newer one is refused.
+    config = D2CMergeConfig.from_pretrained(os.path.join(folder, CONFIG_NAME)).to_dict()
     return {"result": result, "routing": routing, "config": config, "names": names}
 
 
 def build_result_card(
-    folder: str | os.PathLike, *, base_model_id: str | None = None, location: str | None = None
+    folder: str | os.PathLike,
+    *,
+    base_model_id: str | None = None,
+    location: str | None = None,
+    base_model_note: str | None = None,
 ) -> ModelCard:
     """The README model card of a saved result folder: the collection card a push (`layout="subfolders"`) writes.
 
@@ -304,8 +320,11 @@ def build_result_card(
     Args:
         folder (`str` or `os.PathLike`): The saved result folder.
         base_model_id (`str`, *optional*): The base model's name in the card; defaults to the recorded base model.
+            Only a Hub id goes into the `base_model` metadata; a local path is named in the text only.
         location (`str`, *optional*): What the usage snippets load from, where a push puts the repo id; defaults to
             the folder's name.
+        base_model_note (`str`, *optional*): A "Base model" paragraph (Markdown) saying what exactly the adapters were
+            trained and merged on, e.g. that the weights are a converted copy of `base_model_id`.
 
     Returns:
         `huggingface_hub.ModelCard`: the card (YAML metadata + body, with the citation).
@@ -317,6 +336,6 @@ def build_result_card(
         ```
     """
     data = read_result_folder(folder)
-    base = base_model_id or data["result"].get("base_model") or "unknown-base-model"
+    base = base_model_id or data["result"].get("base_model") or UNKNOWN_BASE
     where = location or os.path.basename(os.path.abspath(os.fspath(folder)))
-    return build_collection_card(data, repo_id=where, base_model_id=str(base))
+    return build_collection_card(data, repo_id=where, base_model_id=str(base), base_model_note=base_model_note)

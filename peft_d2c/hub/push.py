@@ -120,11 +120,19 @@ def _stale_files(api, repo_id: str, new_paths: set[str]) -> list[str]:
 
 
 def _commit_folder(
-    api, repo_id: str, folder: str, *, private: bool, message: str, description: str, allow_public: bool = False
+    api,
+    repo_id: str,
+    folder: str,
+    *,
+    private: bool | None,
+    message: str,
+    description: str,
+    allow_public: bool = False,
 ):
     """Create `repo_id` if needed and commit the whole `folder` in ONE commit (deleting the files of an earlier
     D2C result that the new one no longer has); delete the repo again if this call created it and the commit failed.
-    Returns (commit info, created, deleted files)."""
+    `private=None` leaves a new repo's visibility to the namespace's default on the Hub. Returns (commit info,
+    created, deleted files)."""
 
     created = False
     try:
@@ -170,7 +178,7 @@ def push_d2c_folder(
     repo_id: str,
     *,
     base_model_id: str | None = None,
-    private: bool = False,
+    private: bool | None = None,
     token: str | bool | None = None,
     commit_message: str | None = None,
     layout: str = "subfolders",
@@ -197,7 +205,9 @@ def push_d2c_folder(
         folder (`str` or `os.PathLike`): The saved result folder.
         repo_id (`str`): Target repo (`"owner/name"`), or the prefix of the cluster repos for `layout="repos"`.
         base_model_id (`str`, *optional*): Hub id of the base model; required when the result recorded a local path.
-        private (`bool`, defaults to `False`): Create new repos as private.
+        private (`bool`, *optional*): Visibility of the repos this push creates: `True` private, `False` public,
+            `None` (default) the default of the user or organisation on the Hub (public unless it is set to private),
+            as `huggingface_hub.HfApi.create_repo` does. Existing repos keep their visibility.
         token (`str` or `bool`, *optional*): Hub token with write access.
         commit_message (`str`, *optional*): Defaults to `"Upload D2C merged adapters"`.
         layout (`str`, defaults to `"subfolders"`): `"subfolders"` or `"repos"`.
