@@ -5,14 +5,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import warnings
-from collections.abc import Collection
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 
 from .errors import D2CWarning
 from .io import atomic_write_json
+from .names import check_adapter_name
 from .sizes import is_bytes_budget, parse_size
 
 CONFIG_NAME = "d2c_config.json"
@@ -47,52 +46,10 @@ SVD_TYPES = ("svd", "ties_svd", "dare_linear_svd", "dare_ties_svd", "magnitude_p
 # Combination types that draw random masks (DARE) from torch's generator.
 RANDOM_TYPES = ("dare_ties", "dare_linear", "dare_ties_svd", "dare_linear_svd")
 
-# The one rule for the names of adapters peft-d2c creates: PEFT breaks on '.', and keys of `nn.ModuleDict` must be
-# identifiers that do not shadow module attributes.
 # T when `num_iterations` is None, per `search`: a `"partition"` step scores every task of the two clusters it
 # changes (2N/K tasks), a `"paper"` step only the moved task, so 30 partition steps cost 1.07x and 2.09x the
 # forward passes of the paper's 100 steps at K = 4 and 2 on the embedded default (10 seeds, docs/benchmark.md).
 DEFAULT_STEPS = {"paper": 100, "partition": 30}
-ADAPTER_NAME_PATTERN = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
-
-
-def check_adapter_name(
-    name: Any, *, taken: Collection[str] = (), reserved: Collection[str] = (), argument: str = "Adapter name"
-) -> None:
-    """Refuse an adapter name peft-d2c must not create: the one validator of adapter names.
-
-    Args:
-        name (`str`): The proposed name.
-        taken (`Collection[str]`, *optional*): Names already in use (loaded adapters).
-        reserved (`Collection[str]`, *optional*): Names that clash with model attributes (see
-            `peft_d2c.engine.lora.reserved_adapter_names`).
-        argument (`str`, *optional*): How the name is called in the error message.
-
-    Raises:
-        ValueError: If the name does not start with a letter and hold only letters, digits, '_' and '-', is taken,
-            or is reserved.
-
-    Example:
-        ```python
-        >>> check_adapter_name("d2c_0", taken={"capital"})
-        >>> check_adapter_name("d2c.0")
-        Traceback (most recent call last):
-        ...
-        ValueError: Adapter name 'd2c.0' must start with a letter and hold only letters, digits, '_' and '-' (PEFT breaks on '.').
-        ```
-    """
-    if not isinstance(name, str) or not ADAPTER_NAME_PATTERN.match(name):
-        raise ValueError(
-            f"{argument} {name!r} must start with a letter and hold only letters, digits, '_' and '-' "
-            "(PEFT breaks on '.')."
-        )
-    if name in taken:
-        raise ValueError(
-            f"{argument} {name!r} already exists (in the model, or earlier in the same call); names must be unique: "
-            "choose another name (for merged adapters, another `merged_adapter_prefix`) or delete the adapter first."
-        )
-    if name in reserved:
-        raise ValueError(f"{argument} {name!r} clashes with a model attribute; choose another name.")
 
 
 def _check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:

@@ -19,7 +19,7 @@ PACKAGE_DIR = Path(__file__).resolve().parents[1] / "peft_d2c"
 
 # Stages from the bottom up: a module may import its own stage and lower ones, never a higher one.
 STAGES = [
-    ("peft_d2c.errors", "peft_d2c.io", "peft_d2c.sizes", "peft_d2c.version"),
+    ("peft_d2c.errors", "peft_d2c.io", "peft_d2c.names", "peft_d2c.sizes", "peft_d2c.version"),
     ("peft_d2c.config",),
     ("peft_d2c.data",),
     ("peft_d2c.engine",),
@@ -214,7 +214,7 @@ class TestOneDefinitionEach:
             ("check_token_ids", "peft_d2c.engine.tokenization"),
             ("check_base_models", "peft_d2c.engine.lora"),
             ("ModelState", "peft_d2c.engine.state"),
-            ("check_adapter_name", "peft_d2c.config"),
+            ("check_adapter_name", "peft_d2c.names"),
             ("merged_rank", "peft_d2c.engine.budget"),
             ("SVD_TYPES", "peft_d2c.config"),
             ("COMBINATION_TYPES", "peft_d2c.config"),
@@ -228,10 +228,10 @@ class TestOneDefinitionEach:
         assert definitions(concept) == [module]
 
     def test_one_adapter_name_rule(self):
-        """The name rule (a letter, then letters, digits, '_' or '-') is written once, in `config`."""
+        """The name rule (a letter, then letters, digits, '_' or '-') is written once, in `names`."""
         pattern = re.compile(r"\[A-Za-z\]\[A-Za-z0-9_-\]\*")
         holders = [m for m, p in MODULES.items() if pattern.search(p.read_text())]
-        assert holders == ["peft_d2c.config"]
+        assert holders == ["peft_d2c.names"]
 
     def test_no_other_snapshot_of_requires_grad(self):
         """Only the model-state guard records `requires_grad` flags to give them back."""

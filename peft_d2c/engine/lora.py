@@ -19,8 +19,9 @@ from peft import PeftModel
 from peft.tuners.lora import LoraLayer, LoraModel
 from peft.utils import PeftType
 
-from ..config import EQUAL_RANK_TYPES, SVD_TYPES, UPDATE_TYPES, check_adapter_name
+from ..config import EQUAL_RANK_TYPES, SVD_TYPES, UPDATE_TYPES
 from ..errors import D2CWarning, UnsupportedAdapterError
+from ..names import check_adapter_name
 
 logger = logging.getLogger(__name__)
 
@@ -163,7 +164,7 @@ def reserved_adapter_names(peft_model: torch.nn.Module) -> set[str]:
 
 
 def check_new_adapter_name(peft_model: PeftModel, name: str) -> None:
-    """Refuse a name for a new adapter that PEFT would mishandle, before any merge (`config.check_adapter_name`
+    """Refuse a name for a new adapter that PEFT would mishandle, before any merge (`names.check_adapter_name`
     with this model's loaded adapters and reserved attribute names).
 
     A `.` breaks `add_weighted_adapter` half-way, an existing name makes it silently do nothing, and a name that is

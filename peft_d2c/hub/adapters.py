@@ -20,9 +20,9 @@ from peft import PeftModel
 from peft.tuners.tuners_utils import check_target_module_exists
 from safetensors import safe_open
 
-from ..config import check_adapter_name
 from ..engine.lora import EXACT_IN_UPDATE_SPACE, UNMERGEABLE_FLAGS, reserved_adapter_names
 from ..errors import D2CWarning, UnsupportedAdapterError
+from ..names import check_adapter_name
 
 __all__ = ["AdapterSource", "load_adapters"]
 
