@@ -50,6 +50,9 @@ RANDOM_TYPES = ("dare_ties", "dare_linear", "dare_ties_svd", "dare_linear_svd")
 # changes (2N/K tasks), a `"paper"` step only the moved task, so 30 partition steps cost 1.07x and 2.09x the
 # forward passes of the paper's 100 steps at K = 4 and 2 on the embedded default (10 seeds, docs/benchmark.md).
 DEFAULT_STEPS = {"paper": 100, "partition": 30}
+# T when `num_iterations` is None and `proposal="sweep"`: this many rounds of N proposals, so every adapter is
+# proposed twice at any N.
+SWEEP_ROUNDS = 2
 
 
 def _check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
@@ -78,7 +81,8 @@ class D2CMergeConfig:
             Starting partition for `method="d2c"`: a balanced `"random"` partition, `"kmeans"` or `"kmeans_svd"`.
         num_iterations (`int`, *optional*):
             T, the number of proposed moves. `None` takes `DEFAULT_STEPS[search]`: 100 for `"paper"` (the paper's T)
-            and 30 for `"partition"`, whose steps each score every task of two clusters (see `search_steps`).
+            and 30 for `"partition"`, whose steps each score every task of two clusters; with `proposal="sweep"`
+            `SWEEP_ROUNDS` x N (see `search_steps_for`). A result's config holds the T that ran.
         patience (`int`, *optional*):
             Stop early after this many proposals in a row were rejected. `None` runs all `num_iterations`.
         examples_per_task (`int`, defaults to 10):
@@ -115,6 +119,10 @@ class D2CMergeConfig:
             changes, so the total few-shot loss never rises; 10 seeds in docs/benchmark.md) or `"paper"`
             (Algorithm 1: the moved task's loss; with `restarts=1`, `final_pass=False` and T = 100 the paper's
             algorithm exactly).
+        proposal (`str`, defaults to `"random"`):
+            Which move a step proposes (`peft_d2c.engine.proposals`): `"random"` (the paper's uniform draws) or
+            `"sweep"` (every adapter in turn, in rounds of a fresh random order, moved or swapped with a member of
+            a random other cluster; `search="partition"` only).
         restarts (`int`, defaults to 1):
             R starts (the `init` partition, then `kmeans_svd`, then random), T split between them; the partition with
             the lowest total few-shot loss is kept.
@@ -184,6 +192,9 @@ class D2CMergeConfig:
         default=1, metadata={"help": "Candidate moves scored per step; 1 = the paper's Algorithm 1."}
     )
     search: Literal["paper", "partition"] = field(default="partition", metadata={"help": "Move acceptance rule."})
+    proposal: Literal["random", "sweep"] = field(
+        default="random", metadata={"help": "Proposed moves: random (the paper's), or sweep (every adapter in turn)."}
+    )
     restarts: int = field(default=1, metadata={"help": "Start partitions searched; the lowest total loss is kept."})
     final_pass: bool = field(
         default=False, metadata={"help": "Finish with improving single moves until none is left."}
@@ -237,6 +248,9 @@ class D2CMergeConfig:
         _check_int("merge_cache_size", self.merge_cache_size, minimum=2)
         _check_int("proposals_per_step", self.proposals_per_step, minimum=1)
         _check_choice("search", self.search, ("paper", "partition"))
+        _check_choice("proposal", self.proposal, ("random", "sweep"))
+        if self.proposal == "sweep" and self.search != "partition":
+            raise ValueError("`proposal='sweep'` swaps tasks, which only `search='partition'` can judge.")
         _check_int("restarts", self.restarts, minimum=1)
         _check_choice("final_pass", self.final_pass, (True, False))
         _check_int("checkpoint_every", self.checkpoint_every, minimum=1)
@@ -258,8 +272,15 @@ class D2CMergeConfig:
 
     @property
     def search_steps(self) -> int:
-        """T of the search: `num_iterations`, or `DEFAULT_STEPS[search]` when it is None."""
+        """T of the search when it does not depend on N: `num_iterations`, or `DEFAULT_STEPS[search]` when None."""
         return DEFAULT_STEPS[self.search] if self.num_iterations is None else self.num_iterations
+
+    def search_steps_for(self, num_adapters: int) -> int:
+        """T of a search over `num_adapters` adapters: `num_iterations` if set, else `SWEEP_ROUNDS` x N with
+        `proposal="sweep"`, else `DEFAULT_STEPS[search]`."""
+        if self.num_iterations is None and self.proposal == "sweep":
+            return SWEEP_ROUNDS * num_adapters
+        return self.search_steps
 
     def resolve_num_clusters(self, num_adapters: int) -> int:
         """Number of clusters K for `num_adapters` source adapters.

@@ -7,6 +7,7 @@ above every stage it calls: `config`, `data`, `engine` and `result`.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -141,6 +142,8 @@ def merge_adapters_d2c(
     examples = normalize_task_examples(task_examples)
     names = resolve_adapter_names(peft_model, examples, adapter_names)
     examples = {name: examples[name][: config.examples_per_task] for name in names}
+    # The T that runs, resolved once for these N adapters: the result, its card and a checkpoint all record it.
+    config = dataclasses.replace(config, num_iterations=config.search_steps_for(len(names)))
     num_clusters = resolve_num_clusters(peft_model, names, config)
     check_source_adapters(peft_model, names, config.combination_type)
     check_base_models(peft_model, names, allow_mixed=config.allow_mixed_base_models)
@@ -279,7 +282,12 @@ def _run_search(
                 checkpointer.save(current)
 
         exact_paper = config.search == "paper" and config.restarts == 1 and not config.final_pass
-        options = {"patience": config.patience, "proposals_per_step": config.proposals_per_step, "on_step": on_step}
+        options = {
+            "patience": config.patience,
+            "proposals_per_step": config.proposals_per_step,
+            "proposal": config.proposal,
+            "on_step": on_step,
+        }
         if exact_paper:  # Algorithm 1, the draws and decisions of `benchmarks/reference_d2c.py`
             state = d2c_search(state.clusters, scorer, rng, num_iterations=config.search_steps, state=state, **options)
         else:

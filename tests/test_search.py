@@ -32,15 +32,17 @@ def group_score(requests):
 
 class TestPurity:
     def test_search_module_imports_without_torch(self):
-        """search.py must run where torch is absent: load it by path in a fresh interpreter and check sys.modules."""
-        path = Path(__file__).parents[1] / "peft_d2c" / "engine" / "search.py"
+        """search.py (and proposals.py, which it imports) must run where torch is absent: load them by path, as a
+        bare package that runs no `__init__`, in a fresh interpreter and check sys.modules."""
+        folder = Path(__file__).parents[1] / "peft_d2c" / "engine"
         code = (
-            "import importlib.util, sys\n"
-            f"spec = importlib.util.spec_from_file_location('search', {str(path)!r})\n"
-            "module = sys.modules['search'] = importlib.util.module_from_spec(spec)\n"
-            "spec.loader.exec_module(module)\n"
+            "import importlib, sys, types\n"
+            "package = sys.modules['pure'] = types.ModuleType('pure')\n"
+            f"package.__path__ = [{str(folder)!r}]\n"
+            "module = importlib.import_module('pure.search')\n"
             "state = module.d2c_search([['a', 'b'], ['c']], lambda r: [0.0] * len(r), __import__('numpy').random.default_rng(0), num_iterations=3)\n"
             "assert len(state.history) == 3\n"
+            "assert sorted(m for m in sys.modules if m.startswith('pure.')) == ['pure.proposals', 'pure.search']\n"
             "assert 'torch' not in sys.modules and 'peft' not in sys.modules, sorted(sys.modules)\n"
             "print('pure')\n"
         )

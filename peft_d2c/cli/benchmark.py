@@ -26,6 +26,7 @@ _VARIANT_KEYS = {
     "patience": int,
     "num_iterations": int,
     "init": str,
+    "proposal": str,
 }
 
 
@@ -75,7 +76,7 @@ def add_benchmark_arguments(parser: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         help="Extra D2C method 'name: key=value ...' (keys: search restarts final_pass proposals_per_step patience "
-        "num_iterations init), from the paper's settings; repeatable.",
+        "num_iterations init proposal), from the paper's settings; repeatable.",
     )
     parser.add_argument(
         "--combination-type",

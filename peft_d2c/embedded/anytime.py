@@ -48,6 +48,9 @@ def anytime_curve(result: D2CResult, total_of: Callable[[list[list[str]]], float
         if record["accepted"]:
             clusters[record["source"]].remove(record["task"])
             clusters[record["target"]] = sorted([*clusters[record["target"]], record["task"]])
+            if "swapped" in record:  # a swap: that member of the target went to the source
+                clusters[record["target"]].remove(record["swapped"])
+                clusters[record["source"]] = sorted([*clusters[record["source"]], record["swapped"]])
         if "total_loss" in record:
             current = record["total_loss"]
         elif index % every == every - 1 or index == len(history) - 1:

@@ -21,7 +21,14 @@ from ..evaluation.plots import plot_anytime, plot_loss_heatmap, plot_score_vs_st
 REFERENCE_METHODS = ["zero-shot", "single-task LoRAs"]
 BASELINES = ["random", "kmeans", "kmeans_svd"]
 # The settings of a D2C search that `--search`, `--restarts`, ... set, with the exact paper mode's values.
-PAPER_SEARCH = {"search": "paper", "restarts": 1, "final_pass": False, "proposals_per_step": 1, "patience": None}
+PAPER_SEARCH = {
+    "search": "paper",
+    "restarts": 1,
+    "final_pass": False,
+    "proposals_per_step": 1,
+    "patience": None,
+    "proposal": "random",
+}
 # Two-sided 95% quantiles of Student's t for 1..30 degrees of freedom (then the normal 1.96).
 _T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131]
 _T975 += [2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042]

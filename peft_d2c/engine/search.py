@@ -24,6 +24,8 @@ from typing import Any
 
 import numpy as np
 
+from .proposals import PROPOSALS, Move, apply_move, draw_random_move, draw_sweep_move
+
 Members = tuple[str, ...]
 # Scores a batch of (cluster members, task) requests at once; lower is better. Batching lets the caller evaluate the
 # two merges of one proposal in a single forward pass.
@@ -95,6 +97,8 @@ class SearchState:
     restart: int = 0
     phase: str = "search"
     finished: list[dict[str, Any]] = field(default_factory=list)
+    # The adapters of the current `proposal="sweep"` round not proposed yet (see `peft_d2c.engine.proposals`).
+    queue: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable copy (used by checkpoints)."""
@@ -106,6 +110,7 @@ class SearchState:
             "restart": self.restart,
             "phase": self.phase,
             "finished": [dict(f) for f in self.finished],
+            "queue": list(self.queue),
         }
 
     @classmethod
@@ -119,6 +124,7 @@ class SearchState:
             restart=int(data.get("restart", 0)),
             phase=str(data.get("phase", "search")),
             finished=[dict(f) for f in data.get("finished", [])],
+            queue=[str(m) for m in data.get("queue", [])],
         )
 
 
@@ -133,6 +139,7 @@ def d2c_search(
     on_step: Callable[[SearchState], None] | None = None,
     proposals_per_step: int = 1,
     objective: str = "task",
+    proposal: str = "random",
 ) -> SearchState:
     """Run Algorithm 1: propose moving one adapter between clusters, keep the move if its task's loss drops.
 
@@ -165,16 +172,20 @@ def d2c_search(
             cluster's merge) with the summed losses of every task of c - t and c' + t after it: the change of the
             total few-shot loss of the partition, which an accepted move therefore always lowers. Its records
             also carry `total_loss`, the total over all tasks after the step.
+        proposal (`str`, defaults to `"random"`):
+            `"random"` (the paper's draws) or `"sweep"` (every adapter in turn, moves and swaps; only with
+            `objective="partition"`), see `peft_d2c.engine.proposals`.
 
     Returns:
         `SearchState`: the final partition (cluster order kept from the start) and one history record per step
         with keys `iteration, task, source, target, loss_before, loss_after, accepted` (for p > 1, the best
         candidate's, plus `candidates` = p and `improving` = how many candidates lowered their loss; with
-        `objective="partition"` the losses are the sums over the two clusters' tasks, plus `total_loss`).
+        `objective="partition"` the losses are the sums over the two clusters' tasks, plus `total_loss`; a swap's
+        record also has `swapped`, the member of the target that went to the source).
 
     Raises:
-        ValueError: If a cluster is empty, an adapter appears twice, `proposals_per_step` < 1 or `objective` is
-            unknown.
+        ValueError: If a cluster is empty, an adapter appears twice, `proposals_per_step` < 1, `objective` or
+            `proposal` is unknown, or `proposal="sweep"` is asked with `objective="task"`.
 
     Example:
         ```python
@@ -191,6 +202,10 @@ def d2c_search(
         raise ValueError(f"`proposals_per_step` must be an int >= 1, got {proposals_per_step!r}.")
     if objective not in OBJECTIVES:
         raise ValueError(f"`objective` must be one of {list(OBJECTIVES)}, got {objective!r}.")
+    if proposal not in PROPOSALS:
+        raise ValueError(f"`proposal` must be one of {list(PROPOSALS)}, got {proposal!r}.")
+    if proposal == "sweep" and objective != "partition":
+        raise ValueError("`proposal='sweep'` swaps tasks, which only the partition objective can judge.")
     if state is None:
         state = SearchState(clusters=[sorted(c) for c in clusters])
     _check_partition(state.clusters)
@@ -198,13 +213,18 @@ def d2c_search(
     if num_clusters < 2 or all(len(c) == 1 for c in state.clusters):
         return state  # K = 1 or K = N: a single possible partition, nothing to search.
 
+    def draw() -> Move:
+        if proposal == "sweep":
+            return draw_sweep_move(state.clusters, rng, state.queue)
+        return draw_random_move(state.clusters, rng)
+
     current: dict[str, float] = {}
     while state.iteration < num_iterations:
         if patience is not None and state.rejections_in_a_row >= patience:
             break
         # Draw every candidate before scoring any: the draws then never depend on the scores, so a distributed
         # caller can split the batch freely and every process keeps the same random stream.
-        candidates = [_draw_move(state.clusters, rng) for _ in range(proposals_per_step)]
+        candidates = [draw() for _ in range(proposals_per_step)]
         if objective == "task":
             groups = [_task_requests(state.clusters, move) for move in candidates]
         else:
@@ -228,12 +248,12 @@ def d2c_search(
         for index in range(1, len(candidates)):
             if sums[index][0] - sums[index][1] > sums[best][0] - sums[best][1]:
                 best = index
-        source, target, task = candidates[best]
+        move = candidates[best]
+        source, target, task = move.source, move.target, move.task
         loss_before, loss_after = sums[best]
         accepted = loss_after < loss_before
         if accepted:
-            state.clusters[source] = [m for m in state.clusters[source] if m != task]
-            state.clusters[target] = sorted([*state.clusters[target], task])
+            state.clusters[source], state.clusters[target] = map(list, apply_move(state.clusters, move))
             state.rejections_in_a_row = 0
             if objective == "partition":
                 current.update(partition_losses([state.clusters[source], state.clusters[target]], score_fn))
@@ -248,6 +268,8 @@ def d2c_search(
             "loss_after": loss_after,
             "accepted": accepted,
         }
+        if move.swapped is not None:
+            record["swapped"] = move.swapped
         if proposals_per_step > 1:
             record["candidates"] = proposals_per_step
             record["improving"] = sum(after < before for before, after in sums)
@@ -271,30 +293,19 @@ def total_loss(losses: dict[str, float]) -> float:
     return sum(losses[task] for task in sorted(losses))
 
 
-def _task_requests(clusters: Sequence[Sequence[str]], move: tuple[int, int, str]):
+def _task_requests(clusters: Sequence[Sequence[str]], move: Move):
     """The paper's two requests for a move: task t under merge(c), and under merge(c' + t)."""
-    source, target, task = move
-    return [(tuple(clusters[source]), task)], [(tuple(sorted([*clusters[target], task])), task)]
+    return [(tuple(clusters[move.source]), move.task)], [
+        (tuple(sorted([*clusters[move.target], move.task])), move.task)
+    ]
 
 
-def _partition_requests(clusters: Sequence[Sequence[str]], move: tuple[int, int, str]):
-    """Every task of c and c' under their merges now, and every task of c - t and c' + t under theirs after."""
-    source, target, task = move
-    before = [(tuple(sorted(clusters[i])), m) for i in (source, target) for m in sorted(clusters[i])]
-    shrunk = tuple(sorted(m for m in clusters[source] if m != task))
-    grown = tuple(sorted([*clusters[target], task]))
+def _partition_requests(clusters: Sequence[Sequence[str]], move: Move):
+    """Every task of c and c' under their merges now, and every task of both clusters under theirs after the move
+    (c - t and c' + t, or for a swap with u: c - t + u and c' - u + t)."""
+    before = [(tuple(sorted(clusters[i])), m) for i in (move.source, move.target) for m in sorted(clusters[i])]
+    shrunk, grown = apply_move(clusters, move)
     return before, [(shrunk, m) for m in shrunk] + [(grown, m) for m in grown]
-
-
-def _draw_move(clusters: Sequence[Sequence[str]], rng: np.random.Generator) -> tuple[int, int, str]:
-    """One proposal of Algorithm 1: (source cluster with >= 2 members, another target cluster, a task of source)."""
-    eligible = [i for i, c in enumerate(clusters) if len(c) >= 2]
-    source = int(eligible[rng.integers(len(eligible))])
-    others = [i for i in range(len(clusters)) if i != source]
-    target = int(others[rng.integers(len(others))])
-    members = clusters[source]
-    task = members[int(rng.integers(len(members)))]
-    return source, target, task
 
 
 def _check_k(num_items: int, num_clusters: int) -> None:

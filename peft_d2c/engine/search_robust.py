@@ -50,6 +50,7 @@ def robust_search(
     final_pass: bool = True,
     patience: int | None = None,
     proposals_per_step: int = 1,
+    proposal: str = "random",
     state: SearchState | None = None,
     on_step: Callable[[SearchState], None] | None = None,
 ) -> SearchState:
@@ -66,6 +67,7 @@ def robust_search(
         final_pass (`bool`, defaults to `True`): Polish the kept partition with single moves (see the module).
         patience (`int`, *optional*): Per start, stop its steps after this many rejections in a row.
         proposals_per_step (`int`, defaults to 1): As for `d2c_search`.
+        proposal (`str`, defaults to `"random"`): As for `d2c_search`; each start begins a fresh round.
         state (`SearchState`, *optional*): A checkpointed state to continue (the caller restores `rng`).
         on_step (`Callable[[SearchState], None]`, *optional*): Called after every step and every final-pass move.
 
@@ -112,6 +114,7 @@ def robust_search(
                 on_step=_tagging(on_step, index, len(starts)),
                 proposals_per_step=proposals_per_step,
                 objective=objective,
+                proposal=proposal,
             )
             total = total_loss(partition_losses(state.clusters, score_fn))
             state.finished.append(
@@ -127,6 +130,7 @@ def robust_search(
                 state.clusters = [sorted(c) for c in starts[index + 1]]
                 state.iteration = ends[index]
                 state.rejections_in_a_row = 0
+                state.queue = []
                 continue
             best = min(range(len(state.finished)), key=lambda i: (state.finished[i]["total_loss"], i))
             state.clusters = [list(c) for c in state.finished[best]["clusters"]]

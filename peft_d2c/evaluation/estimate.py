@@ -68,7 +68,7 @@ def estimate_run(peft_model, task_examples, config, *, tokenizer, probe_evaluati
             merger.cleanup()
         finally:  # the model gets its state back even if removing a temporary adapter fails
             snapshot.restore(peft_model)
-    steps = config.search_steps if config.method == "d2c" and 1 < k < len(names) else 0
+    steps = config.search_steps_for(len(names)) if config.method == "d2c" and 1 < k < len(names) else 0
     evaluations = 2 * steps * config.proposals_per_step + len(names)
     return {
         "num_adapters": len(names),

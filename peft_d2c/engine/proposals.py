@@ -1,0 +1,82 @@
+"""Where the D2C search looks next: the paper's random moves, or rounds that propose every adapter in turn.
+
+Pure (numpy only), like `peft_d2c.engine.search`. A proposal is a `Move`: `task` leaves cluster `source` for
+cluster `target`; with `swapped` set, that member of `target` goes the other way. A swap keeps both cluster sizes,
+and it is the only change that can take the sole member of a cluster elsewhere, which a single move never may.
+
+- `"random"` (the paper's Algorithm 1): a source cluster with at least two members, another target cluster and a
+  task of the source, all uniformly. With N adapters and T steps an adapter is proposed about T/N times, and some
+  never are when T is small against N.
+- `"sweep"`: the adapters are proposed in rounds, each round a fresh random order of all N, so after r rounds every
+  adapter has been proposed exactly r times whatever N is. The target is a uniformly drawn other cluster; the
+  change is a move or a swap with a uniformly drawn member of the target, half and half (always a swap when the
+  task is alone in its cluster). Swaps are the way out of a partition where no single move lowers the loss but
+  two tasks would each be better in the other's cluster.
+
+Every draw is made before any score is known, so processes that share the generator draw the same proposals.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+PROPOSALS = ("random", "sweep")
+# Share of the "sweep" proposals that are swaps when a plain move is also possible.
+SWAP_SHARE = 0.5
+
+
+@dataclass(frozen=True)
+class Move:
+    """`task` goes from cluster `source` to cluster `target`; `swapped` (a member of `target`) goes the other way."""
+
+    source: int
+    target: int
+    task: str
+    swapped: str | None = None
+
+
+def draw_random_move(clusters: Sequence[Sequence[str]], rng: np.random.Generator) -> Move:
+    """One proposal of Algorithm 1: a source cluster with >= 2 members, another target cluster, a task of source."""
+    eligible = [i for i, c in enumerate(clusters) if len(c) >= 2]
+    source = int(eligible[rng.integers(len(eligible))])
+    others = [i for i in range(len(clusters)) if i != source]
+    target = int(others[rng.integers(len(others))])
+    members = clusters[source]
+    return Move(source, target, members[int(rng.integers(len(members)))])
+
+
+def draw_sweep_move(clusters: Sequence[Sequence[str]], rng: np.random.Generator, queue: list[str]) -> Move:
+    """The next adapter of the current round, moved or swapped into a random other cluster.
+
+    Args:
+        clusters (`Sequence[Sequence[str]]`): The current partition (at least two clusters).
+        rng (`np.random.Generator`): Draws the round orders, targets and swap partners.
+        queue (`list[str]`): The adapters of the round not proposed yet, consumed in place; when it is empty a new
+            round (a permutation of every adapter, in name order first) fills it. Saved with the search state.
+
+    Returns:
+        `Move`: the proposal (with `swapped` set for a swap).
+    """
+    if not queue:
+        names = sorted(m for c in clusters for m in c)
+        queue.extend(names[int(i)] for i in rng.permutation(len(names)))
+    task = queue.pop(0)
+    source = next(i for i, c in enumerate(clusters) if task in c)
+    others = [i for i in range(len(clusters)) if i != source]
+    target = int(others[rng.integers(len(others))])
+    if len(clusters[source]) >= 2 and rng.random() >= SWAP_SHARE:
+        return Move(source, target, task)
+    members = clusters[target]
+    return Move(source, target, task, members[int(rng.integers(len(members)))])
+
+
+def apply_move(clusters: Sequence[Sequence[str]], move: Move) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The members of `move.source` and `move.target` after the move (sorted); the other clusters do not change."""
+    source = [m for m in clusters[move.source] if m != move.task]
+    target = [m for m in clusters[move.target] if m != move.swapped]
+    if move.swapped is not None:
+        source.append(move.swapped)
+    return tuple(sorted(source)), tuple(sorted([*target, move.task]))
