@@ -50,7 +50,7 @@ RANDOM_TYPES = ("dare_ties", "dare_linear", "dare_ties_svd", "dare_linear_svd")
 # changes (2N/K tasks), a `"paper"` step only the moved task, so 30 partition steps cost 1.07x and 2.09x the
 # forward passes of the paper's 100 steps at K = 4 and 2 on the embedded default (10 seeds, docs/benchmark.md).
 DEFAULT_STEPS = {"paper": 100, "partition": 30}
-# T when `num_iterations` is None and `proposal="sweep"`: this many rounds of N proposals, so every adapter is
+# T when `num_iterations` is None and `proposal` is "sweep" or "targeted": this many rounds of N proposals, so every adapter is
 # proposed twice at any N.
 SWEEP_ROUNDS = 2
 
@@ -81,7 +81,8 @@ class D2CMergeConfig:
             Starting partition for `method="d2c"`: a balanced `"random"` partition, `"kmeans"` or `"kmeans_svd"`.
         num_iterations (`int`, *optional*):
             T, the number of proposed moves. `None` takes `DEFAULT_STEPS[search]`: 100 for `"paper"` (the paper's T)
-            and 30 for `"partition"`, whose steps each score every task of two clusters; with `proposal="sweep"`
+            and 30 for `"partition"`, whose steps each score every task of two clusters; with `proposal="sweep"` or
+            `"targeted"`
             `SWEEP_ROUNDS` x N (see `search_steps_for`). A result's config holds the T that ran.
         patience (`int`, *optional*):
             Stop early after this many proposals in a row were rejected. `None` runs all `num_iterations`.
@@ -122,7 +123,8 @@ class D2CMergeConfig:
         proposal (`str`, defaults to `"random"`):
             Which move a step proposes (`peft_d2c.engine.proposals`): `"random"` (the paper's uniform draws) or
             `"sweep"` (every adapter in turn, in rounds of a fresh random order, moved or swapped with a member of
-            a random other cluster; `search="partition"` only).
+            a random other cluster) or `"targeted"` (as sweep, into the other cluster whose merge gives the task its
+            lowest loss); both `search="partition"` only.
         restarts (`int`, defaults to 1):
             R starts (the `init` partition, then `kmeans_svd`, then random), T split between them; the partition with
             the lowest total few-shot loss is kept.
@@ -192,8 +194,8 @@ class D2CMergeConfig:
         default=1, metadata={"help": "Candidate moves scored per step; 1 = the paper's Algorithm 1."}
     )
     search: Literal["paper", "partition"] = field(default="partition", metadata={"help": "Move acceptance rule."})
-    proposal: Literal["random", "sweep"] = field(
-        default="random", metadata={"help": "Proposed moves: random (the paper's), or sweep (every adapter in turn)."}
+    proposal: Literal["random", "sweep", "targeted"] = field(
+        default="random", metadata={"help": "Proposed moves: random (the paper's), sweep or targeted (every adapter)."}
     )
     restarts: int = field(default=1, metadata={"help": "Start partitions searched; the lowest total loss is kept."})
     final_pass: bool = field(
@@ -248,9 +250,9 @@ class D2CMergeConfig:
         _check_int("merge_cache_size", self.merge_cache_size, minimum=2)
         _check_int("proposals_per_step", self.proposals_per_step, minimum=1)
         _check_choice("search", self.search, ("paper", "partition"))
-        _check_choice("proposal", self.proposal, ("random", "sweep"))
-        if self.proposal == "sweep" and self.search != "partition":
-            raise ValueError("`proposal='sweep'` swaps tasks, which only `search='partition'` can judge.")
+        _check_choice("proposal", self.proposal, ("random", "sweep", "targeted"))
+        if self.proposal != "random" and self.search != "partition":
+            raise ValueError(f"`proposal={self.proposal!r}` swaps tasks, which only `search='partition'` can judge.")
         _check_int("restarts", self.restarts, minimum=1)
         _check_choice("final_pass", self.final_pass, (True, False))
         _check_int("checkpoint_every", self.checkpoint_every, minimum=1)
@@ -277,8 +279,8 @@ class D2CMergeConfig:
 
     def search_steps_for(self, num_adapters: int) -> int:
         """T of a search over `num_adapters` adapters: `num_iterations` if set, else `SWEEP_ROUNDS` x N with
-        `proposal="sweep"`, else `DEFAULT_STEPS[search]`."""
-        if self.num_iterations is None and self.proposal == "sweep":
+        `proposal="sweep"` or `"targeted"`, else `DEFAULT_STEPS[search]`."""
+        if self.num_iterations is None and self.proposal != "random":
             return SWEEP_ROUNDS * num_adapters
         return self.search_steps
 

@@ -97,7 +97,7 @@ def run_one(num_adapters: int, proposal: str, seed: int, root: str, noise: float
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[16, 64, 256], help="Values of N (multiples of 8).")
-    parser.add_argument("--proposals", nargs="+", default=["sweep", "random"], choices=["sweep", "random"])
+    parser.add_argument("--proposals", nargs="+", default=["sweep", "random"], choices=["sweep", "targeted", "random"])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--init", default="random", choices=["random", "kmeans", "kmeans_svd"], help="Start partition."

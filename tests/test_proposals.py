@@ -154,12 +154,45 @@ class TestSweepSearch:
             assert sorted(tasks) == ["a1", "a2", "b1", "b2"]
 
 
+class TestTargeted:
+    def test_the_target_is_the_cluster_that_fits_the_task_best(self):
+        """Every record's target is the other cluster under whose members (rebuilt from the records so far) the
+        task's loss is lowest, recomputed here from the toy score; the partition still only improves."""
+        names = [f"{g}{i}" for g in "abcd" for i in range(4)]
+        rng = np.random.default_rng(1)
+        order = rng.permutation(len(names))
+        start = [sorted(names[j] for j in order[i::4]) for i in range(4)]
+        state = d2c_search(start, mismatch, rng, num_iterations=32, objective="partition", proposal="targeted")
+        assert collections.Counter(r["task"] for r in state.history) == {n: 2 for n in names}
+        for index, record in enumerate(state.history):
+            clusters = replay(start, state.history[:index])
+            task = record["task"]
+            others = [i for i, c in enumerate(clusters) if task not in c]
+            losses = {i: mismatch([(tuple(clusters[i]), task)])[0] for i in others}
+            best = min(losses.values())
+            assert record["target"] == min(i for i in others if losses[i] == best)
+        assert replay(start, state.history) == [sorted(c) for c in state.clusters]
+
+    @pytest.mark.parametrize("seed", range(5))
+    def test_lower_total_than_uniform_targets_in_the_same_steps(self, seed):
+        names = [f"{g}{i}" for g in "abcdefgh" for i in range(8)]
+        ends = {}
+        for proposal in ("sweep", "targeted"):
+            rng = np.random.default_rng(seed)
+            order = rng.permutation(len(names))
+            start = [sorted(names[j] for j in order[i::8]) for i in range(8)]
+            state = d2c_search(start, mismatch, rng, num_iterations=128, objective="partition", proposal=proposal)
+            ends[proposal] = total(state.clusters, mismatch)
+        assert ends["targeted"] < ends["sweep"] < total(start, mismatch)
+
+
 class TestStepsScaleWithN:
     def test_sweep_t_is_two_rounds_and_an_explicit_t_wins(self):
         config = D2CMergeConfig(num_clusters=2, proposal="sweep")
         assert [config.search_steps_for(n) for n in (16, 64, 256)] == [32, 128, 512]
         assert D2CMergeConfig(num_clusters=2, proposal="sweep", num_iterations=5).search_steps_for(64) == 5
         assert D2CMergeConfig(num_clusters=2).search_steps_for(64) == 30
+        assert D2CMergeConfig(num_clusters=2, proposal="targeted").search_steps_for(64) == 128
 
     def test_the_result_records_the_t_that_ran(self, tiny_assets, tiny_tokenizer, tiny_task_examples, tmp_path):
         from peft_d2c import testing as tiny
@@ -176,4 +209,4 @@ class TestStepsScaleWithN:
         result.save_pretrained(tmp_path / "out")
         assert D2CMergeConfig.from_pretrained(tmp_path / "out").num_iterations == 2 * n
         card = (tmp_path / "out" / "README.md").read_text()
-        assert f"`partition` search, {2 * n} proposed moves (every adapter in turn, moves and swaps)" in card
+        assert f"`partition` search, {2 * n} proposed moves (`sweep`: every adapter in turn, moves and swaps)" in card

@@ -13,17 +13,22 @@ and it is the only change that can take the sole member of a cluster elsewhere, 
   task is alone in its cluster). Swaps are the way out of a partition where no single move lowers the loss but
   two tasks would each be better in the other's cluster.
 
-Every draw is made before any score is known, so processes that share the generator draw the same proposals.
+- `"targeted"`: as `"sweep"`, but the target is the cluster under whose current merge the task's own loss is
+  lowest (one loss per other cluster, scored in one batch; the first such cluster on ties), so the proposals go
+  where the task already fits. It costs K - 1 extra single-task losses per proposal.
+
+Every random draw is made before any score of the step is known; the targeted choice depends only on losses that
+every process holds (gathered), so processes that share the generator draw the same proposals.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
-PROPOSALS = ("random", "sweep")
+PROPOSALS = ("random", "sweep", "targeted")
 # Share of the "sweep" proposals that are swaps when a plain move is also possible.
 SWAP_SHARE = 0.5
 
@@ -60,13 +65,40 @@ def draw_sweep_move(clusters: Sequence[Sequence[str]], rng: np.random.Generator,
     Returns:
         `Move`: the proposal (with `swapped` set for a swap).
     """
+    task, source, others = _next_task(clusters, rng, queue)
+    return _move_or_swap(clusters, rng, source, int(others[rng.integers(len(others))]), task)
+
+
+def draw_targeted_move(
+    clusters: Sequence[Sequence[str]],
+    rng: np.random.Generator,
+    queue: list[str],
+    score_fn: Callable[[Sequence[tuple[tuple[str, ...], str]]], Sequence[float]],
+) -> Move:
+    """As `draw_sweep_move`, but into the other cluster whose current merge gives the task its lowest loss.
+
+    `score_fn` takes `(members, task)` requests as the search's `BatchScoreFn`; it is asked for the task under each
+    other cluster's members (not including the task), in cluster order, in one call.
+    """
+    task, source, others = _next_task(clusters, rng, queue)
+    losses = [float(x) for x in score_fn([(tuple(sorted(clusters[i])), task) for i in others])]
+    target = others[min(range(len(others)), key=lambda j: (losses[j], j))]
+    return _move_or_swap(clusters, rng, source, target, task)
+
+
+def _next_task(clusters: Sequence[Sequence[str]], rng: np.random.Generator, queue: list[str]):
+    """The next task of the round (a new shuffled round when `queue` is empty), its cluster and the other clusters."""
     if not queue:
         names = sorted(m for c in clusters for m in c)
         queue.extend(names[int(i)] for i in rng.permutation(len(names)))
     task = queue.pop(0)
     source = next(i for i, c in enumerate(clusters) if task in c)
-    others = [i for i in range(len(clusters)) if i != source]
-    target = int(others[rng.integers(len(others))])
+    return task, source, [i for i in range(len(clusters)) if i != source]
+
+
+def _move_or_swap(clusters: Sequence[Sequence[str]], rng: np.random.Generator, source: int, target: int, task: str):
+    """A move when the source keeps a member and the coin says so (`1 - SWAP_SHARE`), else a swap with a random
+    member of the target."""
     if len(clusters[source]) >= 2 and rng.random() >= SWAP_SHARE:
         return Move(source, target, task)
     members = clusters[target]

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from .proposals import PROPOSALS, Move, apply_move, draw_random_move, draw_sweep_move
+from .proposals import PROPOSALS, Move, apply_move, draw_random_move, draw_sweep_move, draw_targeted_move
 
 Members = tuple[str, ...]
 # Scores a batch of (cluster members, task) requests at once; lower is better. Batching lets the caller evaluate the
@@ -173,8 +173,9 @@ def d2c_search(
             total few-shot loss of the partition, which an accepted move therefore always lowers. Its records
             also carry `total_loss`, the total over all tasks after the step.
         proposal (`str`, defaults to `"random"`):
-            `"random"` (the paper's draws) or `"sweep"` (every adapter in turn, moves and swaps; only with
-            `objective="partition"`), see `peft_d2c.engine.proposals`.
+            `"random"` (the paper's draws), `"sweep"` (every adapter in turn, moves and swaps) or `"targeted"`
+            (as sweep, into the cluster that gives the task its lowest loss); the last two only with
+            `objective="partition"`. See `peft_d2c.engine.proposals`.
 
     Returns:
         `SearchState`: the final partition (cluster order kept from the start) and one history record per step
@@ -185,7 +186,7 @@ def d2c_search(
 
     Raises:
         ValueError: If a cluster is empty, an adapter appears twice, `proposals_per_step` < 1, `objective` or
-            `proposal` is unknown, or `proposal="sweep"` is asked with `objective="task"`.
+            `proposal` is unknown, or `"sweep"` / `"targeted"` is asked with `objective="task"`.
 
     Example:
         ```python
@@ -204,8 +205,8 @@ def d2c_search(
         raise ValueError(f"`objective` must be one of {list(OBJECTIVES)}, got {objective!r}.")
     if proposal not in PROPOSALS:
         raise ValueError(f"`proposal` must be one of {list(PROPOSALS)}, got {proposal!r}.")
-    if proposal == "sweep" and objective != "partition":
-        raise ValueError("`proposal='sweep'` swaps tasks, which only the partition objective can judge.")
+    if proposal != "random" and objective != "partition":
+        raise ValueError(f"`proposal={proposal!r}` swaps tasks, which only the partition objective can judge.")
     if state is None:
         state = SearchState(clusters=[sorted(c) for c in clusters])
     _check_partition(state.clusters)
@@ -216,6 +217,8 @@ def d2c_search(
     def draw() -> Move:
         if proposal == "sweep":
             return draw_sweep_move(state.clusters, rng, state.queue)
+        if proposal == "targeted":
+            return draw_targeted_move(state.clusters, rng, state.queue, score_fn)
         return draw_random_move(state.clusters, rng)
 
     current: dict[str, float] = {}

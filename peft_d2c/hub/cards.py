@@ -143,7 +143,11 @@ def _method_section(data: dict[str, Any]) -> str:
     lines = [
         f"- **Clustering**: `{result.get('method', config.get('method'))}` "
         f"(start `{config.get('init')}`, `{search}` search, {steps} proposed moves"
-        + (" (every adapter in turn, moves and swaps)" if config.get("proposal") == "sweep" else "")
+        + (
+            f" (`{config.get('proposal')}`: every adapter in turn, moves and swaps)"
+            if config.get("proposal") in ("sweep", "targeted")
+            else ""
+        )
         + ", "
         f"{config.get('examples_per_task')} few-shot examples per task, seed {config.get('seed')}).",
         f"- **Merge**: {_merge_engine(combination)}, `combination_type={combination!r}`"
