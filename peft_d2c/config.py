@@ -50,8 +50,8 @@ RANDOM_TYPES = ("dare_ties", "dare_linear", "dare_ties_svd", "dare_linear_svd")
 # changes (2N/K tasks), a `"paper"` step only the moved task, so 30 partition steps cost 1.07x and 2.09x the
 # forward passes of the paper's 100 steps at K = 4 and 2 on the embedded default (10 seeds, docs/benchmark.md).
 DEFAULT_STEPS = {"paper": 100, "partition": 30}
-# T when `num_iterations` is None and `proposal` is "sweep" or "targeted": this many rounds of N proposals, so every adapter is
-# proposed twice at any N.
+# T when `num_iterations` is None and `proposal` is "sweep" or "targeted": this many rounds of N proposals, so every
+# adapter is proposed twice at any N.
 SWEEP_ROUNDS = 2
 
 
@@ -82,8 +82,7 @@ class D2CMergeConfig:
         num_iterations (`int`, *optional*):
             T, the number of proposed moves. `None` takes `DEFAULT_STEPS[search]`: 100 for `"paper"` (the paper's T)
             and 30 for `"partition"`, whose steps each score every task of two clusters; with `proposal="sweep"` or
-            `"targeted"`
-            `SWEEP_ROUNDS` x N (see `search_steps_for`). A result's config holds the T that ran.
+            `"targeted"` it is `SWEEP_ROUNDS` x N (see `search_steps_for`). A result's config holds the T that ran.
         patience (`int`, *optional*):
             Stop early after this many proposals in a row were rejected. `None` runs all `num_iterations`.
         examples_per_task (`int`, defaults to 10):

@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 from ..config import D2CMergeConfig
 from ..data.examples import normalize_task_examples
 from ..engine.merging import AdapterMerger
+from ..engine.proposals import Move, apply_move
 from ..engine.scoring import LossScorer
 from ..result import D2CResult
 
@@ -46,11 +47,8 @@ def anytime_curve(result: D2CResult, total_of: Callable[[list[list[str]]], float
             clusters[record["target"]].remove(record["relocated"])
             clusters[record["joined"]] = sorted([*clusters[record["joined"]], record["relocated"]])
         if record["accepted"]:
-            clusters[record["source"]].remove(record["task"])
-            clusters[record["target"]] = sorted([*clusters[record["target"]], record["task"]])
-            if "swapped" in record:  # a swap: that member of the target went to the source
-                clusters[record["target"]].remove(record["swapped"])
-                clusters[record["source"]] = sorted([*clusters[record["source"]], record["swapped"]])
+            move = Move(record["source"], record["target"], record["task"], record.get("swapped"))
+            clusters[move.source], clusters[move.target] = map(list, apply_move(clusters, move))
         if "total_loss" in record:
             current = record["total_loss"]
         elif index % every == every - 1 or index == len(history) - 1:

@@ -97,7 +97,7 @@ class SearchState:
     restart: int = 0
     phase: str = "search"
     finished: list[dict[str, Any]] = field(default_factory=list)
-    # The adapters of the current `proposal="sweep"` round not proposed yet (see `peft_d2c.engine.proposals`).
+    # The adapters of the current `"sweep"` / `"targeted"` round not proposed yet (see `peft_d2c.engine.proposals`).
     queue: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -225,8 +225,9 @@ def d2c_search(
     while state.iteration < num_iterations:
         if patience is not None and state.rejections_in_a_row >= patience:
             break
-        # Draw every candidate before scoring any: the draws then never depend on the scores, so a distributed
-        # caller can split the batch freely and every process keeps the same random stream.
+        # Draw every candidate before scoring any: the random draws then never depend on this step's scores, so a
+        # distributed caller can split the batch freely and every process keeps the same random stream (a targeted
+        # draw reads only losses every process holds).
         candidates = [draw() for _ in range(proposals_per_step)]
         if objective == "task":
             groups = [_task_requests(state.clusters, move) for move in candidates]
