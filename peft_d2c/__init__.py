@@ -4,12 +4,20 @@ The public API. The package is laid out by pipeline stage (docs/architecture.md)
 search, merging) -> `result` -> `hub` / `evaluation` -> `embedded` -> `cli`, with `config` and `errors` below all.
 """
 
-from .config import D2CMergeConfig
-from .d2c import merge_adapters_d2c
-from .data.examples import Example
-from .errors import CheckpointMismatchError, D2CWarning, NonFiniteLossError, UnsupportedAdapterError
-from .result import D2CResult
-from .version import __version__
+import logging
+
+# bitsandbytes, which PEFT imports, warns on CPUs with AVX512-BF16 that it cannot load an optional kernel from the Hub
+# (offline, or untrusted by `kernels` >= 0.19) and falls back to its own CPU kernel: one line of noise on stderr in
+# every run and every CLI call. Raised to ERROR here, before PEFT is imported, unless the application set that level.
+if logging.getLogger("bitsandbytes.backends.cpu.ops").level == logging.NOTSET:
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+
+from .config import D2CMergeConfig  # noqa: E402
+from .d2c import merge_adapters_d2c  # noqa: E402
+from .data.examples import Example  # noqa: E402
+from .errors import CheckpointMismatchError, D2CWarning, NonFiniteLossError, UnsupportedAdapterError  # noqa: E402
+from .result import D2CResult  # noqa: E402
+from .version import __version__  # noqa: E402
 
 __all__ = [
     "CheckpointMismatchError",

@@ -22,8 +22,10 @@ _V1_DEFAULTS, _V1_DEFAULT_STEPS = {"search": "paper", "combination_type": "ties"
 
 METHODS = ("d2c", "random", "kmeans", "kmeans_svd")
 INITS = ("random", "kmeans", "kmeans_svd")
-# peft-d2c's rank-r merges in update space (`engine/merge_methods.py`): rslora / lora_bias scaling applied exactly.
-UPDATE_TYPES = ("core_ta", "core_ties", "knots_ties", "tsv_m")
+# peft-d2c's rank-r merges in update space (`engine/merge_methods.py`, `engine/regmean.py`): rslora / lora_bias
+# scaling applied exactly, any mix of target modules. DATA_TYPES among them use the few-shot examples' layer inputs.
+DATA_TYPES = ("regmean",)
+UPDATE_TYPES = ("core_ta", "core_ties", "knots_ties", "tsv_m", *DATA_TYPES)
 COMBINATION_TYPES = (
     "svd",
     "linear",
@@ -93,6 +95,8 @@ class D2CMergeConfig:
             combination type of PEFT's `add_weighted_adapter` (`ties`, the default before; see `docs/concepts.md`).
         density (`float`, defaults to 0.5):
             Fraction of values kept by the pruning combination types (ties, dare, magnitude_prune).
+        regmean_alpha (`float`, defaults to 0.9):
+            `regmean`: the share of the off-diagonal entries of the layer-input Gram matrices kept (RegMean's α).
         merge_weight (`float`, *optional*):
             Weight given to every member of a cluster. `None` picks the weight for which merging k identical copies
             of an adapter gives that adapter back (see `merge_weights_for`).
@@ -177,6 +181,7 @@ class D2CMergeConfig:
         default="knots_ties", metadata={"help": "Merge: an update-space type or a PEFT add_weighted_adapter type."}
     )
     density: float = field(default=0.5, metadata={"help": "Fraction kept by ties / dare / magnitude_prune merges."})
+    regmean_alpha: float = field(default=0.9, metadata={"help": "regmean: share of off-diagonal Gram entries kept."})
     merge_weight: float | None = field(
         default=None, metadata={"help": "Weight of every cluster member; None = the exact-average weight."}
     )
@@ -263,6 +268,13 @@ class D2CMergeConfig:
         if isinstance(self.density, bool) or not isinstance(self.density, (int, float)) or not 0 < self.density <= 1:
             raise ValueError(f"`density` must be a number in (0, 1], got {self.density!r}.")
         self.density = float(self.density)
+        if (
+            isinstance(self.regmean_alpha, bool)
+            or not isinstance(self.regmean_alpha, (int, float))
+            or not 0 < self.regmean_alpha <= 1
+        ):
+            raise ValueError(f"`regmean_alpha` must be a number in (0, 1], got {self.regmean_alpha!r}.")
+        self.regmean_alpha = float(self.regmean_alpha)
         if self.merge_weight is not None:
             if not isinstance(self.merge_weight, (int, float)) or not math.isfinite(self.merge_weight):
                 raise ValueError(f"`merge_weight` must be a finite number or None, got {self.merge_weight!r}.")

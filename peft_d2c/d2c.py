@@ -25,6 +25,7 @@ from .data.examples import normalize_task_examples
 from .engine.budget import check_partition_fits, resolve_num_clusters
 from .engine.checkpoint import load_checkpoint, run_fingerprint, save_checkpoint
 from .engine.distributed import SingleProcess, get_process_group
+from .engine.layer_inputs import attach_layer_inputs
 from .engine.lora import (
     adapter_digest,
     base_model_digest,
@@ -163,6 +164,7 @@ def merge_adapters_d2c(
         scorer = LossScorer.for_config(
             peft_model, tokenizer, examples, merger, user_score_fn=score_fn, process_group=group
         )
+        attach_layer_inputs(merger, scorer)  # the Grams of a data-aware merge (`regmean`), before any merge
         rng = np.random.default_rng(config.seed)
         trace: list[list[int]] = []  # [history records, forward passes so far] after every step (any-time view)
         start = _start_partition(peft_model, names, num_clusters, config, rng)

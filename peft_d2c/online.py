@@ -17,6 +17,7 @@ from typing import Any
 from peft import get_peft_model_state_dict, set_peft_model_state_dict
 from transformers import AutoModelForCausalLM
 
+from .config import DATA_TYPES
 from .data.examples import normalize_task_examples
 from .engine.budget import check_partition_fits
 from .engine.lora import check_source_adapters
@@ -97,6 +98,12 @@ def add_adapter(
     task_examples = normalize_task_examples({name: list(examples)})
     task_examples = {name: task_examples[name][: config.examples_per_task]}
     check_source_adapters(model, [*result.assignment, name], config.combination_type)
+    if config.combination_type in DATA_TYPES:
+        raise ValueError(
+            f"A {config.combination_type!r} result cannot take an adapter online: its merges need the few-shot "
+            "examples of every member, which a result does not keep. Run `merge_adapters_d2c` again with the new "
+            "adapter and its examples."
+        )
 
     merger = AdapterMerger(model, config)
     merger.check_names([])

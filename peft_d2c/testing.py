@@ -14,6 +14,7 @@ import shutil
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
+from peft.tuners.lora import LoraLayer
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -87,12 +88,22 @@ def lora_config(r: int = 8, **kwargs) -> LoraConfig:
     return LoraConfig(r=r, lora_alpha=2 * r, target_modules=["q_proj", "v_proj", "o_proj"], lora_dropout=0.0, **kwargs)
 
 
-def train_adapter(base_dir: str, tokenizer, family: str, out_dir: str, *, steps: int = 40, seed: int = 0) -> str:
-    """Train one LoRA on a task family for `steps` real optimiser steps (prompt masked) and save it."""
+def train_adapter(
+    base_dir: str,
+    tokenizer,
+    family: str,
+    out_dir: str,
+    *,
+    steps: int = 40,
+    seed: int = 0,
+    config: LoraConfig | None = None,
+) -> str:
+    """Train one LoRA (`config`, defaults to `lora_config()`) on a task family for `steps` real optimiser steps
+    (prompt masked) and save it."""
     model = LlamaForCausalLM.from_pretrained(base_dir)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        peft_model = get_peft_model(model, lora_config())
+        peft_model = get_peft_model(model, config if config is not None else lora_config())
         optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-2)
         data = [tokenize_example(tokenizer, Example(**e)) for e in make_examples(family, 64, seed=100 + seed)]
         peft_model.train()
@@ -164,3 +175,24 @@ def edited_adapter_copy(src_dir: str, out_dir: str, **changes) -> str:
     with open(path, "w") as f:
         json.dump(config, f)
     return out_dir
+
+
+def random_grams(peft_model: PeftModel, adapters: list[str], *, tokens: int = 16, seed: int = 0) -> dict:
+    """Stand-in layer-input Grams for the data-aware merges (`regmean`) in tests that exercise the merger rather than
+    the data: per adapter and LoRA layer, X^T·X / n of `tokens` seeded Gaussian inputs, on the layer's device (empty
+    on `meta`) in float32. Assign the result to `AdapterMerger.layer_inputs`."""
+    generator = torch.Generator().manual_seed(seed)
+    grams = {}
+    for adapter in adapters:
+        grams[adapter] = []
+        for module in peft_model.modules():
+            if not isinstance(module, LoraLayer):
+                continue
+            weight = module.get_base_layer().weight
+            size = weight.shape[1]
+            if weight.device.type == "meta":
+                grams[adapter].append(torch.empty(size, size, device="meta"))
+                continue
+            x = torch.randn(tokens, size, generator=generator)
+            grams[adapter].append((x.T @ x / tokens).to(weight.device))
+    return grams

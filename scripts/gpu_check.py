@@ -30,11 +30,12 @@ import time
 import torch
 
 from peft_d2c import D2CMergeConfig, merge_adapters_d2c
-from peft_d2c.config import UPDATE_TYPES
+from peft_d2c.config import DATA_TYPES, UPDATE_TYPES
 from peft_d2c.embedded.mainjob import load_embedded_assets, load_quick_assets
 from peft_d2c.engine import merge_methods
 from peft_d2c.engine.lora import lora_factors, lora_layers
 from peft_d2c.engine.merge_weights import merge_weights_for
+from peft_d2c.engine.regmean import regmean_merge
 from peft_d2c.evaluation.heldout import evaluate_routing
 
 LAYERS, WIDTH, RANK, MEMBERS = 30, 576, 8, 3  # SmolLM2-135M's q_proj: 30 layers of 576 x 576, r = 8
@@ -43,6 +44,13 @@ LAYERS, WIDTH, RANK, MEMBERS = 30, 576, 8, 3  # SmolLM2-135M's q_proj: 30 layers
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def merge(kind: str, pairs, grams, weights):
+    """One update-space merge: `merge_methods.merge_updates`, or RegMean with the members' Grams."""
+    if kind in DATA_TYPES:
+        return regmean_merge(pairs, grams, weights, rank=RANK, alpha=0.9)
+    return merge_methods.merge_updates(kind, pairs, weights, rank=RANK, density=0.5)
 
 
 def merge_maths(device: torch.device, dtype: torch.dtype, repeats: int) -> dict:
@@ -55,20 +63,22 @@ def merge_maths(device: torch.device, dtype: torch.dtype, repeats: int) -> dict:
         )
         for _ in range(MEMBERS)
     ]
-    on_device = [(b.to(device), a.to(device)) for b, a in pairs]
-    in_float64 = [(b.double(), a.double()) for b, a in pairs]
+    inputs = [torch.randn(LAYERS, 200, WIDTH, generator=generator) for _ in range(MEMBERS)]  # for `regmean`: ~200
+    grams = [x.mT @ x / x.shape[1] for x in inputs]  # few-shot tokens' layer inputs, as Gram matrices
+    on_device = [(b.to(device), a.to(device)) for b, a in pairs], [g.to(device) for g in grams]
+    in_float64 = [(b.double(), a.double()) for b, a in pairs], [g.double() for g in grams]
     rows = {}
     for kind in UPDATE_TYPES:
         weights = merge_weights_for(kind, MEMBERS)
-        merge_methods.merge_updates(kind, on_device, weights, rank=RANK, density=0.5)  # warm-up (kernels, cuBLAS)
+        merge(kind, *on_device, weights)  # warm-up (kernels, cuBLAS)
         seconds = []
         for _ in range(repeats):
             synchronize(device)
             started = time.perf_counter()
-            new_a, new_b = merge_methods.merge_updates(kind, on_device, weights, rank=RANK, density=0.5)
+            new_a, new_b = merge(kind, *on_device, weights)
             synchronize(device)
             seconds.append(time.perf_counter() - started)
-        ref_a, ref_b = merge_methods.merge_updates(kind, in_float64, weights, rank=RANK, density=0.5)
+        ref_a, ref_b = merge(kind, *in_float64, weights)
         update = new_b.double().cpu() @ new_a.double().cpu()
         reference = ref_b @ ref_a
         rows[kind] = {

@@ -21,16 +21,37 @@ from safetensors import safe_open
 
 from peft_d2c import D2CMergeConfig, merge_adapters_d2c
 from peft_d2c import testing as tiny
-from peft_d2c.config import COMBINATION_TYPES, UPDATE_TYPES
+from peft_d2c.config import COMBINATION_TYPES, DATA_TYPES, UPDATE_TYPES
 from peft_d2c.data.examples import normalize_task_examples
 from peft_d2c.engine import merge_methods
 from peft_d2c.engine.lora import delta_gram_matrix, lora_factors, lora_layers
 from peft_d2c.engine.merge_weights import merge_weights_for
 from peft_d2c.engine.merging import AdapterMerger
+from peft_d2c.engine.regmean import regmean_merge
 from peft_d2c.engine.scoring import LossScorer
 
 HALF_DTYPES = [torch.bfloat16, torch.float16]
 MEMBERS = ["copy", "reverse", "sort"]
+# The update-space types that are functions of the members' factors alone (`regmean` also takes layer-input Grams).
+FACTOR_UPDATE_TYPES = [t for t in UPDATE_TYPES if t not in DATA_TYPES]
+
+
+def merger_for(model, config: D2CMergeConfig) -> AdapterMerger:
+    """An `AdapterMerger`, holding stand-in Grams (`testing.random_grams`) when its type is data-aware."""
+    merger = AdapterMerger(model, config)
+    if config.combination_type in DATA_TYPES:
+        merger.layer_inputs = tiny.random_grams(model, sorted(model.peft_config))
+    return merger
+
+
+def reference_update(kind, pairs, weights, merger, index):
+    """The float64 merged update of one layer's `pairs`: `merge_updates`, or RegMean with the merger's Grams."""
+    if kind in DATA_TYPES:
+        grams = [merger.layer_inputs[m][index].double() for m in MEMBERS]
+        new_a, new_b = regmean_merge(pairs, grams, weights, rank=8, alpha=merger.config.regmean_alpha)
+    else:
+        new_a, new_b = merge_methods.merge_updates(kind, pairs, weights, rank=8, density=0.5)
+    return new_b @ new_a
 
 
 def meta_pairs(k: int, dtype: torch.dtype, batch: tuple[int, ...] = (3,)):
@@ -45,7 +66,7 @@ def meta_pairs(k: int, dtype: torch.dtype, batch: tuple[int, ...] = (3,)):
 
 class TestMergeMathsOnMeta:
     @pytest.mark.parametrize("dtype", [torch.float32, *HALF_DTYPES])
-    @pytest.mark.parametrize("kind", UPDATE_TYPES)
+    @pytest.mark.parametrize("kind", FACTOR_UPDATE_TYPES)  # regmean's own: tests/test_regmean.py
     def test_every_update_type_keeps_device_dtype_and_shape(self, kind, dtype):
         """Fails on main at 898e22c for core_ties, knots_ties and tsv_m (CPU weight tensor / CPU `arange`)."""
         new_a, new_b = merge_methods.merge_updates(kind, meta_pairs(3, dtype), [1.0] * 3, rank=4, density=0.5)
@@ -79,7 +100,7 @@ class TestMergerOnMeta:
         dtype, with the source rank. (PEFT's own `add_weighted_adapter` cannot merge on a `meta` base: it creates
         the new adapter on the CPU, so PEFT's types are checked in bf16 / fp16 below instead.)"""
         model = meta_peft_model(dtype)
-        merger = AdapterMerger(model, D2CMergeConfig(num_clusters=1, combination_type=kind, merge_cache_size=2))
+        merger = merger_for(model, D2CMergeConfig(num_clusters=1, combination_type=kind, merge_cache_size=2))
         first = merger.adapter_for(MEMBERS)
         merger.adapter_for(MEMBERS[:2])
         name = merger.adapter_for(MEMBERS[1:])  # evicts the first merge and refills its slot
@@ -129,16 +150,16 @@ class TestHalfPrecisionEndToEnd:
         """The decompositions run in float32: the merged update of bf16 / fp16 sources equals the float64 merge of
         exactly those values up to the rounding of the result to the half dtype (not more)."""
         model = half_model(tiny_assets, dtype)
-        AdapterMerger(model, D2CMergeConfig(num_clusters=1, combination_type=kind)).merge(MEMBERS, "merged")
+        merger = merger_for(model, D2CMergeConfig(num_clusters=1, combination_type=kind))
+        merger.merge(MEMBERS, "merged")
         weights = merge_weights_for(kind, len(MEMBERS))
         resolution = torch.finfo(dtype).eps
-        for module, layer in lora_layers(model):
+        for index, (module, layer) in enumerate(lora_layers(model)):
             pairs = []
             for member in MEMBERS:
                 a, b = lora_factors(layer, member)
                 pairs.append((b.double(), float(layer.scaling[member]) * a.double()))
-            ref_a, ref_b = merge_methods.merge_updates(kind, pairs, weights, rank=8, density=0.5)
-            expected = ref_b @ ref_a
+            expected = reference_update(kind, pairs, weights, merger, index)
             got = merged_update(model, "merged", module)
             assert float(torch.linalg.norm(got - expected) / torch.linalg.norm(expected)) < 8 * resolution, module
 
@@ -182,8 +203,9 @@ class TestSplitModels:
         model = tiny_peft_model
         model.base_model.model.model.layers[1].to("meta")
         for kind in UPDATE_TYPES:
-            AdapterMerger(model, D2CMergeConfig(num_clusters=1, combination_type=kind)).merge(MEMBERS, kind)
-            for module, layer in lora_layers(model):
+            merger = merger_for(model, D2CMergeConfig(num_clusters=1, combination_type=kind))
+            merger.merge(MEMBERS, kind)
+            for index, (module, layer) in enumerate(lora_layers(model)):
                 device = lora_factors(layer, MEMBERS[0])[0].device.type
                 assert {t.device.type for t in lora_factors(layer, kind)} == {device}, module
                 if device == "cpu":
@@ -194,11 +216,8 @@ class TestSplitModels:
                         )
                         for m in MEMBERS
                     ]
-                    ref_a, ref_b = merge_methods.merge_updates(
-                        kind, pairs, merge_weights_for(kind, 3), rank=8, density=0.5
-                    )
+                    expected = reference_update(kind, pairs, merge_weights_for(kind, 3), merger, index)
                     got = merged_update(model, kind, module)
-                    expected = ref_b @ ref_a
                     assert float(torch.linalg.norm(got - expected) / torch.linalg.norm(expected)) < 1e-4  # float32
 
     def test_layers_in_different_dtypes_keep_their_dtype(self, tiny_peft_model, tiny_tokenizer, tiny_task_examples):

@@ -22,13 +22,17 @@ from peft.utils.merge_utils import prune as peft_prune
 from peft.utils.merge_utils import ties as peft_ties
 
 from peft_d2c import D2CMergeConfig, UnsupportedAdapterError, merge_adapters_d2c
-from peft_d2c.config import UPDATE_TYPES
+from peft_d2c.config import DATA_TYPES, UPDATE_TYPES
 from peft_d2c.engine import merge_methods
 from peft_d2c.engine.budget import merged_rank
 from peft_d2c.engine.lora import check_source_adapters, lora_layers
 from peft_d2c.engine.merge_weights import merge_weights_for
 from peft_d2c.engine.merging import AdapterMerger
 from peft_d2c.evaluation.generation import completion_loss
+from peft_d2c.testing import random_grams
+
+# The update-space types that are functions of the members' factors alone (`regmean` also takes layer-input Grams).
+FACTOR_UPDATE_TYPES = [t for t in UPDATE_TYPES if t not in DATA_TYPES]
 
 DTYPE = torch.float64
 TIES_TYPES = ["core_ties", "knots_ties"]
@@ -93,7 +97,7 @@ class TestCoreSvd:
     def test_batched_merge_equals_one_layer_at_a_time(self):
         layers = [random_pairs(3, seed=seed) for seed in range(4)]
         batched = [(torch.stack([p[i][0] for p in layers]), torch.stack([p[i][1] for p in layers])) for i in range(3)]
-        for kind in UPDATE_TYPES:
+        for kind in FACTOR_UPDATE_TYPES:
             new_a, new_b = merge_methods.merge_updates(kind, batched, [1.0, 1.0, 1.0], rank=4, density=0.5)
             for index, pairs in enumerate(layers):
                 single = merge_methods.merge_updates(kind, pairs, [1.0, 1.0, 1.0], rank=4, density=0.5)
@@ -217,7 +221,7 @@ class TestAgainstDenseReferences:
         dense_reference = (dense_core_ties if kind == "core_ties" else dense_knots_ties)([pair] * k, [1.0] * k, 4, 0.5)
         assert relative(reference, dense_reference) < 1e-8
 
-    @pytest.mark.parametrize("kind", UPDATE_TYPES)
+    @pytest.mark.parametrize("kind", FACTOR_UPDATE_TYPES)
     def test_merges_depend_on_the_updates_not_on_their_factors_or_member_order(self, kind):
         """Independent of how the library chooses its bases: re-factoring each member (B·G, G^-1·A, the same
         update) and reordering the members leave every merged update unchanged (TSV-M's orthogonalisation is also
@@ -388,9 +392,9 @@ class TestMergedAdapters:
     @pytest.mark.parametrize("kind", UPDATE_TYPES)
     def test_merged_adapter_has_the_rank_and_file_size_of_a_source(self, tiny_peft_model, tmp_path, kind):
         model = tiny_peft_model
-        AdapterMerger(model, D2CMergeConfig(num_clusters=1, combination_type=kind)).merge(
-            ["copy", "reverse", "sort"], "merged"
-        )
+        merger = AdapterMerger(model, D2CMergeConfig(num_clusters=1, combination_type=kind))
+        merger.layer_inputs = random_grams(model, ["copy", "reverse", "sort"])  # used by `regmean` only
+        merger.merge(["copy", "reverse", "sort"], "merged")
         assert merged_rank([8, 8, 8], kind) == model.peft_config["copy"].r == model.peft_config["merged"].r
         assert model.peft_config["merged"].lora_alpha == model.peft_config["merged"].r
         model.save_pretrained(str(tmp_path), selected_adapters=["copy", "merged"])
@@ -401,10 +405,12 @@ class TestMergedAdapters:
     def test_refill_in_place_equals_a_fresh_merge(self, tiny_peft_model, kind):
         model = tiny_peft_model
         merger = AdapterMerger(model, D2CMergeConfig(num_clusters=2, combination_type=kind, merge_cache_size=2))
+        merger.layer_inputs = random_grams(model, ["copy", "reverse", "sort", "first"])  # used by `regmean` only
         for cluster in (["copy", "reverse"], ["sort", "first"], ["copy", "sort", "first"]):
             name = merger.adapter_for(cluster)
         assert merger.num_refills == 1
         fresh = AdapterMerger(model, D2CMergeConfig(num_clusters=2, combination_type=kind, merged_adapter_prefix="f"))
+        fresh.layer_inputs = merger.layer_inputs
         fresh.merge(["copy", "sort", "first"], "fresh")
         for _, layer in lora_layers(model):
             torch.testing.assert_close(layer.lora_A[name].weight, layer.lora_A["fresh"].weight)

@@ -113,11 +113,17 @@ def test_four_bit_losses_are_those_of_the_dequantised_weights(
             copy.load_adapter(str(folder / adapter), adapter_name=adapter)
         copy.eval()
 
+    # On CPUs with AVX512-BF16, bitsandbytes 0.50 runs its own AVX512 CPU kernels (dequantisation, fused 4-bit
+    # matmuls): there its C dequantisation alone differs from its generic implementation by about 1e-4 (measured
+    # 2026-12-06), so the losses agree with the dequantised model to that rounding, not to float32's.
+    avx512 = bnb.functional.has_avx512bf16()
     moved = []
     for task, adapter in result.routing.items():
         on_dequantised = hand_loss(dequantised, tiny_tokenizer, tiny_task_examples[task], adapter)
         on_float32 = hand_loss(float32_base, tiny_tokenizer, tiny_task_examples[task], adapter)
-        # Measured 2026-12-04: within 5e-8 of the dequantised model; 7e-5 to 3e-3 from the float32 base.
-        assert result.task_losses[task] == pytest.approx(on_dequantised, abs=1e-6)
+        # Measured 2026-12-04 (no AVX512-BF16): within 5e-8 of the dequantised model; 7e-5 to 3e-3 from the float32
+        # base. 2026-12-06 on an AVX512-BF16 CPU: up to 1.7e-4 from the dequantised model on a loss of 2.34.
+        tolerance = 1e-3 * max(1.0, on_dequantised) if avx512 else 1e-6
+        assert result.task_losses[task] == pytest.approx(on_dequantised, abs=tolerance)
         moved.append(abs(result.task_losses[task] - on_float32))
     assert max(moved) > 1e-3  # nf4 moves the losses: the scorer really ran the 4-bit base

@@ -51,6 +51,12 @@ def add_benchmark_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model", choices=["smollm2", "tiny"], default="smollm2", help="Base model (default: smollm2)."
     )
+    parser.add_argument(
+        "--collection",
+        choices=["embedded", "validation"],
+        default="embedded",
+        help="Task collection: the embedded 16, or the validation 12 (other tasks and recipes; default: embedded).",
+    )
     parser.add_argument("--clusters", type=int, nargs="+", default=[2, 4], help="Values of K (default: 2 4).")
     parser.add_argument("--seeds", type=int, default=2, help="Seeds per cell (default: 2; the doc's run used 10).")
     parser.add_argument("--first-seed", type=int, default=0, help="First seed (default: 0).")
@@ -119,6 +125,7 @@ def run_benchmark_command(args: argparse.Namespace) -> int:
     }
     data = run_benchmark(
         model=args.model,
+        collection=args.collection,
         clusters=args.clusters,
         seeds=args.seeds,
         first_seed=args.first_seed,

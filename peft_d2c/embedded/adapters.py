@@ -41,7 +41,8 @@ class AdapterRecipe:
     """How every embedded single-task adapter is trained (the values are calibrated; see `docs/embedded.md`).
 
     Args:
-        r (`int`), lora_alpha (`int`), lora_dropout (`float`), target_modules (`tuple[str, ...]`): The `LoraConfig`.
+        r (`int`), lora_alpha (`int`), lora_dropout (`float`), target_modules (`tuple[str, ...]`), use_rslora
+            (`bool`): The `LoraConfig`.
         learning_rate (`float`), weight_decay (`float`): AdamW settings; the rate decays linearly to 0.
         warmup_steps (`int`): Linear warm-up steps.
         batch_size (`int`): Examples per optimiser step (drawn from an epoch-wise shuffle).
@@ -63,6 +64,7 @@ class AdapterRecipe:
     max_steps: int = 64
     max_length: int = 128
     seed: int = 0
+    use_rslora: bool = False
     format_version: int = field(default=1, repr=False)  # bump when the training code changes what it produces
 
     def __post_init__(self) -> None:
@@ -77,7 +79,10 @@ class AdapterRecipe:
             )
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "target_modules": list(self.target_modules)}
+        settings = {**asdict(self), "target_modules": list(self.target_modules)}
+        if not self.use_rslora:  # added later: recipes without it keep their hash, so their cached adapters
+            del settings["use_rslora"]
+        return settings
 
     def recipe_hash(self) -> str:
         """A short stable hash of the recipe: the adapter cache folder name."""
@@ -172,6 +177,7 @@ def train_task_adapter(
         lora_alpha=recipe.lora_alpha,
         lora_dropout=recipe.lora_dropout,
         target_modules=list(recipe.target_modules),
+        use_rslora=recipe.use_rslora,
         task_type="CAUSAL_LM",
     )
     start_time, start_cpu, losses = time.perf_counter(), time.process_time(), []
@@ -269,11 +275,33 @@ def build_embedded_adapters(
         ```
     """
     tasks = check_tasks(tasks)
-    root = adapter_cache_dir(source_info, cache_dir=cache_dir, recipe=recipe)
     train = load_embedded_tasks("train", tasks=tasks)
+    recipes = {task: recipe for task in tasks}
+    return build_task_adapters(
+        model, tokenizer, source_info, train, recipes, cache_dir=cache_dir, show_progress=show_progress
+    )
+
+
+def build_task_adapters(
+    model: torch.nn.Module,
+    tokenizer,
+    source_info: Mapping[str, str],
+    train: Mapping[str, Sequence[Mapping[str, str]]],
+    recipes: Mapping[str, AdapterRecipe],
+    *,
+    cache_dir: str | os.PathLike | None = None,
+    show_progress: bool = True,
+) -> dict[str, str]:
+    """Train (or reuse from the cache) one adapter per task of `train` with its own recipe: what
+    `build_embedded_adapters` does for the embedded tasks, for any collection (`embedded.validation`).
+
+    Returns:
+        `dict[str, str]`: task -> folder of its saved adapter (`adapter_cache_dir(...) / task`), in `train` order.
+    """
     adapter_dirs = {}
-    for task in tqdm(tasks, desc="embedded adapters", disable=not show_progress):
-        folder = root / task
+    for task in tqdm(list(train), desc="adapters", disable=not show_progress):
+        recipe = recipes[task]
+        folder = adapter_cache_dir(source_info, cache_dir=cache_dir, recipe=recipe) / task
         info_file = folder / "training_info.json"
         data_hash = _data_hash(train[task])
         if info_file.is_file() and json.loads(info_file.read_text()).get("data_hash") == data_hash:

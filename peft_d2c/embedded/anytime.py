@@ -9,6 +9,7 @@ from collections.abc import Callable, Sequence
 
 from ..config import D2CMergeConfig
 from ..data.examples import normalize_task_examples
+from ..engine.layer_inputs import attach_layer_inputs
 from ..engine.merging import AdapterMerger
 from ..engine.proposals import Move, apply_move
 from ..engine.scoring import LossScorer
@@ -72,6 +73,7 @@ class AnytimeScorer:
         self.model = peft_model
         self.merger = AdapterMerger(peft_model, config)
         self.scorer = LossScorer.for_config(peft_model, tokenizer, examples, self.merger)
+        attach_layer_inputs(self.merger, self.scorer)
 
     def __call__(self, clusters: Sequence[Sequence[str]]) -> float:
         self.model.eval()

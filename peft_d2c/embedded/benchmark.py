@@ -1,9 +1,11 @@
-"""The benchmark: D2C against its baselines on the embedded default, shaped like the paper's Table 1.
+"""The benchmark: D2C against its baselines on the embedded default (or the validation collection), shaped like the
+paper's Table 1.
 
     peft-d2c benchmark                          # SmolLM2-135M, 16 tasks, K = 2 and 4, 2 seeds (~40 min)
     peft-d2c benchmark --model tiny             # the same on the tiny random model (a smoke test)
     peft-d2c benchmark --search partition --restarts 2 --final-pass   # another D2C search, next to the paper's
     peft-d2c benchmark --combination-type ties knots_ties core_ta      # the merge axis: every method x merge
+    peft-d2c benchmark --collection validation  # the same on the validation collection (embedded.validation)
 
 Clustering sees only the `fewshot` split (10 examples per task); every score is on the held-out `test` split:
 exact match of the greedy answer's first word, and the mean completion loss, averaged over tasks. Each finished
@@ -43,6 +45,7 @@ from .benchmark_report import (
 )
 from .mainjob import load_embedded_assets, load_quick_assets
 from .merge_report import format_report, plot_report, with_merge_labels
+from .validation import load_validation_assets
 
 logger = logging.getLogger(__name__)
 
@@ -91,9 +94,18 @@ def cluster_methods(
 CLUSTER_METHODS = cluster_methods()
 
 
-def _load(model: str, cache_dir: str | None, fetch: bool, show_progress: bool):
+COLLECTIONS = ("embedded", "validation")
+
+
+def _load(model: str, collection: str, cache_dir: str | None, fetch: bool, show_progress: bool):
+    if collection not in COLLECTIONS:
+        raise ValueError(f"`collection` must be one of {list(COLLECTIONS)}, got {collection!r}.")
     if model == "tiny":
+        if collection != "embedded":
+            raise ValueError("The tiny model has no validation collection; use `--model smollm2`.")
         return load_quick_assets(cache_dir)
+    if collection == "validation":
+        return load_validation_assets(cache_dir, fetch, show_progress)
     return load_embedded_assets(cache_dir, fetch, show_progress)
 
 
@@ -108,6 +120,7 @@ def _mean_scores(scores: dict[str, dict[str, float]]) -> tuple[float, float]:
 def run_benchmark(
     *,
     model: str = "smollm2",
+    collection: str = "embedded",
     clusters: Sequence[int] = (2, 4),
     seeds: int = 2,
     iterations: int | None = None,
@@ -128,6 +141,8 @@ def run_benchmark(
 
     Args:
         model (`str`): `"smollm2"` (the embedded default) or `"tiny"`.
+        collection (`str`): `"embedded"` (the 16 tasks) or `"validation"` (`embedded.validation`: 12 other tasks,
+            adapters of other recipes; smollm2 only).
         clusters (`Sequence[int]`): The storage budgets K.
         seeds (`int`): Seeds `first_seed .. first_seed + seeds - 1` per (method, merge, K), run seed by seed.
         iterations (`int`, *optional*): T of the D2C runs (default: `D2CMergeConfig`'s for each search; a variant
@@ -171,13 +186,14 @@ def run_benchmark(
             raise ValueError(f"`--methods` must name methods of {[label for label, _ in table]}, got {unknown}.")
         table = [(label, kwargs) for label, kwargs in table if label in methods]
     started = time.perf_counter()
-    peft_model, tokenizer, source_info, fewshot, test = _load(model, cache_dir, fetch, show_progress)
+    peft_model, tokenizer, source_info, fewshot, test = _load(model, collection, cache_dir, fetch, show_progress)
     tasks = list(fewshot)
     for k in clusters:
         if not 1 <= k <= len(tasks):
             raise ValueError(f"`--clusters` values must be between 1 and {len(tasks)}, got {k}.")
     settings = {
         "model": model,
+        **({"collection": collection} if collection != "embedded" else {}),
         "base_model": source_info,
         "iterations": iterations,
         "tasks": tasks,

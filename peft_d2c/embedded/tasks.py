@@ -67,6 +67,15 @@ def load_embedded_tasks(
         {'capital_world': [{'prompt': 'Country: Cyprus\\nCapital:', 'completion': ' Nicosia'}]}
         ```
     """
+    return load_task_folder(EMBEDDED_TASKS_DIR, check_tasks(tasks), split, limit=limit)
+
+
+def load_task_folder(
+    folder: str, tasks: Sequence[str], split: str, *, limit: int | None = None
+) -> dict[str, list[dict[str, str]]]:
+    """`{task: [{"prompt", "completion"}, ...]}` of a task folder laid out like a Hub dataset (one config per
+    task, `train` / `fewshot` / `test` splits), loaded with `datasets.load_dataset`: `load_embedded_tasks` for any
+    shipped collection."""
     import datasets  # heavy (pyarrow, pandas): imported only when task data is read
 
     if split not in SPLITS:
@@ -75,8 +84,8 @@ def load_embedded_tasks(
         raise ValueError(f"`limit` must be a positive number of examples per task or None, got {limit}.")
     result = {}
     with quiet_datasets():
-        for task in check_tasks(tasks):
-            dataset = datasets.load_dataset(EMBEDDED_TASKS_DIR, task, split=split)
+        for task in tasks:
+            dataset = datasets.load_dataset(folder, task, split=split)
             if limit is not None:
                 dataset = dataset.select(range(min(limit, len(dataset))))
             result[task] = [{"prompt": row["prompt"], "completion": row["completion"]} for row in dataset]

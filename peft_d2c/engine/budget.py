@@ -63,16 +63,17 @@ def merged_rank(ranks: Sequence[int], combination_type: str, svd_rank: int | Non
     return ranks[0]
 
 
-def _per_rank_costs(peft_model: PeftModel, adapter_name: str) -> list[tuple[int, int]]:
-    """(elements per unit of rank, bytes per element) of every module `adapter_name` adapts, from its tensors."""
+def _per_rank_costs(peft_model: PeftModel, adapter_names: Sequence[str]) -> list[tuple[int, int]]:
+    """(elements per unit of rank, bytes per element) of every module any of `adapter_names` adapts, from their
+    tensors: the modules of a merged adapter (the union of its members', `lora.union_target_modules`), each in the
+    widest element size of the members there (a merge takes its sources' widest dtype)."""
     costs = []
     for _, layer in lora_layers(peft_model):
-        factors = lora_factors(layer, adapter_name)
-        if factors is None:
+        present = [factors for name in adapter_names if (factors := lora_factors(layer, name)) is not None]
+        if not present:
             continue
-        a, b = factors
-        rank = a.shape[0]
-        costs.append(((a.numel() + b.numel()) // rank, a.element_size()))
+        a, b = present[0]
+        costs.append(((a.numel() + b.numel()) // a.shape[0], max(t.element_size() for f in present for t in f)))
     return costs
 
 
@@ -91,11 +92,12 @@ def adapter_bytes(peft_model: PeftModel, adapter_name: str, rank: int | None = N
     if adapter_name not in peft_model.peft_config:
         raise ValueError(f"Unknown adapter {adapter_name!r}; loaded: {sorted(peft_model.peft_config)}.")
     r = adapter_rank(peft_model, adapter_name) if rank is None else rank
-    return sum(r * per_rank * size for per_rank, size in _per_rank_costs(peft_model, adapter_name))
+    return sum(r * per_rank * size for per_rank, size in _per_rank_costs(peft_model, [adapter_name]))
 
 
 def merged_adapter_bytes(peft_model: PeftModel, members: Sequence[str], config: D2CMergeConfig) -> int:
-    """Bytes of the adapter PEFT creates by merging `members` with `config.combination_type`.
+    """Bytes of the adapter PEFT creates by merging `members` with `config.combination_type` (on the union of the
+    members' modules, which the update-space types adapt when the members' targets differ).
 
     Example:
         ```python
@@ -105,7 +107,7 @@ def merged_adapter_bytes(peft_model: PeftModel, members: Sequence[str], config: 
     """
     ranks = [adapter_rank(peft_model, m) for m in members]
     rank = merged_rank(ranks, config.combination_type, config.svd_rank)
-    return adapter_bytes(peft_model, sorted(members)[0], rank)
+    return sum(rank * per_rank * size for per_rank, size in _per_rank_costs(peft_model, members))
 
 
 def partition_bytes(peft_model: PeftModel, clusters: Sequence[Sequence[str]], config: D2CMergeConfig) -> int:

@@ -8,13 +8,12 @@ between releases (PEFT 0.21 stopped applying the LoRA scaling twice in the SVD h
 checks them once per process on a tiny merge against the closed-form update ΔW = Σ w_i·s_i·B_i·A_i computed here
 from the raw factors. When they disagree, peft-d2c warns (`D2CWarning`) and uses `own_merge_layer`, which
 computes every combination type from PEFT's public `merge_utils` functions as the PEFT documentation describes.
-`update_merge_into` feeds the layers' factors, scalings and LoRA biases to the rank-r update-space merges of
-`peft_d2c.engine.merge_methods`. May import `peft_d2c.config`, `peft_d2c.errors` and `engine.merge_methods` only.
+The update-space types write their layers through `engine.update_layers`. May import `peft_d2c.config` and
+`peft_d2c.errors` only.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import logging
 import math
@@ -29,7 +28,6 @@ from peft.utils.merge_utils import dare_linear, dare_ties, magnitude_prune, task
 
 from ..config import SVD_TYPES
 from ..errors import D2CWarning
-from .merge_methods import merge_biases, merge_updates, widest_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +50,7 @@ def _combine(combination_type: str, tensors: list[torch.Tensor], weights: torch.
     raise ValueError(f"No per-layer merge for combination_type={combination_type!r}.")
 
 
-def _factors(layer: LoraLayer, adapter: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+def layer_factors(layer: LoraLayer, adapter: str) -> tuple[torch.Tensor, torch.Tensor] | None:
     if adapter in layer.lora_A:
         return layer.lora_A[adapter].weight.data, layer.lora_B[adapter].weight.data
     if adapter in layer.lora_embedding_A:
@@ -60,22 +58,22 @@ def _factors(layer: LoraLayer, adapter: str) -> tuple[torch.Tensor, torch.Tensor
     return None
 
 
-def _parameter_like(old: torch.nn.Parameter, value: torch.Tensor) -> torch.nn.Parameter:
+def parameter_like(old: torch.nn.Parameter, value: torch.Tensor) -> torch.nn.Parameter:
     """A new parameter holding `value` (its device and dtype), trainable like `old`."""
     return torch.nn.Parameter(value.contiguous(), requires_grad=old.requires_grad)
 
 
-def _set_factors(layer: LoraLayer, adapter: str, new_a: torch.Tensor, new_b: torch.Tensor) -> None:
+def set_factors(layer: LoraLayer, adapter: str, new_a: torch.Tensor, new_b: torch.Tensor) -> None:
     """Make `(new_a, new_b)` the factors of `adapter` in `layer`, with their device and dtype.
 
     New parameters rather than `.data =`: PEFT creates a new adapter on a `meta` base layer on the CPU, and a
     parameter cannot take data of another device."""
     if adapter in layer.lora_A:
-        layer.lora_A[adapter].weight = _parameter_like(layer.lora_A[adapter].weight, new_a)
-        layer.lora_B[adapter].weight = _parameter_like(layer.lora_B[adapter].weight, new_b)
+        layer.lora_A[adapter].weight = parameter_like(layer.lora_A[adapter].weight, new_a)
+        layer.lora_B[adapter].weight = parameter_like(layer.lora_B[adapter].weight, new_b)
     else:
-        layer.lora_embedding_A[adapter] = _parameter_like(layer.lora_embedding_A[adapter], new_a)
-        layer.lora_embedding_B[adapter] = _parameter_like(layer.lora_embedding_B[adapter], new_b)
+        layer.lora_embedding_A[adapter] = parameter_like(layer.lora_embedding_A[adapter], new_a)
+        layer.lora_embedding_B[adapter] = parameter_like(layer.lora_embedding_B[adapter], new_b)
 
 
 def own_merge_layer(
@@ -99,7 +97,7 @@ def own_merge_layer(
     """
     if isinstance(layer.get_base_layer(), torch.nn.Conv2d | torch.nn.Conv1d | torch.nn.Conv3d):
         raise NotImplementedError("peft-d2c's own merge does not handle convolutional LoRA layers.")
-    present = [(m, w, f) for m, w in zip(members, weights, strict=True) if (f := _factors(layer, m)) is not None]
+    present = [(m, w, f) for m, w in zip(members, weights, strict=True) if (f := layer_factors(layer, m)) is not None]
     if not present:
         raise ValueError(f"None of {list(members)} adapts this layer.")
     dtype = present[0][2][0].dtype
@@ -251,114 +249,3 @@ def peft_helpers_verified() -> bool:
         stacklevel=2,
     )
     return False
-
-
-def update_merge_into(
-    combination_type: str,
-    members: Sequence[str],
-    weights: Sequence[float],
-    layers: Sequence[LoraLayer],
-    adapter_name: str,
-    *,
-    rank: int,
-    density: float,
-    majority_sign_method: str,
-) -> None:
-    """Merge `members` with a rank-r update-space type (`peft_d2c.config.UPDATE_TYPES`) into the existing adapter
-    `adapter_name` of every layer in `layers` (its factors, and its LoRA bias if it has one, are overwritten).
-
-    Each member's update is s_i·B_i·A_i with its own scaling s_i as PEFT applies it in that layer (`layer.scaling`:
-    alpha/r, alpha/sqrt(r) for rslora, `rank_pattern` / `alpha_pattern`), and its LoRA bias (`lora_bias=True`) is
-    s_i·b_i; the maths is `peft_d2c.engine.merge_methods`, one batched call per group of layers with the same shapes
-    (the same projection in every block). The merged factors are for scaling 1 (`lora_alpha = r`); a merged bias
-    where no member has one is zero.
-
-    Raises:
-        NotImplementedError: For a convolutional LoRA layer.
-    """
-    groups: dict[tuple, list[tuple[LoraLayer, list]]] = {}
-    for layer in layers:
-        if _factors(layer, adapter_name) is None:
-            continue
-        if isinstance(layer.get_base_layer(), torch.nn.Conv2d | torch.nn.Conv1d | torch.nn.Conv3d):
-            raise NotImplementedError("peft-d2c's update-space merges do not handle convolutional LoRA layers.")
-        present = []
-        for member, weight in zip(members, weights, strict=True):
-            factors = _factors(layer, member)
-            if factors is not None:
-                bias = layer.lora_B[member].bias if member in layer.lora_B else None
-                present.append((member, weight, factors, bias))
-        if not present:
-            raise ValueError(f"None of {list(members)} adapts this layer.")
-        # Layers are batched only where every tensor can be stacked: same shapes, device and dtype (a model spread
-        # over devices, or with layers in different dtypes, merges each layer where it lives, in its own dtype).
-        key = tuple(
-            (m, a.shape, b.shape, a.device, a.dtype, b.dtype, bias is not None) for m, _, (a, b), bias in present
-        )
-        groups.setdefault(key, []).append((layer, present))
-    with torch.no_grad():
-        for entries in groups.values():
-            _merge_group(combination_type, entries, adapter_name, rank, density, majority_sign_method)
-
-
-def _merge_group(combination_type, entries, adapter_name, rank, density, majority_sign_method) -> None:
-    """One batched merge of layers whose members have the same shapes, device and dtype (see `update_merge_into`).
-
-    The scalings are folded in float32 (or float64): scaling a bf16 factor in bf16 would round it once more."""
-    first = entries[0][1]
-    weights = [weight for _, weight, _, _ in first]
-    source_dtype = widest_dtype([t.dtype for _, _, factors, _ in first for t in factors])
-    compute = torch.promote_types(source_dtype, torch.float32)
-    pairs = []
-    for index, (member, _, _, _) in enumerate(first):
-        scalings = [float(layer.scaling[member]) for layer, _ in entries]
-        b = torch.stack([present[index][2][1].to(compute) for _, present in entries])
-        a = torch.stack(
-            [present[index][2][0].to(compute) * s for (_, present), s in zip(entries, scalings, strict=True)]
-        )
-        pairs.append((b, a))
-    new_a, new_b = merge_updates(
-        combination_type, pairs, weights, rank=rank, density=density, majority_sign_method=majority_sign_method
-    )
-    biases = None
-    if any(bias is not None for _, _, _, bias in first):
-        vectors = []
-        for index, (member, _, _, bias) in enumerate(first):
-            if bias is None:
-                vectors.append(new_b.new_zeros(new_b.shape[:-1]))
-            else:
-                vectors.append(
-                    torch.stack(
-                        [present[index][3].to(compute) * float(layer.scaling[member]) for layer, present in entries]
-                    )
-                )
-        biases = merge_biases(
-            combination_type, vectors, weights, density=density, majority_sign_method=majority_sign_method
-        )
-    for position, (layer, _) in enumerate(entries):
-        # The merged adapter stays where its members live (the merge ran there) and takes their dtype, whatever
-        # dtype PEFT gave the new adapter (the base layer's: bf16 under float32 sources, say): it costs the bytes of
-        # a source.
-        _set_factors(layer, adapter_name, new_a[position].to(source_dtype), new_b[position].to(source_dtype))
-        target_bias = layer.lora_B[adapter_name].bias if adapter_name in layer.lora_B else None
-        if target_bias is not None:
-            bias = biases[position] if biases is not None else new_b.new_zeros(target_bias.shape)
-            layer.lora_B[adapter_name].bias = _parameter_like(target_bias, bias.to(source_dtype))
-
-
-def merged_lora_config(configs: Sequence[LoraConfig], rank: int) -> LoraConfig:
-    """The `LoraConfig` of an update-space merge of adapters with these configs: an ordinary LoRA of rank `rank` and
-    scaling 1 (`lora_alpha = rank`, no rslora, no rank or alpha pattern), with a LoRA bias if any member has one,
-    on the first member's target modules. Initialised like a fresh LoRA (never PiSSA / LoftQ, which would change the
-    base weights); the merge then writes every factor."""
-    return dataclasses.replace(
-        configs[0],
-        r=rank,
-        lora_alpha=rank,
-        use_rslora=False,
-        rank_pattern={},
-        alpha_pattern={},
-        lora_bias=any(config.lora_bias for config in configs),
-        init_lora_weights=True,
-        inference_mode=configs[0].inference_mode,
-    )

@@ -87,6 +87,22 @@ def adapter_modules(peft_model: PeftModel, adapter_name: str) -> set[str]:
     }
 
 
+def union_target_modules(peft_model: PeftModel, adapter_names: Sequence[str]) -> list[str]:
+    """`target_modules` for a merged adapter that adapts exactly the modules any of `adapter_names` adapts.
+
+    The short form (module name suffixes such as `["q_proj", "v_proj"]`, as users write them) when those suffixes
+    select exactly that union in the base model; otherwise every module's full name (adapters restricted to some
+    layers, say), which PEFT matches exactly as well.
+    """
+    prefix = "base_model.model."
+    modules = {name.removeprefix(prefix) for n in adapter_names for name in adapter_modules(peft_model, n)}
+    suffixes = {name.rsplit(".", 1)[-1] for name in modules}
+    selected = {
+        name for name, _ in peft_model.base_model.model.named_modules() if name and name.rsplit(".", 1)[-1] in suffixes
+    }
+    return sorted(suffixes) if selected == modules else sorted(modules)
+
+
 def adapter_rank(peft_model: PeftModel, adapter_name: str) -> int:
     """The largest rank of `adapter_name` (its `r`, or the maximum of its `rank_pattern`)."""
     config = peft_model.peft_config[adapter_name]
@@ -97,8 +113,9 @@ def check_source_adapters(peft_model: PeftModel, adapter_names: Sequence[str], c
     """Check that PEFT can merge `adapter_names` faithfully with `combination_type`, before any work.
 
     Raises:
-        ValueError: If an adapter does not exist, adapters adapt different modules, or ranks differ where the
-            combination type needs equal ranks.
+        ValueError: If an adapter does not exist, adapters adapt different modules under one of PEFT's own
+            combination types (the update-space types merge any mix), or ranks differ where the combination type needs
+            equal ranks.
         UnsupportedAdapterError: If an adapter is not a plain LoRA (DoRA, rslora, lora_bias and other variants are
             merged wrongly by PEFT, peft issue 3761). rslora and lora_bias pass for the update-space types
             (`config.UPDATE_TYPES`), which apply their scaling exactly; DoRA never does.
@@ -138,14 +155,18 @@ def check_source_adapters(peft_model: PeftModel, adapter_names: Sequence[str], c
                     f"Adapter {name!r} uses the LoRA variant {variant} (module {module_name!r}); PEFT cannot merge it "
                     "faithfully (peft issue 3761). Use plain LoRA adapters."
                 )
+    # An update-space merge is defined on any mix of target modules (a member that does not adapt a module adds a
+    # zero update there; the merged adapter adapts the union); PEFT's own types are only checked on equal targets.
     reference = adapter_modules(peft_model, adapter_names[0])
-    for name in adapter_names[1:]:
+    for name in adapter_names[1:] if combination_type not in UPDATE_TYPES else ():
         modules = adapter_modules(peft_model, name)
         if modules != reference:
             different = sorted(modules ^ reference)[:3]
             raise ValueError(
-                f"Adapters {adapter_names[0]!r} and {name!r} adapt different modules (e.g. {different}); D2C merges "
-                "adapters trained on the same target modules."
+                f"Adapters {adapter_names[0]!r} and {name!r} adapt different modules (e.g. {different}); PEFT's "
+                f"{combination_type!r} merge is checked only on adapters with the same target modules. Use one of "
+                f"{list(UPDATE_TYPES)} as `combination_type`: those merge any mix of target modules (the merged "
+                "adapter adapts their union)."
             )
     if combination_type in EQUAL_RANK_TYPES:
         ranks = {name: adapter_rank(peft_model, name) for name in adapter_names}

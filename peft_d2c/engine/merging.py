@@ -19,18 +19,13 @@ from peft import PeftModel
 from peft.tuners.lora import LoraLayer
 from peft.utils.merge_utils import calculate_majority_sign_mask, disjoint_merge, prune, reshape_weight_task_tensors
 
-from ..config import RANDOM_TYPES, UPDATE_TYPES, D2CMergeConfig
+from ..config import DATA_TYPES, RANDOM_TYPES, UPDATE_TYPES, D2CMergeConfig
 from .budget import merged_rank
-from .layer_merge import (
-    merged_lora_config,
-    own_merge_layer,
-    peft_helpers_verified,
-    peft_merge_layer,
-    update_merge_into,
-)
-from .lora import adapter_rank, check_new_adapter_name, lora_factors, lora_layers
+from .layer_merge import own_merge_layer, peft_helpers_verified, peft_merge_layer
+from .lora import adapter_rank, check_new_adapter_name, lora_factors, lora_layers, union_target_modules
 from .merge_methods import widest_dtype
 from .merge_weights import merge_seed, merge_weights_for
+from .update_layers import merged_lora_config, update_merge_into
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +74,9 @@ class AdapterMerger:
         self._layers = list(lora_layers(peft_model))
         # (layer index, adapter, "A" or "B") -> the factor pruned by magnitude (see `_pruned_factors`).
         self._prune_cache: dict[tuple[int, str, str], torch.Tensor] = {}
+        self._modules_cache: dict[tuple[str, ...], frozenset[str]] = {}
+        # adapter -> per LoRA layer, the Gram of its inputs on its task's examples (`layer_inputs.input_grams`).
+        self.layer_inputs: dict[str, list[torch.Tensor]] = {}
         # Random (DARE) masks depend on how PEFT builds the modules: those merges are never refilled.
         self._can_refill = config.combination_type not in RANDOM_TYPES
         # PEFT's private per-layer helpers, checked once per process against the closed-form update.
@@ -118,7 +116,9 @@ class AdapterMerger:
                 if config.combination_type in UPDATE_TYPES:
                     # A fresh rank-r LoRA (scaling 1) from PEFT's `add_adapter`; every layer is then written here.
                     configs = [self.peft_model.peft_config[m] for m in members]
-                    self.peft_model.add_adapter(adapter_name, merged_lora_config(configs, self.rank_of(members)))
+                    targets = union_target_modules(self.peft_model, members)
+                    new_config = merged_lora_config(configs, self.rank_of(members), targets)
+                    self.peft_model.add_adapter(adapter_name, new_config)
                     self._write_layers(members, adapter_name, config.combination_type, weights, self.rank_of(members))
                 else:
                     self.peft_model.add_weighted_adapter(
@@ -220,6 +220,9 @@ class AdapterMerger:
         settings = {"rank": rank, "density": config.density, "majority_sign_method": config.majority_sign_method}
         if combination_type in UPDATE_TYPES:  # every layer at once, batched over layers of the same shapes
             layers = [layer for _, layer in self._layers]
+            if combination_type in DATA_TYPES:
+                settings["grams"] = self._member_grams(members)
+                settings["regmean_alpha"] = config.regmean_alpha
             update_merge_into(combination_type, members, weights, layers, adapter_name, **settings)
             return
         with torch.no_grad():
@@ -239,6 +242,16 @@ class AdapterMerger:
                 else:
                     new_a, new_b = own_merge_layer(combination_type, members, weights, layer, **settings)
                 target_a.data, target_b.data = new_a.to(target_a.dtype), new_b.to(target_b.dtype)
+
+    def _member_grams(self, members: Sequence[str]) -> dict[LoraLayer, list[torch.Tensor]]:
+        """Per LoRA layer, the Gram of every member's layer inputs (`layer_inputs`), in the order of `members`."""
+        missing = [m for m in members if m not in self.layer_inputs]
+        if missing:
+            raise ValueError(
+                f"combination_type={self.config.combination_type!r} needs the layer inputs of {missing} on their "
+                "tasks' examples; `merge_adapters_d2c` collects them when it gets a `tokenizer`."
+            )
+        return {layer: [self.layer_inputs[m][i] for m in members] for i, (_, layer) in enumerate(self._layers)}
 
     def _pruned_factors(self, layer_index: int, layer: LoraLayer, members: Sequence[str], weights: Sequence[float]):
         """`ties` / `magnitude_prune` of one layer's A and B factors, as PEFT computes them, with pruning memoised.
@@ -325,8 +338,10 @@ class AdapterMerger:
             return None
         rank = self.rank_of(key)
         bias = any(self.peft_model.peft_config[m].lora_bias for m in key)  # a slot holds a LoRA bias or not
+        modules = self._modules_of(key)  # and adapts one set of modules (the union of its cluster's)
         for index, name in enumerate(self._free_slots):
-            if self.peft_model.peft_config[name].r == rank and self.peft_model.peft_config[name].lora_bias == bias:
+            config = self.peft_model.peft_config[name]
+            if config.r == rank and config.lora_bias == bias and self._modules_of((name,)) == modules:
                 del self._free_slots[index]
                 try:
                     return self.refill(key, name)
@@ -334,6 +349,15 @@ class AdapterMerger:
                     self._delete_slot(name)  # half-refilled: never serve it
                     raise
         return None
+
+    def _modules_of(self, adapters: Sequence[str]) -> frozenset[str]:
+        """The modules any of `adapters` adapts (memoised: source adapters and slots never change their modules)."""
+        key = tuple(adapters)
+        if key not in self._modules_cache:
+            self._modules_cache[key] = frozenset(
+                name for name, layer in self._layers if any(lora_factors(layer, a) is not None for a in adapters)
+            )
+        return self._modules_cache[key]
 
     def pin(self, keys: Sequence[Members]) -> None:
         """Protect these clusters' adapters from eviction until `unpin` (they are scored in one batch)."""
@@ -349,6 +373,7 @@ class AdapterMerger:
 
     def _delete_slot(self, name: str) -> None:
         self.peft_model.delete_adapter(name)
+        self._modules_cache.pop((name,), None)  # the name may come back on other modules
         self._unused_names.append(name)
 
     def cleanup(self) -> None:

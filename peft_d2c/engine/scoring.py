@@ -71,7 +71,7 @@ def _keeps_logits_by_mask(model: torch.nn.Module) -> bool:
     return _MASK_SUPPORT[model]
 
 
-def _token_batches(order: Sequence[int], lengths: Sequence[int], batch_size: int, max_tokens: int | None):
+def token_batches(order: Sequence[int], lengths: Sequence[int], batch_size: int, max_tokens: int | None):
     """Consecutive slices of `order` (rows sorted longest first) with at most `batch_size` rows and, with
     `max_tokens`, at most that many tokens once padded to the slice's first (longest) row; a longer row goes alone."""
     start = 0
@@ -113,7 +113,7 @@ def completion_loss_sums(
     forward_passes = 0
     with torch.inference_mode():
         lengths = [len(row.input_ids) for row in rows]
-        for batch in _token_batches(order, lengths, batch_size, max_batch_tokens):
+        for batch in token_batches(order, lengths, batch_size, max_batch_tokens):
             width = max(len(rows[i].input_ids) for i in batch)
             input_ids = torch.full((len(batch), width), pad_token_id, dtype=torch.long)
             attention_mask = torch.zeros((len(batch), width), dtype=torch.long)

@@ -1,0 +1,181 @@
+"""Writing rank-r update-space merges into a merged adapter's layers: the members' factors, scalings and LoRA biases
+in, batched over the layers of one shape, the maths of `engine.merge_methods` (and `engine.regmean`, the data-aware
+type), the merged factors out in the members' dtype and device. May import `peft_d2c.config` and the engine modules
+`layer_merge`, `merge_methods` and `regmean`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+
+import torch
+from peft import LoraConfig
+from peft.tuners.lora import LoraLayer
+
+from ..config import DATA_TYPES
+from .layer_merge import layer_factors, parameter_like, set_factors
+from .merge_methods import merge_biases, merge_updates, widest_dtype
+from .regmean import regmean_merge
+
+
+def update_merge_into(
+    combination_type: str,
+    members: Sequence[str],
+    weights: Sequence[float],
+    layers: Sequence[LoraLayer],
+    adapter_name: str,
+    *,
+    rank: int,
+    density: float,
+    majority_sign_method: str,
+    grams: Mapping[LoraLayer, Sequence[torch.Tensor]] | None = None,
+    regmean_alpha: float = 0.9,
+) -> None:
+    """Merge `members` with a rank-r update-space type (`peft_d2c.config.UPDATE_TYPES`) into the existing adapter
+    `adapter_name` of every layer in `layers` (its factors, and its LoRA bias if it has one, are overwritten).
+
+    Each member's update is s_i·B_i·A_i with its own scaling s_i as PEFT applies it in that layer (`layer.scaling`:
+    alpha/r, alpha/sqrt(r) for rslora, `rank_pattern` / `alpha_pattern`), and its LoRA bias (`lora_bias=True`) is
+    s_i·b_i; the maths is `peft_d2c.engine.merge_methods`, one batched call per group of layers with the same shapes
+    (the same projection in every block). The merged factors are for scaling 1 (`lora_alpha = r`); a merged bias
+    where no member has one is zero. A member that does not adapt a layer adds a zero update there. The data-aware
+    types (`config.DATA_TYPES`: `regmean`, `peft_d2c.engine.regmean`) take `grams`: per layer, the Gram matrix of
+    every member's layer inputs, in the order of `members`, and `regmean_alpha`.
+
+    Raises:
+        NotImplementedError: For a convolutional LoRA layer.
+    """
+    groups: dict[tuple, list[tuple[LoraLayer, list]]] = {}
+    for layer in layers:
+        if layer_factors(layer, adapter_name) is None:
+            continue
+        if isinstance(layer.get_base_layer(), torch.nn.Conv2d | torch.nn.Conv1d | torch.nn.Conv3d):
+            raise NotImplementedError("peft-d2c's update-space merges do not handle convolutional LoRA layers.")
+        present = []
+        for member, weight in zip(members, weights, strict=True):
+            factors = layer_factors(layer, member)
+            if factors is not None:
+                bias = layer.lora_B[member].bias if member in layer.lora_B else None
+                present.append((member, weight, factors, bias))
+        if not present:
+            raise ValueError(f"None of {list(members)} adapts this layer.")
+        # Layers are batched only where every tensor can be stacked: same shapes, device and dtype (a model spread
+        # over devices, or with layers in different dtypes, merges each layer where it lives, in its own dtype).
+        key = tuple(
+            (m, a.shape, b.shape, a.device, a.dtype, b.dtype, bias is not None) for m, _, (a, b), bias in present
+        )
+        groups.setdefault(key, []).append((layer, present))
+    if combination_type in DATA_TYPES and grams is None:
+        raise ValueError(f"combination_type={combination_type!r} needs the Gram matrices of the layer inputs.")
+    settings = {"rank": rank, "density": density, "majority_sign_method": majority_sign_method}
+    with torch.no_grad():
+        for entries in groups.values():
+            if combination_type in DATA_TYPES:
+                _regmean_group(entries, members, weights, adapter_name, grams, rank=rank, alpha=regmean_alpha)
+            else:
+                _merge_group(combination_type, entries, adapter_name, **settings)
+
+
+def _stacked_pairs(entries, first, compute: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per member of `first`, its `(B, s·A)` stacked over the layers of `entries`, in the `compute` dtype. The
+    scalings are folded in float32 (or float64): scaling a bf16 factor in bf16 would round it once more."""
+    pairs = []
+    for index, (member, _, _, _) in enumerate(first):
+        scalings = [float(layer.scaling[member]) for layer, _ in entries]
+        b = torch.stack([present[index][2][1].to(compute) for _, present in entries])
+        a = torch.stack(
+            [present[index][2][0].to(compute) * s for (_, present), s in zip(entries, scalings, strict=True)]
+        )
+        pairs.append((b, a))
+    return pairs
+
+
+def _regmean_group(entries, members, weights, adapter_name, grams, *, rank: int, alpha: float) -> None:
+    """RegMean of a batch of layers of one shape (`update_merge_into`): every member's Gram counts, the members that
+    adapt the layers bring their updates. A LoRA bias is merged as the weighted mean of the members' (scaled) biases."""
+    first = entries[0][1]
+    source_dtype = widest_dtype([t.dtype for _, _, factors, _ in first for t in factors])
+    compute = torch.promote_types(source_dtype, torch.float32)
+    adapting = dict(zip([m for m, _, _, _ in first], _stacked_pairs(entries, first, compute), strict=True))
+    device = first[0][2][0].device
+    stacked_grams = [
+        torch.stack([grams[layer][index].to(device=device, dtype=compute) for layer, _ in entries])
+        for index in range(len(members))
+    ]
+    new_a, new_b = regmean_merge([adapting.get(m) for m in members], stacked_grams, weights, rank=rank, alpha=alpha)
+    biases = _merged_biases("core_ta", entries, new_b, compute, 1.0, "total")  # the weighted mean
+    _write_group(entries, adapter_name, new_a, new_b, biases, source_dtype)
+
+
+def _merge_group(combination_type, entries, adapter_name, *, rank, density, majority_sign_method) -> None:
+    """One batched merge of layers whose members have the same shapes, device and dtype (see `update_merge_into`)."""
+    first = entries[0][1]
+    weights = [weight for _, weight, _, _ in first]
+    source_dtype = widest_dtype([t.dtype for _, _, factors, _ in first for t in factors])
+    compute = torch.promote_types(source_dtype, torch.float32)
+    new_a, new_b = merge_updates(
+        combination_type,
+        _stacked_pairs(entries, first, compute),
+        weights,
+        rank=rank,
+        density=density,
+        majority_sign_method=majority_sign_method,
+    )
+    biases = _merged_biases(combination_type, entries, new_b, compute, density, majority_sign_method)
+    _write_group(entries, adapter_name, new_a, new_b, biases, source_dtype)
+
+
+def _merged_biases(combination_type, entries, new_b, compute, density, majority_sign_method):
+    """The merged LoRA biases of a batch of layers (`merge_biases`), or None when no member has one."""
+    first = entries[0][1]
+    if all(bias is None for _, _, _, bias in first):
+        return None
+    vectors = []
+    for index, (member, _, _, bias) in enumerate(first):
+        if bias is None:
+            vectors.append(new_b.new_zeros(new_b.shape[:-1]))
+        else:
+            vectors.append(
+                torch.stack(
+                    [present[index][3].to(compute) * float(layer.scaling[member]) for layer, present in entries]
+                )
+            )
+    weights = [weight for _, weight, _, _ in first]
+    return merge_biases(combination_type, vectors, weights, density=density, majority_sign_method=majority_sign_method)
+
+
+def _write_group(entries, adapter_name, new_a, new_b, biases, source_dtype) -> None:
+    """Write a batch of merged factors (and biases) into the adapter `adapter_name` of the layers of `entries`."""
+    for position, (layer, _) in enumerate(entries):
+        # The merged adapter stays where its members live (the merge ran there) and takes their dtype, whatever
+        # dtype PEFT gave the new adapter (the base layer's: bf16 under float32 sources, say): it costs the bytes of
+        # a source.
+        set_factors(layer, adapter_name, new_a[position].to(source_dtype), new_b[position].to(source_dtype))
+        target_bias = layer.lora_B[adapter_name].bias if adapter_name in layer.lora_B else None
+        if target_bias is not None:
+            bias = biases[position] if biases is not None else new_b.new_zeros(target_bias.shape)
+            layer.lora_B[adapter_name].bias = parameter_like(target_bias, bias.to(source_dtype))
+
+
+def merged_lora_config(
+    configs: Sequence[LoraConfig], rank: int, target_modules: Sequence[str] | None = None
+) -> LoraConfig:
+    """The `LoraConfig` of an update-space merge of adapters with these configs: an ordinary LoRA of rank `rank` and
+    scaling 1 (`lora_alpha = rank`, no rslora, no rank or alpha pattern), with a LoRA bias if any member has one,
+    on `target_modules` (the union of the members' modules, `lora.union_target_modules`; defaults to the first
+    member's). Initialised like a fresh LoRA (never PiSSA / LoftQ, which would change the base weights); the merge
+    then writes every factor."""
+    extra = {} if target_modules is None else {"target_modules": list(target_modules), "layers_to_transform": None}
+    return dataclasses.replace(
+        configs[0],
+        **extra,
+        r=rank,
+        lora_alpha=rank,
+        use_rslora=False,
+        rank_pattern={},
+        alpha_pattern={},
+        lora_bias=any(config.lora_bias for config in configs),
+        init_lora_weights=True,
+        inference_mode=configs[0].inference_mode,
+    )
