@@ -57,6 +57,12 @@ DEFAULT_STEPS = {"paper": 100, "partition": 30}
 SWEEP_ROUNDS = 2
 
 
+def _check_fraction(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+        raise ValueError(f"`{name}` must be a number in (0, 1], got {value!r}.")
+    return float(value)
+
+
 def _check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise ValueError(f"`{name}` must be one of {list(allowed)}, got {value!r}.")
@@ -97,6 +103,10 @@ class D2CMergeConfig:
             Fraction of values kept by the pruning combination types (ties, dare, magnitude_prune).
         regmean_alpha (`float`, defaults to 0.9):
             `regmean`: the share of the off-diagonal entries of the layer-input Gram matrices kept (RegMean's α).
+        rank_allocation (`str`, defaults to `"uniform"`):
+            Ranks of the final merged adapters (update-space types): `"uniform"` (`svd_rank` or the largest source
+            rank in every module) or `"spectrum"` (the same total bytes, or all of a byte `storage_budget`, spent on
+            the largest singular values per byte over every merged adapter and module; `engine.rank_budget`).
         merge_weight (`float`, *optional*):
             Weight given to every member of a cluster. `None` picks the weight for which merging k identical copies
             of an adapter gives that adapter back (see `merge_weights_for`).
@@ -182,6 +192,9 @@ class D2CMergeConfig:
     )
     density: float = field(default=0.5, metadata={"help": "Fraction kept by ties / dare / magnitude_prune merges."})
     regmean_alpha: float = field(default=0.9, metadata={"help": "regmean: share of off-diagonal Gram entries kept."})
+    rank_allocation: Literal["uniform", "spectrum"] = field(
+        default="uniform", metadata={"help": "Final ranks: one rank everywhere, or bytes spent by singular values."}
+    )
     merge_weight: float | None = field(
         default=None, metadata={"help": "Weight of every cluster member; None = the exact-average weight."}
     )
@@ -265,16 +278,11 @@ class D2CMergeConfig:
             _check_int("svd_rank", self.svd_rank, minimum=1)
         if self.max_length is not None:
             _check_int("max_length", self.max_length, minimum=2)
-        if isinstance(self.density, bool) or not isinstance(self.density, (int, float)) or not 0 < self.density <= 1:
-            raise ValueError(f"`density` must be a number in (0, 1], got {self.density!r}.")
-        self.density = float(self.density)
-        if (
-            isinstance(self.regmean_alpha, bool)
-            or not isinstance(self.regmean_alpha, (int, float))
-            or not 0 < self.regmean_alpha <= 1
-        ):
-            raise ValueError(f"`regmean_alpha` must be a number in (0, 1], got {self.regmean_alpha!r}.")
-        self.regmean_alpha = float(self.regmean_alpha)
+        self.density = _check_fraction("density", self.density)
+        self.regmean_alpha = _check_fraction("regmean_alpha", self.regmean_alpha)
+        _check_choice("rank_allocation", self.rank_allocation, ("uniform", "spectrum"))
+        if self.rank_allocation == "spectrum" and self.combination_type not in UPDATE_TYPES:
+            raise ValueError(f"`rank_allocation='spectrum'` needs one of {list(UPDATE_TYPES)} as `combination_type`.")
         if self.merge_weight is not None:
             if not isinstance(self.merge_weight, (int, float)) or not math.isfinite(self.merge_weight):
                 raise ValueError(f"`merge_weight` must be a finite number or None, got {self.merge_weight!r}.")

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from .config import D2CMergeConfig
 from .data.examples import normalize_task_examples
-from .engine.budget import check_partition_fits, resolve_num_clusters
+from .engine.budget import check_partition_fits, is_bytes_budget, parse_size, resolve_num_clusters
 from .engine.checkpoint import load_checkpoint, run_fingerprint, save_checkpoint
 from .engine.distributed import SingleProcess, get_process_group
 from .engine.layer_inputs import attach_layer_inputs
@@ -36,6 +36,7 @@ from .engine.lora import (
     resolve_adapter_names,
 )
 from .engine.merging import AdapterMerger
+from .engine.rank_budget import merge_with_allocated_ranks
 from .engine.scoring import LossScorer, UserScoreFn
 from .engine.search import SearchState, balanced_random_partition, d2c_search, kmeans_partition
 from .engine.search_robust import robust_search
@@ -158,7 +159,6 @@ def merge_adapters_d2c(
     if group.num_processes > 1:
         group.check_same_run(_call_digest(config, names, examples, weights_digest))
     snapshot = ModelState.capture(peft_model)
-    created: list[str] = []
     try:
         peft_model.eval()
         scorer = LossScorer.for_config(
@@ -189,11 +189,19 @@ def merge_adapters_d2c(
         task_losses = dict(zip(names, scorer([(clusters[_index_of(clusters, n)], n) for n in names]), strict=True))
         merger.cleanup()
         check_partition_fits(peft_model, clusters, config)  # `cat` grows with the clusters: check before merging
-        for name, members in zip(merged_names, clusters, strict=True):
-            created.append(merger.merge(members, name))
+        merged_sizes = None
+        if config.rank_allocation == "spectrum":
+            budget = parse_size(config.storage_budget) if is_bytes_budget(config.storage_budget) else None
+            merged_sizes = merge_with_allocated_ranks(merger, clusters, merged_names, budget)
+            # The shipped adapters are not the uniform-rank merges the search scored: their own losses are reported.
+            task_losses = scorer.losses_under({n: merged_names[_index_of(clusters, n)] for n in names})
+        else:
+            for name, members in zip(merged_names, clusters, strict=True):
+                merger.merge(members, name)
     except BaseException:
-        for name in created:
-            peft_model.delete_adapter(name)
+        for name in merged_names:  # none existed before (`check_names`): whatever is there now was made here
+            if name in peft_model.peft_config:
+                peft_model.delete_adapter(name)
         raise
     finally:
         try:
@@ -227,6 +235,7 @@ def merge_adapters_d2c(
             "seconds": time.perf_counter() - started,
             "trace": trace,
             "restarts": [dict(f) for f in state.finished],
+            **({"merged_sizes": merged_sizes} if merged_sizes else {}),
         },
         model=peft_model,
     )

@@ -332,29 +332,42 @@ class LossScorer:
                     float(self.user_score_fn(self.model, name, task, [e.to_dict() for e in self.examples[task]]))
                     for name, (_, task) in zip(adapter_names, keys, strict=True)
                 ]
-            rows, row_adapters, owners = [], [], []
-            for index, (name, (_, task)) in enumerate(zip(adapter_names, keys, strict=True)):
-                for tokenized in self.tokenized[task]:
-                    rows.append(tokenized)
-                    row_adapters.append(name)
-                    owners.append(index)
-            sums, counts, passes = completion_loss_sums(
-                self.model,
-                rows,
-                row_adapters,
-                pad_token_id=self.pad_token_id,
-                batch_size=self.batch_size,
-                max_batch_tokens=self.max_batch_tokens,
-            )
-            self.forward_passes += passes
-            total = [0.0] * len(keys)
-            tokens = [0] * len(keys)
-            for owner, row_sum, row_count in zip(owners, sums, counts, strict=True):
-                total[owner] += row_sum
-                tokens[owner] += row_count
-            return [t / max(n, 1) for t, n in zip(total, tokens, strict=True)]
+            return self._losses([(name, task) for name, (_, task) in zip(adapter_names, keys, strict=True)])
         finally:
             self.forward_seconds += time.perf_counter() - started
+
+    def losses_under(self, routing: Mapping[str, str]) -> dict[str, float]:
+        """The loss of every task of `routing` (task -> the name of an adapter in the model), not memoised: for
+        adapters that are not merges of a cluster the merger made (e.g. the rank-allocated final ones)."""
+        tasks = list(routing)
+        if self.user_score_fn is not None:
+            examples = {t: [e.to_dict() for e in self.examples[t]] for t in tasks}
+            return {t: float(self.user_score_fn(self.model, routing[t], t, examples[t])) for t in tasks}
+        return dict(zip(tasks, self._losses([(routing[t], t) for t in tasks]), strict=True))
+
+    def _losses(self, requests: Sequence[tuple[str, str]]) -> list[float]:
+        """The pooled completion loss of every `(adapter name, task)` request, in mixed-adapter forward passes."""
+        rows, row_adapters, owners = [], [], []
+        for index, (name, task) in enumerate(requests):
+            for tokenized in self.tokenized[task]:
+                rows.append(tokenized)
+                row_adapters.append(name)
+                owners.append(index)
+        sums, counts, passes = completion_loss_sums(
+            self.model,
+            rows,
+            row_adapters,
+            pad_token_id=self.pad_token_id,
+            batch_size=self.batch_size,
+            max_batch_tokens=self.max_batch_tokens,
+        )
+        self.forward_passes += passes
+        total = [0.0] * len(requests)
+        tokens = [0] * len(requests)
+        for owner, row_sum, row_count in zip(owners, sums, counts, strict=True):
+            total[owner] += row_sum
+            tokens[owner] += row_count
+        return [t / max(n, 1) for t, n in zip(total, tokens, strict=True)]
 
     def cache_to_list(self) -> list[list]:
         """The loss cache as JSON-serialisable `[members, task, loss]` triples (for checkpoints)."""

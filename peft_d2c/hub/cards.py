@@ -155,6 +155,10 @@ def _method_section(data: dict[str, Any]) -> str:
         + ".",
         f"- **Storage**: {budget_text}{k} merged adapters stored instead of {n} ({k / max(n, 1):.1%}).",
     ]
+    sizes = (result.get("stats") or {}).get("merged_sizes")
+    if sizes:  # rank_allocation="spectrum": ranks differ per adapter and module (`rank_pattern`)
+        each = ", ".join(f"`{name}` r <= {s['r']}, {s['bytes']:,} bytes" for name, s in sizes.items())
+        lines.append(f"- **Ranks**: the byte budget spent by singular values over every adapter and module: {each}.")
     return "\n".join(lines)
 
 
