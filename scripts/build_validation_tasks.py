@@ -16,13 +16,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 import tempfile
 import zipfile
 from pathlib import Path
 
-from build_tasks import FEWSHOT_SIZE, GENSIM, QUESTIONS_WORDS, read_analogy_pairs, split_task, write_jsonl
+from build_tasks import (
+    FEWSHOT_SIZE,
+    GENSIM,
+    QUESTIONS_WORDS,
+    download_wheels,
+    read_analogy_pairs,
+    split_task,
+    write_tasks,
+)
 
 PYCOUNTRY = "pycountry==26.2.16"
 DATABASES = "pycountry/databases/"
@@ -57,21 +63,6 @@ REVERSED = {  # task -> (analogy category, question about the right-hand word b 
 
 def qa(question: str, answer: str) -> dict[str, str]:
     return {"prompt": f"Q: {question}\nA:", "completion": f" {answer}"}
-
-
-def download(wheel_dir: Path) -> dict[str, Path]:
-    wheels = {}
-    for requirement in (GENSIM, PYCOUNTRY):
-        name, version = requirement.split("==")
-        pattern = f"{name}-{version}-*.whl"
-        if not sorted(wheel_dir.glob(pattern)):
-            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", requirement, "-d", str(wheel_dir)]
-            subprocess.run(cmd, check=True)
-        found = sorted(wheel_dir.glob(pattern))
-        if not found:
-            raise FileNotFoundError(f"`pip download {requirement}` left no wheel matching {pattern} in {wheel_dir}.")
-        wheels[name] = found[0]
-    return wheels
 
 
 def iso_examples(pycountry_wheel: Path) -> dict[str, list[dict[str, str]]]:
@@ -154,14 +145,8 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         wheel_dir = args.wheel_dir or Path(tmp)
         wheel_dir.mkdir(parents=True, exist_ok=True)
-        tasks = build_tasks(download(wheel_dir))
-    for name, splits in tasks.items():
-        for split, examples in splits.items():
-            write_jsonl(args.output_dir / name / f"{split}.jsonl", examples)
-    (args.output_dir / "README.md").write_text(card_text(tasks), encoding="utf-8")
-    for name, splits in tasks.items():
-        print(f"{name:26s} " + " ".join(f"{s}={len(e)}" for s, e in splits.items()))
-    print(f"wrote {args.output_dir}")
+        tasks = build_tasks(download_wheels(wheel_dir, (GENSIM, PYCOUNTRY)))
+    write_tasks(tasks, args.output_dir, card_text(tasks))
 
 
 if __name__ == "__main__":
