@@ -20,6 +20,7 @@ from transformers import AutoModelForCausalLM
 from .config import DATA_TYPES
 from .data.examples import normalize_task_examples
 from .engine.budget import check_partition_fits
+from .engine.layer_inputs import attach_layer_inputs
 from .engine.lora import check_source_adapters
 from .engine.merging import AdapterMerger
 from .engine.scoring import LossScorer
@@ -74,6 +75,7 @@ def add_adapter(
     tokenizer=None,
     score_fn=None,
     source: Mapping[str, Any] | None = None,
+    member_examples: Mapping[str, Sequence[Mapping[str, str]]] | None = None,
 ) -> dict[str, Any]:
     """Assign the loaded adapter `name` to the cluster where its task loss is lowest and re-merge that cluster.
 
@@ -95,15 +97,16 @@ def add_adapter(
     if score_fn is None and tokenizer is None:
         raise ValueError("Pass the base model's `tokenizer=` (or a custom `score_fn=`) to score the new adapter.")
     config = result.config
-    task_examples = normalize_task_examples({name: list(examples)})
-    task_examples = {name: task_examples[name][: config.examples_per_task]}
     check_source_adapters(model, [*result.assignment, name], config.combination_type)
-    if config.combination_type in DATA_TYPES:
+    given = {} if config.combination_type not in DATA_TYPES else dict(member_examples or {})
+    missing = sorted(set(result.assignment) - set(given))
+    if config.combination_type in DATA_TYPES and missing:
         raise ValueError(
-            f"A {config.combination_type!r} result cannot take an adapter online: its merges need the few-shot "
-            "examples of every member, which a result does not keep. Run `merge_adapters_d2c` again with the new "
-            "adapter and its examples."
+            f"A {config.combination_type!r} result merges with the layer inputs of every member's few-shot "
+            f"examples, which a result does not keep: pass `member_examples` for {missing}."
         )
+    task_examples = normalize_task_examples({**given, name: list(examples)})
+    task_examples = {task: items[: config.examples_per_task] for task, items in task_examples.items()}
 
     merger = AdapterMerger(model, config)
     merger.check_names([])
@@ -112,6 +115,7 @@ def add_adapter(
     try:
         model.eval()
         scorer = LossScorer.for_config(model, tokenizer, task_examples, merger, user_score_fn=score_fn)
+        attach_layer_inputs(merger, scorer)  # `regmean`: every member's Grams, from `member_examples`
         losses = scorer([(members, name) for members in candidates])
         best = min(range(len(losses)), key=lambda i: (losses[i], i))
         new_clusters = [list(c) for c in result.clusters]

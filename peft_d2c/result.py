@@ -80,6 +80,7 @@ class D2CResult:
         tokenizer=None,
         score_fn=None,
         source: dict[str, Any] | None = None,
+        member_examples=None,
     ) -> dict[str, Any]:
         """Add a new task's adapter to the cluster where its task loss is lowest, without re-running the search.
 
@@ -96,6 +97,8 @@ class D2CResult:
             score_fn (`Callable`, *optional*): Custom `score_fn(model, adapter_name, task, examples) -> float`.
             source (`dict`, *optional*): Where the adapter came from (`{"path": ...}` or `{"repo_id": ...}`);
                 defaults to what `load_adapters` recorded.
+            member_examples (`Mapping[str, Sequence[dict]]`, *optional*): Few-shot examples of every clustered
+                task; only a data-aware merge (`regmean`) needs them (its merges use every member's layer inputs).
 
         Returns:
             `dict`: `{"cluster": index, "merged_adapter": name, "losses": [loss under each cluster's merge]}`.
@@ -111,7 +114,15 @@ class D2CResult:
             {'cluster': 1, 'merged_adapter': 'd2c_1', 'losses': [2.31, 0.87]}
             ```
         """
-        return add_adapter(self, name, examples, tokenizer=tokenizer, score_fn=score_fn, source=source)
+        return add_adapter(
+            self,
+            name,
+            examples,
+            tokenizer=tokenizer,
+            score_fn=score_fn,
+            source=source,
+            member_examples=member_examples,
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """Everything but the model and the adapter weights, as written to `d2c_result.json`."""

@@ -97,3 +97,29 @@ def test_add_adapter_rejects_bad_input(partial_result, tiny_tokenizer, name, exa
     with pytest.raises(ValueError, match=message):
         partial_result.add_adapter(name, examples, tokenizer=tiny_tokenizer)
     assert NEW not in partial_result.routing
+
+
+def test_regmean_result_needs_and_uses_every_members_examples(tiny_peft_model, tiny_tokenizer, tiny_task_examples):
+    """A data-aware merge needs the members' layer inputs: refused without their examples, and with them the new
+    cluster's merged adapter equals a fresh `regmean` run's merge of the same members."""
+    names = [n for n in tiny_peft_model.peft_config if n != NEW]
+    config = D2CMergeConfig(num_clusters=2, method="random", combination_type="regmean")
+    examples = {n: tiny_task_examples[n] for n in names}
+    result = merge_adapters_d2c(tiny_peft_model, examples, config, tokenizer=tiny_tokenizer, adapter_names=names)
+    with pytest.raises(ValueError, match="member_examples"):
+        result.add_adapter(NEW, tiny_task_examples[NEW], tokenizer=tiny_tokenizer)
+    outcome = result.add_adapter(NEW, tiny_task_examples[NEW], tokenizer=tiny_tokenizer, member_examples=examples)
+    members = result.clusters[outcome["cluster"]]
+    assert NEW in members
+    fresh = D2CMergeConfig(num_clusters=1, method="random", combination_type="regmean", merged_adapter_prefix="fresh")
+    merge_adapters_d2c(
+        tiny_peft_model,
+        {m: tiny_task_examples[m] for m in members},
+        fresh,
+        tokenizer=tiny_tokenizer,
+        adapter_names=members,
+    )
+    ours, theirs = _weights(tiny_peft_model, outcome["merged_adapter"]), _weights(tiny_peft_model, "fresh_0")
+    assert ours and all(
+        torch.allclose(v, theirs[k.replace(outcome["merged_adapter"], "fresh_0")], atol=1e-6) for k, v in ours.items()
+    )
