@@ -64,16 +64,29 @@ def regmean_merge(
     source_dtype = widest_dtype([t.dtype for pair in pairs if pair is not None for t in pair])
     dtype = torch.promote_types(source_dtype, torch.float32)  # no bf16 / fp16 Cholesky, QR or SVD in torch
     pairs = [None if pair is None else (pair[0].to(dtype), pair[1].to(dtype)) for pair in pairs]
-    regularised = [shrink_off_diagonal(gram.to(dtype), alpha) for gram in grams]
-    present = [(pair, g, w) for pair, g, w in zip(pairs, regularised, weights, strict=True) if pair is not None]
-    total = sum(w * g for w, g in zip(weights, regularised, strict=True))
+    # Σ_j w_j·G̃_j is the regularised Σ_j w_j·G_j (the regulariser is linear): one shrink instead of k, accumulated
+    # in place, and no member's G̃_i is ever materialised (each is read through G_i and its diagonal).
+    total = torch.zeros(grams[0].shape, dtype=dtype, device=grams[0].device)
+    for weight, gram in zip(weights, grams, strict=True):
+        total.add_(gram.to(dtype), alpha=weight)
+    total = shrink_off_diagonal(total, alpha)
     # A feature no member ever sees has a zero row and column: give it a unit diagonal (its solution is 0 anyway).
     diagonal = torch.diagonal(total, dim1=-2, dim2=-1)
     total = total + torch.diag_embed((diagonal <= 0).to(dtype))
     factor = torch.linalg.cholesky(total)
+    present = [
+        (pair, gram.to(dtype), w) for pair, gram, w in zip(pairs, grams, weights, strict=True) if pair is not None
+    ]
     b = torch.cat([pair[0] for pair, _, _ in present], dim=-1)
-    # Â_i^T = S^-1·(w_i·G̃_i·A_i^T) (S and G̃_i symmetric), all members in one solve.
-    right = torch.cat([w * (g @ pair[1].mT) for pair, g, w in present], dim=-1)
+    # Â_i^T = S^-1·(w_i·G̃_i·A_i^T), G̃_i·A_i^T = α·G_i·A_i^T + (1 − α)·diag(G_i)·A_i^T; all members in one solve.
+    right = torch.cat(
+        [
+            w
+            * (alpha * (g @ pair[1].mT) + (1 - alpha) * torch.diagonal(g, dim1=-2, dim2=-1)[..., :, None] * pair[1].mT)
+            for pair, g, w in present
+        ],
+        dim=-1,
+    )
     a = torch.cholesky_solve(right, factor).mT
     new_a, new_b = truncate(*low_rank_svd(b, a), rank)
     return new_a.to(source_dtype), new_b.to(source_dtype)
