@@ -109,13 +109,12 @@ def _regmean_group(entries, members, weights, adapter_name, grams, cache, *, ran
         # Keyed by the Gram tensors themselves (q and v of a block share theirs, so they share one stack too), which
         # the entry keeps alive so that no other tensor can take their ids.
         key = (tuple(id(gram) for gram in layer_grams), device, compute)
-        if cache is None or key not in cache:
-            stack = torch.stack([gram.to(device=device, dtype=compute) for gram in layer_grams])
-            if cache is None:
-                stacked_grams.append(stack)
-                continue
-            cache[key] = (layer_grams, stack)
-        stacked_grams.append(cache[key][1])
+        entry = cache.get(key) if cache is not None else None
+        if entry is None:
+            entry = (layer_grams, torch.stack([gram.to(device=device, dtype=compute) for gram in layer_grams]))
+            if cache is not None:
+                cache[key] = entry
+        stacked_grams.append(entry[1])
     new_a, new_b = regmean_merge([adapting.get(m) for m in members], stacked_grams, weights, rank=rank, alpha=alpha)
     biases = _merged_biases("core_ta", entries, new_b, compute, 1.0, "total")  # the weighted mean
     _write_group(entries, adapter_name, new_a, new_b, biases, source_dtype)
