@@ -197,9 +197,18 @@ class TestRegMeanEndToEnd:
         assert checked > 0
         assert result.task_losses and all(loss == loss for loss in result.task_losses.values())
 
-    def test_custom_score_fn_is_refused_with_the_fix(self, tiny_peft_model, tiny_tokenizer, tiny_task_examples):
+    def test_a_custom_score_fn_needs_the_tokenizer_and_works_with_it(
+        self, tiny_peft_model, tiny_tokenizer, tiny_task_examples
+    ):
         config = D2CMergeConfig(num_clusters=2, combination_type="regmean", num_iterations=2)
-        with pytest.raises(ValueError, match="custom `score_fn`"):
-            merge_adapters_d2c(
-                tiny_peft_model, tiny_task_examples, config, tokenizer=tiny_tokenizer, score_fn=lambda *a: 0.0
-            )
+        with pytest.raises(ValueError, match="tokenizer="):
+            merge_adapters_d2c(tiny_peft_model, tiny_task_examples, config, score_fn=lambda *a: 0.0)
+        calls = []
+        result = merge_adapters_d2c(
+            tiny_peft_model,
+            tiny_task_examples,
+            config,
+            tokenizer=tiny_tokenizer,
+            score_fn=lambda model, adapter, task, examples: calls.append(adapter) or float(len(task)),
+        )
+        assert calls and result.task_losses == {t: float(len(t)) for t in result.assignment}

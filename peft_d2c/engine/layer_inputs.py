@@ -113,14 +113,14 @@ def attach_layer_inputs(merger: AdapterMerger, scorer: LossScorer) -> None:
     tokenised few-shot examples; nothing for the other types. Adapters that already have theirs are skipped.
 
     Raises:
-        ValueError: If the type is data-aware and the scorer has no tokenised examples (a custom `score_fn`).
+        ValueError: If the type is data-aware and the scorer has no tokenised examples (no tokenizer was given).
     """
     if merger.config.combination_type not in DATA_TYPES:
         return
     if not scorer.tokenized:
         raise ValueError(
             f"combination_type={merger.config.combination_type!r} merges with the layer inputs of the few-shot "
-            "examples, which a custom `score_fn` does not tokenise; use the built-in loss (no `score_fn`) or another "
+            "examples: pass the base model's `tokenizer=` (also with a custom `score_fn`), or choose another "
             "`combination_type`."
         )
     missing = {task: rows for task, rows in scorer.tokenized.items() if task not in merger.layer_inputs}

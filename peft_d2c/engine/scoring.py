@@ -282,7 +282,7 @@ class LossScorer:
         self.forward_seconds = 0.0
         self.pad_token_id = 0
         self.tokenized: dict[str, list[TokenizedExample]] = {}
-        if user_score_fn is None:
+        if tokenizer is not None:  # with a custom score function too: a data-aware merge runs the examples
             self.pad_token_id = pad_token_id_for(tokenizer)
             self.tokenized = {
                 task: [
