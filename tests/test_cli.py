@@ -143,6 +143,17 @@ def test_add_adapter_updates_the_saved_result(merged, files, tmp_path, capsys):
     assert result.sources[NEW]["path"].endswith(NEW)
 
 
+def test_add_adapter_to_a_regmean_result_takes_the_members_data(files, tmp_path, capsys):
+    out = str(tmp_path / "regmean")
+    argv = ["merge", files["run"], "--combination-type", "regmean", "--output", out, "--quiet", "--no-plots"]
+    assert main(argv) == 0
+    argv = ["add-adapter", out, files["new_adapter"], "--examples", files["new_examples"], "--quiet"]
+    assert main(argv) == 2
+    assert "--member-data" in capsys.readouterr().err
+    assert main([*argv, "--member-data", os.path.join(files["root"], "fewshot.yaml")]) == 0
+    assert NEW in D2CResult.from_pretrained(out).routing
+
+
 def test_estimate_prints_evaluations_and_time(files, capsys):
     assert main(["estimate", files["run"], "--probe", "2", "--json", "--quiet"]) == 0
     estimate = json.loads(capsys.readouterr().out.strip().splitlines()[-1])

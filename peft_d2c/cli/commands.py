@@ -14,6 +14,7 @@ from typing import Any
 
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from ..config import DATA_TYPES
 from ..d2c import merge_adapters_d2c
 from ..data.spec import load_task_examples
 from ..evaluation.estimate import estimate_run
@@ -34,13 +35,9 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", nargs="?", default=None, help="YAML run config (see peft_d2c/cli/run_config.py).")
     parser.add_argument("--base-model", help="Hub id or folder of the base model and its tokenizer.")
     parser.add_argument(
-        "--adapter",
-        "-a",
-        action="append",
-        dest="adapters",
-        metavar="SOURCE",
+        "--adapter", "-a", action="append", dest="adapters", metavar="SOURCE",
         help="Adapter folder, Hub id (owner/name[/sub][@rev]) or collection slug; repeat for each adapter.",
-    )
+    )  # fmt: skip
     parser.add_argument("--data", help="YAML task data spec (see peft_d2c/data/spec.py).")
     budget = parser.add_mutually_exclusive_group()
     budget.add_argument("--clusters", "-k", type=int, help="K, the number of merged adapters.")
@@ -49,7 +46,7 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--iterations", "-t", type=int, help="T, the number of proposed moves.")
     parser.add_argument("--method", help="d2c | random | kmeans | kmeans_svd.")
-    parser.add_argument("--combination-type", help="PEFT combination type (ties, cat, svd, linear, ...).")
+    parser.add_argument("--combination-type", help="knots_ties, regmean, ... or a PEFT type (ties, cat, svd, ...).")
     parser.add_argument("--output", "-o", help="Output folder (default: the config's `output`, else ./d2c_output).")
 
 
@@ -237,7 +234,10 @@ def cmd_add_adapter(args: argparse.Namespace) -> int:
     model = attach_model(result, args.directory, base_model=args.base_model)
     load_adapters(model, args.adapter, names=[name])
     tokenizer = AutoTokenizer.from_pretrained(args.base_model or result.base_model)
-    outcome = result.add_adapter(name, examples, tokenizer=tokenizer)
+    if result.config.combination_type in DATA_TYPES and not args.member_data:
+        raise ValueError(f"A {result.config.combination_type!r} result needs `--member-data` (its tasks' data spec).")
+    members = load_task_examples(args.member_data) if args.member_data else None
+    outcome = result.add_adapter(name, examples, tokenizer=tokenizer, member_examples=members)
     result.save_pretrained(args.directory)
     losses = ", ".join(
         f"{n}={loss:.3f}" for n, loss in zip(result.merged_adapter_names, outcome["losses"], strict=True)
@@ -367,6 +367,7 @@ def add_subcommands(commands, add_common) -> None:
     add.add_argument("adapter", metavar="NEW_ADAPTER", help="Folder or Hub id of the new adapter.")
     add.add_argument("--examples", required=True, help="JSON or JSONL file of {prompt, completion} examples.")
     add.add_argument("--name", help="Task / adapter name (default: the folder or repo name).")
+    add.add_argument("--member-data", help="YAML data spec of the clustered tasks (needed by `regmean` results).")
     add.add_argument("--base-model", help="Base model (default: the one recorded in the result).")
     add_common(add)
     add.set_defaults(handler=cmd_add_adapter)
