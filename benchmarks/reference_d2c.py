@@ -18,7 +18,9 @@ import numpy as np
 from peft import PeftModel
 
 from peft_d2c import D2CMergeConfig
+from peft_d2c.config import DATA_TYPES
 from peft_d2c.data.examples import normalize_task_examples
+from peft_d2c.engine.layer_inputs import input_grams
 from peft_d2c.engine.merging import AdapterMerger
 from peft_d2c.engine.scoring import completion_loss_sums, pad_token_id_for, tokenize_example
 from peft_d2c.engine.search import balanced_random_partition
@@ -56,6 +58,19 @@ def reference_d2c(
     examples = {name: examples[name][: config.examples_per_task] for name in names}
     merger = AdapterMerger(peft_model, config)
     pad_token_id = pad_token_id_for(tokenizer)
+    if config.combination_type in DATA_TYPES:  # `regmean` merges with every adapter's layer inputs on its task
+        tokenized = {
+            task: [
+                tokenize_example(
+                    tokenizer, e, use_chat_template=config.use_chat_template, max_length=config.max_length
+                )
+                for e in examples[task]
+            ]
+            for task in names
+        }
+        merger.layer_inputs = input_grams(
+            peft_model, tokenized, pad_token_id=pad_token_id, batch_size=config.batch_size
+        )
     started = time.perf_counter()
     stats = {"num_merges": 0, "forward_passes": 0}
 

@@ -58,14 +58,16 @@ def main(argv: list[str] | None = None) -> int:
         model.load_adapter(os.path.join(adapter_root, task), adapter_name=task)
 
     config = D2CMergeConfig(num_clusters=args.clusters, num_iterations=args.iterations)
-    result = merge_adapters_d2c(model, {t: examples[t] for t in first_tasks}, config, tokenizer=tokenizer)
+    clustered = {t: examples[t] for t in first_tasks}
+    result = merge_adapters_d2c(model, clustered, config, tokenizer=tokenizer)
     print(
         "Before:", {name: members for name, members in zip(result.merged_adapter_names, result.clusters, strict=True)}
     )
 
     # Later: a new task's adapter arrives. Load it under the task's name and let the result place it.
     model.load_adapter(os.path.join(adapter_root, new_task), adapter_name=new_task)
-    outcome = result.add_adapter(new_task, examples[new_task], tokenizer=tokenizer)
+    # The default merge (`regmean`) uses every member's layer inputs, so the clustered tasks' examples come along.
+    outcome = result.add_adapter(new_task, examples[new_task], tokenizer=tokenizer, member_examples=clustered)
     losses = ", ".join(
         f"{name}={loss:.3f}" for name, loss in zip(result.merged_adapter_names, outcome["losses"], strict=True)
     )

@@ -79,7 +79,7 @@ def test_add_adapter_from_a_saved_result(tmp_path, tiny_assets, tiny_tokenizer, 
     model = attach_model(loaded, tmp_path / "out")
     untouched = {name: _weights(model, name) for name in loaded.merged_adapter_names}
     load_adapters(model, adapter_dirs[NEW], names=[NEW])
-    outcome = loaded.add_adapter(NEW, tiny_task_examples[NEW], tokenizer=tiny_tokenizer)
+    outcome = loaded.add_adapter(NEW, tiny_task_examples[NEW], tokenizer=tiny_tokenizer, member_examples=examples)
     assert loaded.sources[NEW]["path"].endswith(NEW)
     other = loaded.merged_adapter_names[1 - outcome["cluster"]]
     assert all(torch.equal(v, untouched[other][k]) for k, v in _weights(model, other).items())

@@ -136,6 +136,7 @@ def test_add_adapter_updates_the_saved_result(merged, files, tmp_path, capsys):
     folder = str(tmp_path / "copy")
     shutil.copytree(merged, folder)
     argv = ["add-adapter", folder, files["new_adapter"], "--examples", files["new_examples"], "--quiet"]
+    argv += ["--member-data", os.path.join(files["root"], "fewshot.yaml")]  # the default `regmean` needs them
     assert main(argv) == 0
     assert f"Added {NEW!r} to d2c_" in capsys.readouterr().out
     result = D2CResult.from_pretrained(folder)

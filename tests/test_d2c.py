@@ -14,6 +14,8 @@ from peft_d2c import D2CMergeConfig, D2CResult, NonFiniteLossError, UnsupportedA
 from peft_d2c import testing as tiny
 from peft_d2c.engine.search import canonical_partition
 
+# A custom score function without a tokenizer: a merge of the weights alone (`regmean` needs the examples' inputs).
+WEIGHTS_ONLY = D2CMergeConfig(num_clusters=2, combination_type="knots_ties")
 METHODS = [
     {"method": "d2c"},
     {"method": "d2c", "init": "kmeans"},
@@ -76,7 +78,8 @@ class TestPartitions:
 
         subset = ["copy", "reverse", "sort"]
         examples = {t: tiny_task_examples[t] for t in subset}
-        config = D2CMergeConfig(num_clusters=2, num_iterations=5, examples_per_task=4)
+        # No tokenizer: a merge of the weights alone (`regmean` needs the examples' layer inputs).
+        config = D2CMergeConfig(num_clusters=2, num_iterations=5, examples_per_task=4, combination_type="knots_ties")
         result = merge_adapters_d2c(tiny_peft_model, examples, config, score_fn=score_fn)
         assert sorted(result.routing) == subset
         assert calls and all(n == 4 for _, _, n in calls)
@@ -153,18 +156,14 @@ class TestNothingLost:
             return 1.0 / len(calls)
 
         with pytest.raises(exception):
-            merge_adapters_d2c(
-                tiny_peft_model, tiny_task_examples, D2CMergeConfig(num_clusters=2), score_fn=failing_score
-            )
+            merge_adapters_d2c(tiny_peft_model, tiny_task_examples, WEIGHTS_ONLY, score_fn=failing_score)
         assert any("tmp" in c for c in calls)
         assert set(tiny_peft_model.peft_config) == before
 
     def test_non_finite_loss_raises_and_cleans_up(self, tiny_peft_model, tiny_task_examples):
         before = set(tiny_peft_model.peft_config)
         with pytest.raises(NonFiniteLossError, match="nan"):
-            merge_adapters_d2c(
-                tiny_peft_model, tiny_task_examples, D2CMergeConfig(num_clusters=2), score_fn=lambda *a: float("nan")
-            )
+            merge_adapters_d2c(tiny_peft_model, tiny_task_examples, WEIGHTS_ONLY, score_fn=lambda *a: float("nan"))
         assert set(tiny_peft_model.peft_config) == before
 
     def test_loss_cache_hits_when_a_cluster_repeats(self, tiny_peft_model, tiny_tokenizer, tiny_task_examples):

@@ -179,7 +179,9 @@ class TestOnlineAdditionFailure:
 
         monkeypatch.setattr(AdapterMerger, "merge", merge_fails_for_final_names)
         with pytest.raises(RuntimeError, match="disk full"):
-            result.add_adapter("last", tiny.make_examples("last", 5, seed=7), tokenizer=tiny_tokenizer)
+            result.add_adapter(
+                "last", tiny.make_examples("last", 5, seed=7), tokenizer=tiny_tokenizer, member_examples=examples
+            )
         after = {n: p.detach() for n, p in model.named_parameters() if ".d2c_" in n}
         assert after.keys() == before.keys()
         assert all(torch.equal(after[n], before[n]) for n in before)

@@ -96,7 +96,8 @@ def test_four_bit_losses_are_those_of_the_dequantised_weights(
     tiny_assets, tiny_tokenizer, tiny_task_examples, tmp_path
 ):
     model = quantised_peft_model(tiny_assets, "nf4")
-    config = D2CMergeConfig(num_clusters=2, num_iterations=2, show_progress=False)
+    # knots_ties: the merge the measurements below were made with (with `regmean` nf4 moved the losses by < 1e-3)
+    config = D2CMergeConfig(num_clusters=2, num_iterations=2, show_progress=False, combination_type="knots_ties")
     result = merge_adapters_d2c(model, tiny_task_examples, config, tokenizer=tiny_tokenizer)
     folder = tmp_path / "result"
     result.save_pretrained(folder)

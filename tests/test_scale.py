@@ -101,7 +101,7 @@ class TestBatchedScoring:
         assert [i for batch in plan for i in batch] == list(range(len(sizes)))
 
     def test_one_forward_per_batch_and_each_loss_once(self, tiny_peft_model, tiny_tokenizer, tiny_task_examples):
-        config = D2CMergeConfig(num_clusters=2)
+        config = D2CMergeConfig(num_clusters=2, combination_type="knots_ties")  # scoring alone: no layer inputs
         examples = normalize_task_examples(tiny_task_examples)
         scorer = LossScorer(tiny_peft_model.eval(), tiny_tokenizer, examples, AdapterMerger(tiny_peft_model, config))
         names = list(tiny.TASK_FAMILIES)
@@ -110,7 +110,7 @@ class TestBatchedScoring:
         losses = scorer(requests)
         assert scorer.forward_passes == 4 and scorer.cache_misses == 8  # 4 planned batches of 2 merges each
         assert scorer(list(reversed(requests))) == list(reversed(losses)) and scorer.forward_passes == 4
-        other = D2CMergeConfig(num_clusters=2, merged_adapter_prefix="alone")
+        other = D2CMergeConfig(num_clusters=2, merged_adapter_prefix="alone", combination_type="knots_ties")
         alone = LossScorer(tiny_peft_model, tiny_tokenizer, examples, AdapterMerger(tiny_peft_model, other))
         # Mixed-adapter rows give each merge its own loss. Only float rounding depends on the batch a row shares,
         # which is why `plan_batches` never lets the number of processes change a batch.

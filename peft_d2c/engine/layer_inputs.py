@@ -29,6 +29,7 @@ def input_grams(
     pad_token_id: int,
     batch_size: int = 32,
     max_batch_tokens: int | None = None,
+    stats: dict[str, int] | None = None,
 ) -> dict[str, list[torch.Tensor]]:
     """Per adapter of `tokenized` (adapter name = task name), the Gram matrix of every LoRA layer's inputs on its
     task's examples, with that adapter active.
@@ -38,6 +39,7 @@ def input_grams(
         tokenized (`Mapping[str, Sequence[TokenizedExample]]`): The tokenised few-shot examples of every adapter's task.
         pad_token_id (`int`): Padding id of the batches.
         batch_size (`int`, defaults to 32), max_batch_tokens (`int`, *optional*): Rows and tokens per forward pass.
+        stats (`dict`, *optional*): Its `"forward_passes"` entry is increased by the forward passes run here.
 
     Returns:
         `dict[str, list[Tensor]]`: adapter -> one (in x in) Gram per LoRA layer, in `lora_layers` order, on the
@@ -53,13 +55,24 @@ def input_grams(
     """
     layers = [layer for _, layer in lora_layers(peft_model)]
     settings = {"pad_token_id": pad_token_id, "batch_size": batch_size, "max_batch_tokens": max_batch_tokens}
+    stats = stats if stats is not None else {}
+    stats.setdefault("forward_passes", 0)
     return {
-        adapter: _adapter_grams(peft_model, layers, adapter, rows, **settings) for adapter, rows in tokenized.items()
+        adapter: _adapter_grams(peft_model, layers, adapter, rows, stats, **settings)
+        for adapter, rows in tokenized.items()
     }
 
 
 def _adapter_grams(
-    peft_model, layers, adapter: str, rows: Sequence[TokenizedExample], *, pad_token_id, batch_size, max_batch_tokens
+    peft_model,
+    layers,
+    adapter: str,
+    rows: Sequence[TokenizedExample],
+    stats,
+    *,
+    pad_token_id,
+    batch_size,
+    max_batch_tokens,
 ) -> list[torch.Tensor]:
     """One adapter's Grams (`input_grams`): its task's rows run with it active, every layer's input recorded."""
     device = input_device(peft_model)
@@ -101,6 +114,7 @@ def _adapter_grams(
                     adapter_names=[adapter] * len(indices),
                 )
                 count += int(mask.sum())
+                stats["forward_passes"] += 1
     finally:
         for handle in handles:
             handle.remove()
@@ -110,7 +124,8 @@ def _adapter_grams(
 
 def attach_layer_inputs(merger: AdapterMerger, scorer: LossScorer) -> None:
     """Give `merger` the Grams its data-aware combination type merges with (`config.DATA_TYPES`), from the scorer's
-    tokenised few-shot examples; nothing for the other types. Adapters that already have theirs are skipped.
+    tokenised few-shot examples; nothing for the other types. Adapters that already have theirs are skipped; the
+    forward passes run are added to the scorer's `forward_passes`.
 
     Raises:
         ValueError: If the type is data-aware and the scorer has no tokenised examples (no tokenizer was given).
@@ -126,6 +141,7 @@ def attach_layer_inputs(merger: AdapterMerger, scorer: LossScorer) -> None:
     missing = {task: rows for task, rows in scorer.tokenized.items() if task not in merger.layer_inputs}
     was_training = scorer.model.training
     scorer.model.eval()  # PEFT's `adapter_names=` needs eval mode
+    stats = {"forward_passes": 0}
     try:
         grams = input_grams(
             scorer.model,
@@ -133,7 +149,9 @@ def attach_layer_inputs(merger: AdapterMerger, scorer: LossScorer) -> None:
             pad_token_id=scorer.pad_token_id,
             batch_size=scorer.batch_size,
             max_batch_tokens=scorer.max_batch_tokens,
+            stats=stats,
         )
     finally:
         scorer.model.train(was_training)
     merger.layer_inputs.update(grams)
+    scorer.forward_passes += stats["forward_passes"]  # the run's cost counts them (about one pass per task)

@@ -10,6 +10,7 @@ import numpy as np
 
 from ..data.examples import normalize_task_examples
 from ..engine.budget import resolve_num_clusters
+from ..engine.layer_inputs import attach_layer_inputs
 from ..engine.lora import check_source_adapters, resolve_adapter_names
 from ..engine.merging import AdapterMerger
 from ..engine.scoring import LossScorer
@@ -55,6 +56,7 @@ def estimate_run(peft_model, task_examples, config, *, tokenizer, probe_evaluati
     try:
         peft_model.eval()
         scorer = LossScorer.for_config(peft_model, tokenizer, examples, merger)
+        attach_layer_inputs(merger, scorer)  # a data-aware merge's Grams (one pass per task, like the run's)
         started = time.perf_counter()
         for _ in range(probe_evaluations):
             clusters = balanced_random_partition(names, k, rng)
