@@ -95,10 +95,12 @@ class D2CMergeConfig:
             Stop early after this many proposals in a row were rejected. `None` runs all `num_iterations`.
         examples_per_task (`int`, defaults to 10):
             n, the number of examples per task used for clustering; extra examples are ignored.
-        combination_type (`str`, defaults to `"knots_ties"`):
-            A rank-r update-space merge of peft-d2c (`UPDATE_TYPES`: `knots_ties`, `core_ta`, `core_ties`, `tsv_m`;
-            rslora, rank / alpha pattern and lora_bias scaling applied exactly; the rank-r truncation is lossy), or any
-            combination type of PEFT's `add_weighted_adapter` (`ties`, the default before; see `docs/concepts.md`).
+        combination_type (`str`, defaults to `"regmean"`):
+            A rank-r update-space merge of peft-d2c (`UPDATE_TYPES`: `regmean`, which also uses the few-shot examples'
+            layer inputs and so needs the tokenizer; `knots_ties` (the default before), `core_ta`, `core_ties`,
+            `tsv_m`; rslora, rank / alpha pattern and lora_bias scaling applied exactly, any mix of target modules; the
+            rank-r truncation is lossy), or any combination type of PEFT's `add_weighted_adapter` (`ties`, ...; see
+            `docs/concepts.md`).
         density (`float`, defaults to 0.5):
             Fraction of values kept by the pruning combination types (ties, dare, magnitude_prune).
         regmean_alpha (`float`, defaults to 0.9):
@@ -188,7 +190,7 @@ class D2CMergeConfig:
     patience: int | None = field(default=None, metadata={"help": "Stop after this many rejections in a row."})
     examples_per_task: int = field(default=10, metadata={"help": "n, examples per task used for clustering."})
     combination_type: str = field(
-        default="knots_ties", metadata={"help": "Merge: an update-space type or a PEFT add_weighted_adapter type."}
+        default="regmean", metadata={"help": "Merge: an update-space type or a PEFT add_weighted_adapter type."}
     )
     density: float = field(default=0.5, metadata={"help": "Fraction kept by ties / dare / magnitude_prune merges."})
     regmean_alpha: float = field(default=0.9, metadata={"help": "regmean: share of off-diagonal Gram entries kept."})

@@ -68,10 +68,11 @@ def merge_adapters_d2c(
     start partitions and keeps the lowest total, `config.final_pass` then applies the improving single moves left.
     `search="paper"` is the paper's Algorithm 1 (T = 100): a move is kept if the loss of task t alone drops. The
     baselines (`"random"`, `"kmeans"`, `"kmeans_svd"`) return their partition directly. Each final cluster is merged
-    into an adapter named `{merged_adapter_prefix}_{i}`, added to `peft_model`: by default with `knots_ties`,
-    peft-d2c's update-space merge, into a plain LoRA with the rank of one source adapter (each source's scaling is
-    applied exactly, but the rank-r truncation is not lossless); PEFT's `add_weighted_adapter` computes the merge for
-    its own combination types (e.g. `ties`, the default before).
+    into an adapter named `{merged_adapter_prefix}_{i}`, added to `peft_model`: by default with `regmean`, peft-d2c's
+    data-aware update-space merge (the update that best reproduces every member's outputs on its own task's few-shot
+    layer inputs), into a plain LoRA with the rank of one source adapter (each source's scaling is applied exactly, but
+    the rank-r truncation is not lossless); PEFT's `add_weighted_adapter` computes the merge for its own combination
+    types (e.g. `ties`).
 
     The user's adapters are never modified; temporary merged adapters are removed (also on error or Ctrl-C), and the
     active adapter, train/eval mode and every parameter's `requires_grad` are restored.
@@ -120,7 +121,7 @@ def merge_adapters_d2c(
             cannot be merged together, a merged adapter name is taken, or a loss is NaN/inf.
         UnsupportedAdapterError: If the merge cannot take an adapter: DoRA and the other LoRA variants always;
             rslora and lora_bias adapters only with PEFT's combination types (the update-space types of
-            `config.UPDATE_TYPES`, the default `knots_ties` among them, accept them); rank patterns with PEFT's types
+            `config.UPDATE_TYPES`, the default `regmean` among them, accept them); rank patterns with PEFT's types
             except the `*svd` ones.
         CheckpointMismatchError: If `checkpoint_dir` holds a checkpoint of another configuration, adapter set or
             example set.

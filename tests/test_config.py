@@ -129,7 +129,7 @@ class TestSavedFormat:
         config = D2CMergeConfig(num_clusters=2, search=search, num_iterations=num_iterations)
         data = json.loads(open(config.save_pretrained(tmp_path)).read())
         assert data["num_iterations"] == saved
-        assert (data["search"], data["combination_type"], data["d2c_config_version"]) == (search, "knots_ties", 2)
+        assert (data["search"], data["combination_type"], data["d2c_config_version"]) == (search, "regmean", 2)
 
     @pytest.mark.parametrize("content,search,combination_type,steps", OLD_FILES)
     def test_a_version_1_file_loads_as_the_run_it_describes(self, tmp_path, content, search, combination_type, steps):
