@@ -231,9 +231,11 @@ def write_jsonl(path: Path, examples: list[dict[str, str]]) -> None:
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
-def card_text(tasks: dict[str, dict[str, list[dict[str, str]]]], describe: Callable[[str], tuple[str, str]]) -> str:
-    """The dataset card: YAML `configs:` (one per task) + sources, licences and the split-size table."""
-    yaml = ["---", "license: other", "language:", "- en", "pretty_name: peft-d2c embedded tasks", "configs:"]
+def card_parts(
+    tasks: dict[str, dict[str, list[dict[str, str]]]], pretty_name: str, describe: Callable[[str], tuple[str, str]]
+) -> tuple[list[str], list[str]]:
+    """A task folder card's YAML front matter (`configs:`, one per task) and its split-size table, as lines."""
+    yaml = ["---", "license: other", "language:", "- en", f"pretty_name: {pretty_name}", "configs:"]
     for name in tasks:
         yaml += [f"- config_name: {name}", "  data_files:"]
         for split in ("train", "fewshot", "test"):
@@ -244,6 +246,12 @@ def card_text(tasks: dict[str, dict[str, list[dict[str, str]]]], describe: Calla
         source, asked = describe(name)
         sizes = " | ".join(str(len(splits[s])) for s in ("train", "fewshot", "test"))
         rows.append(f"| `{name}` | {source} | {asked} | {sizes} |")
+    return yaml, rows
+
+
+def card_text(tasks: dict[str, dict[str, list[dict[str, str]]]], describe: Callable[[str], tuple[str, str]]) -> str:
+    """The dataset card: YAML `configs:` (one per task) + sources, licences and the split-size table."""
+    yaml, rows = card_parts(tasks, "peft-d2c embedded tasks", describe)
     example = tasks["capital_world"]["test"][0]
     body = f"""
 # peft-d2c embedded tasks

@@ -24,6 +24,7 @@ from build_tasks import (
     FEWSHOT_SIZE,
     GENSIM,
     QUESTIONS_WORDS,
+    card_parts,
     download_wheels,
     read_analogy_pairs,
     split_task,
@@ -100,17 +101,7 @@ def build_tasks(wheels: dict[str, Path]) -> dict[str, dict[str, list[dict[str, s
 
 
 def card_text(tasks: dict[str, dict[str, list[dict[str, str]]]]) -> str:
-    yaml = ["---", "license: other", "language:", "- en", "pretty_name: peft-d2c validation tasks", "configs:"]
-    for name in tasks:
-        yaml += [f"- config_name: {name}", "  data_files:"]
-        for split in ("train", "fewshot", "test"):
-            yaml += [f"  - split: {split}", f"    path: {name}/{split}.jsonl"]
-    yaml.append("---")
-    rows = ["| task | source | what is asked | train | fewshot | test |", "|---|---|---|---|---|---|"]
-    for name, splits in tasks.items():
-        source, asked = TASKS[name]
-        sizes = " | ".join(str(len(splits[s])) for s in ("train", "fewshot", "test"))
-        rows.append(f"| `{name}` | {source} | {asked} | {sizes} |")
+    yaml, rows = card_parts(tasks, "peft-d2c validation tasks", TASKS.__getitem__)
     example = tasks["iso_country"]["test"][0]
     body = f"""
 # peft-d2c validation tasks
