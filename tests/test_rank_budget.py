@@ -16,6 +16,7 @@ from test_export import assert_gguf_matches_peft, peft_updates
 from transformers import LlamaForCausalLM
 
 from peft_d2c import D2CMergeConfig, merge_adapters_d2c
+from peft_d2c import testing as tiny
 from peft_d2c.engine import merge_methods
 from peft_d2c.engine.budget import partition_bytes
 from peft_d2c.engine.lora import lora_factors, lora_layers
@@ -143,3 +144,21 @@ def test_rank_patterns_export_to_llama_cpp_and_vllm(
         )
     manifest = export_d2c_folder(tmp_path / "out", tmp_path / "vllm", format="vllm")
     assert manifest["vllm"]["max_lora_rank"] >= max(s["r"] for s in result.stats["merged_sizes"].values())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_adapters_keep_their_dtype_and_the_budget(
+    tiny_assets, tiny_tokenizer, tiny_task_examples, tmp_path, dtype
+):
+    """bf16 / fp16 adapters: the rank-allocated adapters stay in the sources' dtype, and their bytes (half of float32's
+    per element) are what the budget counts."""
+    model = tiny.load_peft_model(*tiny_assets).to(dtype)
+    config = D2CMergeConfig(num_clusters=2, method="random", rank_allocation="spectrum")
+    result = merge_adapters_d2c(model, tiny_task_examples, config, tokenizer=tiny_tokenizer)
+    result.save_pretrained(tmp_path / "out")
+    budget = partition_bytes(model, result.clusters, D2CMergeConfig(num_clusters=2))
+    for name in result.merged_adapter_names:
+        tensors = load_file(os.path.join(tmp_path / "out" / name, "adapter_model.safetensors"))
+        assert {t.dtype for t in tensors.values()} == {dtype}
+        assert file_bytes(tmp_path / "out" / name) == result.stats["merged_sizes"][name]["bytes"]
+    assert sum(s["bytes"] for s in result.stats["merged_sizes"].values()) <= budget
