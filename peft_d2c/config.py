@@ -141,8 +141,8 @@ class D2CMergeConfig:
             a random other cluster) or `"targeted"` (as sweep, into the other cluster whose merge gives the task its
             lowest loss); both `search="partition"` only.
         restarts (`int`, defaults to 1):
-            R starts (the `init` partition, then `kmeans_svd`, then random), T split between them; the partition with
-            the lowest total few-shot loss is kept.
+            R starts (the `init` partition, then `kmeans_svd`, then random; each its own seed, split between the
+            processes of an `accelerate launch`), T split between them; the lowest total few-shot loss is kept.
         final_pass (`bool`, defaults to `False`):
             After the steps, apply improving single moves (every task to every cluster, and a singleton's adapter
             joining another cluster while a task takes its place) until none is left.

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from .config import D2CMergeConfig
 from .data.examples import normalize_task_examples
 from .engine.budget import check_partition_fits, is_bytes_budget, parse_size, resolve_num_clusters
-from .engine.checkpoint import load_checkpoint, run_fingerprint, save_checkpoint
+from .engine.checkpoint import SearchCheckpointer, run_fingerprint
 from .engine.distributed import SingleProcess, get_process_group
 from .engine.layer_inputs import attach_layer_inputs
 from .engine.lora import (
@@ -39,7 +39,7 @@ from .engine.merging import AdapterMerger
 from .engine.rank_budget import merge_with_allocated_ranks
 from .engine.scoring import LossScorer, UserScoreFn
 from .engine.search import SearchState, balanced_random_partition, d2c_search, kmeans_partition
-from .engine.search_robust import robust_search
+from .engine.search_robust import choose_best_start, combine_starts, robust_search
 from .engine.state import ModelState
 from .result import D2CResult
 
@@ -182,7 +182,9 @@ def merge_adapters_d2c(
                     tokenized=scorer.tokenized,
                     model_digest=base_model_digest(peft_model),
                 )
-                checkpointer = _Checkpointer(checkpoint_dir, fingerprint, group, scorer, rng, config.checkpoint_every)
+                checkpointer = SearchCheckpointer(
+                    checkpoint_dir, fingerprint, group, scorer, rng, config.checkpoint_every
+                )
                 start, state = checkpointer.resume(start, state)
             starts = [start, *_restart_starts(peft_model, names, num_clusters, config)]
             state = _run_search(state, starts, scorer, rng, config, checkpointer, group, trace)
@@ -272,7 +274,7 @@ def _run_search(
     scorer: LossScorer,
     rng: np.random.Generator,
     config: D2CMergeConfig,
-    checkpointer: _Checkpointer | None,
+    checkpointer: SearchCheckpointer | None,
     group,
     trace: list[list[int]],
 ) -> SearchState:
@@ -303,69 +305,41 @@ def _run_search(
         if exact_paper:  # Algorithm 1, the draws and decisions of `benchmarks/reference_d2c.py`
             state = d2c_search(state.clusters, scorer, rng, num_iterations=config.search_steps, state=state, **options)
         else:
-            objective = "task" if config.search == "paper" else "partition"
-            state = robust_search(
-                starts,
-                scorer,
-                rng,
+            options.update(
                 num_iterations=config.search_steps,
-                objective=objective,
+                objective="task" if config.search == "paper" else "partition",
                 final_pass=config.final_pass,
-                state=state,
-                **options,
+                restart_seed=config.seed,
             )
+            if group.num_processes > 1 and len(starts) > 1 and checkpointer is None:
+                state = _search_starts_apart(starts, scorer, rng, group, options)
+            else:
+                state = robust_search(starts, scorer, rng, state=state, **options)
     if checkpointer is not None:
         checkpointer.save(state)  # a finished search resumes straight to its final merges
     return state
 
 
-class _Checkpointer:
-    """Saves the search state (main process only) and restores it on every process."""
-
-    def __init__(self, directory, fingerprint, group, scorer: LossScorer, rng: np.random.Generator, every: int):
-        self.directory = os.fspath(directory)
-        self.fingerprint = fingerprint
-        self.group = group
-        self.scorer = scorer
-        self.rng = rng
-        self.every = every
-        self.initial_clusters: list[list[str]] = []
-
-    def resume(self, start: list[list[str]], state: SearchState) -> tuple[list[list[str]], SearchState]:
-        """Load this run's checkpoint if there is one (read on the main process, sent to the others)."""
-        outcome: tuple[str, Any] = ("none", None)
-        if self.group.is_main_process:
-            try:
-                payload = load_checkpoint(self.directory, self.fingerprint)
-                outcome = ("none", None) if payload is None else ("ok", payload)
-            except Exception as error:  # sent to every process so that all of them stop
-                outcome = ("error", error)
-        kind, value = self.group.broadcast(outcome)
-        if kind == "error":
-            raise value
-        self.initial_clusters = [list(c) for c in start]
-        if kind == "none":
-            return start, state
-        self.initial_clusters = [list(c) for c in value["initial_clusters"]]
-        self.rng.bit_generator.state = value["rng"]
-        self.scorer.load_cache(value["cache"])
-        restored = SearchState.from_dict(value["state"])
-        logger.info("Resuming the D2C search from %s at step %d.", self.directory, restored.iteration)
-        return self.initial_clusters, restored
-
-    def save(self, state: SearchState) -> None:
-        if not self.group.is_main_process:
-            return
-        save_checkpoint(
-            self.directory,
-            {
-                "fingerprint": self.fingerprint,
-                "initial_clusters": self.initial_clusters,
-                "state": state.to_dict(),
-                "rng": self.rng.bit_generator.state,
-                "cache": self.scorer.cache_to_list(),
-            },
-        )
+def _search_starts_apart(starts, scorer: LossScorer, rng: np.random.Generator, group, options: dict) -> SearchState:
+    """Restarts split across processes: process p searches starts p, p + P, ... on its own (its scoring is not
+    shared), every process gets every start's outcome and every loss computed, and the final pass runs on all of
+    them with the scoring shared again. Each start draws from its own generator (`restart_seed`), so the kept
+    partition is the one a single process searching every start in turn keeps."""
+    mine = list(range(group.process_index, len(starts), group.num_processes))
+    shared, scorer.process_group = scorer.process_group, SingleProcess()
+    try:
+        share = robust_search(starts, scorer, rng, only_starts=mine, **options)
+    finally:
+        scorer.process_group = shared
+    gathered = group.gather((share.to_dict(), scorer.cache_to_list()))
+    cache = {}
+    for _, losses in gathered:  # a loss computed by several processes: the lowest-ranked one's value, everywhere
+        for members, task, loss in losses:
+            cache.setdefault((tuple(members), task), loss)
+    scorer.cache = cache
+    state = combine_starts([SearchState.from_dict(s) for s, _ in gathered], len(starts))
+    choose_best_start(state, final_pass=options["final_pass"])
+    return robust_search(starts, scorer, rng, state=state, **options)
 
 
 def _call_digest(config: D2CMergeConfig, names: list[str], examples: dict, weights_digest: str) -> str:

@@ -25,13 +25,13 @@ CHILD = textwrap.dedent(
     """
     import json, os, signal, sys
     import torch
-    import peft_d2c.d2c
+    import peft_d2c.engine.checkpoint as checkpoint_module
     from peft_d2c import D2CMergeConfig, merge_adapters_d2c
     from peft_d2c import testing as tiny
 
     base_dir, adapters, examples, config, checkpoint_dir, kill_at = sys.argv[1:7]
     torch.set_num_threads(1)
-    save = peft_d2c.d2c.save_checkpoint
+    save = checkpoint_module.save_checkpoint
 
     def save_then_die(directory, payload):
         path = save(directory, payload)
@@ -39,7 +39,7 @@ CHILD = textwrap.dedent(
             os.kill(os.getpid(), signal.SIGKILL)
         return path
 
-    peft_d2c.d2c.save_checkpoint = save_then_die
+    checkpoint_module.save_checkpoint = save_then_die
     model = tiny.load_peft_model(base_dir, json.loads(adapters))
     merge_adapters_d2c(model, json.loads(examples), D2CMergeConfig(**json.loads(config)),
                        tokenizer=tiny.make_tokenizer(), checkpoint_dir=checkpoint_dir)
@@ -100,35 +100,37 @@ class TestResume:
     def test_interrupted_multi_proposal_run_resumes(
         self, tiny_assets, tiny_tokenizer, tiny_task_examples, tmp_path, monkeypatch
     ):
-        import peft_d2c.d2c
+        import peft_d2c.engine.checkpoint as checkpoint_module
 
         config = D2CMergeConfig(num_clusters=2, num_iterations=12, proposals_per_step=3, checkpoint_every=4, seed=4)
-        save = peft_d2c.d2c.save_checkpoint
+        save = checkpoint_module.save_checkpoint
 
         def save_then_interrupt(directory, payload):
             save(directory, payload)
             if payload["state"]["iteration"] == 8:
                 raise KeyboardInterrupt
 
-        monkeypatch.setattr(peft_d2c.d2c, "save_checkpoint", save_then_interrupt)
+        monkeypatch.setattr(checkpoint_module, "save_checkpoint", save_then_interrupt)
         model = tiny.load_peft_model(*tiny_assets)
         before = set(model.peft_config)
         with pytest.raises(KeyboardInterrupt):
             merge_adapters_d2c(model, tiny_task_examples, config, tokenizer=tiny_tokenizer, checkpoint_dir=tmp_path)
         assert set(model.peft_config) == before  # cleaned up as on any interruption
-        monkeypatch.setattr(peft_d2c.d2c, "save_checkpoint", save)
+        monkeypatch.setattr(checkpoint_module, "save_checkpoint", save)
         resumed = run(tiny_assets, tiny_task_examples, tiny_tokenizer, config, checkpoint_dir=tmp_path)
         assert_same_result(resumed, run(tiny_assets, tiny_task_examples, tiny_tokenizer, config))
 
     def test_finished_run_is_not_searched_again(
         self, tiny_assets, tiny_tokenizer, tiny_task_examples, tmp_path, monkeypatch
     ):
-        import peft_d2c.d2c
+        import peft_d2c.engine.checkpoint as checkpoint_module
 
         saved_at = []
-        save = peft_d2c.d2c.save_checkpoint
+        save = checkpoint_module.save_checkpoint
         monkeypatch.setattr(
-            peft_d2c.d2c, "save_checkpoint", lambda d, p: saved_at.append(p["state"]["iteration"]) or save(d, p)
+            checkpoint_module,
+            "save_checkpoint",
+            lambda d, p: saved_at.append(p["state"]["iteration"]) or save(d, p),
         )
         config = D2CMergeConfig(num_clusters=3, num_iterations=25, checkpoint_every=10)
         first = run(tiny_assets, tiny_task_examples, tiny_tokenizer, config, checkpoint_dir=tmp_path)

@@ -21,6 +21,8 @@ RUNS = [
     {"num_clusters": 2, "num_iterations": 8, "seed": 1, "proposals_per_step": 3},
     # the robust search (issue 12): starts one after the other, each step's batches shared out
     {"num_clusters": 2, "num_iterations": 6, "seed": 2, "search": "partition", "restarts": 2, "final_pass": True},
+    # restarts split across the processes (issue 20): process 0 searches starts 0 and 2, process 1 start 1
+    {"num_clusters": 3, "num_iterations": 12, "seed": 3, "restarts": 3, "final_pass": True, "proposal": "sweep"},
 ]
 
 CHILD = textwrap.dedent(
@@ -143,6 +145,11 @@ class TestAccelerateLaunch:
                 assert run["history"] == single.history
                 assert run["task_losses"] == single.task_losses
                 assert run["stats"]["num_processes"] == 2
+                assert run["stats"]["restarts"] == single.stats["restarts"]
+            if kwargs.get("restarts", 1) > 1:
+                # Each process searched its own starts: both scored, and neither needed the single process's passes.
+                passes = [rank["runs"][index]["stats"]["forward_passes"] for rank in ranks]
+                assert all(0 < p < single.stats["forward_passes"] for p in passes), passes
             if kwargs.get("proposals_per_step", 1) > 1:
                 # The work was really shared: both processes ran forward passes, fewer than one process alone.
                 passes = [rank["runs"][index]["stats"]["forward_passes"] for rank in ranks]

@@ -24,7 +24,13 @@ from peft_d2c.engine.search import (
     d2c_search,
     partition_losses,
 )
-from peft_d2c.engine.search_robust import polish, restart_budgets, robust_search
+from peft_d2c.engine.search_robust import (
+    choose_best_start,
+    combine_starts,
+    polish,
+    restart_budgets,
+    robust_search,
+)
 from peft_d2c.evaluation.generation import completion_loss
 
 GROUPS = {"a1": "a", "a2": "a", "a3": "a", "b1": "b", "b2": "b", "b3": "b", "c1": "c", "c2": "c", "c3": "c"}
@@ -164,6 +170,55 @@ class TestRestarts:
         start = balanced_random_partition(list(GROUPS), k, np.random.default_rng(0))
         state = robust_search([start, start], group_score, np.random.default_rng(0), num_iterations=10)
         assert canonical_partition(state.clusters) == canonical_partition(start) and state.history == []
+
+    @pytest.mark.parametrize("proposal", ["random", "sweep"])
+    @pytest.mark.parametrize("shares", [[[0, 2], [1, 3]], [[3], [0, 1], [2]], [[0, 1, 2, 3], []]])
+    def test_starts_searched_apart_end_as_one_search_of_them_all(self, shares, proposal):
+        """Processes that each search a share of the starts, from the same generator state, and then combine
+        their outcomes keep the partition and history of one process searching every start in turn."""
+        starts = [balanced_random_partition(NAMES, 3, np.random.default_rng([7, r])) for r in range(4)]
+        options = {"num_iterations": 40, "restart_seed": 7, "proposal": proposal, "final_pass": True}
+        whole = robust_search(starts, hashed_score, np.random.default_rng(3), **options)
+        parts = [
+            robust_search(starts, hashed_score, np.random.default_rng(3), only_starts=share, **options)
+            for share in shares
+        ]
+        assert all(p.phase == "search" for p in parts)
+        combined = choose_best_start(combine_starts(parts, len(starts)), final_pass=True)
+        combined = robust_search(starts, hashed_score, np.random.default_rng(3), state=combined, **options)
+        assert combined.clusters == whole.clusters and combined.history == whole.history
+        assert combined.finished == whole.finished and [f["index"] for f in whole.finished] == [0, 1, 2, 3]
+
+    def test_each_start_draws_from_its_own_seed(self):
+        """With `restart_seed`, start 1's search does not depend on what start 0 drew: a different start 0 (and
+        so different draws before it) leaves start 1's records unchanged."""
+        starts = [balanced_random_partition(NAMES, 3, np.random.default_rng([1, r])) for r in range(2)]
+        other_first = [balanced_random_partition(NAMES, 3, np.random.default_rng(99)), starts[1]]
+
+        def second_start(first_starts, seed):
+            state = robust_search(
+                first_starts,
+                hashed_score,
+                np.random.default_rng(0),
+                num_iterations=30,
+                restart_seed=seed,
+                final_pass=False,
+                patience=3,
+            )
+            return [h for h in state.history if h["restart"] == 1]
+
+        assert second_start(starts, 5) == second_start(other_first, 5)
+        assert second_start(starts, 5) != second_start(starts, 6)
+
+    def test_combining_shares_that_miss_a_start_raises(self):
+        starts = [balanced_random_partition(NAMES, 3, np.random.default_rng([2, r])) for r in range(3)]
+        part = robust_search(
+            starts, hashed_score, np.random.default_rng(0), num_iterations=9, restart_seed=2, only_starts=[0, 2]
+        )
+        with pytest.raises(ValueError, match="not each of 3 once"):
+            combine_starts([part], 3)
+        with pytest.raises(ValueError, match="not each of 3 once"):
+            combine_starts([part, part], 3)
 
     def test_starts_of_other_adapters_raise(self):
         with pytest.raises(ValueError, match="same adapters"):
@@ -371,7 +426,7 @@ class TestResume:
     def test_killed_robust_run_resumes_from_its_checkpoint(
         self, tiny_assets, tiny_tokenizer, tiny_task_examples, tmp_path, monkeypatch
     ):
-        import peft_d2c.d2c  # noqa: I001  (the module whose checkpoint writer is interrupted)
+        import peft_d2c.engine.checkpoint as checkpoint_module  # the module whose checkpoint writer is interrupted
 
         config = D2CMergeConfig(
             num_clusters=2,
@@ -382,14 +437,14 @@ class TestResume:
             final_pass=True,
             checkpoint_every=4,
         )
-        save = peft_d2c.d2c.save_checkpoint
+        save = checkpoint_module.save_checkpoint
 
         def save_then_interrupt(directory, payload):
             save(directory, payload)
             if payload["state"]["iteration"] == 8:  # in the second start
                 raise KeyboardInterrupt
 
-        monkeypatch.setattr(peft_d2c.d2c, "save_checkpoint", save_then_interrupt)
+        monkeypatch.setattr(checkpoint_module, "save_checkpoint", save_then_interrupt)
         with pytest.raises(KeyboardInterrupt):
             merge_adapters_d2c(
                 tiny.load_peft_model(*tiny_assets),
@@ -398,7 +453,7 @@ class TestResume:
                 tokenizer=tiny_tokenizer,
                 checkpoint_dir=tmp_path,
             )
-        monkeypatch.setattr(peft_d2c.d2c, "save_checkpoint", save)
+        monkeypatch.setattr(checkpoint_module, "save_checkpoint", save)
         resumed = merge_adapters_d2c(
             tiny.load_peft_model(*tiny_assets),
             tiny_task_examples,

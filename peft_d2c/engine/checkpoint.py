@@ -16,9 +16,12 @@ import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import numpy as np
+
 from ..config import D2CMergeConfig
 from ..errors import CheckpointMismatchError
 from ..io import atomic_write_json
+from .search import SearchState
 
 logger = logging.getLogger(__name__)
 
@@ -148,3 +151,62 @@ def _differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     if saved.get("score_fn") != current.get("score_fn"):
         out.append(f"the score function was {saved.get('score_fn')!r}, now {current.get('score_fn')!r}")
     return out
+
+
+class SearchCheckpointer:
+    """Saves a run's search state, generator and loss cache (main process only) and restores them on every process.
+
+    Args:
+        directory (`str` or `os.PathLike`): The run's `checkpoint_dir`.
+        fingerprint (`str`): `run_fingerprint` of the run; a checkpoint of another run is refused.
+        group (`SingleProcess` or `AccelerateProcesses`): The run's processes.
+        scorer (`LossScorer`): Whose cache is saved and restored.
+        rng (`np.random.Generator`): The run's generator, saved and restored in place.
+        every (`int`): Save every this many steps.
+    """
+
+    def __init__(self, directory, fingerprint, group, scorer, rng: np.random.Generator, every: int):
+        self.directory = os.fspath(directory)
+        self.fingerprint = fingerprint
+        self.group = group
+        self.scorer = scorer
+        self.rng = rng
+        self.every = every
+        self.initial_clusters: list[list[str]] = []
+
+    def resume(self, start: list[list[str]], state: SearchState) -> tuple[list[list[str]], SearchState]:
+        """Load this run's checkpoint if there is one (read on the main process, sent to the others)."""
+        outcome: tuple[str, Any] = ("none", None)
+        if self.group.is_main_process:
+            try:
+                payload = load_checkpoint(self.directory, self.fingerprint)
+                outcome = ("none", None) if payload is None else ("ok", payload)
+            except Exception as error:  # sent to every process so that all of them stop
+                outcome = ("error", error)
+        kind, value = self.group.broadcast(outcome)
+        if kind == "error":
+            raise value
+        self.initial_clusters = [list(c) for c in start]
+        if kind == "none":
+            return start, state
+        self.initial_clusters = [list(c) for c in value["initial_clusters"]]
+        self.rng.bit_generator.state = value["rng"]
+        self.scorer.load_cache(value["cache"])
+        restored = SearchState.from_dict(value["state"])
+        logger.info("Resuming the D2C search from %s at step %d.", self.directory, restored.iteration)
+        return self.initial_clusters, restored
+
+    def save(self, state: SearchState) -> None:
+        """Write the state, generator and cache atomically (main process only)."""
+        if not self.group.is_main_process:
+            return
+        save_checkpoint(
+            self.directory,
+            {
+                "fingerprint": self.fingerprint,
+                "initial_clusters": self.initial_clusters,
+                "state": state.to_dict(),
+                "rng": self.rng.bit_generator.state,
+                "cache": self.scorer.cache_to_list(),
+            },
+        )

@@ -5,7 +5,8 @@ draws the same proposals. Only the scoring work is split: the losses not yet cac
 whose composition never depends on the number of processes, the batches are dealt out with
 `PartialState.split_between_processes`, each process merges and scores its share, and `gather_object` hands every
 loss to every process. All processes therefore cache the same losses, take the same decisions, and end with the
-clusters a single-process run finds with the same seed. Only the main process writes files.
+clusters a single-process run finds with the same seed. With restarts, the starts are dealt out instead (each
+process searches its own, `peft_d2c.d2c` gathers their outcomes with `gather`). Only the main process writes files.
 
 On a machine without CUDA the state is created with `PartialState(cpu=True)`: under torchrun a plain
 `PartialState()` silently stays single-process when no GPU is found, and `accelerate launch --cpu` starts a single
@@ -56,6 +57,10 @@ class SingleProcess:
     def broadcast(self, obj: Any) -> Any:
         """Return `obj` (there is no other process to send it to)."""
         return obj
+
+    def gather(self, obj: Any) -> list[Any]:
+        """`[obj]`: every process's `obj`, in process order (here only this one)."""
+        return [obj]
 
     def wait_for_everyone(self) -> None:
         """Nothing to wait for."""
@@ -133,6 +138,14 @@ class AccelerateProcesses(SingleProcess):
         from accelerate.utils import broadcast_object_list  # only multi-process runs get here
 
         return broadcast_object_list([obj], from_process=0)[0]
+
+    def gather(self, obj: Any) -> list[Any]:
+        """Every process's `obj`, in process order, on every process (each process must call it)."""
+        from accelerate.utils import gather_object  # only multi-process runs get here
+
+        if self.num_processes == 1:
+            return [obj]
+        return gather_object([obj])
 
     def wait_for_everyone(self) -> None:
         self.state.wait_for_everyone()

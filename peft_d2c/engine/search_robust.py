@@ -51,6 +51,8 @@ def robust_search(
     patience: int | None = None,
     proposals_per_step: int = 1,
     proposal: str = "random",
+    restart_seed: int | None = None,
+    only_starts: Sequence[int] | None = None,
     state: SearchState | None = None,
     on_step: Callable[[SearchState], None] | None = None,
 ) -> SearchState:
@@ -68,13 +70,21 @@ def robust_search(
         patience (`int`, *optional*): Per start, stop its steps after this many rejections in a row.
         proposals_per_step (`int`, defaults to 1): As for `d2c_search`.
         proposal (`str`, defaults to `"random"`): As for `d2c_search`; each start begins a fresh round.
+        restart_seed (`int`, *optional*):
+            Start r >= 1 draws its proposals from a generator seeded by `[restart_seed, r, 1]` (set into `rng` when
+            the start begins, so a checkpoint of `rng` stays valid), which makes each start's search independent of
+            the others' and lets processes search different starts (`only_starts`). Without it the starts continue
+            the draws of `rng` one after the other. Start 0 always draws from `rng`.
+        only_starts (`Sequence[int]`, *optional*):
+            Search only these starts (each still ends at its step count of the whole run) and return without
+            choosing or polishing (`phase` stays `"search"`): one process's share, for `combine_starts`.
         state (`SearchState`, *optional*): A checkpointed state to continue (the caller restores `rng`).
         on_step (`Callable[[SearchState], None]`, *optional*): Called after every step and every final-pass move.
 
     Returns:
         `SearchState`: the kept partition; `history` holds every start's records (with key `restart`) and the final
-        pass's moves (`phase: "final"`); `finished` one summary per start (`start`, `clusters`, `total_loss`,
-        `steps`); `phase` is `"done"`.
+        pass's moves (`phase: "final"`); `finished` one summary per start (`index`, `start`, `clusters`,
+        `total_loss`, `steps`); `phase` is `"done"`.
 
     Raises:
         ValueError: If there is no start, or the starts are not partitions of the same adapters.
@@ -99,8 +109,23 @@ def robust_search(
         if sorted(m for c in start for m in c) != names or len(start) != len(starts[0]):
             raise ValueError("Every start must be a partition of the same adapters into the same number of clusters.")
     ends = restart_budgets(num_iterations, len(starts))
+    indices = list(range(len(starts))) if only_starts is None else sorted(set(only_starts))
     if state is None:
         state = SearchState(clusters=[sorted(c) for c in starts[0]])
+    if not indices:
+        return state
+
+    def begin(index: int) -> None:
+        state.restart = index
+        state.clusters = [sorted(c) for c in starts[index]]
+        state.iteration = ends[index - 1] if index else 0
+        state.rejections_in_a_row = 0
+        state.queue = []
+        if index and restart_seed is not None:
+            rng.bit_generator.state = np.random.default_rng([restart_seed, index, 1]).bit_generator.state
+
+    if state.phase == "search" and state.restart not in indices:
+        begin(indices[0])  # a share that does not hold start 0
     while state.phase != "done":
         index = state.restart
         if state.phase == "search":
@@ -119,26 +144,55 @@ def robust_search(
             total = total_loss(partition_losses(state.clusters, score_fn))
             state.finished.append(
                 {
+                    "index": index,
                     "start": [sorted(c) for c in starts[index]],
                     "clusters": [list(c) for c in state.clusters],
                     "total_loss": total,
                     "steps": sum(1 for h in state.history if h.get("restart", 0) == index and "phase" not in h),
                 }
             )
-            if index + 1 < len(starts):
-                state.restart = index + 1
-                state.clusters = [sorted(c) for c in starts[index + 1]]
-                state.iteration = ends[index]
-                state.rejections_in_a_row = 0
-                state.queue = []
+            later = [i for i in indices if i > index]
+            if later:
+                begin(later[0])
                 continue
-            best = min(range(len(state.finished)), key=lambda i: (state.finished[i]["total_loss"], i))
-            state.clusters = [list(c) for c in state.finished[best]["clusters"]]
-            state.phase = "final" if final_pass else "done"
+            if only_starts is not None:
+                return state
+            choose_best_start(state, final_pass=final_pass)
         if state.phase == "final":
             polish(state, score_fn, on_step=on_step)
             state.phase = "done"
     return state
+
+
+def choose_best_start(state: SearchState, *, final_pass: bool) -> SearchState:
+    """Keep the finished start with the lowest total loss (ties: the earliest) and move on to the final pass (or
+    to `"done"` without one)."""
+    best = min(range(len(state.finished)), key=lambda i: (state.finished[i]["total_loss"], i))
+    state.clusters = [list(c) for c in state.finished[best]["clusters"]]
+    state.phase = "final" if final_pass else "done"
+    return state
+
+
+def combine_starts(shares: Sequence[SearchState], num_starts: int) -> SearchState:
+    """One state from the shares of `robust_search(..., only_starts=...)` that together searched every start.
+
+    The history and the finished summaries are put in start order, which is the order one process searching every
+    start in turn (with the same `restart_seed`) records them in; `iteration` is the last start's.
+
+    Raises:
+        ValueError: If the shares do not hold every start exactly once.
+    """
+    finished = sorted((f for share in shares for f in share.finished), key=lambda f: f["index"])
+    if [f["index"] for f in finished] != list(range(num_starts)):
+        raise ValueError(
+            f"The shares searched starts {[f['index'] for f in finished]}, not each of {num_starts} once."
+        )
+    history = sorted((h for share in shares for h in share.history), key=lambda h: h.get("restart", 0))
+    last = max((share for share in shares if share.finished), key=lambda share: share.finished[-1]["index"])
+    combined = SearchState(clusters=[list(c) for c in last.clusters], iteration=last.iteration, history=history)
+    combined.restart = num_starts - 1
+    combined.finished = finished
+    return combined
 
 
 def polish(
