@@ -18,7 +18,7 @@ import numpy as np
 from peft import PeftModel
 
 from peft_d2c import D2CMergeConfig
-from peft_d2c.config import DATA_TYPES
+from peft_d2c.combination_types import DATA_TYPES
 from peft_d2c.data.examples import normalize_task_examples
 from peft_d2c.engine.layer_inputs import input_grams
 from peft_d2c.engine.merging import AdapterMerger

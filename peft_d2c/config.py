@@ -9,6 +9,7 @@ import warnings
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 
+from .combination_types import COMBINATION_TYPES, UPDATE_TYPES
 from .errors import D2CWarning
 from .io import atomic_write_json
 from .names import check_adapter_name
@@ -22,36 +23,13 @@ _V1_DEFAULTS, _V1_DEFAULT_STEPS = {"search": "paper", "combination_type": "ties"
 
 METHODS = ("d2c", "random", "kmeans", "kmeans_svd")
 INITS = ("random", "kmeans", "kmeans_svd")
-# peft-d2c's rank-r merges in update space (`engine/merge_methods.py`, `engine/regmean.py`): rslora / lora_bias
-# scaling applied exactly, any mix of target modules. DATA_TYPES among them use the few-shot examples' layer inputs.
-DATA_TYPES = ("regmean",)
-UPDATE_TYPES = ("core_ta", "core_ties", "knots_ties", "tsv_m", *DATA_TYPES)
-COMBINATION_TYPES = (
-    "svd",
-    "linear",
-    "cat",
-    "ties",
-    "ties_svd",
-    "dare_ties",
-    "dare_linear",
-    "dare_ties_svd",
-    "dare_linear_svd",
-    "magnitude_prune",
-    "magnitude_prune_svd",
-) + UPDATE_TYPES
-# Combination types that prune with `density` (PEFT ignores it for the others).
-DENSITY_TYPES = tuple(t for t in COMBINATION_TYPES if "ties" in t or t.startswith(("dare", "magnitude")))
-# Combination types that need every merged adapter to have the same rank (`peft/tuners/lora/model.py`).
-EQUAL_RANK_TYPES = ("linear", "ties", "dare_ties", "dare_linear", "magnitude_prune")
-# Combination types that merge the full updates B·A and factor the result again with an SVD (rank `svd_rank`).
-SVD_TYPES = ("svd", "ties_svd", "dare_linear_svd", "dare_ties_svd", "magnitude_prune_svd")
-# Combination types that draw random masks (DARE) from torch's generator.
-RANDOM_TYPES = ("dare_ties", "dare_linear", "dare_ties_svd", "dare_linear_svd")
-
 # T when `num_iterations` is None, per `search`: a `"partition"` step scores every task of the two clusters it
 # changes (2N/K tasks), a `"paper"` step only the moved task, so 30 partition steps cost 1.07x and 2.09x the
 # forward passes of the paper's 100 steps at K = 4 and 2 on the embedded default (10 seeds, docs/benchmark.md).
 DEFAULT_STEPS = {"paper": 100, "partition": 30}
+# ... for N <= REFERENCE_N adapters; a larger collection gets DEFAULT_STEPS x N / REFERENCE_N (rounded up), so each
+# adapter is proposed as often on average as in the 16-adapter collection the defaults were measured on.
+REFERENCE_N = 16
 # T when `num_iterations` is None and `proposal` is "sweep" or "targeted": this many rounds of N proposals, so every
 # adapter is proposed twice at any N.
 SWEEP_ROUNDS = 2
@@ -89,8 +67,12 @@ class D2CMergeConfig:
             Starting partition for `method="d2c"`: a balanced `"random"` partition, `"kmeans"` or `"kmeans_svd"`.
         num_iterations (`int`, *optional*):
             T, the number of proposed moves. `None` takes `DEFAULT_STEPS[search]`: 100 for `"paper"` (the paper's T)
-            and 30 for `"partition"`, whose steps each score every task of two clusters; with `proposal="sweep"` or
-            `"targeted"` it is `SWEEP_ROUNDS` x N (see `search_steps_for`). A result's config holds the T that ran.
+            and 30 for `"partition"`, whose steps each score every task of two clusters, times N / 16 above 16
+            adapters; `SWEEP_ROUNDS` x N with `proposal="sweep"` or `"targeted"`; `max_forward_passes` with that
+            budget set (see `search_steps_for`). A result's config holds the T that ran.
+        max_forward_passes (`int`, *optional*):
+            A budget of the search's steps in forward passes of scoring (all processes together; Grams and final
+            pass not counted), split between restarts like T: steps stop once it is spent (or at T).
         patience (`int`, *optional*):
             Stop early after this many proposals in a row were rejected. `None` runs all `num_iterations`.
         examples_per_task (`int`, defaults to 10):
@@ -161,6 +143,10 @@ class D2CMergeConfig:
             Budget of one scoring forward pass in tokens (rows x longest row, padding included): a batch of
             `batch_size` rows is split further so that long examples cannot run out of memory mid-search. The split
             depends only on the examples, so 1-process and N-process runs stay bit-identical.
+        fit_router (`bool`, defaults to `True`):
+            At the end, fit a prompt router on the few-shot prompts (`peft_d2c.engine.prompt_router`, one forward
+            pass of the base per 16 prompts) so that `result.route(prompt)` / `result.generate(prompt)` serve requests
+            without a task label; needs the tokenizer (skipped without one).
 
     Example:
         ```python
@@ -187,6 +173,7 @@ class D2CMergeConfig:
     num_iterations: int | None = field(
         default=None, metadata={"help": "T, the number of proposed moves (None: 100 for paper, 30 for partition)."}
     )
+    max_forward_passes: int | None = field(default=None, metadata={"help": "Forward passes the steps may spend."})
     patience: int | None = field(default=None, metadata={"help": "Stop after this many rejections in a row."})
     examples_per_task: int = field(default=10, metadata={"help": "n, examples per task used for clustering."})
     combination_type: str = field(
@@ -230,6 +217,7 @@ class D2CMergeConfig:
     max_batch_tokens: int = field(
         default=16384, metadata={"help": "Tokens per scoring forward pass at most (rows x longest row)."}
     )
+    fit_router: bool = field(default=True, metadata={"help": "Fit a prompt router on the few-shot prompts."})
 
     def __post_init__(self) -> None:
         if (self.num_clusters is None) == (self.storage_budget is None):
@@ -240,26 +228,24 @@ class D2CMergeConfig:
         if self.num_clusters is not None:
             _check_int("num_clusters", self.num_clusters, minimum=1)
         if self.storage_budget is not None:
-            if isinstance(self.storage_budget, bool) or not isinstance(self.storage_budget, (int, float, str)):
-                raise TypeError(
-                    "`storage_budget` must be a fraction in (0, 1] or a size such as '20MB', got "
-                    f"{self.storage_budget!r}."
-                )
-            if is_bytes_budget(self.storage_budget):
-                parse_size(self.storage_budget)  # validates; the value is stored as given
+            budget = self.storage_budget
+            message = f"`storage_budget` must be a fraction in (0, 1] or a size such as '20MB', got {budget!r}."
+            if isinstance(budget, bool) or not isinstance(budget, (int, float, str)):
+                raise TypeError(message)
+            if is_bytes_budget(budget):
+                parse_size(budget)  # validates; the value is stored as given
+            elif not 0 < budget <= 1:
+                raise ValueError(message)
             else:
-                if not 0 < self.storage_budget <= 1:
-                    raise ValueError(
-                        "`storage_budget` must be a fraction in (0, 1] or a size such as '20MB', got "
-                        f"{self.storage_budget!r}."
-                    )
-                self.storage_budget = float(self.storage_budget)
+                self.storage_budget = float(budget)
         _check_choice("method", self.method, METHODS)
         _check_choice("init", self.init, INITS)
         _check_choice("combination_type", self.combination_type, COMBINATION_TYPES)
         _check_choice("majority_sign_method", self.majority_sign_method, ("total", "frequency"))
         if self.num_iterations is not None:
             _check_int("num_iterations", self.num_iterations, minimum=0)
+        if self.max_forward_passes is not None:
+            _check_int("max_forward_passes", self.max_forward_passes, minimum=1)
         if self.patience is not None:
             _check_int("patience", self.patience, minimum=1)
         _check_int("examples_per_task", self.examples_per_task, minimum=1)
@@ -274,6 +260,7 @@ class D2CMergeConfig:
             raise ValueError(f"`proposal={self.proposal!r}` swaps tasks, which only `search='partition'` can judge.")
         _check_int("restarts", self.restarts, minimum=1)
         _check_choice("final_pass", self.final_pass, (True, False))
+        _check_choice("fit_router", self.fit_router, (True, False))
         _check_int("checkpoint_every", self.checkpoint_every, minimum=1)
         _check_int("seed", self.seed, minimum=0)
         if self.svd_rank is not None:
@@ -299,11 +286,16 @@ class D2CMergeConfig:
         return DEFAULT_STEPS[self.search] if self.num_iterations is None else self.num_iterations
 
     def search_steps_for(self, num_adapters: int) -> int:
-        """T of a search over `num_adapters` adapters: `num_iterations` if set, else `SWEEP_ROUNDS` x N with
-        `proposal="sweep"` or `"targeted"`, else `DEFAULT_STEPS[search]`."""
-        if self.num_iterations is None and self.proposal != "random":
+        """T of a search over `num_adapters` adapters: `num_iterations` if set, else `max_forward_passes` if set (a
+        step costs at least one pass unless all its losses are cached), else `SWEEP_ROUNDS` x N with
+        `proposal="sweep"` or `"targeted"`, else `DEFAULT_STEPS[search]` x max(1, N / `REFERENCE_N`), rounded up."""
+        if self.num_iterations is not None:
+            return self.num_iterations
+        if self.max_forward_passes is not None:
+            return self.max_forward_passes
+        if self.proposal != "random":
             return SWEEP_ROUNDS * num_adapters
-        return self.search_steps
+        return math.ceil(DEFAULT_STEPS[self.search] * max(1, num_adapters / REFERENCE_N))
 
     def resolve_num_clusters(self, num_adapters: int) -> int:
         """Number of clusters K for `num_adapters` source adapters.

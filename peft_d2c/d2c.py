@@ -11,6 +11,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 import os
 import time
 from collections.abc import Sequence
@@ -36,6 +37,7 @@ from .engine.lora import (
     resolve_adapter_names,
 )
 from .engine.merging import AdapterMerger
+from .engine.prompt_router import fit_prompt_router
 from .engine.rank_budget import merge_with_allocated_ranks
 from .engine.scoring import LossScorer, UserScoreFn
 from .engine.search import SearchState, balanced_random_partition, d2c_search, kmeans_partition
@@ -121,7 +123,7 @@ def merge_adapters_d2c(
             cannot be merged together, a merged adapter name is taken, or a loss is NaN/inf.
         UnsupportedAdapterError: If the merge cannot take an adapter: DoRA and the other LoRA variants always;
             rslora and lora_bias adapters only with PEFT's combination types (the update-space types of
-            `config.UPDATE_TYPES`, the default `regmean` among them, accept them); rank patterns with PEFT's types
+            `combination_types.UPDATE_TYPES`, the default `regmean` among them, accept them); rank patterns with PEFT's types
             except the `*svd` ones.
         CheckpointMismatchError: If `checkpoint_dir` holds a checkpoint of another configuration, adapter set or
             example set.
@@ -201,6 +203,12 @@ def merge_adapters_d2c(
         else:
             for name, members in zip(merged_names, clusters, strict=True):
                 merger.merge(members, name)
+        prompt_router, router_passes, router_started = None, 0, time.perf_counter()
+        if config.fit_router and tokenizer is not None and len(names) > 1:  # requests without a task label
+            prompts = {n: [example.prompt for example in examples[n]] for n in names}
+            prompt_router = fit_prompt_router(peft_model, tokenizer, prompts, batch_size=config.batch_size)
+            router_passes = math.ceil(sum(map(len, prompts.values())) / config.batch_size)
+        router_seconds = time.perf_counter() - router_started
     except BaseException:
         for name in merged_names:  # none existed before (`check_names`): whatever is there now was made here
             if name in peft_model.peft_config:
@@ -238,9 +246,13 @@ def merge_adapters_d2c(
             "seconds": time.perf_counter() - started,
             "trace": trace,
             "restarts": [dict(f) for f in state.finished],
+            "router_seconds": router_seconds,
+            "router_forward_passes": router_passes,  # not in `forward_passes`: the search's and merges' cost
             **({"merged_sizes": merged_sizes} if merged_sizes else {}),
         },
         model=peft_model,
+        tokenizer=tokenizer,
+        prompt_router=prompt_router,
     )
 
 
@@ -301,6 +313,9 @@ def _run_search(
             "proposals_per_step": config.proposals_per_step,
             "proposal": config.proposal,
             "on_step": on_step,
+            # every process counts every process's passes, so all of them stop at the same step
+            "cost": lambda: scorer.scoring_passes,
+            "max_cost": config.max_forward_passes,
         }
         if exact_paper:  # Algorithm 1, the draws and decisions of `benchmarks/reference_d2c.py`
             state = d2c_search(state.clusters, scorer, rng, num_iterations=config.search_steps, state=state, **options)
@@ -311,7 +326,8 @@ def _run_search(
                 final_pass=config.final_pass,
                 restart_seed=config.seed,
             )
-            if group.num_processes > 1 and len(starts) > 1 and checkpointer is None:
+            # Apart, a start cannot reuse the losses of the starts before it, so a pass budget would buy other steps.
+            if group.num_processes > 1 and len(starts) > 1 and checkpointer is None and not config.max_forward_passes:
                 state = _search_starts_apart(starts, scorer, rng, group, options)
             else:
                 state = robust_search(starts, scorer, rng, state=state, **options)

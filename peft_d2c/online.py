@@ -17,12 +17,13 @@ from typing import Any
 from peft import get_peft_model_state_dict, set_peft_model_state_dict
 from transformers import AutoModelForCausalLM
 
-from .config import DATA_TYPES
+from .combination_types import DATA_TYPES
 from .data.examples import normalize_task_examples
 from .engine.budget import check_partition_fits
 from .engine.layer_inputs import attach_layer_inputs
 from .engine.lora import check_source_adapters
 from .engine.merging import AdapterMerger
+from .engine.prompt_router import prompt_features
 from .engine.scoring import LossScorer
 from .engine.state import ModelState
 from .hub.adapters import load_adapters
@@ -96,6 +97,8 @@ def add_adapter(
         )
     if score_fn is None and tokenizer is None:
         raise ValueError("Pass the base model's `tokenizer=` (or a custom `score_fn=`) to score the new adapter.")
+    if result.prompt_router is not None and tokenizer is None:
+        raise ValueError("This result has a prompt router: pass `tokenizer=` so that it learns to route the new task.")
     config = result.config
     check_source_adapters(model, [*result.assignment, name], config.combination_type)
     given = {} if config.combination_type not in DATA_TYPES else dict(member_examples or {})
@@ -122,6 +125,9 @@ def add_adapter(
         new_clusters[best] = candidates[best]
         check_partition_fits(model, new_clusters, config)
         merger.cleanup()
+        router = result.prompt_router
+        if router is not None:  # the new task's centroid, before anything of the result changes
+            router = router.with_task(name, prompt_features(model, tokenizer, [e.prompt for e in task_examples[name]]))
         merged_name = result.merged_adapter_names[best]
         # Keep the old merged adapter (config and weights) in memory: if the new merge fails, it is put back as it was.
         old_config = copy.deepcopy(model.peft_config[merged_name])
@@ -144,6 +150,7 @@ def add_adapter(
     result.clusters = new_clusters
     result.assignment[name] = best
     result.routing[name] = merged_name
+    result.prompt_router = router
     result.task_losses[name] = float(losses[best])
     if source is not None:
         result.sources[name] = dict(source)

@@ -6,10 +6,19 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from .config import CONFIG_NAME, D2CMergeConfig
+from .engine.prompt_router import (
+    ROUTER_CONFIG_NAME,
+    ROUTER_WEIGHTS_NAME,
+    PromptRouter,
+    Route,
+    generate_routed,
+    route_prompts,
+)
 from .export.folder import export_d2c_folder
 from .hub.cards import build_result_card
 from .hub.push import push_d2c_folder
@@ -41,6 +50,9 @@ class D2CResult:
         heldout_scores (`dict[str, float]`): Held-out scores per task, when evaluated.
         stats (`dict[str, float]`): Work done: merges, forward passes, cache hits, seconds.
         model: The `PeftModel` holding the merged adapters (not saved; `None` after `from_pretrained`).
+        tokenizer: The base model's tokenizer of the run (not saved), for `route` and `generate`.
+        prompt_router (`PromptRouter`, *optional*): Picks the merged adapter for a prompt without a task label
+            (`config.fit_router`; saved as `d2c_router.json` + `d2c_router.safetensors`).
     """
 
     clusters: list[list[str]]
@@ -57,6 +69,8 @@ class D2CResult:
     heldout_scores: dict[str, float] = field(default_factory=dict)
     stats: dict[str, float] = field(default_factory=dict)
     model: Any = field(default=None, repr=False, compare=False)
+    tokenizer: Any = field(default=None, repr=False, compare=False)
+    prompt_router: PromptRouter | None = field(default=None, repr=False, compare=False)
 
     @property
     def num_clusters(self) -> int:
@@ -71,6 +85,28 @@ class D2CResult:
         if task not in self.routing:
             raise KeyError(f"Unknown task {task!r}; known tasks: {sorted(self.routing)}.")
         return self.routing[task]
+
+    def route(self, prompts: str | Sequence[str], *, tokenizer=None, fallback: str = "nearest") -> Route | list[Route]:
+        """Which merged adapter should answer each prompt (no task label needed): one `Route` (task, adapter,
+        confidence, similarity, known) for a prompt, a list for several. `tokenizer` defaults to the run's;
+        `fallback` for a prompt of no known task: `"nearest"` (the nearest task's adapter) or `"base"` (`"__base__"`).
+        """
+        batch = [prompts] if isinstance(prompts, str) else list(prompts)
+        routes = route_prompts(*self._serving(tokenizer), self.routing, batch, fallback=fallback)
+        return routes[0] if isinstance(prompts, str) else routes
+
+    def generate(self, prompt: str, *, tokenizer=None, fallback: str = "nearest", **kwargs) -> tuple[str, Route]:
+        """Route `prompt` and answer it with the chosen merged adapter (greedy; `kwargs` go to `model.generate`,
+        e.g. `max_new_tokens`): returns the answer and the `Route` taken."""
+        return generate_routed(*self._serving(tokenizer), self.routing, prompt, fallback=fallback, **kwargs)
+
+    def _serving(self, tokenizer) -> tuple[Any, Any, PromptRouter]:
+        if self.prompt_router is None or self.model is None or (tokenizer or self.tokenizer) is None:
+            raise ValueError(
+                "Routing a prompt needs a fitted `prompt_router` (`D2CMergeConfig(fit_router=True)` with a tokenizer), "
+                "the model holding the merged adapters and a tokenizer; for a saved result use `load_d2c_collection`."
+            )
+        return self.model, tokenizer or self.tokenizer, self.prompt_router
 
     def add_adapter(
         self,
@@ -144,21 +180,19 @@ class D2CResult:
             "sources": self.sources,
             "data_sources": self.data_sources,
             "stats": self.stats,
+            "prompt_router": None if self.prompt_router is None else self.prompt_router.stats,
             "history": self.history,
         }
 
     def save_pretrained(self, save_directory: str | os.PathLike, *, is_main_process: bool = True) -> str:
         """Write the merged adapters (PEFT format, one subfolder each), routing, config and results.
 
-        Layout: `dir/<merged name>/adapter_config.json` + `adapter_model.safetensors` for each cluster,
-        `dir/d2c_routing.json`, `dir/d2c_config.json`, `dir/d2c_result.json` and the model card `dir/README.md` that a
-        push writes (unless `dir` holds a README of the user's, which is kept). The whole result is written into a
-        temporary folder next to `dir`, then exchanged with `dir` in one atomic step: an interrupted save leaves the
-        previous folder as it was, and a reader never sees new adapters with an old routing table. A previous
-        result's files (including merged adapters it had and this one has not) are replaced; any other file in
-        `dir` is kept. A `dir` that is a symlink stays one: the folder it points at gets the new result. Files and
-        subfolders get the ordinary modes of new ones under the umask (`0o666 & ~umask`, `0o777 & ~umask`); `dir`
-        keeps its mode, or gets `0o777 & ~umask` when it is new.
+        Layout: `dir/<merged name>/adapter_config.json` + `adapter_model.safetensors` per cluster, `d2c_routing.json`,
+        `d2c_config.json`, `d2c_result.json`, the prompt router (`d2c_router.json` + `.safetensors`) and the model card
+        `README.md` a push writes (a README of the user's is kept). Written into a temporary folder next to `dir`,
+        then exchanged with `dir` in one atomic step (an interrupted save leaves the previous folder as it was). A
+        previous result's files are replaced, any other file is kept; a symlinked `dir` stays one. Files get the
+        ordinary modes of new ones under the umask; `dir` keeps its mode.
 
         Args:
             save_directory (`str` or `os.PathLike`): Output folder (created if needed).
@@ -205,6 +239,8 @@ class D2CResult:
             with_card = not os.path.exists(os.path.join(target, CARD_NAME)) or CARD_NAME in owned
             files = _result_files(self) + ([CARD_NAME] if with_card else [])
             atomic_write_json(os.path.join(staging, ROUTING_NAME), self.routing)
+            if self.prompt_router is not None:
+                self.prompt_router.save_pretrained(staging)
             self.config.save_pretrained(staging)
             atomic_write_json(os.path.join(staging, RESULT_NAME), {**self.to_dict(), "files": sorted(files)})
             if with_card:
@@ -284,6 +320,9 @@ class D2CResult:
             data_sources=data.get("data_sources", {}),
             heldout_scores=data.get("heldout_scores", {}),
             stats=data.get("stats", {}),
+            prompt_router=PromptRouter.from_pretrained(directory)
+            if ROUTER_CONFIG_NAME in data.get("files", [])
+            else None,
         )
 
     def export(
@@ -346,7 +385,8 @@ CARD_NAME = "README.md"
 
 def _result_files(result: D2CResult) -> list[str]:
     """The entries of a result folder that belong to the result (what a later save may replace)."""
-    return sorted([*result.merged_adapter_names, ROUTING_NAME, CONFIG_NAME, RESULT_NAME])
+    router = [ROUTER_CONFIG_NAME, ROUTER_WEIGHTS_NAME] if result.prompt_router is not None else []
+    return sorted([*result.merged_adapter_names, ROUTING_NAME, CONFIG_NAME, RESULT_NAME, *router])
 
 
 def _previous_result_files(directory: str) -> set[str]:

@@ -30,7 +30,7 @@ import time
 import torch
 
 from peft_d2c import D2CMergeConfig, merge_adapters_d2c
-from peft_d2c.config import DATA_TYPES, UPDATE_TYPES
+from peft_d2c.combination_types import DATA_TYPES, UPDATE_TYPES
 from peft_d2c.embedded.mainjob import load_embedded_assets, load_quick_assets
 from peft_d2c.engine import merge_methods
 from peft_d2c.engine.lora import lora_factors, lora_layers

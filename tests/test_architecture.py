@@ -19,7 +19,14 @@ PACKAGE_DIR = Path(__file__).resolve().parents[1] / "peft_d2c"
 
 # Stages from the bottom up: a module may import its own stage and lower ones, never a higher one.
 STAGES = [
-    ("peft_d2c.errors", "peft_d2c.io", "peft_d2c.names", "peft_d2c.sizes", "peft_d2c.version"),
+    (
+        "peft_d2c.combination_types",
+        "peft_d2c.errors",
+        "peft_d2c.io",
+        "peft_d2c.names",
+        "peft_d2c.sizes",
+        "peft_d2c.version",
+    ),
     ("peft_d2c.config",),
     ("peft_d2c.data",),
     ("peft_d2c.engine",),
@@ -216,8 +223,8 @@ class TestOneDefinitionEach:
             ("ModelState", "peft_d2c.engine.state"),
             ("check_adapter_name", "peft_d2c.names"),
             ("merged_rank", "peft_d2c.engine.budget"),
-            ("SVD_TYPES", "peft_d2c.config"),
-            ("COMBINATION_TYPES", "peft_d2c.config"),
+            ("SVD_TYPES", "peft_d2c.combination_types"),
+            ("COMBINATION_TYPES", "peft_d2c.combination_types"),
             ("parse_size", "peft_d2c.sizes"),
             ("lora_factors", "peft_d2c.engine.lora"),
             ("resolve_adapter_names", "peft_d2c.engine.lora"),

@@ -80,6 +80,23 @@ def test_search_steps_default_per_search_and_explicit_t_wins():
     assert D2CMergeConfig.from_dict({**config.to_dict(), "search": "paper"}).search_steps == 100
 
 
+def test_default_t_grows_with_n_above_16_adapters_and_a_pass_budget_sets_the_cap():
+    """Up to 16 adapters T is the measured default; above, it grows as N / 16 (rounded up), so the expected number
+    of proposals per adapter does not shrink with N; `num_iterations` always wins."""
+    partition, paper = D2CMergeConfig(num_clusters=2), D2CMergeConfig(num_clusters=2, search="paper")
+    assert [partition.search_steps_for(n) for n in (2, 16, 17, 64, 256)] == [30, 30, 32, 120, 480]
+    assert [paper.search_steps_for(n) for n in (16, 24, 256)] == [100, 150, 1600]
+    for n in (16, 64, 256):  # expected proposals per adapter: T / N, never below the N = 16 value
+        assert partition.search_steps_for(n) / n >= 30 / 16
+    assert D2CMergeConfig(num_clusters=2, proposal="sweep").search_steps_for(256) == 512
+    assert D2CMergeConfig(num_clusters=2, max_forward_passes=900).search_steps_for(16) == 900
+    assert D2CMergeConfig(num_clusters=2, max_forward_passes=900, num_iterations=5).search_steps_for(256) == 5
+    with pytest.raises(ValueError, match="max_forward_passes"):
+        D2CMergeConfig(num_clusters=2, max_forward_passes=0)
+    with pytest.raises(TypeError, match="max_forward_passes"):
+        D2CMergeConfig(num_clusters=2, max_forward_passes=2.5)
+
+
 def test_the_card_names_the_search_and_its_default_t():
     """A result saved with `num_iterations=None` shows the T its search ran (the card reads the saved config)."""
     from peft_d2c.hub.cards import _method_section

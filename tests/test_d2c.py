@@ -244,8 +244,9 @@ class TestSaveAndReload:
         result = merge_adapters_d2c(tiny_peft_model, tiny_task_examples, config, tokenizer=tiny_tokenizer)
         out = result.save_pretrained(tmp_path / "out")
         assert sorted(os.listdir(out)) == sorted(
-            [*result.merged_adapter_names, "README.md", "d2c_config.json", "d2c_result.json", "d2c_routing.json"]
-        )
+            [*result.merged_adapter_names, "README.md", "d2c_config.json", "d2c_result.json", "d2c_routing.json",
+             "d2c_router.json", "d2c_router.safetensors"]
+        )  # fmt: skip
         inputs = batch_inputs(tiny_tokenizer)
         for name in result.merged_adapter_names:
             tiny_peft_model.set_adapter(name)

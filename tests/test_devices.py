@@ -21,7 +21,7 @@ from safetensors import safe_open
 
 from peft_d2c import D2CMergeConfig, merge_adapters_d2c
 from peft_d2c import testing as tiny
-from peft_d2c.config import COMBINATION_TYPES, DATA_TYPES, UPDATE_TYPES
+from peft_d2c.combination_types import COMBINATION_TYPES, DATA_TYPES, UPDATE_TYPES
 from peft_d2c.data.examples import normalize_task_examples
 from peft_d2c.engine import merge_methods
 from peft_d2c.engine.lora import delta_gram_matrix, lora_factors, lora_layers

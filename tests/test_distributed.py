@@ -23,6 +23,8 @@ RUNS = [
     {"num_clusters": 2, "num_iterations": 6, "seed": 2, "search": "partition", "restarts": 2, "final_pass": True},
     # restarts split across the processes (issue 20): process 0 searches starts 0 and 2, process 1 start 1
     {"num_clusters": 3, "num_iterations": 12, "seed": 3, "restarts": 3, "final_pass": True, "proposal": "sweep"},
+    # a forward-pass budget: each process counts every process's passes, so both stop at the same step
+    {"num_clusters": 2, "seed": 4, "proposals_per_step": 3, "batch_size": 10, "max_forward_passes": 12},
 ]
 
 CHILD = textwrap.dedent(
@@ -146,6 +148,8 @@ class TestAccelerateLaunch:
                 assert run["task_losses"] == single.task_losses
                 assert run["stats"]["num_processes"] == 2
                 assert run["stats"]["restarts"] == single.stats["restarts"]
+            if "max_forward_passes" in kwargs:  # the budget, not T (= the budget), ended the steps
+                assert 0 < len(single.history) < kwargs["max_forward_passes"]
             if kwargs.get("restarts", 1) > 1:
                 # Each process searched its own starts: both scored, and neither needed the single process's passes.
                 passes = [rank["runs"][index]["stats"]["forward_passes"] for rank in ranks]

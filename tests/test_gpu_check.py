@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from peft_d2c.config import UPDATE_TYPES
+from peft_d2c.combination_types import UPDATE_TYPES
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -254,6 +254,12 @@ class TestPush:
         for task, name in result.routing.items():
             with router.task(task):
                 assert torch.allclose(_logits(model), _logits(result.model, name), atol=1e-6)
+        # the prompt router came with it, from the same commit: same centroids, same routes as the run's
+        assert {"d2c_router.json", "d2c_router.safetensors"} <= set(os.listdir(local))
+        assert torch.equal(router.prompt_router.centroids, result.prompt_router.centroids)
+        prompts = [e["prompt"] for e in tiny.make_examples("sort", 3, seed=5)]
+        assert router.route(prompts, tiny.make_tokenizer()) == result.route(prompts)
+        assert "A request without a task label" in card.text
 
     def test_repos_layout_writes_one_repo_per_cluster(self, d2c_run, hub_server, hub_sources, tiny_assets):
         result, folder = d2c_run
@@ -274,6 +280,7 @@ class TestPush:
             with pytest.warns(D2CWarning, match="Names are unreliable"):
                 model, router = load_d2c_collection(_base(tiny_assets), target)
             assert router.routing == result.routing
+            assert torch.equal(router.prompt_router.centroids, result.prompt_router.centroids)  # from the first repo
             task = next(iter(result.routing))
             router.set_task(task)
             assert torch.allclose(_logits(model), _logits(result.model, result.routing[task]), atol=1e-6)

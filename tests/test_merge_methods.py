@@ -22,7 +22,7 @@ from peft.utils.merge_utils import prune as peft_prune
 from peft.utils.merge_utils import ties as peft_ties
 
 from peft_d2c import D2CMergeConfig, UnsupportedAdapterError, merge_adapters_d2c
-from peft_d2c.config import DATA_TYPES, UPDATE_TYPES
+from peft_d2c.combination_types import DATA_TYPES, UPDATE_TYPES
 from peft_d2c.engine import merge_methods
 from peft_d2c.engine.budget import merged_rank
 from peft_d2c.engine.lora import check_source_adapters, lora_layers

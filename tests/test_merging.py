@@ -10,7 +10,7 @@ from transformers import LlamaForCausalLM
 
 from peft_d2c import D2CMergeConfig, UnsupportedAdapterError
 from peft_d2c import testing as tiny
-from peft_d2c.config import COMBINATION_TYPES
+from peft_d2c.combination_types import COMBINATION_TYPES
 from peft_d2c.engine.lora import (
     check_new_adapter_name,
     check_peft_model,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import stat
 
@@ -135,13 +136,15 @@ class TestSaveModesAndLinks:
         (real / "notes.txt").write_text("mine")
         link = (tmp_path / "data" if layout == "same_folder" else tmp_path / "links") / "out"
         os.symlink(real, link)
-        for result in (three, two, two):  # a first save, a smaller result over it, and the same again
+        # a first save, a smaller result over it, the same again, and one without a prompt router (its files go)
+        for result in (three, two, two, dataclasses.replace(two, prompt_router=None)):
             assert result.save_pretrained(link) == os.fspath(link)
             assert os.path.islink(link) and os.readlink(link) == os.fspath(real)
             assert D2CResult.from_pretrained(real).routing == result.routing
+            router = {"d2c_router.json", "d2c_router.safetensors"} if result.prompt_router is not None else set()
             assert set(os.listdir(real)) == {
                 *result.merged_adapter_names, "notes.txt", "README.md", "d2c_config.json", "d2c_result.json",
-                "d2c_routing.json",
+                "d2c_routing.json", *router,
             }  # fmt: skip
             assert snapshot(link) == snapshot(real)
             # no staging folder left behind, next to the link or to its target

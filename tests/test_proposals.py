@@ -191,7 +191,7 @@ class TestStepsScaleWithN:
         config = D2CMergeConfig(num_clusters=2, proposal="sweep")
         assert [config.search_steps_for(n) for n in (16, 64, 256)] == [32, 128, 512]
         assert D2CMergeConfig(num_clusters=2, proposal="sweep", num_iterations=5).search_steps_for(64) == 5
-        assert D2CMergeConfig(num_clusters=2).search_steps_for(64) == 30
+        assert D2CMergeConfig(num_clusters=2).search_steps_for(64) == 120  # the random rule scales too: 30 x 64 / 16
         assert D2CMergeConfig(num_clusters=2, proposal="targeted").search_steps_for(64) == 128
 
     def test_the_result_records_the_t_that_ran(self, tiny_assets, tiny_tokenizer, tiny_task_examples, tmp_path):

@@ -142,6 +142,31 @@ class TestD2CSearch:
         assert len(state.history) == 7
         assert all(not h["accepted"] for h in state.history)
 
+    @pytest.mark.parametrize("budget", [1, 9, 40])
+    def test_a_cost_budget_stops_the_steps_once_spent(self, budget):
+        """Cost = losses the score function computed; the steps stop before the first step that would start with
+        the budget spent, and the budget only cuts the unbudgeted search short."""
+        computed = []
+
+        def counting(requests):
+            computed.append(len(requests))
+            return group_score(requests)
+
+        start = balanced_random_partition(list(GROUPS), 3, np.random.default_rng(2))
+        state = d2c_search(
+            start,
+            counting,
+            np.random.default_rng(4),
+            num_iterations=10_000,
+            cost=lambda: sum(computed),
+            max_cost=budget,
+        )
+        per_step = 2  # the paper's rule scores the moved task before and after: two losses a step
+        assert state.spent == sum(computed) == per_step * len(state.history)
+        assert state.spent >= budget and state.spent - per_step < budget
+        plain = d2c_search(start, group_score, np.random.default_rng(4), num_iterations=len(state.history))
+        assert plain.history == state.history and plain.clusters == state.clusters
+
     def test_resuming_a_state_gives_the_uninterrupted_result(self):
         start = balanced_random_partition(list(GROUPS), 3, np.random.default_rng(5))
         full = d2c_search(start, group_score, np.random.default_rng(9), num_iterations=40)

@@ -210,6 +210,36 @@ class TestRestarts:
         assert second_start(starts, 5) == second_start(other_first, 5)
         assert second_start(starts, 5) != second_start(starts, 6)
 
+    @pytest.mark.parametrize("budget", [30, 31, 100])
+    def test_a_cost_budget_is_split_between_the_starts(self, budget):
+        """The budget over 3 starts (shares as `restart_budgets` splits T): each start steps until its share is
+        spent, counted from its own first step, whatever T allows."""
+        computed, spent_after_steps = [], []
+
+        def counting(requests):
+            computed.append(len(requests))
+            return hashed_score(requests)
+
+        starts = [balanced_random_partition(NAMES, 3, np.random.default_rng([4, r])) for r in range(3)]
+        state = robust_search(
+            starts,
+            counting,
+            np.random.default_rng(0),
+            num_iterations=3000,
+            restart_seed=4,
+            cost=lambda: sum(computed),
+            max_cost=budget,
+            final_pass=False,
+            on_step=lambda st: spent_after_steps.append((st.restart, st.spent)),
+        )
+        ends = restart_budgets(budget, 3)
+        shares = [ends[0], ends[1] - ends[0], ends[2] - ends[1]]
+        for index, share in enumerate(shares):
+            spent = [value for restart, value in spent_after_steps if restart == index]
+            assert len(spent) == state.finished[index]["steps"] > 0
+            assert spent[-1] >= share and (len(spent) == 1 or spent[-2] < share), (index, share, spent)
+            assert spent == sorted(spent) and spent[0] > 0
+
     def test_combining_shares_that_miss_a_start_raises(self):
         starts = [balanced_random_partition(NAMES, 3, np.random.default_rng([2, r])) for r in range(3)]
         part = robust_search(
@@ -329,6 +359,31 @@ class TestOnTheTinyModel:
             tiny.load_peft_model(*tiny_assets), tiny_task_examples, config, tokenizer=tiny_tokenizer
         )
         assert result.clusters == reference["clusters"] and result.history == reference["history"]
+
+    @pytest.mark.parametrize("search", ["paper", "partition"])
+    def test_a_forward_pass_budget_stops_the_search_where_the_passes_run_out(
+        self, search, tiny_assets, tiny_tokenizer, tiny_task_examples
+    ):
+        """`max_forward_passes=B`: the steps stop at the first step that ends with B passes spent (counted by the
+        scorer's forward passes; `knots_ties` runs no passes before the search), and the run is the unbudgeted
+        run with that many steps."""
+        budget = 7
+        options = {"num_clusters": 2, "seed": 3, "search": search, "combination_type": "knots_ties", "batch_size": 10}
+        model = tiny.load_peft_model(*tiny_assets)
+        cut = merge_adapters_d2c(
+            model, tiny_task_examples, D2CMergeConfig(max_forward_passes=budget, **options), tokenizer=tiny_tokenizer
+        )
+        steps = len(cut.history)
+        assert cut.config.num_iterations == budget and 0 < steps < budget
+        plain = merge_adapters_d2c(
+            tiny.load_peft_model(*tiny_assets),
+            tiny_task_examples,
+            D2CMergeConfig(num_iterations=steps, **options),
+            tokenizer=tiny_tokenizer,
+        )
+        assert plain.history == cut.history and plain.clusters == cut.clusters
+        passes_after = [passes for _, passes in plain.stats["trace"]]  # forward passes after each step
+        assert passes_after[-1] >= budget and (steps == 1 or passes_after[-2] < budget)
 
     def test_accepted_moves_lower_the_total_loss_under_fresh_merges(
         self, tiny_assets, tiny_tokenizer, tiny_task_examples

@@ -14,7 +14,7 @@ import argparse
 import json
 import os
 
-from ..config import COMBINATION_TYPES
+from ..combination_types import COMBINATION_TYPES
 from ..embedded.benchmark import run_benchmark
 from ..embedded.merge_report import combine_runs, format_report
 
@@ -25,6 +25,7 @@ _VARIANT_KEYS = {
     "proposals_per_step": int,
     "patience": int,
     "num_iterations": int,
+    "max_forward_passes": int,
     "init": str,
     "proposal": str,
 }

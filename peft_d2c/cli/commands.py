@@ -14,7 +14,7 @@ from typing import Any
 
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from ..config import DATA_TYPES
+from ..combination_types import DATA_TYPES
 from ..d2c import merge_adapters_d2c
 from ..data.spec import load_task_examples
 from ..evaluation.estimate import estimate_run

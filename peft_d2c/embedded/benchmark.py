@@ -27,7 +27,8 @@ from collections.abc import Sequence
 from dataclasses import fields
 from typing import Any
 
-from ..config import RANDOM_TYPES, D2CMergeConfig
+from ..combination_types import RANDOM_TYPES
+from ..config import D2CMergeConfig
 from ..d2c import merge_adapters_d2c
 from ..evaluation.generation import BASE_ADAPTER
 from ..evaluation.heldout import evaluate_routing, loss_matrix

@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from ..config import DATA_TYPES
+from ..combination_types import DATA_TYPES
 from .lora import lora_layers
 from .merging import AdapterMerger
 from .scoring import LossScorer, input_device, token_batches
@@ -123,7 +123,7 @@ def _adapter_grams(
 
 
 def attach_layer_inputs(merger: AdapterMerger, scorer: LossScorer) -> None:
-    """Give `merger` the Grams its data-aware combination type merges with (`config.DATA_TYPES`), from the scorer's
+    """Give `merger` the Grams its data-aware combination type merges with (`combination_types.DATA_TYPES`), from the scorer's
     tokenised few-shot examples; nothing for the other types. Adapters that already have theirs are skipped; the
     forward passes run are added to the scorer's `forward_passes`.
 

@@ -26,7 +26,7 @@ from peft import LoraConfig, get_peft_model
 from peft.tuners.lora import LoraLayer, LoraModel
 from peft.utils.merge_utils import dare_linear, dare_ties, magnitude_prune, task_arithmetic, ties
 
-from ..config import SVD_TYPES
+from ..combination_types import SVD_TYPES
 from ..errors import D2CWarning
 
 logger = logging.getLogger(__name__)

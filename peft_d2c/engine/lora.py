@@ -19,7 +19,7 @@ from peft import PeftModel
 from peft.tuners.lora import LoraLayer, LoraModel
 from peft.utils import PeftType
 
-from ..config import EQUAL_RANK_TYPES, SVD_TYPES, UPDATE_TYPES
+from ..combination_types import EQUAL_RANK_TYPES, SVD_TYPES, UPDATE_TYPES
 from ..errors import D2CWarning, UnsupportedAdapterError
 from ..names import check_adapter_name
 
@@ -42,7 +42,7 @@ UNMERGEABLE_FLAGS = {
     "trainable_token_indices": "trainable tokens (trainable_token_indices)",
     "layer_replication": "layer replication",
 }
-# Flags the update-space types (`config.UPDATE_TYPES`) merge exactly: each update with its own scaling, the bias folded.
+# Flags the update-space types (`combination_types.UPDATE_TYPES`) merge exactly: each update with its own scaling, the bias folded.
 EXACT_IN_UPDATE_SPACE = ("use_rslora", "lora_bias")
 
 
@@ -118,7 +118,7 @@ def check_source_adapters(peft_model: PeftModel, adapter_names: Sequence[str], c
             equal ranks.
         UnsupportedAdapterError: If an adapter is not a plain LoRA (DoRA, rslora, lora_bias and other variants are
             merged wrongly by PEFT, peft issue 3761). rslora and lora_bias pass for the update-space types
-            (`config.UPDATE_TYPES`), which apply their scaling exactly; DoRA never does.
+            (`combination_types.UPDATE_TYPES`), which apply their scaling exactly; DoRA never does.
     """
     for name in adapter_names:
         if name not in peft_model.peft_config:

@@ -13,7 +13,7 @@ approximation follows by truncation (Eckart-Young). Element-wise methods (TIES) 
 shared basis instead of on the d x d entries, as KnOTS (Stoica et al., ICLR 2025) and Core Space merging
 (Panariello et al., NeurIPS 2025) do; each docstring says which space it prunes in.
 
-The types (`peft_d2c.config.UPDATE_TYPES`), with the weights `engine.merge_weights.merge_weights_for` gives them:
+The types (`peft_d2c.combination_types.UPDATE_TYPES`), with the weights `engine.merge_weights.merge_weights_for` gives them:
 
 - `core_ta`: task arithmetic Σ w_i·ΔW_i (w_i = 1/k, the mean), truncated to rank r. The same update as PEFT's
   `svd`, computed exactly and without a dense SVD.

@@ -2,8 +2,7 @@
 
 Takes the merge weights per combination type and the seed of every merge from `merge_weights` (so `dare_*` merges are
 reproducible and cacheable), creates merged adapters with PEFT's `add_weighted_adapter` and refills evicted ones in
-place with the same per-layer arithmetic (`peft_d2c.engine.layer_merge`). May import `peft_d2c.config`,
-`peft_d2c.errors` and the engine modules `lora`, `layer_merge`, `merge_methods`, `merge_weights` and `budget`.
+place with the same per-layer arithmetic (`peft_d2c.engine.layer_merge`, `update_layers`).
 """
 
 from __future__ import annotations
@@ -19,7 +18,8 @@ from peft import PeftModel
 from peft.tuners.lora import LoraLayer
 from peft.utils.merge_utils import calculate_majority_sign_mask, disjoint_merge, prune, reshape_weight_task_tensors
 
-from ..config import DATA_TYPES, RANDOM_TYPES, UPDATE_TYPES, D2CMergeConfig
+from ..combination_types import DATA_TYPES, RANDOM_TYPES, UPDATE_TYPES
+from ..config import D2CMergeConfig
 from .budget import merged_rank
 from .layer_merge import own_merge_layer, peft_helpers_verified, peft_merge_layer
 from .lora import adapter_rank, check_new_adapter_name, lora_factors, lora_layers, union_target_modules
@@ -46,7 +46,7 @@ class AdapterMerger:
     adapter's magnitude-pruned factors are kept for the run (one extra copy of the source LoRA weights at most), since
     PEFT prunes every member on its own. `dare_*` merges, whose random masks depend on the module construction, and
     slots of another rank (`cat` of clusters of other sizes) use a full PEFT merge. The update-space types
-    (`config.UPDATE_TYPES`) create a plain rank-r LoRA with PEFT's `add_adapter` and write its factors with
+    (`combination_types.UPDATE_TYPES`) create a plain rank-r LoRA with PEFT's `add_adapter` and write its factors with
     `layer_merge.update_merge_into`, for full merges and refills alike.
 
     Args:

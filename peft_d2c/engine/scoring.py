@@ -225,6 +225,9 @@ class LossScorer:
         cache (`dict`): `(sorted members, task) -> loss` for every loss computed in this run (by any process).
         cache_hits, cache_misses (`int`): Requests answered from the cache, and distinct losses computed.
         forward_passes (`int`): Forward passes run by this process.
+        scoring_passes (`int`): Forward passes of the scoring batches of all processes together (a custom
+            `user_score_fn` counts one per loss): the same number on every process, so a search budget in
+            forward passes (`max_forward_passes`) stops every process at the same step.
         forward_seconds (`float`): Wall time of this process in `completion_loss_sums` (or the user score function).
     """
 
@@ -279,6 +282,7 @@ class LossScorer:
         self.cache_hits = 0
         self.cache_misses = 0
         self.forward_passes = 0
+        self.scoring_passes = 0
         self.forward_seconds = 0.0
         self.pad_token_id = 0
         self.tokenized: dict[str, list[TokenizedExample]] = {}
@@ -309,7 +313,10 @@ class LossScorer:
                 max_clusters=self.merger.config.merge_cache_size,
             )
             batch_keys = [[missing[i] for i in batch] for batch in batches]
-            for chunk, losses in zip(batch_keys, self.process_group.map(self._score_batch, batch_keys), strict=True):
+            for chunk, (losses, passes) in zip(
+                batch_keys, self.process_group.map(self._score_batch, batch_keys), strict=True
+            ):
+                self.scoring_passes += passes
                 for key, loss in zip(chunk, losses, strict=True):
                     if not math.isfinite(loss):
                         raise NonFiniteLossError(
@@ -319,20 +326,23 @@ class LossScorer:
                     self.cache[key] = loss
         return [self.cache[k] for k in keys]
 
-    def _score_batch(self, keys: Sequence[tuple[Members, str]]) -> list[float]:
+    def _score_batch(self, keys: Sequence[tuple[Members, str]]) -> tuple[list[float], int]:
+        """The losses of one scoring batch and the forward passes they took (one per loss for a custom score)."""
         self.merger.pin([members for members, _ in keys])
         try:
             adapter_names = [self.merger.adapter_for(members) for members, _ in keys]
         finally:
             self.merger.unpin()
-        started = time.perf_counter()
+        started, passes = time.perf_counter(), self.forward_passes
         try:
             if self.user_score_fn is not None:
-                return [
+                losses = [
                     float(self.user_score_fn(self.model, name, task, [e.to_dict() for e in self.examples[task]]))
                     for name, (_, task) in zip(adapter_names, keys, strict=True)
                 ]
-            return self._losses([(name, task) for name, (_, task) in zip(adapter_names, keys, strict=True)])
+                return losses, len(losses)
+            losses = self._losses([(name, task) for name, (_, task) in zip(adapter_names, keys, strict=True)])
+            return losses, self.forward_passes - passes
         finally:
             self.forward_seconds += time.perf_counter() - started
 

@@ -99,6 +99,8 @@ class SearchState:
     finished: list[dict[str, Any]] = field(default_factory=list)
     # The adapters of the current `"sweep"` / `"targeted"` round not proposed yet (see `peft_d2c.engine.proposals`).
     queue: list[str] = field(default_factory=list)
+    # What the steps of the current start have cost so far, in the caller's `cost` units (forward passes).
+    spent: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable copy (used by checkpoints)."""
@@ -111,6 +113,7 @@ class SearchState:
             "phase": self.phase,
             "finished": [dict(f) for f in self.finished],
             "queue": list(self.queue),
+            "spent": self.spent,
         }
 
     @classmethod
@@ -125,6 +128,7 @@ class SearchState:
             phase=str(data.get("phase", "search")),
             finished=[dict(f) for f in data.get("finished", [])],
             queue=[str(m) for m in data.get("queue", [])],
+            spent=float(data.get("spent", 0.0)),
         )
 
 
@@ -140,6 +144,8 @@ def d2c_search(
     proposals_per_step: int = 1,
     objective: str = "task",
     proposal: str = "random",
+    cost: Callable[[], float] | None = None,
+    max_cost: float | None = None,
 ) -> SearchState:
     """Run Algorithm 1: propose moving one adapter between clusters, keep the move if its task's loss drops.
 
@@ -176,6 +182,11 @@ def d2c_search(
             `"random"` (the paper's draws), `"sweep"` (every adapter in turn, moves and swaps) or `"targeted"`
             (as sweep, into the cluster that gives the task its lowest loss); the last two only with
             `objective="partition"`. See `peft_d2c.engine.proposals`.
+        cost (`Callable[[], float]`, *optional*):
+            A counter that only grows (the scorer's forward passes); what each step adds to it is added to
+            `state.spent`.
+        max_cost (`float`, *optional*):
+            Stop before a step once `state.spent` has reached it: a budget in `cost` units, next to T.
 
     Returns:
         `SearchState`: the final partition (cluster order kept from the start) and one history record per step
@@ -225,6 +236,9 @@ def d2c_search(
     while state.iteration < num_iterations:
         if patience is not None and state.rejections_in_a_row >= patience:
             break
+        if max_cost is not None and state.spent >= max_cost:
+            break
+        cost_before = cost() if cost is not None else 0.0
         # Draw every candidate before scoring any: the random draws then never depend on this step's scores, so a
         # distributed caller can split the batch freely and every process keeps the same random stream (a targeted
         # draw reads only losses every process holds).
@@ -281,6 +295,8 @@ def d2c_search(
             record["total_loss"] = total_loss(current)
         state.history.append(record)
         state.iteration += 1
+        if cost is not None:
+            state.spent += cost() - cost_before
         if on_step is not None:
             on_step(state)
     return state

@@ -53,6 +53,8 @@ def robust_search(
     proposal: str = "random",
     restart_seed: int | None = None,
     only_starts: Sequence[int] | None = None,
+    cost: Callable[[], float] | None = None,
+    max_cost: float | None = None,
     state: SearchState | None = None,
     on_step: Callable[[SearchState], None] | None = None,
 ) -> SearchState:
@@ -78,6 +80,9 @@ def robust_search(
         only_starts (`Sequence[int]`, *optional*):
             Search only these starts (each still ends at its step count of the whole run) and return without
             choosing or polishing (`phase` stays `"search"`): one process's share, for `combine_starts`.
+        cost (`Callable[[], float]`, *optional*), max_cost (`float`, *optional*):
+            A budget of the steps of all starts together, in `cost` units (see `d2c_search`), split between the
+            starts like T (`restart_budgets`); the final pass is not limited by it.
         state (`SearchState`, *optional*): A checkpointed state to continue (the caller restores `rng`).
         on_step (`Callable[[SearchState], None]`, *optional*): Called after every step and every final-pass move.
 
@@ -109,6 +114,9 @@ def robust_search(
         if sorted(m for c in start for m in c) != names or len(start) != len(starts[0]):
             raise ValueError("Every start must be a partition of the same adapters into the same number of clusters.")
     ends = restart_budgets(num_iterations, len(starts))
+    if max_cost is not None:  # each start's share of the budget (the integer split of T, on the budget)
+        cost_ends = restart_budgets(int(max_cost), len(starts))
+        cost_shares = [end - (cost_ends[i - 1] if i else 0) for i, end in enumerate(cost_ends)]
     indices = list(range(len(starts))) if only_starts is None else sorted(set(only_starts))
     if state is None:
         state = SearchState(clusters=[sorted(c) for c in starts[0]])
@@ -121,6 +129,7 @@ def robust_search(
         state.iteration = ends[index - 1] if index else 0
         state.rejections_in_a_row = 0
         state.queue = []
+        state.spent = 0.0
         if index and restart_seed is not None:
             rng.bit_generator.state = np.random.default_rng([restart_seed, index, 1]).bit_generator.state
 
@@ -140,6 +149,8 @@ def robust_search(
                 proposals_per_step=proposals_per_step,
                 objective=objective,
                 proposal=proposal,
+                cost=cost,
+                max_cost=None if max_cost is None else cost_shares[index],
             )
             total = total_loss(partition_losses(state.clusters, score_fn))
             state.finished.append(

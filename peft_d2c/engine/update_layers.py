@@ -13,7 +13,7 @@ import torch
 from peft import LoraConfig
 from peft.tuners.lora import LoraLayer
 
-from ..config import DATA_TYPES
+from ..combination_types import DATA_TYPES
 from .layer_merge import layer_factors, parameter_like, set_factors
 from .merge_methods import merge_biases, merge_updates, widest_dtype
 from .regmean import regmean_merge
@@ -33,7 +33,7 @@ def update_merge_into(
     regmean_alpha: float = 0.9,
     gram_cache: dict | None = None,
 ) -> None:
-    """Merge `members` with a rank-r update-space type (`peft_d2c.config.UPDATE_TYPES`) into the existing adapter
+    """Merge `members` with a rank-r update-space type (`peft_d2c.combination_types.UPDATE_TYPES`) into the existing adapter
     `adapter_name` of every layer in `layers` (its factors, and its LoRA bias if it has one, are overwritten).
 
     Each member's update is s_i·B_i·A_i with its own scaling s_i as PEFT applies it in that layer (`layer.scaling`:
@@ -41,7 +41,7 @@ def update_merge_into(
     s_i·b_i; the maths is `peft_d2c.engine.merge_methods`, one batched call per group of layers with the same shapes
     (the same projection in every block). The merged factors are for scaling 1 (`lora_alpha = r`); a merged bias
     where no member has one is zero. A member that does not adapt a layer adds a zero update there. The data-aware
-    types (`config.DATA_TYPES`: `regmean`, `peft_d2c.engine.regmean`) take `grams`: per layer, the Gram matrix of
+    types (`combination_types.DATA_TYPES`: `regmean`, `peft_d2c.engine.regmean`) take `grams`: per layer, the Gram matrix of
     every member's layer inputs, in the order of `members`, and `regmean_alpha`; `gram_cache` (a dict the caller
     keeps for the run) memoises each member's Grams stacked over a group of layers, as every merge needs them.
 

@@ -3,8 +3,9 @@
 Every merged adapter of the folder is converted (and checked) in memory first; only then is anything written, into
 a staging folder next to the output that is moved into place, so a refused adapter leaves no partial export. The
 manifest (`d2c_export.json`) maps each task to its adapter file and says how to serve it; `lm_eval_commands.sh`
-holds the `lm_eval` command of each merged adapter with the tasks routed to it (written, not run). May import
-`peft_d2c.config`, `peft_d2c.errors`, `peft_d2c.io`, `peft_d2c.hub` and the `export` modules.
+holds the `lm_eval` command of each merged adapter with the tasks routed to it (written, not run); a result's prompt
+router is copied next to the adapters, with a manifest entry saying how a server uses it. May import
+`peft_d2c.config`, `peft_d2c.errors`, `peft_d2c.io`, `peft_d2c.engine`, `peft_d2c.hub` and the `export` modules.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import shutil
 import tempfile
 from typing import Any
 
+from ..engine.prompt_router import MAX_FEATURE_TOKENS, ROUTER_CONFIG_NAME, ROUTER_WEIGHTS_NAME
 from ..hub.cards import read_result_folder
 from ..io import ROUTING_NAME, atomic_write_json, atomic_write_text, read_json
 from .llamacpp import base_info_from_config, base_info_from_gguf, convert_peft_adapter, write_gguf_lora
@@ -150,6 +152,10 @@ def export_d2c_folder(
         manifest["lm_eval"] = {name: cmd for name, cmd in zip(names, lm_eval, strict=True)}
         atomic_write_text(os.path.join(staging, LM_EVAL_NAME), "#!/usr/bin/env bash\n" + "\n".join(lm_eval) + "\n")
         atomic_write_json(os.path.join(staging, ROUTING_NAME), routing)
+        if ROUTER_CONFIG_NAME in data["result"].get("files", []):  # requests without a task label
+            for filename in (ROUTER_CONFIG_NAME, ROUTER_WEIGHTS_NAME):
+                shutil.copy2(os.path.join(folder, filename), os.path.join(staging, filename))
+            manifest["router"] = _router_entry(format)
         atomic_write_json(os.path.join(staging, MANIFEST_NAME), manifest)
         _move_into(staging, output_dir)
     finally:
@@ -224,3 +230,21 @@ def _manifest(format, base_record, adapters, routing, names, output_dir, base_gg
 
 def _json(value: Any) -> str:
     return json.dumps(value, sort_keys=True)
+
+
+def _router_entry(format: str) -> dict[str, Any]:
+    """How a server picks the adapter of a request without a task label, from the router files (docs/routing.md)."""
+    how = (
+        f"Embed the prompt with the base model: its last hidden state (after the final norm), mean over the prompt's "
+        f"tokens (the last {MAX_FEATURE_TOKENS}); divide by its L2 norm, subtract `mean` ({ROUTER_WEIGHTS_NAME}), "
+        "divide by the L2 norm again; the "
+        f"task is the row of `centroids` with the largest dot product ({ROUTER_CONFIG_NAME} `tasks`, in row order), "
+        "unknown below `threshold`; `tasks` below gives its adapter."
+    )
+    entry: dict[str, Any] = {"files": [ROUTER_CONFIG_NAME, ROUTER_WEIGHTS_NAME], "how": how}
+    if format == "gguf":
+        entry["llama_server"] = (
+            "a second llama-server with `--embedding --pooling mean` on the base GGUF gives the embedding "
+            "(POST /v1/embeddings); then POST /completion with the task's `server_request`"
+        )
+    return entry

@@ -14,7 +14,8 @@ from typing import Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from ..config import CONFIG_NAME, DEFAULT_STEPS, UPDATE_TYPES, D2CMergeConfig
+from ..combination_types import UPDATE_TYPES
+from ..config import CONFIG_NAME, DEFAULT_STEPS, D2CMergeConfig
 from ..io import RESULT_NAME, ROUTING_NAME, read_json
 from .adapters import ADAPTER_CONFIG_NAME, REPO_ID_PATTERN, WEIGHTS_NAMES
 
@@ -272,7 +273,7 @@ from peft_d2c.hub import load_d2c_collection
 model, router = load_d2c_collection(AutoModelForCausalLM.from_pretrained("{base_model_id}"), "{repo_id}")
 with router.task("{sorted(routing)[0]}"): ...  # runs with the adapter serving this task
 ```
-
+{_prompt_router_section(data, base_model_id)}
 One adapter with plain PEFT:
 
 ```python
@@ -349,3 +350,21 @@ def build_result_card(
     base = base_model_id or data["result"].get("base_model") or UNKNOWN_BASE
     where = location or os.path.basename(os.path.abspath(os.fspath(folder)))
     return build_collection_card(data, repo_id=where, base_model_id=str(base), base_model_note=base_model_note)
+
+
+def _prompt_router_section(data: dict[str, Any], base_model_id: str) -> str:
+    """How to answer a request that carries no task label, when the result has a prompt router."""
+    if "d2c_router.json" not in data["result"].get("files", []):
+        return ""
+    stats = data["result"].get("prompt_router") or {}
+    accuracy = stats.get("leave_one_out_accuracy")
+    measured = "" if accuracy is None else f" (task accuracy {accuracy:.1%} on the few-shot prompts, leave-one-out)"
+    return f"""
+A request without a task label: the prompt router (`d2c_router.json`, `d2c_router.safetensors`) picks the adapter
+from the base model's embedding of the prompt{measured}:
+
+```python
+from transformers import AutoTokenizer
+answer, route = router.generate("PROMPT", AutoTokenizer.from_pretrained("{base_model_id}"))
+```
+"""

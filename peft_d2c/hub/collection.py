@@ -1,7 +1,8 @@
 """A D2C collection back from a folder or the Hub, with the router that serves each task with its merged adapter.
 
 `load_d2c_collection` reads the routing table (and, for `layout="repos"`, `d2c_hub.json`) from one commit and loads
-every merged adapter with `load_adapters`; `D2CRouter` switches to the adapter of a task. May import
+every merged adapter with `load_adapters`; `D2CRouter` switches to the adapter of a task, or routes a prompt without
+a task label with the collection's prompt router (`peft_d2c.engine.prompt_router`). May import
 `peft_d2c.io`, `peft_d2c.errors`, `peft_d2c.engine` and the other `hub` modules.
 """
 
@@ -15,6 +16,14 @@ from typing import Any
 from huggingface_hub import hf_hub_download
 from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError
 
+from ..engine.prompt_router import (
+    ROUTER_CONFIG_NAME,
+    ROUTER_WEIGHTS_NAME,
+    PromptRouter,
+    Route,
+    generate_routed,
+    route_prompts,
+)
 from ..engine.state import ModelState
 from ..io import RESULT_NAME, ROUTING_NAME, read_json
 from .adapters import AdapterSource, hub_api, load_adapters
@@ -39,7 +48,7 @@ class D2CRouter:
         ```
     """
 
-    def __init__(self, model, routing: Mapping[str, str]):
+    def __init__(self, model, routing: Mapping[str, str], prompt_router: PromptRouter | None = None):
         unknown = sorted({name for name in routing.values() if name not in model.peft_config})
         if unknown:
             raise ValueError(
@@ -47,6 +56,7 @@ class D2CRouter:
             )
         self.model = model
         self.routing = dict(routing)
+        self.prompt_router = prompt_router
 
     @property
     def tasks(self) -> list[str]:
@@ -95,6 +105,30 @@ class D2CRouter:
         finally:
             self._activate(previous)
 
+    def route(self, prompts: str | Sequence[str], tokenizer, *, fallback: str = "nearest") -> Route | list[Route]:
+        """Which adapter should answer each prompt that carries no task label (see `D2CResult.route`).
+
+        Raises:
+            ValueError: If the collection was saved without a prompt router.
+        """
+        batch = [prompts] if isinstance(prompts, str) else list(prompts)
+        routes = route_prompts(self.model, tokenizer, self._prompt_router(), self.routing, batch, fallback=fallback)
+        return routes[0] if isinstance(prompts, str) else routes
+
+    def generate(self, prompt: str, tokenizer, *, fallback: str = "nearest", **kwargs) -> tuple[str, Route]:
+        """Route `prompt` and answer it with the chosen adapter (see `D2CResult.generate`)."""
+        return generate_routed(
+            self.model, tokenizer, self._prompt_router(), self.routing, prompt, fallback=fallback, **kwargs
+        )
+
+    def _prompt_router(self) -> PromptRouter:
+        if self.prompt_router is None:
+            raise ValueError(
+                "This collection has no prompt router (saved before peft-d2c had one, or with `fit_router=False`); fit "
+                "one with `peft_d2c.engine.prompt_router.fit_prompt_router` on the tasks' few-shot prompts."
+            )
+        return self.prompt_router
+
     def _activate(self, name: str) -> None:
         state = ModelState.capture(self.model)
         self.model.set_adapter(name)
@@ -109,8 +143,17 @@ def _download_json(repo_id: str, filename: str, revision: str, token) -> Any | N
         return None
 
 
+def _hub_router(repo_id: str, sha: str, token) -> PromptRouter | None:
+    """The prompt router of a pushed collection, when its `d2c_result.json` lists the router's files."""
+    if ROUTER_CONFIG_NAME not in (_download_json(repo_id, RESULT_NAME, sha, token) or {}).get("files", []):
+        return None
+    for filename in (ROUTER_CONFIG_NAME, ROUTER_WEIGHTS_NAME):
+        path = hf_hub_download(repo_id, filename, revision=sha, token=token)
+    return PromptRouter.from_pretrained(os.path.dirname(path))
+
+
 def _collection_plan(target: str | Sequence[str], api, token, revision: str | None):
-    """(sources, names, routing) of a saved or pushed D2C collection."""
+    """(sources, names, routing, prompt router or None) of a saved or pushed D2C collection."""
 
     if isinstance(target, (list, tuple)):  # `layout="repos"`: one repo per merged adapter
         sources, names, routing = [], [], {}
@@ -125,7 +168,8 @@ def _collection_plan(target: str | Sequence[str], api, token, revision: str | No
             routing.update(
                 {t: a for t, a in (_download_json(repo_id, ROUTING_NAME, sha, token) or {}).items() if a == name}
             )
-        return sources, names, routing
+        first = sources[0]
+        return sources, names, routing, _hub_router(first.repo_id, first.revision, token)
     target = os.fspath(target)
     if os.path.isdir(target):
         routing_path = os.path.join(target, ROUTING_NAME)
@@ -133,9 +177,10 @@ def _collection_plan(target: str | Sequence[str], api, token, revision: str | No
             raise FileNotFoundError(f"{target!r} is not a D2C result folder: it has no {ROUTING_NAME}.")
         routing = read_json(routing_path)
         result_path = os.path.join(target, RESULT_NAME)
-        names = read_json(result_path).get("merged_adapter_names") if os.path.isfile(result_path) else None
-        names = names or sorted(set(routing.values()))
-        return [AdapterSource(path=os.path.join(target, n)) for n in names], names, routing
+        saved = read_json(result_path) if os.path.isfile(result_path) else {}
+        names = saved.get("merged_adapter_names") or sorted(set(routing.values()))
+        router = PromptRouter.from_pretrained(target) if ROUTER_CONFIG_NAME in saved.get("files", []) else None
+        return [AdapterSource(path=os.path.join(target, n)) for n in names], names, routing, router
     try:
         sha = api.model_info(target, revision=revision).sha
     except RepositoryNotFoundError:
@@ -157,7 +202,8 @@ def _collection_plan(target: str | Sequence[str], api, token, revision: str | No
     if routing is None:
         raise FileNotFoundError(f"{target!r} is not a D2C collection: it has no {ROUTING_NAME}.")
     names = hub.get("adapters") or sorted(set(routing.values()))
-    return [AdapterSource(repo_id=target, revision=sha, subfolder=n) for n in names], list(names), routing
+    sources = [AdapterSource(repo_id=target, revision=sha, subfolder=n) for n in names]
+    return sources, list(names), routing, _hub_router(target, sha, token)
 
 
 def load_d2c_collection(
@@ -196,6 +242,6 @@ def load_d2c_collection(
         ```
     """
     api = hub_api(token)
-    sources, names, routing = _collection_plan(repo_id_or_path, api, token, revision)
+    sources, names, routing, prompt_router = _collection_plan(repo_id_or_path, api, token, revision)
     model = load_adapters(base_model, sources, names=names, strict_base_model=strict_base_model, token=token)
-    return model, D2CRouter(model, routing)
+    return model, D2CRouter(model, routing, prompt_router)

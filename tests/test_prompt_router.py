@@ -1,0 +1,253 @@
+"""The prompt router (issue 21): features, fit, routes and answers checked against independent computations on the
+tiny Llama; saved with the result, loaded by `load_d2c_collection`, updated by `add_adapter`, exported."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from transformers import LlamaForCausalLM
+
+from peft_d2c import D2CMergeConfig, D2CResult, merge_adapters_d2c
+from peft_d2c import testing as tiny
+from peft_d2c.engine.prompt_router import (
+    ROUTER_CONFIG_NAME,
+    ROUTER_WEIGHTS_NAME,
+    PromptRouter,
+    fit_prompt_router,
+    prompt_features,
+)
+from peft_d2c.evaluation.generation import generate_answers
+from peft_d2c.export import export_d2c_folder
+from peft_d2c.hub import load_d2c_collection
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+# Tasks whose prompts differ in their symbols, so that a prompt says which task it is.
+LETTERS = {"low": "abcd", "high": "efgh", "mixed": "aceg"}
+
+
+def task_prompts(count: int, seed: int) -> dict[str, list[str]]:
+    rng = np.random.default_rng(seed)
+    return {t: [" ".join(rng.choice(list(s), size=int(rng.integers(2, 6)))) + " =" for _ in range(count)]
+            for t, s in LETTERS.items()}  # fmt: skip
+
+
+def features_by_hand(model, tokenizer, prompts) -> np.ndarray:
+    """One prompt at a time (no padding), adapters disabled: mean of the last hidden state over its tokens."""
+    rows = []
+    with torch.no_grad(), model.disable_adapter():
+        for prompt in prompts:
+            ids = torch.tensor([tokenizer(prompt)["input_ids"]])
+            hidden = model(input_ids=ids, output_hidden_states=True).hidden_states[-1][0]
+            rows.append(hidden.mean(0).double().numpy())
+    return np.stack(rows)
+
+
+def same_route(a, b) -> bool:
+    """Same decision; the numbers equal up to the rounding of another batch composition (padding)."""
+    return (a.task, a.adapter, a.known) == (b.task, b.adapter, b.known) and np.allclose(
+        [a.confidence, a.similarity], [b.confidence, b.similarity], atol=1e-5
+    )
+
+
+def unit(x: np.ndarray) -> np.ndarray:
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+@pytest.fixture
+def fitted(tiny_peft_model, tiny_tokenizer):
+    prompts = task_prompts(8, seed=0)
+    return tiny_peft_model, prompts, fit_prompt_router(tiny_peft_model, tiny_tokenizer, prompts, batch_size=5)
+
+
+class TestFit:
+    def test_features_are_the_base_models_mean_last_hidden_state_and_leave_the_model_as_it_was(
+        self, tiny_peft_model, tiny_tokenizer
+    ):
+        model = tiny_peft_model
+        model.set_adapter("sort")
+        model.train()
+        prompts = [p for ps in task_prompts(3, seed=1).values() for p in ps]
+        got = prompt_features(model, tiny_tokenizer, prompts, batch_size=4).double().numpy()  # padded batches
+        assert np.allclose(got, features_by_hand(model, tiny_tokenizer, prompts), atol=1e-5)
+        assert model.training and model.active_adapter == "sort"
+        with torch.no_grad():  # the adapters are on again: the adapted output differs from the base's
+            ids = torch.tensor([tiny_tokenizer(prompts[0])["input_ids"]])
+            model.eval()
+            adapted = model(input_ids=ids).logits
+            with model.disable_adapter():
+                assert not torch.allclose(adapted, model(input_ids=ids).logits)
+
+    def test_centroids_temperature_and_threshold_follow_their_definitions(self, fitted, tiny_tokenizer):
+        model, prompts, router = fitted
+        tasks = sorted(prompts)
+        feats = features_by_hand(model, tiny_tokenizer, [p for t in tasks for p in prompts[t]])
+        labels = np.repeat(np.arange(len(tasks)), [len(prompts[t]) for t in tasks])
+        mean = unit(feats).mean(0)
+        f = unit(unit(feats) - mean)
+        centroids = unit(np.stack([f[labels == i].mean(0) for i in range(len(tasks))]))
+        assert router.tasks == tasks
+        assert np.allclose(router.mean.numpy(), mean, atol=1e-5)
+        assert np.allclose(router.centroids.numpy(), centroids, atol=1e-5)
+        # leave-one-out: each prompt against its own task's centroid made without it
+        loo = f @ centroids.T
+        for i in range(len(f)):
+            rest = (labels == labels[i]) & (np.arange(len(f)) != i)
+            loo[i, labels[i]] = unit(f[rest].sum(0)) @ f[i]
+        assert router.threshold == pytest.approx(loo[np.arange(len(f)), labels].min(), abs=1e-5)
+        assert router.stats["leave_one_out_accuracy"] == pytest.approx((loo.argmax(1) == labels).mean())
+
+        def log_likelihood(tau):
+            z = loo / tau
+            z = z - z.max(1, keepdims=True)
+            return (z[np.arange(len(f)), labels] - np.log(np.exp(z).sum(1))).sum()
+
+        assert all(log_likelihood(router.temperature) >= log_likelihood(t) - 1e-6 for t in np.logspace(-3, 0, 31))
+
+    def test_a_router_needs_two_tasks_with_prompts(self, tiny_peft_model, tiny_tokenizer):
+        with pytest.raises(ValueError, match="two tasks"):
+            fit_prompt_router(tiny_peft_model, tiny_tokenizer, {"low": ["a b ="]})
+        with pytest.raises(ValueError, match="no prompt"):
+            fit_prompt_router(tiny_peft_model, tiny_tokenizer, {"low": ["a b ="], "high": []})
+
+
+class TestRoutes:
+    def test_each_prompt_goes_to_the_most_similar_centroid_with_a_softmax_confidence(self, fitted, tiny_tokenizer):
+        model, _, router = fitted
+        routing = {"low": "copy", "high": "sort", "mixed": "copy"}
+        held = [p for ps in task_prompts(5, seed=9).values() for p in ps]
+        feats = features_by_hand(model, tiny_tokenizer, held)
+        sims = unit(unit(feats) - router.mean.double().numpy()) @ router.centroids.double().numpy().T
+        # a server that returns unit-length embeddings gets the same routes
+        rescaled = router.route_features(torch.tensor(unit(feats) * 7.0, dtype=torch.float32), routing)
+        routes = router.route_features(torch.tensor(feats, dtype=torch.float32), routing)
+        for route, row in zip(routes, sims, strict=True):
+            best = int(row.argmax())
+            probs = np.exp(row / router.temperature) / np.exp(row / router.temperature).sum()
+            assert route.task == router.tasks[best] and route.adapter == routing[route.task]
+            assert route.similarity == pytest.approx(row[best], abs=1e-5)
+            assert route.confidence == pytest.approx(probs[best], abs=1e-4)
+            assert route.known == (route.similarity >= router.threshold)
+        assert [r.task for r in rescaled] == [r.task for r in routes]
+
+    def test_prompts_of_no_known_task_fall_back_to_the_nearest_adapter_or_the_base(self, fitted, tiny_tokenizer):
+        model, prompts, router = fitted
+        strict = dataclasses.replace(router, threshold=1.5)  # no cosine similarity reaches it
+        feats = prompt_features(model, tiny_tokenizer, prompts["low"][:3])
+        routing = {t: f"adapter-{t}" for t in router.tasks}
+        nearest = strict.route_features(feats, routing)
+        base = strict.route_features(feats, routing, fallback="base")
+        assert all(not r.known for r in nearest + base)
+        assert [r.adapter for r in nearest] == [routing[r.task] for r in nearest]
+        assert [r.adapter for r in base] == ["__base__"] * 3 and [r.task for r in base] == [r.task for r in nearest]
+        with pytest.raises(ValueError, match="fallback"):
+            strict.route_features(feats, routing, fallback="none")
+        with pytest.raises(KeyError, match="no adapter"):
+            strict.route_features(feats, {"low": "copy"})
+
+
+@pytest.fixture(scope="module")
+def run(tiny_assets, tmp_path_factory):
+    """A D2C run whose few-shot prompts are the distinguishable ones: the six adapters, named after these tasks."""
+    base_dir, adapter_dirs = tiny_assets
+    names = dict(zip(["low", "high", "mixed", "low2", "high2", "mixed2"], tiny.TASK_FAMILIES, strict=True))
+    model = tiny.load_peft_model(base_dir, {n: adapter_dirs[f] for n, f in names.items()})
+    prompts = task_prompts(6, seed=3)
+    examples = {n: [{"prompt": p, "completion": " a"} for p in prompts[n.rstrip("2")]] for n in names}
+    config = D2CMergeConfig(num_clusters=3, num_iterations=3, show_progress=False, combination_type="knots_ties")
+    result = merge_adapters_d2c(model, examples, config, tokenizer=tiny.make_tokenizer())
+    folder = str(tmp_path_factory.mktemp("router") / "result")
+    result.save_pretrained(folder)
+    return result, folder, examples
+
+
+class TestWithTheResult:
+    def test_the_run_fits_a_router_on_its_few_shot_prompts(self, run, tiny_tokenizer):
+        result, _, examples = run
+        refit = fit_prompt_router(
+            result.model, tiny_tokenizer, {t: [e["prompt"] for e in xs] for t, xs in examples.items()}
+        )
+        assert result.prompt_router.tasks == sorted(examples)
+        assert torch.allclose(result.prompt_router.centroids, refit.centroids, atol=1e-6)
+        assert result.stats["router_seconds"] > 0
+
+    def test_route_and_generate_use_the_routed_merged_adapter(self, run, tiny_tokenizer):
+        result, _, _ = run
+        held = [p for ps in task_prompts(2, seed=11).values() for p in ps]
+        routes = result.route(held)
+        assert same_route(result.route(held[0]), routes[0])
+        for prompt, route in zip(held, routes, strict=True):
+            assert route.adapter == result.routing[route.task] and route.adapter in result.merged_adapter_names
+            answer, taken = result.generate(prompt, max_new_tokens=4)
+            assert same_route(taken, route)
+            (expected,) = generate_answers(result.model, tiny_tokenizer, [prompt], adapter_names=[route.adapter],
+                                           max_new_tokens=4)  # fmt: skip
+            assert answer == expected
+
+    def test_without_a_router_route_says_how_to_get_one(self, tiny_peft_model, tiny_task_examples, tiny_tokenizer):
+        config = D2CMergeConfig(num_clusters=2, num_iterations=1, show_progress=False, fit_router=False)
+        result = merge_adapters_d2c(tiny_peft_model, tiny_task_examples, config, tokenizer=tiny_tokenizer)
+        assert result.prompt_router is None
+        with pytest.raises(ValueError, match="fit_router=True"):
+            result.route("a b =")
+
+    def test_the_router_round_trips_through_the_folder_and_load_d2c_collection(self, run, tiny_assets, tiny_tokenizer):
+        result, folder, _ = run
+        assert {ROUTER_CONFIG_NAME, ROUTER_WEIGHTS_NAME} <= set(os.listdir(folder))
+        saved = json.loads(open(os.path.join(folder, "d2c_result.json")).read())
+        assert ROUTER_CONFIG_NAME in saved["files"] and saved["prompt_router"] == result.prompt_router.stats
+        loaded = D2CResult.from_pretrained(folder).prompt_router
+        assert loaded.tasks == result.prompt_router.tasks and torch.equal(
+            loaded.centroids, result.prompt_router.centroids
+        )
+        assert (loaded.temperature, loaded.threshold) == (
+            result.prompt_router.temperature,
+            result.prompt_router.threshold,
+        )
+        model, router = load_d2c_collection(LlamaForCausalLM.from_pretrained(tiny_assets[0]).eval(), folder)
+        held = [p for ps in task_prompts(2, seed=12).values() for p in ps]
+        assert router.route(held, tiny_tokenizer) == result.route(held)  # same batches: the same numbers
+        answer, route = router.generate(held[0], tiny_tokenizer, max_new_tokens=4)
+        assert (answer, route) == result.generate(held[0], max_new_tokens=4)
+
+    def test_a_router_file_of_other_tasks_is_refused(self, run, tmp_path):
+        result, _, _ = run
+        broken = dataclasses.replace(result.prompt_router, tasks=result.prompt_router.tasks[:-1])
+        broken.save_pretrained(tmp_path)
+        with pytest.raises(ValueError, match="do not belong together"):
+            PromptRouter.from_pretrained(tmp_path)
+
+    def test_export_ships_the_router_and_says_how_to_use_it(self, run, tmp_path):
+        _, folder, _ = run
+        manifest = export_d2c_folder(folder, tmp_path / "vllm", format="vllm")
+        assert manifest["router"]["files"] == [ROUTER_CONFIG_NAME, ROUTER_WEIGHTS_NAME]
+        exported = PromptRouter.from_pretrained(tmp_path / "vllm")
+        assert torch.equal(exported.centroids, PromptRouter.from_pretrained(folder).centroids)
+        assert "centroids" in manifest["router"]["how"]
+
+
+def test_add_adapter_teaches_the_router_the_new_task(tiny_assets, tiny_tokenizer):
+    base_dir, adapter_dirs = tiny_assets
+    model = tiny.load_peft_model(base_dir, {"low": adapter_dirs["copy"], "high": adapter_dirs["sort"]})
+    prompts = task_prompts(6, seed=4)
+    examples = {t: [{"prompt": p, "completion": " a"} for p in prompts[t]] for t in ("low", "high")}
+    config = D2CMergeConfig(num_clusters=1, show_progress=False, combination_type="knots_ties")
+    result = merge_adapters_d2c(model, examples, config, tokenizer=tiny_tokenizer)
+    before = result.prompt_router
+    model.load_adapter(adapter_dirs["first"], adapter_name="mixed")
+    new = [{"prompt": p, "completion": " a"} for p in prompts["mixed"]]
+    with pytest.raises(ValueError, match="tokenizer"):
+        result.add_adapter("mixed", new, score_fn=lambda *a: 0.0)
+    assert result.prompt_router is before and "mixed" not in result.routing  # refused before any work
+    result.add_adapter("mixed", new, tokenizer=tiny_tokenizer)
+    router = result.prompt_router
+    assert router.tasks == ["high", "low", "mixed"] and torch.equal(router.centroids[:2], before.centroids)
+    feats = features_by_hand(model, tiny_tokenizer, prompts["mixed"])
+    expected = unit(unit(unit(feats) - before.mean.double().numpy()).sum(0))
+    assert np.allclose(router.centroids[2].numpy(), expected, atol=1e-5)
+    assert (router.temperature, router.threshold) == (before.temperature, before.threshold)
