@@ -51,7 +51,7 @@ def reference_d2c(
         `dict`: `clusters`, `history` (the records of `d2c_search`) and `stats` (`num_merges`, `forward_passes`,
         `seconds`).
     """
-    if config.init != "random" or config.method != "d2c":
+    if config.init not in (None, "random") or config.method != "d2c":  # None: random for the paper's search
         raise ValueError("The reference implements D2C from a random start only.")
     examples = normalize_task_examples(task_examples)
     names = list(adapter_names) if adapter_names is not None else [n for n in peft_model.peft_config if n in examples]

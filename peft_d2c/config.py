@@ -6,33 +6,25 @@ import json
 import math
 import os
 import warnings
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Literal
 
 from .combination_types import COMBINATION_TYPES, UPDATE_TYPES
 from .errors import D2CWarning
 from .io import atomic_write_json
 from .names import check_adapter_name
+from .search_defaults import DEFAULT_STEPS, default_search, default_steps
 from .sizes import is_bytes_budget, parse_size
 
 CONFIG_NAME = "d2c_config.json"
 # Format of `d2c_config.json`: 2 holds the T the run used; 1 (no key) may hold None, and a key it lacks had the
 # default of then: before `search="partition"` (12358e6), `knots_ties` (ee75b00) and T = None (= 30 for partition).
 CONFIG_VERSION, CONFIG_VERSION_KEY = 2, "d2c_config_version"
-_V1_DEFAULTS, _V1_DEFAULT_STEPS = {"search": "paper", "combination_type": "ties"}, {"paper": 100, "partition": 30}
+_V1_DEFAULTS = {"search": "paper", "combination_type": "ties", "init": "random", "proposal": "random"}
+_V1_DEFAULT_STEPS = {"paper": 100, "partition": 30}
 
 METHODS = ("d2c", "random", "kmeans", "kmeans_svd")
-INITS = ("random", "kmeans", "kmeans_svd")
-# T when `num_iterations` is None, per `search`: a `"partition"` step scores every task of the two clusters it
-# changes (2N/K tasks), a `"paper"` step only the moved task, so 30 partition steps cost 1.07x and 2.09x the
-# forward passes of the paper's 100 steps at K = 4 and 2 on the embedded default (10 seeds, docs/benchmark.md).
-DEFAULT_STEPS = {"paper": 100, "partition": 30}
-# ... for N <= REFERENCE_N adapters; a larger collection gets DEFAULT_STEPS x N / REFERENCE_N (rounded up), so each
-# adapter is proposed as often on average as in the 16-adapter collection the defaults were measured on.
-REFERENCE_N = 16
-# T when `num_iterations` is None and `proposal` is "sweep" or "targeted": this many rounds of N proposals, so every
-# adapter is proposed twice at any N.
-SWEEP_ROUNDS = 2
+INITS = ("random", "kmeans", "kmeans_svd", "lowest_loss")
 
 
 def _check_fraction(name: str, value: Any) -> float:
@@ -63,13 +55,16 @@ class D2CMergeConfig:
         method (`str`, defaults to `"d2c"`):
             `"d2c"` (Algorithm 1 of the paper), or a baseline: `"random"`, `"kmeans"` (K-means on the flattened
             full updates B·A·scaling) or `"kmeans_svd"` (K-means on cosine-normalised truncated-SVD embeddings of them).
-        init (`str`, defaults to `"random"`):
-            Starting partition for `method="d2c"`: a balanced `"random"` partition, `"kmeans"` or `"kmeans_svd"`.
+        init (`str`, *optional*):
+            Starting partition for `method="d2c"`: a balanced `"random"` partition, `"kmeans"`, `"kmeans_svd"`, or
+            `"lowest_loss"`: the random one or the `kmeans_svd` one, whichever has the lower total few-shot loss
+            (2N losses and 2K merges more; the random one on a tie). `None`: `"random"` up to `REFERENCE_N` = 16
+            adapters or with `search="paper"`, `"lowest_loss"` above (see `resolved_for`).
         num_iterations (`int`, *optional*):
-            T, the number of proposed moves. `None` takes `DEFAULT_STEPS[search]`: 100 for `"paper"` (the paper's T)
-            and 30 for `"partition"`, whose steps each score every task of two clusters, times N / 16 above 16
-            adapters; `SWEEP_ROUNDS` x N with `proposal="sweep"` or `"targeted"`; `max_forward_passes` with that
-            budget set (see `search_steps_for`). A result's config holds the T that ran.
+            T, the number of proposed moves. `None` takes `DEFAULT_STEPS[search]` (`peft_d2c.search_defaults`): 100
+            for `"paper"` (the paper's T) and 30 for `"partition"`, whose steps each score every task of two clusters,
+            times N / 16 above 16 adapters with random proposals; 2N with `"sweep"` or `"targeted"` ones (the default
+            above 16 adapters); `max_forward_passes` with that budget set. A result's config holds the T that ran.
         max_forward_passes (`int`, *optional*):
             A budget of the search's steps in forward passes of scoring (all processes together; Grams and final
             pass not counted), split between restarts like T: steps stop once it is spent (or at T).
@@ -107,7 +102,8 @@ class D2CMergeConfig:
         batch_size (`int`, defaults to 32):
             Rows per forward pass when scoring.
         merge_cache_size (`int`, defaults to 8):
-            Number of temporary merged adapters kept alive in the model (an LRU); older ones are deleted.
+            Number of temporary merged adapters kept alive in the model (an LRU); older ones are deleted. With
+            `proposal="targeted"` at least K + 2 (every current cluster's merge and a step's two new ones).
         proposals_per_step (`int`, defaults to 1):
             p, the candidate moves scored per step. 1 is the paper's Algorithm 1; with p > 1 each step scores p
             candidates in one batch (split across processes under `accelerate launch`) and applies the one whose task
@@ -117,11 +113,12 @@ class D2CMergeConfig:
             changes, so the total few-shot loss never rises; 10 seeds in docs/benchmark.md) or `"paper"`
             (Algorithm 1: the moved task's loss; with `restarts=1`, `final_pass=False` and T = 100 the paper's
             algorithm exactly).
-        proposal (`str`, defaults to `"random"`):
+        proposal (`str`, *optional*):
             Which move a step proposes (`peft_d2c.engine.proposals`): `"random"` (the paper's uniform draws) or
             `"sweep"` (every adapter in turn, in rounds of a fresh random order, moved or swapped with a member of
             a random other cluster) or `"targeted"` (as sweep, into the other cluster whose merge gives the task its
-            lowest loss); both `search="partition"` only.
+            lowest loss); both `search="partition"` only. `None`: `"random"` up to 16 adapters or with
+            `search="paper"`, `"targeted"` above.
         restarts (`int`, defaults to 1):
             R starts (the `init` partition, then `kmeans_svd`, then random; each its own seed, split between the
             processes of an `accelerate launch`), T split between them; the lowest total few-shot loss is kept.
@@ -167,8 +164,8 @@ class D2CMergeConfig:
     method: Literal["d2c", "random", "kmeans", "kmeans_svd"] = field(
         default="d2c", metadata={"help": f"Clustering method, one of {list(METHODS)}."}
     )
-    init: Literal["random", "kmeans", "kmeans_svd"] = field(
-        default="random", metadata={"help": f"Start partition of the d2c search, one of {list(INITS)}."}
+    init: Literal["random", "kmeans", "kmeans_svd", "lowest_loss"] | None = field(
+        default=None, metadata={"help": f"Start of the d2c search, one of {list(INITS)} (None: by N)."}
     )
     num_iterations: int | None = field(
         default=None, metadata={"help": "T, the number of proposed moves (None: 100 for paper, 30 for partition)."}
@@ -200,8 +197,8 @@ class D2CMergeConfig:
         default=1, metadata={"help": "Candidate moves scored per step; 1 = the paper's Algorithm 1."}
     )
     search: Literal["paper", "partition"] = field(default="partition", metadata={"help": "Move acceptance rule."})
-    proposal: Literal["random", "sweep", "targeted"] = field(
-        default="random", metadata={"help": "Proposed moves: random (the paper's), sweep or targeted (every adapter)."}
+    proposal: Literal["random", "sweep", "targeted"] | None = field(
+        default=None, metadata={"help": "Proposed moves: random (the paper's), sweep or targeted (None: by N)."}
     )
     restarts: int = field(default=1, metadata={"help": "Start partitions searched; the lowest total loss is kept."})
     final_pass: bool = field(
@@ -239,7 +236,8 @@ class D2CMergeConfig:
             else:
                 self.storage_budget = float(budget)
         _check_choice("method", self.method, METHODS)
-        _check_choice("init", self.init, INITS)
+        if self.init is not None:
+            _check_choice("init", self.init, INITS)
         _check_choice("combination_type", self.combination_type, COMBINATION_TYPES)
         _check_choice("majority_sign_method", self.majority_sign_method, ("total", "frequency"))
         if self.num_iterations is not None:
@@ -255,8 +253,9 @@ class D2CMergeConfig:
         _check_int("merge_cache_size", self.merge_cache_size, minimum=2)
         _check_int("proposals_per_step", self.proposals_per_step, minimum=1)
         _check_choice("search", self.search, ("paper", "partition"))
-        _check_choice("proposal", self.proposal, ("random", "sweep", "targeted"))
-        if self.proposal != "random" and self.search != "partition":
+        if self.proposal is not None:
+            _check_choice("proposal", self.proposal, ("random", "sweep", "targeted"))
+        if self.proposal not in (None, "random") and self.search != "partition":
             raise ValueError(f"`proposal={self.proposal!r}` swaps tasks, which only `search='partition'` can judge.")
         _check_int("restarts", self.restarts, minimum=1)
         _check_choice("final_pass", self.final_pass, (True, False))
@@ -277,7 +276,7 @@ class D2CMergeConfig:
                 raise ValueError(f"`merge_weight` must be a finite number or None, got {self.merge_weight!r}.")
             self.merge_weight = float(self.merge_weight)
         check_adapter_name(self.merged_adapter_prefix, argument="`merged_adapter_prefix`")
-        if self.method != "d2c" and self.init != "random":
+        if self.method != "d2c" and self.init not in (None, "random"):
             warnings.warn(f"`init={self.init!r}` is ignored for `method={self.method!r}`.", D2CWarning, stacklevel=3)
 
     @property
@@ -287,15 +286,24 @@ class D2CMergeConfig:
 
     def search_steps_for(self, num_adapters: int) -> int:
         """T of a search over `num_adapters` adapters: `num_iterations` if set, else `max_forward_passes` if set (a
-        step costs at least one pass unless all its losses are cached), else `SWEEP_ROUNDS` x N with
-        `proposal="sweep"` or `"targeted"`, else `DEFAULT_STEPS[search]` x max(1, N / `REFERENCE_N`), rounded up."""
+        step costs at least one pass unless all its losses are cached), else `search_defaults.default_steps`."""
         if self.num_iterations is not None:
             return self.num_iterations
         if self.max_forward_passes is not None:
             return self.max_forward_passes
-        if self.proposal != "random":
-            return SWEEP_ROUNDS * num_adapters
-        return math.ceil(DEFAULT_STEPS[self.search] * max(1, num_adapters / REFERENCE_N))
+        return default_steps(num_adapters, self.search, self.search_defaults_for(num_adapters)[1])
+
+    def search_defaults_for(self, num_adapters: int) -> tuple[str, str]:
+        """`(init, proposal)` of a search over `num_adapters` adapters: each field, or where it is None
+        `search_defaults.default_search` (random up to `REFERENCE_N` adapters, `"lowest_loss"` and `"targeted"` above)."""
+        init, proposal = default_search(num_adapters, self.search)
+        return self.init or init, self.proposal or proposal
+
+    def resolved_for(self, num_adapters: int) -> D2CMergeConfig:
+        """This config as a run over `num_adapters` adapters uses it: `init`, `proposal` (`search_defaults_for`) and
+        `num_iterations` (`search_steps_for`) filled in; a result's config is this."""
+        init, proposal = self.search_defaults_for(num_adapters)
+        return replace(self, init=init, proposal=proposal, num_iterations=self.search_steps_for(num_adapters))
 
     def resolve_num_clusters(self, num_adapters: int) -> int:
         """Number of clusters K for `num_adapters` source adapters.

@@ -33,15 +33,15 @@ from .engine.lora import (
     check_base_models,
     check_peft_model,
     check_source_adapters,
-    delta_gram_matrix,
     resolve_adapter_names,
 )
 from .engine.merging import AdapterMerger
 from .engine.prompt_router import fit_prompt_router
 from .engine.rank_budget import merge_with_allocated_ranks
 from .engine.scoring import LossScorer, UserScoreFn
-from .engine.search import SearchState, balanced_random_partition, d2c_search, kmeans_partition
+from .engine.search import SearchState, d2c_search
 from .engine.search_robust import choose_best_start, combine_starts, robust_search
+from .engine.starts import restart_starts, start_partition
 from .engine.state import ModelState
 from .result import D2CResult
 
@@ -147,9 +147,14 @@ def merge_adapters_d2c(
     examples = normalize_task_examples(task_examples)
     names = resolve_adapter_names(peft_model, examples, adapter_names)
     examples = {name: examples[name][: config.examples_per_task] for name in names}
-    # The T that runs, resolved once for these N adapters: the result, its card and a checkpoint all record it.
-    config = dataclasses.replace(config, num_iterations=config.search_steps_for(len(names)))
+    # The T, start and proposals that run, resolved once for these N: the result, card and checkpoint record them.
+    config = config.resolved_for(len(names))
     num_clusters = resolve_num_clusters(peft_model, names, config)
+    if config.proposal == "targeted" and config.merge_cache_size < num_clusters + 2:
+        # A targeted step scores the task under every other cluster's merge, then the step's two new merges: with
+        # fewer live slots the LRU would rebuild most of the K current merges at every step (16,326 merges in
+        # 1076 s at N = 256, K = 32, docs/performance.md). The saved config records the size that ran.
+        config = dataclasses.replace(config, merge_cache_size=num_clusters + 2)
     check_source_adapters(peft_model, names, config.combination_type)
     check_base_models(peft_model, names, allow_mixed=config.allow_mixed_base_models)
     merged_names = [f"{config.merged_adapter_prefix}_{i}" for i in range(num_clusters)]
@@ -170,7 +175,7 @@ def merge_adapters_d2c(
         attach_layer_inputs(merger, scorer)  # the Grams of a data-aware merge (`regmean`), before any merge
         rng = np.random.default_rng(config.seed)
         trace: list[list[int]] = []  # [history records, forward passes so far] after every step (any-time view)
-        start = _start_partition(peft_model, names, num_clusters, config, rng)
+        start = start_partition(peft_model, names, num_clusters, config, rng, scorer)
         state = SearchState(clusters=[list(c) for c in start])
         if config.method == "d2c":
             checkpointer = None
@@ -188,7 +193,7 @@ def merge_adapters_d2c(
                     checkpoint_dir, fingerprint, group, scorer, rng, config.checkpoint_every
                 )
                 start, state = checkpointer.resume(start, state)
-            starts = [start, *_restart_starts(peft_model, names, num_clusters, config)]
+            starts = [start, *restart_starts(peft_model, names, num_clusters, config)]
             state = _run_search(state, starts, scorer, rng, config, checkpointer, group, trace)
         clusters = state.clusters
         task_losses = dict(zip(names, scorer([(clusters[_index_of(clusters, n)], n) for n in names]), strict=True))
@@ -254,30 +259,6 @@ def merge_adapters_d2c(
         tokenizer=tokenizer,
         prompt_router=prompt_router,
     )
-
-
-def _start_partition(
-    peft_model: PeftModel, names: list[str], k: int, config: D2CMergeConfig, rng: np.random.Generator
-) -> list[list[str]]:
-    strategy = config.init if config.method == "d2c" else config.method
-    if strategy == "random":
-        return balanced_random_partition(names, k, rng)
-    gram = delta_gram_matrix(peft_model, names)
-    components = config.svd_embedding_dim if strategy == "kmeans_svd" else None
-    return kmeans_partition(names, gram, k, seed=config.seed, svd_components=components)
-
-
-def _restart_starts(peft_model: PeftModel, names: list[str], k: int, config: D2CMergeConfig) -> list[list[list[str]]]:
-    """Starts 2..R of `restarts`: the `kmeans_svd` partition (unless it is the `init`), then balanced random
-    partitions, each from its own generator seeded by (seed, r), so start 1 stays the single-start run's."""
-    starts: list[list[list[str]]] = []
-    for r in range(1, config.restarts):
-        if r == 1 and config.init != "kmeans_svd":
-            gram = delta_gram_matrix(peft_model, names)
-            starts.append(kmeans_partition(names, gram, k, seed=config.seed, svd_components=config.svd_embedding_dim))
-        else:
-            starts.append(balanced_random_partition(names, k, np.random.default_rng([config.seed, r])))
-    return starts
 
 
 def _run_search(

@@ -8,6 +8,9 @@ purity (the share of adapters whose cluster's most common family is their own) a
 
     OMP_NUM_THREADS=1 python scripts/scale_search.py --sizes 16 64 256 --proposals sweep random \
         --json .cache/scale/scale.json
+    OMP_NUM_THREADS=1 python scripts/scale_search.py --sizes 64 256 --proposals default --init default  # today's
+
+`default` leaves `proposal` / `init` at None, so the run takes what `D2CMergeConfig` resolves for that N.
 
 Results of 2026-12-04 are in docs/performance.md ("How the search grows with N").
 """
@@ -58,7 +61,11 @@ def run_one(num_adapters: int, proposal: str, seed: int, root: str, noise: float
     rss_loaded = peak_rss_mib()
     examples = {name: tiny.make_examples(name.rsplit("_", 1)[0], 10, seed=1000 + i) for i, name in enumerate(folders)}
     config = D2CMergeConfig(
-        num_clusters=num_adapters // 8, proposal=proposal, init=init, seed=seed, show_progress=False
+        num_clusters=num_adapters // 8,
+        proposal=None if proposal == "default" else proposal,
+        init=None if init == "default" else init,
+        seed=seed,
+        show_progress=False,
     )
     started = time.perf_counter()
     result = merge_adapters_d2c(model, examples, config, tokenizer=tiny.make_tokenizer())
@@ -69,8 +76,8 @@ def run_one(num_adapters: int, proposal: str, seed: int, root: str, noise: float
     return {
         "num_adapters": num_adapters,
         "num_clusters": config.num_clusters,
-        "proposal": proposal,
-        "init": init,
+        "proposal": result.config.proposal,  # as run: "default" resolved by N
+        "init": result.config.init,
         "seed": seed,
         "num_iterations": result.config.num_iterations,
         "seconds": seconds,
@@ -97,10 +104,15 @@ def run_one(num_adapters: int, proposal: str, seed: int, root: str, noise: float
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[16, 64, 256], help="Values of N (multiples of 8).")
-    parser.add_argument("--proposals", nargs="+", default=["sweep", "random"], choices=["sweep", "targeted", "random"])
+    parser.add_argument(
+        "--proposals", nargs="+", default=["sweep", "random"], choices=["sweep", "targeted", "random", "default"]
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
-        "--init", default="random", choices=["random", "kmeans", "kmeans_svd"], help="Start partition."
+        "--init",
+        default="random",
+        choices=["random", "kmeans", "kmeans_svd", "lowest_loss", "default"],
+        help="Start partition.",
     )
     parser.add_argument("--noise", type=float, default=0.5, help="Noise std of a copy, relative to each tensor's.")
     parser.add_argument("--cache-dir", default=os.path.join(".cache", "scale"))
@@ -124,7 +136,7 @@ def main() -> int:
             runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
             row = runs[-1]
             print(
-                f"N={n:4d} K={row['num_clusters']:3d} {args.init:10s} {proposal:6s} T={row['num_iterations']:4d} "
+                f"N={n:4d} K={row['num_clusters']:3d} {row['init']:11s} {row['proposal']:8s} T={row['num_iterations']:4d} "
                 f"{row['seconds']:7.1f} s  {row['forward_passes']:6d} passes  {row['num_merges']:5d} merges  "
                 f"proposed {row['proposed_min']}/{row['proposed_mean']:.2f}/{row['proposed_max']} "
                 f"(never {row['never_proposed']})  purity {row['purity']:.3f} of {row['purity_reachable']:.3f}  "

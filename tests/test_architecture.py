@@ -24,6 +24,7 @@ STAGES = [
         "peft_d2c.errors",
         "peft_d2c.io",
         "peft_d2c.names",
+        "peft_d2c.search_defaults",
         "peft_d2c.sizes",
         "peft_d2c.version",
     ),

@@ -81,13 +81,31 @@ def test_search_steps_default_per_search_and_explicit_t_wins():
 
 
 def test_default_t_grows_with_n_above_16_adapters_and_a_pass_budget_sets_the_cap():
-    """Up to 16 adapters T is the measured default; above, it grows as N / 16 (rounded up), so the expected number
-    of proposals per adapter does not shrink with N; `num_iterations` always wins."""
+    """Up to 16 adapters T is the measured default; above, two rounds of targeted proposals (2N), or with random
+    proposals 30 x N / 16 (rounded up), so the proposals per adapter do not shrink with N; `num_iterations` wins."""
     partition, paper = D2CMergeConfig(num_clusters=2), D2CMergeConfig(num_clusters=2, search="paper")
-    assert [partition.search_steps_for(n) for n in (2, 16, 17, 64, 256)] == [30, 30, 32, 120, 480]
+    assert [partition.search_steps_for(n) for n in (2, 16, 17, 64, 256)] == [30, 30, 34, 128, 512]
+    random_moves = D2CMergeConfig(num_clusters=2, proposal="random")
+    assert [random_moves.search_steps_for(n) for n in (2, 16, 17, 64, 256)] == [30, 30, 32, 120, 480]
     assert [paper.search_steps_for(n) for n in (16, 24, 256)] == [100, 150, 1600]
     for n in (16, 64, 256):  # expected proposals per adapter: T / N, never below the N = 16 value
-        assert partition.search_steps_for(n) / n >= 30 / 16
+        assert partition.search_steps_for(n) / n >= 30 / 16 and random_moves.search_steps_for(n) / n >= 30 / 16
+
+
+def test_start_and_proposals_scale_with_n_and_the_result_config_records_them():
+    """None means: the paper's random start and draws up to 16 adapters (and always with `search="paper"`), the
+    lower-loss start and targeted proposals above; a value the user set is kept at every N."""
+    config = D2CMergeConfig(num_clusters=2)
+    assert (config.init, config.proposal) == (None, None)
+    assert [config.search_defaults_for(n) for n in (16, 17)] == [("random", "random"), ("lowest_loss", "targeted")]
+    assert D2CMergeConfig(num_clusters=2, search="paper").search_defaults_for(256) == ("random", "random")
+    explicit = D2CMergeConfig(num_clusters=2, init="random", proposal="sweep")
+    assert explicit.search_defaults_for(256) == ("random", "sweep")
+    resolved = config.resolved_for(64)
+    assert (resolved.init, resolved.proposal, resolved.num_iterations) == ("lowest_loss", "targeted", 128)
+    assert resolved.resolved_for(8) == resolved  # a resolved config does not change again
+    loaded = D2CMergeConfig.from_dict(resolved.to_dict())
+    assert loaded == resolved
     assert D2CMergeConfig(num_clusters=2, proposal="sweep").search_steps_for(256) == 512
     assert D2CMergeConfig(num_clusters=2, max_forward_passes=900).search_steps_for(16) == 900
     assert D2CMergeConfig(num_clusters=2, max_forward_passes=900, num_iterations=5).search_steps_for(256) == 5
@@ -156,7 +174,8 @@ class TestSavedFormat:
         path.write_text(json.dumps(content))
         loaded = D2CMergeConfig.from_pretrained(tmp_path)
         assert (loaded.search, loaded.combination_type, loaded.num_iterations) == (search, combination_type, steps)
-        expected = {**content, "search": search, "combination_type": combination_type, "num_iterations": steps}
+        expected = {"init": "random", "proposal": "random", **content}  # the only start and draws of then
+        expected.update(search=search, combination_type=combination_type, num_iterations=steps)
         assert loaded == D2CMergeConfig(**expected)
         # saved again, it is the same run in today's format
         resaved = loaded.save_pretrained(tmp_path / "again")
@@ -167,7 +186,12 @@ class TestSavedFormat:
         path = tmp_path / "d2c_config.json"
         path.write_text(json.dumps({"num_clusters": 2, "d2c_config_version": 1}))
         assert D2CMergeConfig.from_pretrained(path) == D2CMergeConfig(
-            num_clusters=2, search="paper", combination_type="ties", num_iterations=100
+            num_clusters=2,
+            search="paper",
+            combination_type="ties",
+            num_iterations=100,
+            init="random",
+            proposal="random",
         )
 
     @pytest.mark.parametrize("version", [3, 99])

@@ -123,6 +123,60 @@ class TestPlantedPartition:
         assert recovered >= 4
 
 
+class TestLowestLossStart:
+    """`init="lowest_loss"`: the random start or the `kmeans_svd` start, whichever has the lower total loss."""
+
+    @staticmethod
+    def run(model, examples, tokenizer, **kwargs):
+        config = D2CMergeConfig(num_clusters=3, num_iterations=0, fit_router=False, **kwargs)
+        result = merge_adapters_d2c(model, examples, config, tokenizer=tokenizer)
+        return canonical_partition(result.clusters), sum(result.task_losses.values())
+
+    def near_copies(self, tiny_assets, tmp_path, noise):
+        base_dir, adapter_dirs = tiny_assets
+        dirs, examples = {}, {}
+        for family in ["copy", "first", "shift"]:
+            for j in range(2):
+                name = f"{family}{j}"
+                dirs[name] = tiny.perturbed_copy(adapter_dirs[family], str(tmp_path / name), noise=noise, seed=j)
+                examples[name] = tiny.make_examples(family, 10, seed=7 + j)
+        return base_dir, dirs, examples
+
+    @pytest.mark.parametrize("seed", [0, 1, 2])
+    def test_keeps_the_start_whose_separate_run_has_the_lower_total(self, tiny_assets, tiny_tokenizer, tmp_path, seed):
+        """The two candidates are the partitions (and totals) of separate `method="random"` and `"kmeans_svd"` runs
+        with the same seed; with T = 0 the d2c run ends where it starts."""
+        base_dir, dirs, examples = self.near_copies(tiny_assets, tmp_path, noise=0.05)
+        candidates = [
+            self.run(tiny.load_peft_model(base_dir, dirs), examples, tiny_tokenizer, method=m, seed=seed)
+            for m in ("random", "kmeans_svd")
+        ]
+        chosen, total = self.run(
+            tiny.load_peft_model(base_dir, dirs), examples, tiny_tokenizer, init="lowest_loss", seed=seed
+        )
+        expected = min(candidates, key=lambda c: c[1])
+        assert chosen == expected[0] and total == pytest.approx(expected[1], rel=1e-5)
+        # near-copies: K-means on the weights pairs the copies, and those pairs have the lower loss
+        assert chosen == canonical_partition([[f"{f}0", f"{f}1"] for f in ["copy", "first", "shift"]])
+
+    def test_the_search_from_the_kept_start_is_that_start_s_search(
+        self, tiny_assets, tiny_tokenizer, tiny_task_examples
+    ):
+        """Six different adapters, T = 6: whichever start wins, the run equals the run with that `init` (the random
+        draw is made either way, so the proposals that follow are the same)."""
+        base_dir, adapter_dirs = tiny_assets
+
+        def run(**kwargs):
+            config = D2CMergeConfig(num_clusters=2, seed=3, fit_router=False, **kwargs)
+            model = tiny.load_peft_model(base_dir, adapter_dirs)
+            return merge_adapters_d2c(model, tiny_task_examples, config, tokenizer=tiny_tokenizer)
+
+        totals = {m: sum(run(method=m).task_losses.values()) for m in ("random", "kmeans_svd")}
+        winner = min(totals, key=lambda m: (totals[m], m != "random"))
+        chosen, reference = run(init="lowest_loss", num_iterations=6), run(init=winner, num_iterations=6)
+        assert chosen.history == reference.history and chosen.clusters == reference.clusters
+
+
 class TestNothingLost:
     def test_source_adapters_state_and_flags_are_restored(self, tiny_peft_model, tiny_tokenizer, tiny_task_examples):
         model = tiny_peft_model

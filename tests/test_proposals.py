@@ -191,7 +191,8 @@ class TestStepsScaleWithN:
         config = D2CMergeConfig(num_clusters=2, proposal="sweep")
         assert [config.search_steps_for(n) for n in (16, 64, 256)] == [32, 128, 512]
         assert D2CMergeConfig(num_clusters=2, proposal="sweep", num_iterations=5).search_steps_for(64) == 5
-        assert D2CMergeConfig(num_clusters=2).search_steps_for(64) == 120  # the random rule scales too: 30 x 64 / 16
+        random_moves = D2CMergeConfig(num_clusters=2, proposal="random")
+        assert random_moves.search_steps_for(64) == 120  # the random rule scales too: 30 x 64 / 16
         assert D2CMergeConfig(num_clusters=2, proposal="targeted").search_steps_for(64) == 128
 
     def test_the_result_records_the_t_that_ran(self, tiny_assets, tiny_tokenizer, tiny_task_examples, tmp_path):
@@ -210,3 +211,24 @@ class TestStepsScaleWithN:
         assert D2CMergeConfig.from_pretrained(tmp_path / "out").num_iterations == 2 * n
         card = (tmp_path / "out" / "README.md").read_text()
         assert f"`partition` search, {2 * n} proposed moves (`sweep`: every adapter in turn, moves and swaps)" in card
+
+    def test_targeted_keeps_every_cluster_merge_live_with_the_same_result(
+        self, tiny_assets, tiny_tokenizer, tiny_task_examples
+    ):
+        """A targeted step needs every current cluster's merge: a cache below K + 2 is raised to it (recorded in the
+        result's config), which changes how many merges are built, never the search."""
+        from peft_d2c import testing as tiny
+
+        base_dir, adapter_dirs = tiny_assets
+        runs = {}
+        for cache in (2, 5, 8):
+            config = D2CMergeConfig(
+                num_clusters=3, proposal="targeted", merge_cache_size=cache, seed=2, show_progress=False
+            )
+            model = tiny.load_peft_model(base_dir, adapter_dirs)
+            runs[cache] = merge_adapters_d2c(model, tiny_task_examples, config, tokenizer=tiny_tokenizer)
+        assert [runs[c].config.merge_cache_size for c in (2, 5, 8)] == [5, 5, 8]
+        assert runs[2].history == runs[5].history == runs[8].history
+        assert runs[2].stats["num_merges"] == runs[5].stats["num_merges"]
+        # the same merge requests (the losses asked for do not depend on the cache); LRU never misses more in more room
+        assert runs[8].stats["num_merges"] <= runs[5].stats["num_merges"]

@@ -15,8 +15,9 @@ from typing import Any
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from ..combination_types import UPDATE_TYPES
-from ..config import CONFIG_NAME, DEFAULT_STEPS, D2CMergeConfig
+from ..config import CONFIG_NAME, D2CMergeConfig
 from ..io import RESULT_NAME, ROUTING_NAME, read_json
+from ..search_defaults import DEFAULT_STEPS
 from .adapters import ADAPTER_CONFIG_NAME, REPO_ID_PATTERN, WEIGHTS_NAMES
 
 __all__ = [

@@ -1,0 +1,39 @@
+"""The search settings a run takes when the user leaves them at None, and how they grow with N.
+
+Up to `REFERENCE_N` adapters (the 16 embedded tasks and the 12 of the validation collection, where they were
+measured; docs/benchmark.md) a run keeps the paper's random start and random proposals, with `DEFAULT_STEPS` steps.
+Above it random draws leave adapters never proposed (43 of 256 with T scaled by N/16) and a random start keeps the
+search far from the right clusters (purity 0.47 at N = 256), so the partition search starts from the lower-loss of
+the random and the weight-similarity partition (`init="lowest_loss"`) and proposes every adapter `SWEEP_ROUNDS`
+times into the cluster where it fits best (`proposal="targeted"`); docs/performance.md has the measurements.
+`search="paper"` keeps the paper's start and draws at every N (its T grows as N / `REFERENCE_N`).
+"""
+
+from __future__ import annotations
+
+import math
+
+# T per `search` up to REFERENCE_N adapters: a "partition" step scores every task of the two clusters it changes
+# (2N/K tasks), a "paper" step only the moved task, so 30 partition steps cost 1.07x and 2.09x the forward passes of
+# the paper's 100 steps at K = 4 and 2 on the embedded default (10 seeds, docs/benchmark.md).
+DEFAULT_STEPS = {"paper": 100, "partition": 30}
+# Above it, random proposals get DEFAULT_STEPS x N / REFERENCE_N steps (rounded up): each adapter is proposed as
+# often on average as in the collections the defaults were measured on.
+REFERENCE_N = 16
+# Steps of "sweep" and "targeted" proposals: this many rounds of N, so every adapter is proposed twice at any N.
+SWEEP_ROUNDS = 2
+
+
+def default_search(num_adapters: int, search: str) -> tuple[str, str]:
+    """`(init, proposal)` for `num_adapters` adapters and acceptance rule `search` ("partition" or "paper")."""
+    if num_adapters > REFERENCE_N and search == "partition":
+        return "lowest_loss", "targeted"
+    return "random", "random"
+
+
+def default_steps(num_adapters: int, search: str, proposal: str) -> int:
+    """T for `num_adapters` adapters: `SWEEP_ROUNDS` x N for "sweep" / "targeted" proposals, else
+    `DEFAULT_STEPS[search]` x max(1, N / `REFERENCE_N`), rounded up."""
+    if proposal != "random":
+        return SWEEP_ROUNDS * num_adapters
+    return math.ceil(DEFAULT_STEPS[search] * max(1, num_adapters / REFERENCE_N))
