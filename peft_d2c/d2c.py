@@ -175,7 +175,7 @@ def merge_adapters_d2c(
         attach_layer_inputs(merger, scorer)  # the Grams of a data-aware merge (`regmean`), before any merge
         rng = np.random.default_rng(config.seed)
         trace: list[list[int]] = []  # [history records, forward passes so far] after every step (any-time view)
-        start = start_partition(peft_model, names, num_clusters, config, rng, scorer)
+        start, start_kind = start_partition(peft_model, names, num_clusters, config, rng, scorer)
         state = SearchState(clusters=[list(c) for c in start])
         if config.method == "d2c":
             checkpointer = None
@@ -251,6 +251,7 @@ def merge_adapters_d2c(
             "seconds": time.perf_counter() - started,
             "trace": trace,
             "restarts": [dict(f) for f in state.finished],
+            "start": start_kind,  # how start 1 was made: with init="lowest_loss", the one kept
             "router_seconds": router_seconds,
             "router_forward_passes": router_passes,  # not in `forward_passes`: the search's and merges' cost
             **({"merged_sizes": merged_sizes} if merged_sizes else {}),

@@ -128,6 +128,15 @@ def test_the_card_names_the_search_and_its_default_t():
     assert "`partition` search, 30 proposed moves" in section(search="partition", num_iterations=None)
     assert "`paper` search, 100 proposed moves" in section(search="paper", num_iterations=None)
     assert "`paper` search, 12 proposed moves" in section(search="paper", num_iterations=12)
+    kept = _method_section(
+        {
+            "result": {"num_adapters": 40, "num_clusters": 5, "stats": {"start": "kmeans_svd"}},
+            "config": {"init": "lowest_loss", "search": "partition", "num_iterations": 80, "proposal": "targeted"},
+            "routing": {},
+            "names": [],
+        }
+    )
+    assert "(start `lowest_loss`: kept `kmeans_svd`, `partition` search, 80 proposed moves (`targeted`" in kept
 
 
 # What an old peft-d2c (before `search`, `restarts`, ... existed: commit 839ff9e) wrote, key for key.

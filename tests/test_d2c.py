@@ -156,6 +156,7 @@ class TestLowestLossStart:
         )
         expected = min(candidates, key=lambda c: c[1])
         assert chosen == expected[0] and total == pytest.approx(expected[1], rel=1e-5)
+        assert candidates[1][1] < candidates[0][1]  # here the weight-space start is the lower-loss one
         # near-copies: K-means on the weights pairs the copies, and those pairs have the lower loss
         assert chosen == canonical_partition([[f"{f}0", f"{f}1"] for f in ["copy", "first", "shift"]])
 
@@ -175,6 +176,8 @@ class TestLowestLossStart:
         winner = min(totals, key=lambda m: (totals[m], m != "random"))
         chosen, reference = run(init="lowest_loss", num_iterations=6), run(init=winner, num_iterations=6)
         assert chosen.history == reference.history and chosen.clusters == reference.clusters
+        assert chosen.initial_clusters == reference.initial_clusters
+        assert chosen.stats["start"] == reference.stats["start"] == winner
 
 
 class TestNothingLost:

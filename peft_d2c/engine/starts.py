@@ -26,8 +26,9 @@ def start_partition(
     config: D2CMergeConfig,
     rng: np.random.Generator,
     score_fn: BatchScoreFn,
-) -> list[list[str]]:
-    """The first partition of a run: `config.init` for `method="d2c"`, else the baseline `config.method`'s.
+) -> tuple[list[list[str]], str]:
+    """The first partition of a run and how it was made (`"random"`, `"kmeans"` or `"kmeans_svd"`): `config.init`
+    for `method="d2c"`, else the baseline `config.method`'s.
 
     `"random"` draws a balanced partition from `rng`; `"kmeans"` / `"kmeans_svd"` cluster the adapters' full updates
     (`kmeans_partition`, seeded by `config.seed`); `"lowest_loss"` draws the random one (leaving `rng` exactly as
@@ -37,12 +38,12 @@ def start_partition(
     """
     strategy = config.init if config.method == "d2c" else config.method
     if strategy == "random":
-        return balanced_random_partition(names, num_clusters, rng)
+        return balanced_random_partition(names, num_clusters, rng), "random"
     gram = delta_gram_matrix(peft_model, names)
     components = config.svd_embedding_dim if strategy in ("kmeans_svd", "lowest_loss") else None
     by_weights = kmeans_partition(names, gram, num_clusters, seed=config.seed, svd_components=components)
     if strategy != "lowest_loss":
-        return by_weights
+        return by_weights, strategy
     # Weight-space clusters only where the data prefer them: on independently trained adapters (each from its own
     # random A) they had a higher few-shot loss than random partitions (docs/benchmark.md, `kmeans_svd` rows); on
     # noisy copies of a few adapters a far lower one (docs/performance.md).
@@ -51,8 +52,8 @@ def start_partition(
     losses = [total_loss(partition_losses(p, score_fn)) for p in (random_start, by_weights)]
     logger.info("start partition: random %.4f, kmeans_svd %.4f (total few-shot loss)", *losses)
     if losses[1] < losses[0]:
-        return by_weights
-    return balanced_random_partition(names, num_clusters, rng)
+        return by_weights, "kmeans_svd"
+    return balanced_random_partition(names, num_clusters, rng), "random"
 
 
 def restart_starts(

@@ -122,6 +122,12 @@ def _source_text(record: Mapping[str, Any] | None) -> str:
     return f"local folder `{os.path.basename(str(record.get('path', '')).rstrip('/'))}`"
 
 
+def _kept_start(config: Mapping[str, Any], result: Mapping[str, Any]) -> str:
+    """`": kept kmeans_svd"` after an `init="lowest_loss"` start (which of its two partitions the run started from)."""
+    kept = (result.get("stats") or {}).get("start")
+    return f": kept `{kept}`" if config.get("init") == "lowest_loss" and kept else ""
+
+
 def _merge_engine(combination_type: str | None) -> str:
     """Who computes the merge: PEFT's `add_weighted_adapter`, or peft-d2c's update-space merges (rank r, exact)."""
     if combination_type in UPDATE_TYPES:
@@ -144,7 +150,7 @@ def _method_section(data: dict[str, Any]) -> str:
     steps = DEFAULT_STEPS.get(search) if steps is None else steps
     lines = [
         f"- **Clustering**: `{result.get('method', config.get('method'))}` "
-        f"(start `{config.get('init')}`, `{search}` search, {steps} proposed moves"
+        f"(start `{config.get('init')}`{_kept_start(config, result)}, `{search}` search, {steps} proposed moves"
         + (
             f" (`{config.get('proposal')}`: every adapter in turn, moves and swaps)"
             if config.get("proposal") in ("sweep", "targeted")
