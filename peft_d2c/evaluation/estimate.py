@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import time
 from typing import Any
 
@@ -23,9 +24,12 @@ logger = logging.getLogger(__name__)
 def estimate_run(peft_model, task_examples, config, *, tokenizer, probe_evaluations: int = 4) -> dict[str, Any]:
     """Time a few merge + loss evaluations and extrapolate to the whole run.
 
-    One evaluation is the merge of a cluster and the loss of one task's examples under it. A D2C step asks for two
-    (the task's loss in its cluster and in the target cluster, `proposals_per_step` times); repeated requests are
-    cached, so the count is an upper bound. The final task losses add N, the K final merges are timed separately.
+    One evaluation is the merge of a cluster and the loss of one task's examples under it. Per proposal (times
+    `proposals_per_step`) a `search="paper"` step asks for two (the task in its cluster and in the target cluster),
+    a `"partition"` step for every task of the two clusters after the move (2N/K for balanced clusters, at most N),
+    and a `"targeted"` proposal for K - 1 more (the task under every other cluster). Repeated requests are cached,
+    so while the clusters stay about balanced the count is an upper bound. The start's (and the final) task losses
+    add N, `init="lowest_loss"` N more; the K final merges are timed separately.
 
     Args:
         peft_model (`PeftModel`): The model with the N source adapters.
@@ -70,8 +74,13 @@ def estimate_run(peft_model, task_examples, config, *, tokenizer, probe_evaluati
             merger.cleanup()
         finally:  # the model gets its state back even if removing a temporary adapter fails
             snapshot.restore(peft_model)
-    steps = config.search_steps_for(len(names)) if config.method == "d2c" and 1 < k < len(names) else 0
-    evaluations = 2 * steps * config.proposals_per_step + len(names)
+    config = config.resolved_for(len(names))  # the start, proposals and T that a run over these adapters takes
+    n = len(names)
+    steps = config.num_iterations if config.method == "d2c" and 1 < k < n else 0
+    per_proposal = 2 if config.search == "paper" else min(n, 2 * math.ceil(n / k))
+    per_proposal += k - 1 if config.proposal == "targeted" else 0
+    starts = 2 if config.method == "d2c" and config.init == "lowest_loss" and 1 < k < n else 1
+    evaluations = steps * config.proposals_per_step * per_proposal + starts * n
     return {
         "num_adapters": len(names),
         "num_clusters": k,
