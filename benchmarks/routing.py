@@ -41,16 +41,6 @@ from peft_d2c.evaluation.generation import generate_answers, normalize_answer
 
 
 @torch.no_grad()
-def layer_features(model, tokenizer, prompts, layer: int) -> torch.Tensor:
-    """Mean hidden state of `layer` over each prompt's tokens, adapters off, one prompt at a time (an alternative)."""
-    rows = []
-    with model.disable_adapter():
-        for prompt in prompts:
-            ids = torch.tensor([tokenizer(prompt)["input_ids"][-512:]])
-            rows.append(model(input_ids=ids, output_hidden_states=True).hidden_states[layer][0].float().mean(0))
-    return torch.stack(rows)
-
-
 def features(embeddings: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
     """The router's features: unit length, minus the fit's mean unit embedding, unit length again."""
     return torch.nn.functional.normalize(torch.nn.functional.normalize(embeddings, dim=-1) - mean, dim=-1)
@@ -126,8 +116,8 @@ def main() -> None:
     middle = model.get_base_model().config.num_hidden_layers // 2
     out["middle_layer"] = middle
     out["middle_layer_task_accuracy"] = centroid_accuracy(
-        layer_features(model, tokenizer, few_flat, middle), few_labels,
-        layer_features(model, tokenizer, test_prompts, middle), labels,
+        prompt_features(model, tokenizer, few_flat, layer=middle), few_labels,
+        prompt_features(model, tokenizer, test_prompts, layer=middle), labels,
     )  # fmt: skip
 
     for gguf_path in args.gguf:  # what a llama.cpp server's /embedding (mean pooling) gives the same router

@@ -11,7 +11,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import math
 import os
 import time
 from collections.abc import Sequence
@@ -212,7 +211,7 @@ def merge_adapters_d2c(
         if config.fit_router and tokenizer is not None and len(names) > 1:  # requests without a task label
             prompts = {n: [example.prompt for example in examples[n]] for n in names}
             prompt_router = fit_prompt_router(peft_model, tokenizer, prompts, batch_size=config.batch_size)
-            router_passes = math.ceil(sum(map(len, prompts.values())) / config.batch_size)
+            router_passes = prompt_router.stats["forward_passes"]
         router_seconds = time.perf_counter() - router_started
     except BaseException:
         for name in merged_names:  # none existed before (`check_names`): whatever is there now was made here

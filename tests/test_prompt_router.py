@@ -37,13 +37,13 @@ def task_prompts(count: int, seed: int) -> dict[str, list[str]]:
             for t, s in LETTERS.items()}  # fmt: skip
 
 
-def features_by_hand(model, tokenizer, prompts) -> np.ndarray:
-    """One prompt at a time (no padding), adapters disabled: mean of the last hidden state over its tokens."""
+def features_by_hand(model, tokenizer, prompts, layer: int = -1) -> np.ndarray:
+    """One prompt at a time (no padding), adapters disabled: mean of hidden state `layer` over its tokens."""
     rows = []
     with torch.no_grad(), model.disable_adapter():
         for prompt in prompts:
             ids = torch.tensor([tokenizer(prompt)["input_ids"]])
-            hidden = model(input_ids=ids, output_hidden_states=True).hidden_states[-1][0]
+            hidden = model(input_ids=ids, output_hidden_states=True).hidden_states[layer][0]
             rows.append(hidden.mean(0).double().numpy())
     return np.stack(rows)
 
@@ -75,6 +75,9 @@ class TestFit:
         prompts = [p for ps in task_prompts(3, seed=1).values() for p in ps]
         got = prompt_features(model, tiny_tokenizer, prompts, batch_size=4).double().numpy()  # padded batches
         assert np.allclose(got, features_by_hand(model, tiny_tokenizer, prompts), atol=1e-5)
+        middle = prompt_features(model, tiny_tokenizer, prompts, batch_size=4, layer=1).double().numpy()
+        assert np.allclose(middle, features_by_hand(model, tiny_tokenizer, prompts, layer=1), atol=1e-5)
+        assert not np.allclose(middle, got, atol=1e-3)
         assert model.training and model.active_adapter == "sort"
         with torch.no_grad():  # the adapters are on again: the adapted output differs from the base's
             ids = torch.tensor([tiny_tokenizer(prompts[0])["input_ids"]])

@@ -19,6 +19,7 @@ The router is two small files next to a saved result (no pickle): `d2c_router.sa
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -187,10 +188,11 @@ class PromptRouter:
 
 @torch.no_grad()
 def prompt_features(
-    model: torch.nn.Module, tokenizer, prompts: Sequence[str], *, batch_size: int = 16
+    model: torch.nn.Module, tokenizer, prompts: Sequence[str], *, batch_size: int = 16, layer: int = -1
 ) -> torch.Tensor:
-    """`[len(prompts), hidden]` float32 embeddings: the base model's last hidden state averaged over each prompt's
-    tokens, adapters off (a `PeftModel`'s adapters are disabled for the call and its mode restored).
+    """`[len(prompts), hidden]` float32 embeddings: the base model's hidden state `layer` (the last, after the
+    final norm, by default) averaged over each prompt's tokens, adapters off (a `PeftModel`'s adapters are disabled
+    for the call and its mode restored); one forward pass per `batch_size` prompts.
     """
     encoded = [list(tokenizer(p)["input_ids"])[-MAX_FEATURE_TOKENS:] for p in prompts]
     if any(not ids for ids in encoded):
@@ -213,7 +215,7 @@ def prompt_features(
                     mask[row, : len(encoded[i])] = 1
                 hidden = model(
                     input_ids=input_ids.to(device), attention_mask=mask.to(device), output_hidden_states=True
-                ).hidden_states[-1]
+                ).hidden_states[layer]
                 weights = mask.to(hidden.device, torch.float32).unsqueeze(-1)
                 pooled = (hidden.float() * weights).sum(1) / weights.sum(1)
                 out[batch] = pooled.cpu()
@@ -261,6 +263,7 @@ def fit_prompt_router(
     stats = {
         "prompts_per_task": {t: len(task_prompts[t]) for t in tasks},
         "leave_one_out_accuracy": float((loo.argmax(1) == labels).float().mean()),
+        "forward_passes": math.ceil(len(prompts) / batch_size),  # `prompt_features`' batches
     }
     return PromptRouter(tasks, centroids, mean, float(temperature), float(own.min()), stats)
 
