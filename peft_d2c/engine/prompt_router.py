@@ -29,13 +29,13 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..io import atomic_write_json, read_json
+from .generation import BASE_ADAPTER, generate_answers
 from .scoring import input_device
 from .tokenization import pad_token_id_for
 
 ROUTER_WEIGHTS_NAME = "d2c_router.safetensors"
 ROUTER_CONFIG_NAME = "d2c_router.json"
 ROUTER_FORMAT = 1
-BASE = "__base__"  # PEFT's name for "no adapter" in a mixed-adapter batch
 FALLBACKS = ("nearest", "base")
 # Prompts longer than this are cut to their last tokens for the features (the end of a prompt says what is asked).
 MAX_FEATURE_TOKENS = 512
@@ -112,7 +112,7 @@ class PromptRouter:
             best = int(sims[row].argmax())
             task, similarity = self.tasks[best], float(sims[row, best])
             known = similarity >= self.threshold
-            adapter = routing[task] if known or fallback == "nearest" else BASE
+            adapter = routing[task] if known or fallback == "nearest" else BASE_ADAPTER
             routes.append(Route(task, adapter, float(probs[row, best]), similarity, known))
         return routes
 
@@ -300,7 +300,6 @@ def route_prompts(
     return router.route_features(prompt_features(model, tokenizer, prompts), routing, fallback=fallback)
 
 
-@torch.no_grad()
 def generate_routed(
     model: torch.nn.Module,
     tokenizer,
@@ -320,20 +319,7 @@ def generate_routed(
         `tuple[str, Route]`: the decoded new tokens (special tokens skipped) and the route taken.
     """
     (route,) = route_prompts(model, tokenizer, router, routing, [prompt], fallback=fallback)
-    encoded = tokenizer(prompt, return_tensors="pt")
-    device = input_device(model)
-    was_training = model.training
-    model.eval()
-    try:
-        output = model.generate(
-            input_ids=encoded["input_ids"].to(device),
-            attention_mask=encoded["attention_mask"].to(device),
-            adapter_names=[route.adapter],
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            pad_token_id=pad_token_id_for(tokenizer),
-            **generate_kwargs,
-        )
-    finally:
-        model.train(was_training)
-    return tokenizer.decode(output[0, encoded["input_ids"].shape[1] :], skip_special_tokens=True), route
+    (answer,) = generate_answers(
+        model, tokenizer, [prompt], adapter_names=[route.adapter], max_new_tokens=max_new_tokens, **generate_kwargs
+    )
+    return answer, route
