@@ -86,3 +86,17 @@ def test_plain_model_without_adapter_names(tiny_assets, tiny_tokenizer, tiny_tas
     assert count == len(targets)
     expected = F.cross_entropy(logits[row.completion_start - 1 : -1], targets, reduction="sum")
     assert total == pytest.approx(float(expected), rel=1e-5)
+
+
+@pytest.mark.parametrize("left", [False, True])
+def test_padded_batch_pads_to_the_longest_on_the_asked_side(left):
+    from peft_d2c.engine.tokenization import padded_batch
+
+    input_ids, mask = padded_batch([[5, 6, 7], [8], [9, 10]], pad_token_id=0, left=left)
+    if left:  # generation: every prompt ends at the last column
+        assert input_ids.tolist() == [[5, 6, 7], [0, 0, 8], [0, 9, 10]]
+        assert mask.tolist() == [[1, 1, 1], [0, 0, 1], [0, 1, 1]]
+    else:  # scoring: every token keeps its position
+        assert input_ids.tolist() == [[5, 6, 7], [8, 0, 0], [9, 10, 0]]
+        assert mask.tolist() == [[1, 1, 1], [1, 0, 0], [1, 1, 0]]
+    assert input_ids.dtype == mask.dtype == torch.long

@@ -15,7 +15,8 @@ from typing import Any
 import torch
 from peft import PeftModel
 
-from .scoring import input_device, pad_token_id_for
+from .scoring import input_device
+from .tokenization import pad_token_id_for, padded_batch
 
 BASE_ADAPTER = "__base__"  # PEFT's name for "no adapter" in mixed-adapter batches
 
@@ -102,12 +103,8 @@ def generate_answers(
     answers = [""] * len(prompts)
     with eval_mode(model):
         for batch in _batch_order([len(ids) for ids in encoded], batch_size):
-            width = max(len(encoded[i]) for i in batch)
-            input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-            attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
-            for row, i in enumerate(batch):
-                input_ids[row, width - len(encoded[i]) :] = torch.tensor(encoded[i])
-                attention_mask[row, width - len(encoded[i]) :] = 1
+            input_ids, attention_mask = padded_batch([encoded[i] for i in batch], pad_id, left=True)
+            width = input_ids.shape[1]
             kwargs = {} if rows is None else {"adapter_names": [rows[i] for i in batch]}
             output = model.generate(
                 input_ids=input_ids.to(device),

@@ -19,7 +19,7 @@ from ..combination_types import DATA_TYPES
 from .lora import lora_layers
 from .merging import AdapterMerger
 from .scoring import LossScorer, input_device, token_batches
-from .tokenization import TokenizedExample
+from .tokenization import TokenizedExample, padded_batch
 
 
 def input_grams(
@@ -101,16 +101,12 @@ def _adapter_grams(
         lengths = [len(row.input_ids) for row in rows]
         with torch.inference_mode():
             for indices in token_batches(order, lengths, batch_size, max_batch_tokens):
-                width = max(lengths[i] for i in indices)
-                input_ids = torch.full((len(indices), width), pad_token_id, dtype=torch.long)
-                mask = torch.zeros((len(indices), width), dtype=torch.bool)
-                for r, i in enumerate(indices):
-                    input_ids[r, : lengths[i]] = torch.tensor(rows[i].input_ids)
-                    mask[r, : lengths[i]] = True
+                input_ids, attention_mask = padded_batch([rows[i].input_ids for i in indices], pad_token_id)
+                mask = attention_mask.bool()
                 batch.update(last=None, last_index=-1, mask=mask)
                 peft_model(
                     input_ids=input_ids.to(device),
-                    attention_mask=mask.long().to(device),
+                    attention_mask=attention_mask.to(device),
                     adapter_names=[adapter] * len(indices),
                 )
                 count += int(mask.sum())

@@ -31,7 +31,7 @@ from safetensors.torch import load_file, save_file
 from ..io import atomic_write_json, read_json
 from .generation import BASE_ADAPTER, generate_answers
 from .scoring import input_device
-from .tokenization import pad_token_id_for
+from .tokenization import pad_token_id_for, padded_batch
 
 ROUTER_WEIGHTS_NAME = "d2c_router.safetensors"
 ROUTER_CONFIG_NAME = "d2c_router.json"
@@ -207,12 +207,7 @@ def prompt_features(
             order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
             for start in range(0, len(order), batch_size):
                 batch = order[start : start + batch_size]
-                width = max(len(encoded[i]) for i in batch)
-                input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-                mask = torch.zeros((len(batch), width), dtype=torch.long)
-                for row, i in enumerate(batch):  # right padding: the mask keeps every real token's position
-                    input_ids[row, : len(encoded[i])] = torch.tensor(encoded[i])
-                    mask[row, : len(encoded[i])] = 1
+                input_ids, mask = padded_batch([encoded[i] for i in batch], pad_id)  # right: positions kept
                 hidden = model(
                     input_ids=input_ids.to(device), attention_mask=mask.to(device), output_hidden_states=True
                 ).hidden_states[layer]

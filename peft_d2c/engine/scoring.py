@@ -23,7 +23,7 @@ from ..data.examples import Example
 from ..errors import NonFiniteLossError
 from .distributed import SingleProcess
 from .merging import AdapterMerger
-from .tokenization import TokenizedExample, check_token_ids, pad_token_id_for, tokenize_example
+from .tokenization import TokenizedExample, check_token_ids, pad_token_id_for, padded_batch, tokenize_example
 
 logger = logging.getLogger(__name__)
 
@@ -114,14 +114,11 @@ def completion_loss_sums(
     with torch.inference_mode():
         lengths = [len(row.input_ids) for row in rows]
         for batch in token_batches(order, lengths, batch_size, max_batch_tokens):
-            width = max(len(rows[i].input_ids) for i in batch)
-            input_ids = torch.full((len(batch), width), pad_token_id, dtype=torch.long)
-            attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
+            input_ids, attention_mask = padded_batch([rows[i].input_ids for i in batch], pad_token_id)
+            width = input_ids.shape[1]
             labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
             for r, i in enumerate(batch):
                 ids = rows[i].input_ids
-                input_ids[r, : len(ids)] = torch.tensor(ids)
-                attention_mask[r, : len(ids)] = 1
                 labels[r, rows[i].completion_start : len(ids)] = torch.tensor(ids[rows[i].completion_start :])
             # Position p predicts token p + 1: the scored positions are those whose next token is a completion token.
             targets = labels[:, 1:]

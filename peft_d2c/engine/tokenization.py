@@ -79,6 +79,22 @@ def tokenize_example(
     return TokenizedExample(tuple(prompt_ids) + tuple(completion_ids), len(prompt_ids))
 
 
+def padded_batch(
+    sequences: Sequence[Sequence[int]], pad_token_id: int, *, left: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(input_ids, attention_mask)`, both `[len(sequences), longest]` long tensors, of token-id lists padded with
+    `pad_token_id`: on the right (scoring, Grams, router features: every real token keeps its position) or, with
+    `left=True`, on the left (generation: the new tokens follow every prompt's last token)."""
+    width = max(len(ids) for ids in sequences)
+    input_ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, ids in enumerate(sequences):
+        span = slice(width - len(ids), width) if left else slice(0, len(ids))
+        input_ids[row, span] = torch.tensor(list(ids), dtype=torch.long)
+        attention_mask[row, span] = 1
+    return input_ids, attention_mask
+
+
 def pad_token_id_for(tokenizer) -> int:
     """The id used to pad batches: the tokenizer's pad token, else its EOS, else 0 (padding is always masked)."""
     if tokenizer.pad_token_id is not None:
