@@ -8,8 +8,8 @@ between releases (PEFT 0.21 stopped applying the LoRA scaling twice in the SVD h
 checks them once per process on a tiny merge against the closed-form update ΔW = Σ w_i·s_i·B_i·A_i computed here
 from the raw factors. When they disagree, peft-d2c warns (`D2CWarning`) and uses `own_merge_layer`, which
 computes every combination type from PEFT's public `merge_utils` functions as the PEFT documentation describes.
-The update-space types write their layers through `engine.update_layers`. May import `peft_d2c.config` and
-`peft_d2c.errors` only.
+The update-space types write their layers through `engine.update_layers`. May import `peft_d2c.config`,
+`peft_d2c.errors` and `engine.lora` (which reads the factors) only.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from peft.utils.merge_utils import dare_linear, dare_ties, magnitude_prune, task
 
 from ..combination_types import SVD_TYPES
 from ..errors import D2CWarning
+from .lora import lora_factors
 
 logger = logging.getLogger(__name__)
 
@@ -50,14 +51,6 @@ def _combine(combination_type: str, tensors: list[torch.Tensor], weights: torch.
     raise ValueError(f"No per-layer merge for combination_type={combination_type!r}.")
 
 
-def layer_factors(layer: LoraLayer, adapter: str) -> tuple[torch.Tensor, torch.Tensor] | None:
-    if adapter in layer.lora_A:
-        return layer.lora_A[adapter].weight.data, layer.lora_B[adapter].weight.data
-    if adapter in layer.lora_embedding_A:
-        return layer.lora_embedding_A[adapter].data, layer.lora_embedding_B[adapter].data
-    return None
-
-
 def parameter_like(old: torch.nn.Parameter, value: torch.Tensor) -> torch.nn.Parameter:
     """A new parameter holding `value` (its device and dtype), trainable like `old`."""
     return torch.nn.Parameter(value.contiguous(), requires_grad=old.requires_grad)
@@ -76,6 +69,7 @@ def set_factors(layer: LoraLayer, adapter: str, new_a: torch.Tensor, new_b: torc
         layer.lora_embedding_B[adapter] = parameter_like(layer.lora_embedding_B[adapter], new_b)
 
 
+@torch.no_grad()  # it reads the adapters' parameters themselves: no autograd graph
 def own_merge_layer(
     combination_type: str,
     members: Sequence[str],
@@ -97,7 +91,7 @@ def own_merge_layer(
     """
     if isinstance(layer.get_base_layer(), torch.nn.Conv2d | torch.nn.Conv1d | torch.nn.Conv3d):
         raise NotImplementedError("peft-d2c's own merge does not handle convolutional LoRA layers.")
-    present = [(m, w, f) for m, w in zip(members, weights, strict=True) if (f := layer_factors(layer, m)) is not None]
+    present = [(m, w, f) for m, w in zip(members, weights, strict=True) if (f := lora_factors(layer, m)) is not None]
     if not present:
         raise ValueError(f"None of {list(members)} adapts this layer.")
     dtype = present[0][2][0].dtype

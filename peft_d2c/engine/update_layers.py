@@ -14,7 +14,8 @@ from peft import LoraConfig
 from peft.tuners.lora import LoraLayer
 
 from ..combination_types import DATA_TYPES
-from .layer_merge import layer_factors, parameter_like, set_factors
+from .layer_merge import parameter_like, set_factors
+from .lora import lora_factors
 from .merge_methods import merge_biases, merge_updates, widest_dtype
 from .regmean import regmean_merge
 
@@ -50,13 +51,13 @@ def update_merge_into(
     """
     groups: dict[tuple, list[tuple[LoraLayer, list]]] = {}
     for layer in layers:
-        if layer_factors(layer, adapter_name) is None:
+        if lora_factors(layer, adapter_name) is None:
             continue
         if isinstance(layer.get_base_layer(), torch.nn.Conv2d | torch.nn.Conv1d | torch.nn.Conv3d):
             raise NotImplementedError("peft-d2c's update-space merges do not handle convolutional LoRA layers.")
         present = []
         for member, weight in zip(members, weights, strict=True):
-            factors = layer_factors(layer, member)
+            factors = lora_factors(layer, member)
             if factors is not None:
                 bias = layer.lora_B[member].bias if member in layer.lora_B else None
                 present.append((member, weight, factors, bias))
