@@ -25,6 +25,8 @@ RUNS = [
     {"num_clusters": 3, "num_iterations": 12, "seed": 3, "restarts": 3, "final_pass": True, "proposal": "sweep"},
     # a forward-pass budget: each process counts every process's passes, so both stop at the same step
     {"num_clusters": 2, "seed": 4, "proposals_per_step": 3, "batch_size": 10, "max_forward_passes": 12},
+    # the defaults above 16 adapters: the lower-loss start (its 2N losses shared out) and targeted proposals
+    {"num_clusters": 3, "num_iterations": 8, "seed": 5, "init": "lowest_loss", "proposal": "targeted"},
 ]
 
 CHILD = textwrap.dedent(
@@ -148,6 +150,7 @@ class TestAccelerateLaunch:
                 assert run["task_losses"] == single.task_losses
                 assert run["stats"]["num_processes"] == 2
                 assert run["stats"]["restarts"] == single.stats["restarts"]
+                assert run["stats"]["start"] == single.stats["start"]
             if "max_forward_passes" in kwargs:  # the budget, not T (= the budget), ended the steps
                 assert 0 < len(single.history) < kwargs["max_forward_passes"]
             if kwargs.get("restarts", 1) > 1:
