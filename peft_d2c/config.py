@@ -295,7 +295,7 @@ class D2CMergeConfig:
 
     def search_defaults_for(self, num_adapters: int) -> tuple[str, str]:
         """`(init, proposal)` of a search over `num_adapters` adapters: each field, or where it is None
-        `search_defaults.default_search` (random up to `REFERENCE_N` adapters, `"lowest_loss"` and `"targeted"` above)."""
+        `search_defaults.default_search` (random up to 16 adapters, `"lowest_loss"` and `"targeted"` above)."""
         init, proposal = default_search(num_adapters, self.search)
         return self.init or init, self.proposal or proposal
 

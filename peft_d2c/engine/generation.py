@@ -47,6 +47,7 @@ def row_adapters(model: torch.nn.Module, adapter_names: Sequence[str] | None, n_
 
 @contextmanager
 def eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    """Evaluation mode and no autograd for the block; the model's training mode is given back after it."""
     training = model.training
     model.eval()  # PEFT refuses `adapter_names` in training mode; dropout must be off for scoring anyway
     try:

@@ -36,7 +36,7 @@ def start_partition(
     the one whose total few-shot loss under `score_fn` is lower (the random one on a tie). Those 2N losses are cached
     by the scorer, so the search does not pay for the kept start's again.
     """
-    strategy = config.init if config.method == "d2c" else config.method
+    strategy = config.search_defaults_for(len(names))[0] if config.method == "d2c" else config.method
     if strategy == "random":
         return balanced_random_partition(names, num_clusters, rng), "random"
     gram = delta_gram_matrix(peft_model, names)
@@ -62,8 +62,9 @@ def restart_starts(
     """Starts 2..R of `restarts`: the `kmeans_svd` partition (unless start 1 already considered it), then balanced
     random partitions, each from its own generator seeded by (seed, r), so start 1 stays the single-start run's."""
     starts: list[list[list[str]]] = []
+    init = config.search_defaults_for(len(names))[0]
     for r in range(1, config.restarts):
-        if r == 1 and config.init not in ("kmeans_svd", "lowest_loss"):
+        if r == 1 and init not in ("kmeans_svd", "lowest_loss"):
             gram = delta_gram_matrix(peft_model, names)
             components = config.svd_embedding_dim
             starts.append(kmeans_partition(names, gram, num_clusters, seed=config.seed, svd_components=components))
