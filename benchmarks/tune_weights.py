@@ -20,10 +20,13 @@ import statistics
 import time
 
 from peft_d2c import D2CMergeConfig
+from peft_d2c.data.examples import normalize_task_examples
 from peft_d2c.embedded.benchmark_report import t_interval
 from peft_d2c.embedded.mainjob import load_embedded_assets
 from peft_d2c.embedded.merge_report import with_merge_labels
+from peft_d2c.engine.layer_inputs import attach_layer_inputs
 from peft_d2c.engine.merging import AdapterMerger
+from peft_d2c.engine.scoring import LossScorer
 from peft_d2c.evaluation.heldout import evaluate_routing
 from peft_d2c.evaluation.tune import cluster_loss, tune_cluster_weights
 from peft_d2c.io import atomic_write_json
@@ -36,6 +39,10 @@ def tune_cell(model, tokenizer, fewshot, test, cell, budget: int) -> dict:
         merged_adapter_prefix=f"tw{cell['num_clusters']}s{cell['seed']}",
     )
     merger = AdapterMerger(model, config)
+    # A data-aware merge (`regmean`) needs every member's layer-input Grams on its few-shot examples, as in the run.
+    tasks = sorted(t for members in cell["clusters"] for t in members)
+    examples = normalize_task_examples({t: fewshot[t][: config.examples_per_task] for t in tasks})
+    attach_layer_inputs(merger, LossScorer.for_config(model, tokenizer, examples, merger))
     routing, clusters, started, passes = {}, [], time.perf_counter(), 0
     names = []
     try:

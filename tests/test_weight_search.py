@@ -95,3 +95,27 @@ def test_tuned_weights_loss_recomputed_from_a_fresh_peft_merge(tiny_peft_model, 
     assert [row[1] for row in fresh] == pytest.approx([row[0] for row in fresh], rel=1e-5)  # left at the best
     untuned = loss_matrix(model, tiny_tokenizer, examples, [members[0]])  # sanity: a real, finite loss
     assert all(0 < row[0] < 50 for row in untuned)
+
+
+def test_regmean_weights_tune_with_the_members_grams(tiny_peft_model, tiny_tokenizer, tiny_task_examples):
+    """`regmean` merges need the layer-input Grams (as `benchmarks/tune_weights.py` now attaches them): the tuned
+    weights never end above the start, and the adapter left behind scores what the search reported."""
+    from peft_d2c.data.examples import normalize_task_examples
+    from peft_d2c.engine.layer_inputs import attach_layer_inputs
+    from peft_d2c.engine.scoring import LossScorer
+
+    model = tiny_peft_model
+    model.eval()
+    members = ["copy", "reverse", "sort"]
+    examples = {t: tiny_task_examples[t] for t in members}
+    merger = AdapterMerger(model, D2CMergeConfig(num_clusters=1, merged_adapter_prefix="tune"))  # regmean
+    with pytest.raises(ValueError, match="needs the layer inputs"):
+        merger.merge(members, "no_grams")
+    attach_layer_inputs(
+        merger, LossScorer.for_config(model, tiny_tokenizer, normalize_task_examples(examples), merger)
+    )
+    name = merger.merge(members, "tuned")
+    result, _ = tune_cluster_weights(model, tiny_tokenizer, merger, members, name, examples, budget=6, seed=1)
+    assert result.evaluations == 6 and result.value <= result.initial_value
+    left = loss_matrix(model, tiny_tokenizer, examples, [name])
+    assert sum(row[0] for row in left) / 3 == pytest.approx(result.value, rel=1e-5)
