@@ -134,11 +134,17 @@ class TestReport:
 
 
 def test_search_options_add_the_exact_paper_mode_next_to_d2c():
+    from peft_d2c import D2CMergeConfig
     from peft_d2c.cli.benchmark import parse_variant
     from peft_d2c.embedded.benchmark import PAPER_SEARCH, cluster_methods
 
     default = dict(cluster_methods())  # the default D2C search is not the paper's, so the paper's runs beside it
     assert default["d2c"]["search"] == "partition" and default["d2c (paper)"]["search"] == "paper"
+    # the proposals a 16-adapter run resolves to, recorded as such (results files written before None stay resumable)
+    assert (
+        default["d2c"]["proposal"] == "random"
+        and D2CMergeConfig(num_clusters=2).search_defaults_for(16)[1] == "random"
+    )
     assert "d2c (paper)" not in dict(cluster_methods(PAPER_SEARCH))
     methods = dict(
         cluster_methods({"search": "partition", "restarts": 2}, dict([parse_variant("v: num_iterations=30")]))

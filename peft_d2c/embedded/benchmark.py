@@ -33,6 +33,7 @@ from ..d2c import merge_adapters_d2c
 from ..evaluation.generation import BASE_ADAPTER
 from ..evaluation.heldout import evaluate_routing, loss_matrix
 from ..io import atomic_write_json
+from ..search_defaults import REFERENCE_N, default_search
 from .anytime import AnytimeScorer, anytime_curve
 from .benchmark_report import (
     BASELINES,
@@ -79,6 +80,8 @@ def cluster_methods(
     and one `d2c [name]` per entry of `variants` (extra settings, e.g. `{"search": "partition", "num_iterations": 30}`).
     """
     d2c = {k: (search_options or {}).get(k, _DEFAULTS[k]) for k in SEARCH_OPTIONS}
+    if d2c["proposal"] is None:  # both collections hold at most REFERENCE_N adapters: the proposals a run takes there
+        d2c["proposal"] = default_search(REFERENCE_N, d2c["search"])[1]
     methods: list[tuple[str, dict[str, Any]]] = [(m, {"method": m}) for m in BASELINES]
     methods += [
         ("d2c", {"method": "d2c", "init": "random", **d2c}),
