@@ -13,7 +13,7 @@ from .combination_types import COMBINATION_TYPES, UPDATE_TYPES
 from .errors import D2CWarning
 from .io import atomic_write_json
 from .names import check_adapter_name
-from .search_defaults import DEFAULT_STEPS, default_search, default_steps
+from .search_defaults import DEFAULT_STEPS, default_search, default_steps, merge_cache_size_for
 from .sizes import is_bytes_budget, parse_size
 
 CONFIG_NAME = "d2c_config.json"
@@ -246,12 +246,9 @@ class D2CMergeConfig:
             _check_int("max_forward_passes", self.max_forward_passes, minimum=1)
         if self.patience is not None:
             _check_int("patience", self.patience, minimum=1)
-        _check_int("examples_per_task", self.examples_per_task, minimum=1)
-        _check_int("svd_embedding_dim", self.svd_embedding_dim, minimum=1)
-        _check_int("batch_size", self.batch_size, minimum=1)
-        _check_int("max_batch_tokens", self.max_batch_tokens, minimum=1)
+        for name in ("examples_per_task", "svd_embedding_dim", "batch_size", "max_batch_tokens", "proposals_per_step"):
+            _check_int(name, getattr(self, name), minimum=1)
         _check_int("merge_cache_size", self.merge_cache_size, minimum=2)
-        _check_int("proposals_per_step", self.proposals_per_step, minimum=1)
         _check_choice("search", self.search, ("paper", "partition"))
         if self.proposal is not None:
             _check_choice("proposal", self.proposal, ("random", "sweep", "targeted"))
@@ -299,11 +296,14 @@ class D2CMergeConfig:
         init, proposal = default_search(num_adapters, self.search)
         return self.init or init, self.proposal or proposal
 
-    def resolved_for(self, num_adapters: int) -> D2CMergeConfig:
-        """This config as a run over `num_adapters` adapters uses it: `init`, `proposal` (`search_defaults_for`) and
-        `num_iterations` (`search_steps_for`) filled in; a result's config is this."""
+    def resolved_for(self, num_adapters: int, num_clusters: int) -> D2CMergeConfig:
+        """This config as a run of `num_adapters` adapters into `num_clusters` uses it: `init`, `proposal`
+        (`search_defaults_for`), `num_iterations` (`search_steps_for`) and `merge_cache_size`
+        (`search_defaults.merge_cache_size_for`) filled in; a result's config is this."""
         init, proposal = self.search_defaults_for(num_adapters)
-        return replace(self, init=init, proposal=proposal, num_iterations=self.search_steps_for(num_adapters))
+        cache = merge_cache_size_for(proposal, num_clusters, self.merge_cache_size)
+        steps = self.search_steps_for(num_adapters)
+        return replace(self, init=init, proposal=proposal, num_iterations=steps, merge_cache_size=cache)
 
     def resolve_num_clusters(self, num_adapters: int) -> int:
         """Number of clusters K for `num_adapters` source adapters.

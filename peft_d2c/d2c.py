@@ -7,7 +7,6 @@ above every stage it calls: `config`, `data`, `engine` and `result`.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import logging
@@ -146,14 +145,10 @@ def merge_adapters_d2c(
     examples = normalize_task_examples(task_examples)
     names = resolve_adapter_names(peft_model, examples, adapter_names)
     examples = {name: examples[name][: config.examples_per_task] for name in names}
-    # The T, start and proposals that run, resolved once for these N: the result, card and checkpoint record them.
-    config = config.resolved_for(len(names))
+    # The T, start, proposals and live merges that run, resolved once for these N and K: the result, card and
+    # checkpoint record them.
     num_clusters = resolve_num_clusters(peft_model, names, config)
-    if config.proposal == "targeted" and config.merge_cache_size < num_clusters + 2:
-        # A targeted step scores the task under every other cluster's merge, then the step's two new merges: with
-        # fewer live slots the LRU would rebuild most of the K current merges at every step (16,326 merges in
-        # 1076 s at N = 256, K = 32, docs/performance.md). The saved config records the size that ran.
-        config = dataclasses.replace(config, merge_cache_size=num_clusters + 2)
+    config = config.resolved_for(len(names), num_clusters)
     check_source_adapters(peft_model, names, config.combination_type)
     check_base_models(peft_model, names, allow_mixed=config.allow_mixed_base_models)
     merged_names = [f"{config.merged_adapter_prefix}_{i}" for i in range(num_clusters)]

@@ -101,9 +101,12 @@ def test_start_and_proposals_scale_with_n_and_the_result_config_records_them():
     assert D2CMergeConfig(num_clusters=2, search="paper").search_defaults_for(256) == ("random", "random")
     explicit = D2CMergeConfig(num_clusters=2, init="random", proposal="sweep")
     assert explicit.search_defaults_for(256) == ("random", "sweep")
-    resolved = config.resolved_for(64)
+    resolved = config.resolved_for(64, 8)
     assert (resolved.init, resolved.proposal, resolved.num_iterations) == ("lowest_loss", "targeted", 128)
-    assert resolved.resolved_for(8) == resolved  # a resolved config does not change again
+    # targeted steps score under all K current merges plus the step's two new ones: K + 2 = 10 live slots, not 8
+    assert (config.merge_cache_size, resolved.merge_cache_size) == (8, 10)
+    assert config.resolved_for(16, 8).merge_cache_size == 8  # random proposals keep the set size
+    assert resolved.resolved_for(8, 2) == resolved  # a resolved config does not change again
     loaded = D2CMergeConfig.from_dict(resolved.to_dict())
     assert loaded == resolved
     assert D2CMergeConfig(num_clusters=2, proposal="sweep").search_steps_for(256) == 512

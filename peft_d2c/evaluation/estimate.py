@@ -52,6 +52,7 @@ def estimate_run(peft_model, task_examples, config, *, tokenizer, probe_evaluati
     names = resolve_adapter_names(peft_model, examples, None)
     examples = {n: examples[n][: config.examples_per_task] for n in names}
     k = resolve_num_clusters(peft_model, names, config)
+    config = config.resolved_for(len(names), k)  # the start, proposals, T and live merges a run would take
     check_source_adapters(peft_model, names, config.combination_type)
     merger = AdapterMerger(peft_model, config)
     merger.check_names([])
@@ -74,7 +75,6 @@ def estimate_run(peft_model, task_examples, config, *, tokenizer, probe_evaluati
             merger.cleanup()
         finally:  # the model gets its state back even if removing a temporary adapter fails
             snapshot.restore(peft_model)
-    config = config.resolved_for(len(names))  # the start, proposals and T that a run over these adapters takes
     n = len(names)
     steps = config.num_iterations if config.method == "d2c" and 1 < k < n else 0
     per_proposal = 2 if config.search == "paper" else min(n, 2 * math.ceil(n / k))
