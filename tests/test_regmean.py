@@ -90,9 +90,12 @@ class TestRegMeanMaths:
         ]
         grams = [torch.stack([batch[0][1][i].T @ batch[0][1][i], batch[1][1][i].T @ batch[1][1][i]]) for i in range(3)]
         new_a, new_b = regmean_merge(pairs, grams, [1.0] * 3, rank=4, alpha=0.9)
+        # the form a run passes: per member, one (in, in) Gram per layer of the batch, never stacked
+        listed_a, listed_b = regmean_merge(pairs, [list(g.unbind(0)) for g in grams], [1.0] * 3, rank=4, alpha=0.9)
         for position, (layer_pairs, layer_inputs) in enumerate(batch):
             one_a, one_b = regmean_merge(layer_pairs, [x.T @ x for x in layer_inputs], [1.0] * 3, rank=4, alpha=0.9)
             torch.testing.assert_close(new_b[position] @ new_a[position], one_b @ one_a, rtol=1e-8, atol=1e-8)
+            torch.testing.assert_close(listed_b[position] @ listed_a[position], one_b @ one_a, rtol=1e-8, atol=1e-8)
 
     def test_truncation_is_the_best_rank_r_approximation(self):
         pairs, inputs = members(7)

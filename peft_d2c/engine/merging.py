@@ -77,7 +77,6 @@ class AdapterMerger:
         self._modules_cache: dict[tuple[str, ...], frozenset[str]] = {}
         # adapter -> per LoRA layer, the Gram of its inputs on its task's examples (`layer_inputs.input_grams`).
         self.layer_inputs: dict[str, list[torch.Tensor]] = {}
-        self._gram_stacks: dict = {}  # the Grams stacked per group of layers (`update_layers.update_merge_into`)
         self._can_refill = config.combination_type not in RANDOM_TYPES  # DARE masks depend on the module build
         # PEFT's private per-layer helpers, checked once per process against the closed-form update.
         self._trust_peft = peft_helpers_verified()
@@ -221,8 +220,7 @@ class AdapterMerger:
         if combination_type in UPDATE_TYPES:  # every layer at once, batched over layers of the same shapes
             layers = [layer for _, layer in self._layers]
             if combination_type in DATA_TYPES:
-                grams, alpha, cache = self._member_grams(members), config.regmean_alpha, self._gram_stacks
-                settings.update(grams=grams, regmean_alpha=alpha, gram_cache=cache)
+                settings.update(grams=self._member_grams(members), regmean_alpha=config.regmean_alpha)
             update_merge_into(combination_type, members, weights, layers, adapter_name, **settings)
             return
         with torch.no_grad():
@@ -383,7 +381,6 @@ class AdapterMerger:
         self._live.clear()
         self._free_slots.clear()
         self._prune_cache.clear()
-        self._gram_stacks.clear()
 
 
 def _cat_factors(layer: LoraLayer, members: Sequence[str], weights: Sequence[float], target_a, target_b):

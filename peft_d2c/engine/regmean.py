@@ -33,9 +33,14 @@ def shrink_off_diagonal(gram: torch.Tensor, alpha: float) -> torch.Tensor:
     return alpha * gram + (1 - alpha) * torch.diag_embed(diagonal)
 
 
+# A member's Gram: one (..., in, in) tensor, or per layer of a batch of layers its (in, in) Gram, read one at a time
+# (a run keeps one Gram per layer input: stacking every member's Grams for each merge would copy them all again).
+Gram = torch.Tensor | Sequence[torch.Tensor]
+
+
 def regmean_merge(
     pairs: Sequence[Pair | None],
-    grams: Sequence[torch.Tensor],
+    grams: Sequence[Gram],
     weights: Sequence[float],
     *,
     rank: int,
@@ -46,7 +51,8 @@ def regmean_merge(
     Args:
         pairs (`Sequence`): Per member, `(B_i, A_i)` (..., out, r_i) and (..., r_i, in) with the scaling folded into
             A_i, or `None` for a member that does not adapt this layer (a zero update).
-        grams (`Sequence[Tensor]`): Per member (the same order), the Gram matrix of its layer inputs (..., in, in).
+        grams (`Sequence`): Per member (the same order), the Gram matrix of its layer inputs: a (..., in, in) tensor,
+            or for a batch of layers (pairs of shape (L, ...)) a sequence of L (in, in) tensors.
         weights (`Sequence[float]`): Per member, the weight of its term in the least-squares objective.
         rank (`int`): Rank of the merged factors.
         alpha (`float`): The share of the off-diagonal Gram entries kept (`shrink_off_diagonal`), in (0, 1]; below 1
@@ -64,29 +70,40 @@ def regmean_merge(
     source_dtype = widest_dtype([t.dtype for pair in pairs if pair is not None for t in pair])
     dtype = torch.promote_types(source_dtype, torch.float32)  # no bf16 / fp16 Cholesky, QR or SVD in torch
     pairs = [None if pair is None else (pair[0].to(dtype), pair[1].to(dtype)) for pair in pairs]
-    # Σ_j w_j·G̃_j is the regularised Σ_j w_j·G_j (the regulariser is linear): one shrink instead of k, accumulated
-    # in place, and no member's G̃_i is ever materialised (each is read through G_i and its diagonal).
-    total = torch.zeros(grams[0].shape, dtype=dtype, device=grams[0].device)
+    # S = Σ_j w_j·G̃_j is the regularised Σ_j w_j·G_j (the regulariser is linear): one shrink instead of k, all in
+    # the one in x in buffer per layer (no member's G̃_i, nor a copy of S, is ever materialised).
+    first = grams[0] if isinstance(grams[0], torch.Tensor) else grams[0][0]
+    shape = first.shape if isinstance(grams[0], torch.Tensor) else (len(grams[0]), *first.shape)
+    total = torch.zeros(shape, dtype=dtype, device=first.device)
     for weight, gram in zip(weights, grams, strict=True):
-        total.add_(gram.to(dtype), alpha=weight)
-    total = shrink_off_diagonal(total, alpha)
-    # A feature no member ever sees has a zero row and column: give it a unit diagonal (its solution is 0 anyway).
+        _add_gram(total, gram, weight)
     diagonal = torch.diagonal(total, dim1=-2, dim2=-1)
-    total = total + torch.diag_embed((diagonal <= 0).to(dtype))
+    kept = diagonal.clone()
+    total.mul_(alpha)
+    # A feature no member ever sees has a zero row and column: give it a unit diagonal (its solution is 0 anyway).
+    diagonal.copy_(kept + (kept <= 0).to(dtype))
     factor = torch.linalg.cholesky(total)
-    present = [
-        (pair, gram.to(dtype), w) for pair, gram, w in zip(pairs, grams, weights, strict=True) if pair is not None
-    ]
+    present = [(pair, gram, w) for pair, gram, w in zip(pairs, grams, weights, strict=True) if pair is not None]
     b = torch.cat([pair[0] for pair, _, _ in present], dim=-1)
-    # Â_i^T = S^-1·(w_i·G̃_i·A_i^T), G̃_i·A_i^T = α·G_i·A_i^T + (1 − α)·diag(G_i)·A_i^T; all members in one solve.
-    right = torch.cat(
-        [
-            w
-            * (alpha * (g @ pair[1].mT) + (1 - alpha) * torch.diagonal(g, dim1=-2, dim2=-1)[..., :, None] * pair[1].mT)
-            for pair, g, w in present
-        ],
-        dim=-1,
-    )
+    # Â_i^T = S^-1·(w_i·G̃_i·A_i^T); all members in one solve.
+    right = torch.cat([w * _regularised_product(gram, pair[1].mT, alpha) for pair, gram, w in present], dim=-1)
     a = torch.cholesky_solve(right, factor).mT
     new_a, new_b = truncate(*low_rank_svd(b, a), rank)
     return new_a.to(source_dtype), new_b.to(source_dtype)
+
+
+def _add_gram(total: torch.Tensor, gram: Gram, weight: float) -> None:
+    """total += weight·G, in place, for a Gram tensor or a per-layer sequence of them."""
+    if isinstance(gram, torch.Tensor):
+        total.add_(gram.to(device=total.device, dtype=total.dtype), alpha=weight)
+        return
+    for entry, layer_gram in zip(total, gram, strict=True):
+        entry.add_(layer_gram.to(device=total.device, dtype=total.dtype), alpha=weight)
+
+
+def _regularised_product(gram: Gram, right: torch.Tensor, alpha: float) -> torch.Tensor:
+    """G̃·R = α·G·R + (1 − α)·diag(G)·R, without forming G̃ (R is (..., in, r)); per layer for a sequence of Grams."""
+    if not isinstance(gram, torch.Tensor):
+        return torch.stack([_regularised_product(g, r, alpha) for g, r in zip(gram, right, strict=True)])
+    gram = gram.to(device=right.device, dtype=right.dtype)
+    return alpha * (gram @ right) + (1 - alpha) * torch.diagonal(gram, dim1=-2, dim2=-1)[..., :, None] * right

@@ -32,7 +32,6 @@ def update_merge_into(
     majority_sign_method: str,
     grams: Mapping[LoraLayer, Sequence[torch.Tensor]] | None = None,
     regmean_alpha: float = 0.9,
-    gram_cache: dict | None = None,
 ) -> None:
     """Merge `members` with a rank-r update-space type (`peft_d2c.combination_types.UPDATE_TYPES`) into the existing adapter
     `adapter_name` of every layer in `layers` (its factors, and its LoRA bias if it has one, are overwritten).
@@ -43,8 +42,7 @@ def update_merge_into(
     (the same projection in every block). The merged factors are for scaling 1 (`lora_alpha = r`); a merged bias
     where no member has one is zero. A member that does not adapt a layer adds a zero update there. The data-aware
     types (`combination_types.DATA_TYPES`: `regmean`, `peft_d2c.engine.regmean`) take `grams`: per layer, the Gram matrix of
-    every member's layer inputs, in the order of `members`, and `regmean_alpha`; `gram_cache` (a dict the caller
-    keeps for the run) memoises each member's Grams stacked over a group of layers, as every merge needs them.
+    every member's layer inputs, in the order of `members`, and `regmean_alpha`.
 
     Raises:
         NotImplementedError: For a convolutional LoRA layer.
@@ -75,9 +73,7 @@ def update_merge_into(
     with torch.no_grad():
         for entries in groups.values():
             if combination_type in DATA_TYPES:
-                _regmean_group(
-                    entries, members, weights, adapter_name, grams, gram_cache, rank=rank, alpha=regmean_alpha
-                )
+                _regmean_group(entries, members, weights, adapter_name, grams, rank=rank, alpha=regmean_alpha)
             else:
                 _merge_group(combination_type, entries, adapter_name, **settings)
 
@@ -96,27 +92,17 @@ def _stacked_pairs(entries, first, compute: torch.dtype) -> list[tuple[torch.Ten
     return pairs
 
 
-def _regmean_group(entries, members, weights, adapter_name, grams, cache, *, rank: int, alpha: float) -> None:
+def _regmean_group(entries, members, weights, adapter_name, grams, *, rank: int, alpha: float) -> None:
     """RegMean of a batch of layers of one shape (`update_merge_into`): every member's Gram counts, the members that
     adapt the layers bring their updates. A LoRA bias is merged as the weighted mean of the members' (scaled) biases."""
     first = entries[0][1]
     source_dtype = widest_dtype([t.dtype for _, _, factors, _ in first for t in factors])
     compute = torch.promote_types(source_dtype, torch.float32)
     adapting = dict(zip([m for m, _, _, _ in first], _stacked_pairs(entries, first, compute), strict=True))
-    device = first[0][2][0].device
-    stacked_grams = []
-    for index in range(len(members)):
-        layer_grams = [grams[layer][index] for layer, _ in entries]
-        # Keyed by the Gram tensors themselves (q and v of a block share theirs, so they share one stack too), which
-        # the entry keeps alive so that no other tensor can take their ids.
-        key = (tuple(id(gram) for gram in layer_grams), device, compute)
-        entry = cache.get(key) if cache is not None else None
-        if entry is None:
-            entry = (layer_grams, torch.stack([gram.to(device=device, dtype=compute) for gram in layer_grams]))
-            if cache is not None:
-                cache[key] = entry
-        stacked_grams.append(entry[1])
-    new_a, new_b = regmean_merge([adapting.get(m) for m in members], stacked_grams, weights, rank=rank, alpha=alpha)
+    # Per member, its Grams of these layers, read one layer at a time by the merge (never stacked: a copy of every
+    # member's Grams per merge would double the memory the Grams take, docs/performance.md).
+    member_grams = [[grams[layer][index] for layer, _ in entries] for index in range(len(members))]
+    new_a, new_b = regmean_merge([adapting.get(m) for m in members], member_grams, weights, rank=rank, alpha=alpha)
     biases = _merged_biases("core_ta", entries, new_b, compute, 1.0, "total")  # the weighted mean
     _write_group(entries, adapter_name, new_a, new_b, biases, source_dtype)
 
