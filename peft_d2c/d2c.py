@@ -24,7 +24,7 @@ from .data.examples import normalize_task_examples
 from .engine.budget import check_partition_fits, is_bytes_budget, parse_size, resolve_num_clusters
 from .engine.checkpoint import SearchCheckpointer, run_fingerprint
 from .engine.distributed import SingleProcess, get_process_group
-from .engine.layer_inputs import attach_layer_inputs
+from .engine.layer_inputs import attach_layer_inputs, layer_input_bytes
 from .engine.lora import (
     adapter_digest,
     base_model_digest,
@@ -248,6 +248,7 @@ def merge_adapters_d2c(
             "start": start_kind,  # how start 1 was made: with init="lowest_loss", the one kept
             "router_seconds": router_seconds,
             "router_forward_passes": router_passes,  # not in `forward_passes`: the search's and merges' cost
+            "layer_input_bytes": layer_input_bytes(merger.layer_inputs),  # the `regmean` Grams held for the run
             **({"merged_sizes": merged_sizes} if merged_sizes else {}),
         },
         model=peft_model,

@@ -157,13 +157,17 @@ def test_add_adapter_to_a_regmean_result_takes_the_members_data(files, tmp_path,
 
 def test_estimate_prints_evaluations_and_time(files, merged, capsys):
     assert main(["estimate", files["run"], "--probe", "2", "--json", "--quiet"]) == 0
-    estimate = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    out = capsys.readouterr().out
+    estimate = json.loads(out.strip().splitlines()[-1])
     # 5 adapters, K = 2, T = 6 partition steps: each scores the 5 tasks of the two clusters after its move, plus
     # the start's 5 losses
     assert estimate["num_clusters"] == 2 and estimate["max_evaluations"] == 6 * 5 + 5
     ran = D2CResult.from_pretrained(merged)  # the same run: the losses it computed stay within the estimate
     assert 0 < ran.stats["cache_misses"] <= estimate["max_evaluations"]
     assert estimate["expected_seconds"] > 0
+    # the default `regmean` holds every adapter's Grams for the run: the probe collects the same ones
+    assert estimate["layer_input_bytes"] == ran.stats["layer_input_bytes"] > 0
+    assert "regmean layer-input Grams held for the run" in out
 
 
 def test_push_in_a_subprocess_reaches_the_local_hub(merged, hub_api):

@@ -171,6 +171,11 @@ class TestRegMeanEndToEnd:
         config = D2CMergeConfig(num_clusters=2, method="random", combination_type="regmean", regmean_alpha=0.7, seed=1)
         result = merge_adapters_d2c(model, tiny_task_examples, config, tokenizer=tiny_tokenizer)
         names = sorted(result.assignment)
+        # q/v/o adapters: per block, q and v share one input (the normed hidden states), o reads the attention output;
+        # both are hidden-wide, float32: 2 Grams of hidden^2 * 4 bytes per block and adapter, held for the run.
+        shape = model.base_model.model.config
+        expected_bytes = len(names) * shape.num_hidden_layers * 2 * shape.hidden_size**2 * 4
+        assert result.stats["layer_input_bytes"] == expected_bytes
         tokenized = {
             t: [tokenize_example(tiny_tokenizer, Example(**e)) for e in tiny_task_examples[t][:10]] for t in names
         }

@@ -27,6 +27,7 @@ from ..hub.push import push_d2c_folder
 from ..io import RESULT_NAME, atomic_write_json, atomic_write_text
 from ..online import attach_model
 from ..result import D2CResult
+from ..sizes import format_size
 from .run_config import load_run_config
 
 
@@ -259,6 +260,8 @@ def cmd_estimate(args: argparse.Namespace) -> int:
         f"{estimate['seconds_per_evaluation']:.3f} s each in the probe"
     )
     print(f"expected run time: at most {estimate['expected_seconds']:.1f} s")
+    if estimate["layer_input_bytes"]:
+        print(f"regmean layer-input Grams held for the run: {format_size(estimate['layer_input_bytes'])}")
     if args.json:
         print(json.dumps(estimate, sort_keys=True))
     return 0

@@ -118,6 +118,13 @@ def _adapter_grams(
     return [means[owner[i]] for i in range(len(layers))]
 
 
+def layer_input_bytes(layer_inputs: Mapping[str, Sequence[torch.Tensor]]) -> int:
+    """Bytes the Grams of `layer_inputs` (adapter -> per layer, as `input_grams` returns) hold, each shared tensor
+    counted once: the memory a `regmean` run keeps for its whole length, N times one adapter's."""
+    distinct = {id(gram): gram for grams in layer_inputs.values() for gram in grams}
+    return sum(gram.numel() * gram.element_size() for gram in distinct.values())
+
+
 def attach_layer_inputs(merger: AdapterMerger, scorer: LossScorer) -> None:
     """Give `merger` the Grams its data-aware combination type merges with (`combination_types.DATA_TYPES`), from the scorer's
     tokenised few-shot examples; nothing for the other types. Adapters that already have theirs are skipped; the

@@ -11,7 +11,7 @@ import numpy as np
 
 from ..data.examples import normalize_task_examples
 from ..engine.budget import resolve_num_clusters
-from ..engine.layer_inputs import attach_layer_inputs
+from ..engine.layer_inputs import attach_layer_inputs, layer_input_bytes
 from ..engine.lora import check_source_adapters, resolve_adapter_names
 from ..engine.merging import AdapterMerger
 from ..engine.scoring import LossScorer
@@ -40,7 +40,8 @@ def estimate_run(peft_model, task_examples, config, *, tokenizer, probe_evaluati
 
     Returns:
         `dict`: `num_adapters`, `num_clusters`, `max_evaluations`, `seconds_per_evaluation`, `seconds_per_merge`,
-        `expected_seconds` (an upper bound) and `probe_evaluations`.
+        `expected_seconds` (an upper bound), `probe_evaluations` and `layer_input_bytes` (the `regmean` Grams the run
+        holds from start to end, `engine.layer_inputs.layer_input_bytes`).
 
     Example:
         ```python
@@ -91,4 +92,5 @@ def estimate_run(peft_model, task_examples, config, *, tokenizer, probe_evaluati
         "seconds_per_evaluation": per_evaluation,
         "seconds_per_merge": per_merge,
         "expected_seconds": evaluations * per_evaluation + k * per_merge,
+        "layer_input_bytes": layer_input_bytes(merger.layer_inputs),  # held for the whole run (0 unless `regmean`)
     }
