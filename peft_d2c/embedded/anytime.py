@@ -73,12 +73,16 @@ class AnytimeScorer:
         self.model = peft_model
         self.merger = AdapterMerger(peft_model, config)
         self.scorer = LossScorer.for_config(peft_model, tokenizer, examples, self.merger)
-        attach_layer_inputs(self.merger, self.scorer)
 
     def __call__(self, clusters: Sequence[Sequence[str]]) -> float:
         self.model.eval()
+        # A `regmean` merge's Grams, collected when first needed after `close`: a cell's run holds its own copy
+        # while it searches, and two copies of every adapter's Grams at once (4.8 GB each on the validation
+        # collection) is what made two benchmark processes run out of memory.
+        attach_layer_inputs(self.merger, self.scorer)
         return sum(self.scorer([(tuple(sorted(c)), t) for c in clusters for t in c]))
 
     def close(self) -> None:
-        """Remove the temporary merged adapters from the model; the memoised losses are kept."""
+        """Remove the temporary merged adapters and the Grams from the model; the memoised losses are kept."""
         self.merger.cleanup()
+        self.merger.layer_inputs.clear()
