@@ -72,9 +72,9 @@ def regmean_merge(
     pairs = [None if pair is None else (pair[0].to(dtype), pair[1].to(dtype)) for pair in pairs]
     # S = Σ_j w_j·G̃_j is the regularised Σ_j w_j·G_j (the regulariser is linear): one shrink instead of k, all in
     # the one in x in buffer per layer (no member's G̃_i, nor a copy of S, is ever materialised).
-    first = grams[0] if isinstance(grams[0], torch.Tensor) else grams[0][0]
-    shape = first.shape if isinstance(grams[0], torch.Tensor) else (len(grams[0]), *first.shape)
-    total = torch.zeros(shape, dtype=dtype, device=first.device)
+    shape = grams[0].shape if isinstance(grams[0], torch.Tensor) else (len(grams[0]), *grams[0][0].shape)
+    device = next(pair[0].device for pair in pairs if pair is not None)  # where the merge runs: the factors'
+    total = torch.zeros(shape, dtype=dtype, device=device)
     for weight, gram in zip(weights, grams, strict=True):
         _add_gram(total, gram, weight)
     diagonal = torch.diagonal(total, dim1=-2, dim2=-1)
