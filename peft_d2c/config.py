@@ -42,8 +42,7 @@ def _check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
 class D2CMergeConfig:
     """Configuration of a D2C run: how many merged adapters to keep, how to find the clusters, how to merge them.
 
-    Modelled on PEFT's `LoraConfig`: a dataclass validated in `__post_init__`, saved as sorted JSON with
-    `save_pretrained` and read back with `from_pretrained`.
+    Modelled on PEFT's `LoraConfig`: validated in `__post_init__`, `save_pretrained` / `from_pretrained` as JSON.
 
     Args:
         num_clusters (`int`, *optional*):
@@ -72,6 +71,9 @@ class D2CMergeConfig:
             Stop early after this many proposals in a row were rejected. `None` runs all `num_iterations`.
         examples_per_task (`int`, defaults to 10):
             n, the number of examples per task used for clustering; extra examples are ignored.
+        task_score (`str`, defaults to `"loss"`):
+            What a task's examples score under a merge: `"loss"` (the paper's mean completion-token loss) or `"miss"`
+            (1 - the mean probability of each whole completion, teacher-forced: in [0, 1], flat where a task fails).
         combination_type (`str`, defaults to `"regmean"`):
             A rank-r update-space merge of peft-d2c (`UPDATE_TYPES`: `regmean`, which also uses the few-shot examples'
             layer inputs and so needs the tokenizer; `knots_ties` (the default before), `core_ta`, `core_ties`,
@@ -105,9 +107,8 @@ class D2CMergeConfig:
             Number of temporary merged adapters kept alive in the model (an LRU); older ones are deleted. With
             `proposal="targeted"` at least K + 2 (every current cluster's merge and a step's two new ones).
         proposals_per_step (`int`, defaults to 1):
-            p, the candidate moves scored per step. 1 is the paper's Algorithm 1; with p > 1 each step scores p
-            candidates in one batch (split across processes under `accelerate launch`) and applies the one whose task
-            loss drops the most, a greedier search with more evaluations per step.
+            p, the candidate moves scored per step (1: the paper's). With p > 1 a step scores p candidates in one batch
+            (split across `accelerate launch` processes) and applies the one whose task loss drops the most.
         search (`str`, defaults to `"partition"`):
             Acceptance rule of a move: `"partition"` (the summed loss of every task of the two clusters the move
             changes, so the total few-shot loss never rises; 10 seeds in docs/benchmark.md) or `"paper"`
@@ -120,11 +121,10 @@ class D2CMergeConfig:
             lowest loss); both `search="partition"` only. `None`: `"random"` up to 16 adapters or with
             `search="paper"`, `"targeted"` above.
         restarts (`int`, defaults to 1):
-            R starts (the `init` partition, then `kmeans_svd`, then random; each its own seed, split between the
-            processes of an `accelerate launch`), T split between them; the lowest total few-shot loss is kept.
+            R starts (the `init` partition, `kmeans_svd`, then random, each its own seed; split between `accelerate
+            launch` processes), T split between them; the lowest total few-shot loss is kept.
         final_pass (`bool`, defaults to `False`):
-            After the steps, apply improving single moves (every task to every cluster, and a singleton's adapter
-            joining another cluster while a task takes its place) until none is left.
+            After the steps, apply improving single moves and singleton relocations until none is left (`polish`).
         checkpoint_every (`int`, defaults to 10):
             With a `checkpoint_dir` given to `merge_adapters_d2c`, save the search state every this many steps.
         seed (`int`, defaults to 0):
@@ -137,9 +137,8 @@ class D2CMergeConfig:
             Adapters whose `base_model_name_or_path` name different Hub ids or different folders are refused; set this
             to merge them anyway (with a `D2CWarning`), e.g. when two folders hold the same weights.
         max_batch_tokens (`int`, defaults to 16384):
-            Budget of one scoring forward pass in tokens (rows x longest row, padding included): a batch of
-            `batch_size` rows is split further so that long examples cannot run out of memory mid-search. The split
-            depends only on the examples, so 1-process and N-process runs stay bit-identical.
+            Tokens of one scoring forward pass (rows x longest row, padding included): a batch of `batch_size` rows is
+            split further, by the examples alone (1- and N-process runs stay bit-identical), so none runs out of memory.
         fit_router (`bool`, defaults to `True`):
             At the end, fit a prompt router on the few-shot prompts (`peft_d2c.engine.prompt_router`, one forward
             pass of the base per 16 prompts) so that `result.route(prompt)` / `result.generate(prompt)` serve requests
@@ -173,6 +172,7 @@ class D2CMergeConfig:
     max_forward_passes: int | None = field(default=None, metadata={"help": "Forward passes the steps may spend."})
     patience: int | None = field(default=None, metadata={"help": "Stop after this many rejections in a row."})
     examples_per_task: int = field(default=10, metadata={"help": "n, examples per task used for clustering."})
+    task_score: Literal["loss", "miss"] = field(default="loss", metadata={"help": "A task's score: loss or miss."})
     combination_type: str = field(
         default="regmean", metadata={"help": "Merge: an update-space type or a PEFT add_weighted_adapter type."}
     )
@@ -246,18 +246,18 @@ class D2CMergeConfig:
             _check_int("max_forward_passes", self.max_forward_passes, minimum=1)
         if self.patience is not None:
             _check_int("patience", self.patience, minimum=1)
-        for name in ("examples_per_task", "svd_embedding_dim", "batch_size", "max_batch_tokens", "proposals_per_step"):
+        positive = ("examples_per_task", "svd_embedding_dim", "batch_size", "max_batch_tokens", "proposals_per_step")
+        for name in (*positive, "restarts", "checkpoint_every"):
             _check_int(name, getattr(self, name), minimum=1)
+        _check_choice("task_score", self.task_score, ("loss", "miss"))
         _check_int("merge_cache_size", self.merge_cache_size, minimum=2)
         _check_choice("search", self.search, ("paper", "partition"))
         if self.proposal is not None:
             _check_choice("proposal", self.proposal, ("random", "sweep", "targeted"))
         if self.proposal not in (None, "random") and self.search != "partition":
             raise ValueError(f"`proposal={self.proposal!r}` swaps tasks, which only `search='partition'` can judge.")
-        _check_int("restarts", self.restarts, minimum=1)
         _check_choice("final_pass", self.final_pass, (True, False))
         _check_choice("fit_router", self.fit_router, (True, False))
-        _check_int("checkpoint_every", self.checkpoint_every, minimum=1)
         _check_int("seed", self.seed, minimum=0)
         if self.svd_rank is not None:
             _check_int("svd_rank", self.svd_rank, minimum=1)

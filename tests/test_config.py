@@ -140,6 +140,9 @@ def test_the_card_names_the_search_and_its_default_t():
         }
     )
     assert "(start `lowest_loss`: kept `kmeans_svd`, `partition` search, 80 proposed moves (`targeted`" in kept
+    # the few-shot score the run searched with; a config saved before `task_score` existed scored the loss
+    assert "scored by their few-shot miss" in section(search="partition", num_iterations=None, task_score="miss")
+    assert "scored by their few-shot loss" in section(search="partition", num_iterations=None)
 
 
 # What an old peft-d2c (before `search`, `restarts`, ... existed: commit 839ff9e) wrote, key for key.

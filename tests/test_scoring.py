@@ -100,3 +100,42 @@ def test_padded_batch_pads_to_the_longest_on_the_asked_side(left):
         assert input_ids.tolist() == [[5, 6, 7], [8, 0, 0], [9, 10, 0]]
         assert mask.tolist() == [[1, 1, 1], [1, 0, 0], [1, 1, 0]]
     assert input_ids.dtype == mask.dtype == torch.long
+
+
+def test_miss_is_one_minus_the_mean_probability_of_each_whole_completion(
+    tiny_peft_model, tiny_tokenizer, tiny_task_examples
+):
+    """`task_score="miss"`: per task, 1 - mean over its examples of P(completion | prompt), teacher-forced; the
+    expected value comes from the merged adapter's full logits, one example at a time, as a product of probabilities."""
+    from peft_d2c import D2CMergeConfig
+    from peft_d2c.engine.merging import AdapterMerger
+    from peft_d2c.engine.scoring import LossScorer
+
+    model = tiny_peft_model.eval()
+    tasks = sorted(tiny_task_examples)[:2]
+    examples = {t: [Example(e["prompt"], e["completion"]) for e in tiny_task_examples[t][:4]] for t in tasks}
+    config = D2CMergeConfig(num_clusters=1, combination_type="core_ta", task_score="miss", merged_adapter_prefix="m")
+    merger = AdapterMerger(model, config)
+    scorer = LossScorer.for_config(model, tiny_tokenizer, examples, merger)
+    members = tuple(tasks)
+    try:
+        misses = scorer([(members, t) for t in tasks])
+        merged = merger.adapter_for(members)
+        for task, miss in zip(tasks, misses, strict=True):
+            rows = scorer.tokenized[task]
+            with torch.no_grad():
+                probabilities = []
+                for row in rows:
+                    model.set_adapter(merged)
+                    ids = torch.tensor([row.input_ids])
+                    log_probs = torch.log_softmax(model(input_ids=ids).logits[0].double(), dim=-1)
+                    targets = ids[0, row.completion_start :]
+                    picked = log_probs[row.completion_start - 1 : -1].gather(1, targets[:, None])
+                    probabilities.append(float(picked.sum().exp()))
+            assert 0.0 <= miss <= 1.0
+            # compared on 1 - miss, the mean probability itself (0.0001 to 0.03 on the random tiny model)
+            assert 1 - miss == pytest.approx(sum(probabilities) / len(probabilities), rel=1e-3)
+    finally:
+        merger.cleanup()
+    with pytest.raises(ValueError, match="task_score"):
+        D2CMergeConfig(num_clusters=1, task_score="accuracy")

@@ -27,6 +27,7 @@ _VARIANT_KEYS = {
     "num_iterations": int,
     "max_forward_passes": int,
     "init": str,
+    "task_score": str,
     "proposal": str,
 }
 

@@ -287,6 +287,7 @@ def run_benchmark(
                                 **{key: value for key, value in kwargs.items() if key != "num_iterations"},
                             )
                             curve = anytime_seeds is None or seed < anytime_seeds or config.search == "partition"
+                            curve = curve and config.task_score == "loss"  # the any-time scorer's losses
                             scorer = anytime_scorers[merge] if curve else None
                             return _cell(peft_model, tokenizer, fewshot, test, config, label, scorer, evaluated)
 

@@ -215,6 +215,8 @@ class LossScorer:
         merger (`AdapterMerger`): Provides live merged adapters for clusters.
         batch_size (`int`): Rows per forward pass.
         use_chat_template (`bool`), max_length (`int`, *optional*): Tokenisation settings (see `tokenize_example`).
+        task_score (`str`, defaults to `"loss"`): `"loss"` (pooled completion-token loss) or `"miss"` (1 - the mean
+            teacher-forced probability of each whole completion), as `D2CMergeConfig.task_score`.
         user_score_fn (*optional*): `score_fn(model, adapter_name, task, examples) -> float` replacing the loss.
         process_group (*optional*): A `peft_d2c.engine.distributed` process group; defaults to a single process.
 
@@ -250,6 +252,7 @@ class LossScorer:
             max_batch_tokens=config.max_batch_tokens,
             use_chat_template=config.use_chat_template,
             max_length=config.max_length,
+            task_score=config.task_score,
             user_score_fn=user_score_fn,
             process_group=process_group,
         )
@@ -265,10 +268,12 @@ class LossScorer:
         max_batch_tokens: int | None = None,
         use_chat_template: bool = False,
         max_length: int | None = None,
+        task_score: str = "loss",
         user_score_fn: UserScoreFn | None = None,
         process_group=None,
     ) -> None:
         self.model = model
+        self.task_score = task_score
         self.merger = merger
         self.examples = {task: list(items) for task, items in examples.items()}
         self.batch_size = batch_size
@@ -353,7 +358,7 @@ class LossScorer:
         return dict(zip(tasks, self._losses([(routing[t], t) for t in tasks]), strict=True))
 
     def _losses(self, requests: Sequence[tuple[str, str]]) -> list[float]:
-        """The pooled completion loss of every `(adapter name, task)` request, in mixed-adapter forward passes."""
+        """The score (`task_score`) of every `(adapter name, task)` request, in mixed-adapter forward passes."""
         rows, row_adapters, owners = [], [], []
         for index, (name, task) in enumerate(requests):
             for tokenized in self.tokenized[task]:
@@ -369,6 +374,11 @@ class LossScorer:
             max_batch_tokens=self.max_batch_tokens,
         )
         self.forward_passes += passes
+        if self.task_score == "miss":  # 1 - P(completion | prompt) = 1 - exp(-its summed token loss), per example
+            misses: list[list[float]] = [[] for _ in requests]
+            for owner, row_sum in zip(owners, sums, strict=True):
+                misses[owner].append(-math.expm1(-row_sum))
+            return [sum(m) / max(len(m), 1) for m in misses]
         total = [0.0] * len(requests)
         tokens = [0] * len(requests)
         for owner, row_sum, row_count in zip(owners, sums, counts, strict=True):

@@ -59,11 +59,20 @@ def is_hub_id(value: Any) -> bool:
     )
 
 
+def _fewshot_score(data: dict[str, Any]) -> tuple[str, str]:
+    """The metric type and name of the run's few-shot score (`D2CMergeConfig.task_score`)."""
+    return (
+        ("miss", "few-shot miss")
+        if (data.get("config") or {}).get("task_score") == "miss"
+        else ("loss", "few-shot loss")
+    )
+
+
 def _eval_results(tasks: Sequence[str], data: dict[str, Any], served_by: Mapping[str, str] | None = None) -> list:
-    """One `EvalResult` per task and metric: the few-shot loss, and the held-out score when there is one."""
+    """One `EvalResult` per task and metric: the few-shot score, and the held-out score when there is one."""
 
     metrics = [
-        ("loss", "few-shot loss", data["result"].get("task_losses") or {}),
+        (*_fewshot_score(data), data["result"].get("task_losses") or {}),
         ("score", "held-out score", data["result"].get("heldout_scores") or {}),
     ]
     sources = data["result"].get("data_sources") or {}
@@ -157,7 +166,8 @@ def _method_section(data: dict[str, Any]) -> str:
             else ""
         )
         + ", "
-        f"{config.get('examples_per_task')} few-shot examples per task, seed {config.get('seed')}).",
+        f"{config.get('examples_per_task')} few-shot examples per task scored by their {_fewshot_score(data)[1]}, "
+        f"seed {config.get('seed')}).",
         f"- **Merge**: {_merge_engine(combination)}, `combination_type={combination!r}`"
         + (f", `density={density}`" if density is not None else "")
         + ".",
@@ -180,6 +190,13 @@ def _routing_section(data: dict[str, Any], repos: Mapping[str, str] | None = Non
 
 def _citation_section() -> str:
     return f"## Citation\n\nD2C is the method of [{PAPER_TITLE}]({PAPER_URL}) (ICASSP 2026):\n\n```bibtex\n{CITATION}\n```\n"
+
+
+_SCORE_MEANING = {
+    "loss": "The few-shot loss is the mean token cross-entropy of each task's completions under this merged adapter.",
+    "miss": "The few-shot miss is 1 minus the mean probability (teacher-forced) of each whole completion of the "
+    "task's examples under this merged adapter.",
+}
 
 
 def build_adapter_card(
@@ -209,9 +226,9 @@ examples per task, and the adapters of each cluster merged into one. It is clust
 
 ## Merged source adapters
 
-{_table(["task (source adapter)", "source", "few-shot loss", "held-out score"], rows)}
+{_table(["task (source adapter)", "source", _fewshot_score(data)[1], "held-out score"], rows)}
 
-The few-shot loss is the mean token cross-entropy of each task's completions under this merged adapter.
+{_SCORE_MEANING[_fewshot_score(data)[0]]}
 
 ## How it was made
 
