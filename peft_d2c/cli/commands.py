@@ -251,17 +251,13 @@ def cmd_estimate(args: argparse.Namespace) -> int:
     run = _run_from_args(args)
     model, tokenizer, examples = _load_inputs(run)
     estimate = estimate_run(model, examples, run.d2c, tokenizer=tokenizer, probe_evaluations=args.probe)
-    print(
-        f"N={estimate['num_adapters']} adapters, K={estimate['num_clusters']}, method={estimate['method']}, "
-        f"T={estimate['num_iterations']}"
-    )
-    print(
-        f"at most {estimate['max_evaluations']} evaluations (merge + loss), "
-        f"{estimate['seconds_per_evaluation']:.3f} s each in the probe"
-    )
-    print(f"expected run time: at most {estimate['expected_seconds']:.1f} s")
-    if estimate["layer_input_bytes"]:
-        print(f"regmean layer-input Grams held for the run: {format_size(estimate['layer_input_bytes'])}")
+    e = estimate
+    print(f"N={e['num_adapters']} adapters, K={e['num_clusters']}, method={e['method']}, T={e['num_iterations']}")
+    each = f"{e['seconds_per_evaluation']:.3f} s each in the probe"
+    print(f"at most {e['max_evaluations']} evaluations (merge + loss), {each}")
+    print(f"expected run time: at most {e['expected_seconds']:.1f} s")
+    if e["layer_input_bytes"]:
+        print(f"regmean layer-input Grams held for the run: {format_size(e['layer_input_bytes'])}")
     if args.json:
         print(json.dumps(estimate, sort_keys=True))
     return 0
