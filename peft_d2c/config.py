@@ -113,12 +113,14 @@ class D2CMergeConfig:
             Acceptance rule of a move: `"partition"` (the summed loss of every task of the two clusters the move
             changes, so the total few-shot loss never rises; 10 seeds in docs/benchmark.md) or `"paper"`
             (Algorithm 1: the moved task's loss; with `restarts=1`, `final_pass=False` and T = 100 the paper's
-            algorithm exactly).
+            algorithm exactly). `"paper_then_partition"`: T steps of the paper's rule, then at most T `"partition"`
+            steps within the forward passes the first T spent (never a higher total loss than the paper's end, at most
+            2x its passes plus one step; `peft_d2c.engine.search_phases`; `restarts=1` only).
         proposal (`str`, *optional*):
             Which move a step proposes (`peft_d2c.engine.proposals`): `"random"` (the paper's uniform draws) or
             `"sweep"` (every adapter in turn, in rounds of a fresh random order, moved or swapped with a member of
             a random other cluster) or `"targeted"` (as sweep, into the other cluster whose merge gives the task its
-            lowest loss); both `search="partition"` only. `None`: `"random"` up to 16 adapters or with
+            lowest loss); both not with `search="paper"`. `None`: `"random"` up to 16 adapters or with
             `search="paper"`, `"targeted"` above.
         restarts (`int`, defaults to 1):
             R starts (the `init` partition, `kmeans_svd`, then random, each its own seed; split between `accelerate
@@ -193,27 +195,21 @@ class D2CMergeConfig:
     max_length: int | None = field(default=None, metadata={"help": "Truncate scored sequences to this length."})
     batch_size: int = field(default=32, metadata={"help": "Rows per forward pass."})
     merge_cache_size: int = field(default=8, metadata={"help": "Live temporary merged adapters (LRU)."})
-    proposals_per_step: int = field(
-        default=1, metadata={"help": "Candidate moves scored per step; 1 = the paper's Algorithm 1."}
+    proposals_per_step: int = field(default=1, metadata={"help": "Candidate moves scored per step; 1 = the paper's."})
+    search: Literal["paper", "partition", "paper_then_partition"] = field(
+        default="partition", metadata={"help": "Move acceptance rule."}
     )
-    search: Literal["paper", "partition"] = field(default="partition", metadata={"help": "Move acceptance rule."})
     proposal: Literal["random", "sweep", "targeted"] | None = field(
         default=None, metadata={"help": "Proposed moves: random (the paper's), sweep or targeted (None: by N)."}
     )
     restarts: int = field(default=1, metadata={"help": "Start partitions searched; the lowest total loss is kept."})
-    final_pass: bool = field(
-        default=False, metadata={"help": "Finish with improving single moves until none is left."}
-    )
+    final_pass: bool = field(default=False, metadata={"help": "Finish with improving single moves until none left."})
     checkpoint_every: int = field(default=10, metadata={"help": "Steps between two checkpoints of the search."})
     seed: int = field(default=0, metadata={"help": "Seed of every random choice of the run."})
     merged_adapter_prefix: str = field(default="d2c", metadata={"help": "Merged adapters are named {prefix}_{i}."})
     show_progress: bool = field(default=True, metadata={"help": "Show a progress bar."})
-    allow_mixed_base_models: bool = field(
-        default=False, metadata={"help": "Merge adapters that record different base models (warns instead)."}
-    )
-    max_batch_tokens: int = field(
-        default=16384, metadata={"help": "Tokens per scoring forward pass at most (rows x longest row)."}
-    )
+    allow_mixed_base_models: bool = field(default=False, metadata={"help": "Merge adapters of other bases (warns)."})
+    max_batch_tokens: int = field(default=16384, metadata={"help": "Most tokens of a scoring pass (rows x length)."})
     fit_router: bool = field(default=True, metadata={"help": "Fit a prompt router on the few-shot prompts."})
 
     def __post_init__(self) -> None:
@@ -251,11 +247,13 @@ class D2CMergeConfig:
             _check_int(name, getattr(self, name), minimum=1)
         _check_choice("task_score", self.task_score, ("loss", "miss"))
         _check_int("merge_cache_size", self.merge_cache_size, minimum=2)
-        _check_choice("search", self.search, ("paper", "partition"))
+        _check_choice("search", self.search, ("paper", "partition", "paper_then_partition"))
         if self.proposal is not None:
             _check_choice("proposal", self.proposal, ("random", "sweep", "targeted"))
-        if self.proposal not in (None, "random") and self.search != "partition":
-            raise ValueError(f"`proposal={self.proposal!r}` swaps tasks, which only `search='partition'` can judge.")
+        if self.proposal not in (None, "random") and self.search == "paper":
+            raise ValueError(f"`proposal={self.proposal!r}` swaps tasks, which only the partition rule can judge.")
+        if self.search == "paper_then_partition" and self.restarts != 1:
+            raise ValueError("`search='paper_then_partition'` searches one start: set `restarts=1`.")
         _check_choice("final_pass", self.final_pass, (True, False))
         _check_choice("fit_router", self.fit_router, (True, False))
         _check_int("seed", self.seed, minimum=0)

@@ -38,6 +38,7 @@ from .engine.prompt_router import fit_prompt_router
 from .engine.rank_budget import merge_with_allocated_ranks
 from .engine.scoring import LossScorer, UserScoreFn
 from .engine.search import SearchState, d2c_search
+from .engine.search_phases import paper_then_partition
 from .engine.search_robust import choose_best_start, combine_starts, robust_search
 from .engine.starts import restart_starts, start_partition
 from .engine.state import ModelState
@@ -250,6 +251,7 @@ def merge_adapters_d2c(
             "router_forward_passes": router_passes,  # not in `forward_passes`: the search's and merges' cost
             "layer_input_bytes": layer_input_bytes(merger.layer_inputs),  # the `regmean` Grams held for the run
             **({"merged_sizes": merged_sizes} if merged_sizes else {}),
+            **_phase_stats(state, config),
         },
         model=peft_model,
         tokenizer=tokenizer,
@@ -272,16 +274,17 @@ def _run_search(
         or not group.is_main_process
         or os.environ.get("TQDM_DISABLE", "").lower() in ("1", "true", "yes")
     )
-    with tqdm(
-        total=config.search_steps, initial=state.iteration, desc="D2C search", unit="step", disable=disable
-    ) as bar:
+    # The steps of both phases of "paper_then_partition" (the second stops early once it spent the first's passes).
+    steps = config.search_steps * (2 if config.search == "paper_then_partition" else 1)
+    with tqdm(total=steps, initial=state.iteration, desc="D2C search", unit="step", disable=disable) as bar:
 
         def on_step(current: SearchState) -> None:
-            bar.update(min(current.iteration, config.search_steps) - bar.n)
+            bar.update(min(current.iteration, steps) - bar.n)
             trace.append([len(current.history), scorer.forward_passes])
             logger.debug("step %d: %s", current.iteration, current.history[-1])
             # Only the steps are checkpointed: a final pass is deterministic and re-runs from its cached losses.
-            if checkpointer is not None and current.phase == "search" and current.iteration % checkpointer.every == 0:
+            stepping = current.phase in ("search", "partition")
+            if checkpointer is not None and stepping and current.iteration % checkpointer.every == 0:
                 checkpointer.save(current)
 
         exact_paper = config.search == "paper" and config.restarts == 1 and not config.final_pass
@@ -296,6 +299,9 @@ def _run_search(
         }
         if exact_paper:  # Algorithm 1, the draws and decisions of `benchmarks/reference_d2c.py`
             state = d2c_search(state.clusters, scorer, rng, num_iterations=config.search_steps, state=state, **options)
+        elif config.search == "paper_then_partition":
+            options.update(num_iterations=config.search_steps, final_pass=config.final_pass)
+            state = paper_then_partition(state.clusters, scorer, rng, state=state, **options)
         else:
             options.update(
                 num_iterations=config.search_steps,
@@ -311,6 +317,18 @@ def _run_search(
     if checkpointer is not None:
         checkpointer.save(state)  # a finished search resumes straight to its final merges
     return state
+
+
+def _phase_stats(state: SearchState, config: D2CMergeConfig) -> dict[str, Any]:
+    """What the second phase of `search="paper_then_partition"` did: its steps, its budget and what it spent."""
+    if config.search != "paper_then_partition":
+        return {}
+    steps = sum(record.get("phase") == "partition" for record in state.history)
+    return {
+        "partition_phase_steps": steps,
+        "partition_phase_budget": state.budget,
+        "partition_phase_spent": state.spent,
+    }
 
 
 def _search_starts_apart(starts, scorer: LossScorer, rng: np.random.Generator, group, options: dict) -> SearchState:

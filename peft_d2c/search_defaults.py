@@ -16,7 +16,8 @@ import math
 # T per `search` up to REFERENCE_N adapters: a "partition" step scores every task of the two clusters it changes
 # (2N/K tasks), a "paper" step only the moved task, so 30 partition steps cost 1.07x and 2.09x the forward passes of
 # the paper's 100 steps at K = 4 and 2 on the embedded default (10 seeds, docs/benchmark.md).
-DEFAULT_STEPS = {"paper": 100, "partition": 30}
+# "paper_then_partition" takes the paper's T for its first phase (its second has at most as many steps).
+DEFAULT_STEPS = {"paper": 100, "partition": 30, "paper_then_partition": 100}
 # Above it, random proposals get DEFAULT_STEPS x N / REFERENCE_N steps (rounded up): each adapter is proposed as
 # often on average as in the collections the defaults were measured on.
 REFERENCE_N = 16
@@ -25,7 +26,7 @@ SWEEP_ROUNDS = 2
 
 
 def default_search(num_adapters: int, search: str) -> tuple[str, str]:
-    """`(init, proposal)` for `num_adapters` adapters and acceptance rule `search` ("partition" or "paper")."""
+    """`(init, proposal)` for `num_adapters` adapters and acceptance rule `search` (see `D2CMergeConfig`)."""
     if num_adapters > REFERENCE_N and search == "partition":
         return "lowest_loss", "targeted"
     return "random", "random"

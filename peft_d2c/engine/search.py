@@ -101,6 +101,8 @@ class SearchState:
     queue: list[str] = field(default_factory=list)
     # What the steps of the current start have cost so far, in the caller's `cost` units (forward passes).
     spent: float = 0.0
+    # What the current phase may spend (the paper's steps' cost, `peft_d2c.engine.search_phases`); None: no limit.
+    budget: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable copy (used by checkpoints)."""
@@ -114,6 +116,7 @@ class SearchState:
             "finished": [dict(f) for f in self.finished],
             "queue": list(self.queue),
             "spent": self.spent,
+            "budget": self.budget,
         }
 
     @classmethod
@@ -129,6 +132,7 @@ class SearchState:
             finished=[dict(f) for f in data.get("finished", [])],
             queue=[str(m) for m in data.get("queue", [])],
             spent=float(data.get("spent", 0.0)),
+            budget=None if data.get("budget") is None else float(data["budget"]),
         )
 
 

@@ -157,9 +157,13 @@ def _method_section(data: dict[str, Any]) -> str:
     search = config.get("search", "paper")
     steps = config.get("num_iterations")
     steps = DEFAULT_STEPS.get(search) if steps is None else steps
+    moves = f"{steps} proposed moves"
+    if search == "paper_then_partition":  # the second phase's steps are what its pass budget allowed
+        second = (result.get("stats") or {}).get("partition_phase_steps")
+        moves = f"{steps} paper steps, then {second} partition steps within their forward passes"
     lines = [
         f"- **Clustering**: `{result.get('method', config.get('method'))}` "
-        f"(start `{config.get('init')}`{_kept_start(config, result)}, `{search}` search, {steps} proposed moves"
+        f"(start `{config.get('init')}`{_kept_start(config, result)}, `{search}` search, {moves}"
         + (
             f" (`{config.get('proposal')}`: every adapter in turn, moves and swaps)"
             if config.get("proposal") in ("sweep", "targeted")

@@ -1,0 +1,247 @@
+"""`search="paper_then_partition"`: the paper's steps, then partition steps within the passes they spent (issue 20).
+
+The claims are checked against things computed apart from the two-phase search: the paper's own search run alone
+from the same generator, totals recomputed from the partitions rebuilt from the history, and a cost counter
+that counts the losses the toy scorer really computes.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from peft_d2c import D2CMergeConfig, merge_adapters_d2c
+from peft_d2c import testing as tiny
+from peft_d2c.engine.search import SearchState, balanced_random_partition, d2c_search
+from peft_d2c.engine.search_phases import paper_then_partition
+from peft_d2c.evaluation.estimate import estimate_run
+
+NAMES = [f"t{i}" for i in range(12)]
+
+
+class CachedToyScorer:
+    """A task's loss is its squared distance to the mean of its cluster's points; `computed` counts the losses
+    not asked before (the cost of a step, as the real scorer's forward passes count only cache misses)."""
+
+    def __init__(self, seed: int):
+        rng = np.random.default_rng(seed)
+        self.points = {n: rng.normal(size=3) for n in NAMES}
+        self.cache: dict = {}
+        self.computed = 0
+
+    def loss(self, members, task) -> float:
+        centre = np.mean([self.points[m] for m in members], axis=0)
+        return float(np.sum((centre - self.points[task]) ** 2))
+
+    def __call__(self, requests):
+        out = []
+        for members, task in requests:
+            key = (tuple(sorted(members)), task)
+            if key not in self.cache:
+                self.computed += 1
+                self.cache[key] = self.loss(*key)
+            out.append(self.cache[key])
+        return out
+
+    def total(self, clusters) -> float:
+        """The total loss of a partition, recomputed without the cache or the search's helpers."""
+        return sum(self.loss(sorted(c), t) for c in clusters for t in c)
+
+
+def replay_partitions(start, history):
+    """The partition after every record of a history, rebuilt from its moves alone (moves and swaps)."""
+    clusters = [sorted(c) for c in start]
+    for record in history:
+        if record["accepted"]:
+            clusters[record["source"]].remove(record["task"])
+            clusters[record["target"]].append(record["task"])
+            if "swapped" in record:
+                clusters[record["target"]].remove(record["swapped"])
+                clusters[record["source"]].append(record["swapped"])
+            clusters = [sorted(c) for c in clusters]
+        yield [list(c) for c in clusters]
+
+
+def run(seed: int, k: int, steps: int, **kwargs):
+    start = balanced_random_partition(NAMES, k, np.random.default_rng([seed, 1]))
+    scorer = CachedToyScorer(seed)
+    state = paper_then_partition(
+        start, scorer, np.random.default_rng(seed), num_iterations=steps, cost=lambda: scorer.computed, **kwargs
+    )
+    return start, scorer, state
+
+
+class TestPhases:
+    @pytest.mark.parametrize("seed", range(6))
+    @pytest.mark.parametrize("k", [2, 3])
+    def test_first_phase_is_the_papers_search_and_the_second_only_lowers_the_total(self, seed, k):
+        start, scorer, state = run(seed, k, 30)
+        paper = d2c_search(start, CachedToyScorer(seed), np.random.default_rng(seed), num_iterations=30)
+        assert state.history[:30] == paper.history  # the same draws and decisions
+        assert all("phase" not in r for r in state.history[:30])
+        second = state.history[30:]
+        assert all(r["phase"] == "partition" for r in second) and len(second) <= 30
+        partitions = list(replay_partitions(start, state.history))
+        assert sorted(map(sorted, partitions[-1])) == sorted(map(sorted, state.clusters))
+        assert sorted(map(sorted, partitions[29])) == sorted(map(sorted, paper.clusters))
+        totals = [scorer.total(p) for p in partitions[29:]]  # from the paper's end on
+        for record, before, after in zip(second, totals[:-1], totals[1:], strict=True):
+            assert after < before - 1e-12 if record["accepted"] else after == pytest.approx(before)
+        assert scorer.total(state.clusters) <= scorer.total(paper.clusters) + 1e-12
+
+    @pytest.mark.parametrize("seed", range(6))
+    def test_second_phase_spends_at_most_the_first_phases_cost_and_one_step(self, seed):
+        start, scorer, state = run(seed, 2, 25)
+        alone = CachedToyScorer(seed)  # what the first phase alone computes
+        d2c_search(start, alone, np.random.default_rng(seed), num_iterations=25)
+        assert state.budget == alone.computed
+        assert state.spent == scorer.computed - alone.computed
+        # A partition step at K = 2 asks for every task before and after the move: at most 2N new losses.
+        assert state.spent <= state.budget + 2 * len(NAMES)
+        if len(state.history) < 50:  # stopped by the budget, not by T: the step before it was still within it
+            assert state.spent >= state.budget
+
+    def test_a_first_phase_budget_caps_the_second(self):
+        _, unbounded, _ = run(1, 2, 40)
+        _, scorer, state = run(1, 2, 40, max_cost=5)
+        assert state.budget < unbounded.computed and state.spent <= state.budget + 2 * len(NAMES)
+
+    def test_final_pass_polishes_after_the_second_phase(self):
+        start, scorer, state = run(2, 3, 10, final_pass=True)
+        without = run(2, 3, 10)[2]
+        assert state.phase == "done" and state.history[: len(without.history)] == without.history
+        assert all(r["phase"] == "final" for r in state.history[len(without.history) :])
+        assert scorer.total(state.clusters) <= scorer.total(without.clusters) + 1e-12
+
+    @pytest.mark.parametrize("stop_after", [5, 40, 45])
+    def test_interrupted_search_resumes_to_the_same_end(self, stop_after):
+        """A state saved after any step (first phase, its last step, the second phase) continues exactly."""
+        kwargs = {"num_iterations": 40, "proposal": "sweep"}
+        start = balanced_random_partition(NAMES, 4, np.random.default_rng(7))
+        full_scorer = CachedToyScorer(7)
+        full = paper_then_partition(
+            start, full_scorer, np.random.default_rng(7), cost=lambda: full_scorer.computed, **kwargs
+        )
+        assert len(full.history) > 45  # the three stops fall in the first phase, at its end and in the second
+
+        class Stop(Exception):
+            pass
+
+        saved = []
+        scorer, rng = CachedToyScorer(7), np.random.default_rng(7)
+
+        def on_step(state):
+            saved.append((state.to_dict(), rng.bit_generator.state, dict(scorer.cache)))
+            if len(saved) == stop_after:
+                raise Stop
+
+        with pytest.raises(Stop):
+            paper_then_partition(start, scorer, rng, cost=lambda: scorer.computed, on_step=on_step, **kwargs)
+        state_dict, rng_state, cache = saved[-1]
+        resumed_scorer, rng = CachedToyScorer(7), np.random.default_rng(0)
+        resumed_scorer.cache, rng.bit_generator.state = cache, rng_state
+        state = SearchState.from_dict(json.loads(json.dumps(state_dict)))
+        resumed = paper_then_partition(
+            start, resumed_scorer, rng, cost=lambda: resumed_scorer.computed, state=state, **kwargs
+        )
+        assert resumed.clusters == full.clusters and resumed.history == full.history
+        assert (resumed.budget, resumed.phase) == (full.budget, "done")
+
+
+class TestConfig:
+    def test_restarts_are_refused(self):
+        with pytest.raises(ValueError, match="restarts=1"):
+            D2CMergeConfig(num_clusters=2, search="paper_then_partition", restarts=2)
+
+    def test_swapping_proposals_need_a_partition_phase(self):
+        assert D2CMergeConfig(num_clusters=2, search="paper_then_partition", proposal="targeted").proposal
+        with pytest.raises(ValueError, match="partition rule"):
+            D2CMergeConfig(num_clusters=2, search="paper", proposal="sweep")
+
+    def test_the_first_phase_takes_the_papers_t(self):
+        assert D2CMergeConfig(num_clusters=2, search="paper_then_partition").search_steps == 100
+        assert D2CMergeConfig(num_clusters=2, search="paper_then_partition").search_steps_for(32) == 200
+
+
+@pytest.mark.usefixtures("one_thread")
+class TestOnTheTinyModel:
+    def test_run_starts_as_the_paper_and_ends_at_no_higher_loss(
+        self, tiny_assets, tiny_tokenizer, tiny_task_examples, tmp_path
+    ):
+        options = {"num_clusters": 2, "num_iterations": 15, "seed": 3, "show_progress": False}
+        paper = merge_adapters_d2c(
+            tiny.load_peft_model(*tiny_assets),
+            tiny_task_examples,
+            D2CMergeConfig(search="paper", **options),
+            tokenizer=tiny_tokenizer,
+        )
+        both = merge_adapters_d2c(
+            tiny.load_peft_model(*tiny_assets),
+            tiny_task_examples,
+            D2CMergeConfig(search="paper_then_partition", **options),
+            tokenizer=tiny_tokenizer,
+        )
+        assert both.history[:15] == paper.history
+        second = both.history[15:]
+        assert second and all(r["phase"] == "partition" for r in second)
+        assert both.stats["partition_phase_steps"] == len(second)
+        # Passes after the first phase's last step and at the end, from the run's own trace.
+        passes = dict(both.stats["trace"])
+        budget, spent = both.stats["partition_phase_budget"], both.stats["partition_phase_spent"]
+        assert passes[len(both.history)] - passes[15] == spent
+        assert sum(both.task_losses.values()) <= sum(paper.task_losses.values()) + 1e-9
+        estimate = estimate_run(
+            tiny.load_peft_model(*tiny_assets),
+            tiny_task_examples,
+            D2CMergeConfig(search="paper_then_partition", **options),
+            tokenizer=tiny_tokenizer,
+            probe_evaluations=1,
+        )
+        assert 0 < both.stats["cache_misses"] <= estimate["max_evaluations"]
+        both.save_pretrained(tmp_path / "run")
+        card = (tmp_path / "run" / "README.md").read_text()
+        assert f"15 paper steps, then {len(second)} partition steps within their forward passes" in card
+        assert budget > 0
+
+    def test_run_interrupted_in_the_second_phase_resumes_to_the_same_end(
+        self, tiny_assets, tiny_tokenizer, tiny_task_examples, tmp_path, monkeypatch
+    ):
+        import peft_d2c.engine.checkpoint as checkpoint_module
+
+        config = D2CMergeConfig(
+            num_clusters=3, num_iterations=12, search="paper_then_partition", checkpoint_every=1, seed=1
+        )
+        save, saved = checkpoint_module.save_checkpoint, []
+
+        def save_then_interrupt(directory, payload):
+            save(directory, payload)
+            saved.append(payload["state"]["phase"])
+            if payload["state"]["phase"] == "partition" and payload["state"]["iteration"] == 13:
+                raise KeyboardInterrupt
+
+        monkeypatch.setattr(checkpoint_module, "save_checkpoint", save_then_interrupt)
+        with pytest.raises(KeyboardInterrupt):
+            merge_adapters_d2c(
+                tiny.load_peft_model(*tiny_assets),
+                tiny_task_examples,
+                config,
+                tokenizer=tiny_tokenizer,
+                checkpoint_dir=tmp_path,
+            )
+        assert saved.count("search") == 12 and saved[-1] == "partition"
+        monkeypatch.setattr(checkpoint_module, "save_checkpoint", save)
+        resumed = merge_adapters_d2c(
+            tiny.load_peft_model(*tiny_assets),
+            tiny_task_examples,
+            config,
+            tokenizer=tiny_tokenizer,
+            checkpoint_dir=tmp_path,
+        )
+        full = merge_adapters_d2c(
+            tiny.load_peft_model(*tiny_assets), tiny_task_examples, config, tokenizer=tiny_tokenizer
+        )
+        assert len(full.history) > 13 and resumed.history == full.history and resumed.clusters == full.clusters
+        assert resumed.stats["partition_phase_budget"] == full.stats["partition_phase_budget"]
+        assert resumed.stats["cache_misses"] < full.stats["cache_misses"]  # it went on from the saved losses
