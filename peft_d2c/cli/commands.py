@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from ..combination_types import DATA_TYPES
 from ..d2c import merge_adapters_d2c
 from ..data.spec import load_task_examples
-from ..evaluation.estimate import estimate_run
+from ..evaluation.estimate import estimate_run, format_estimate
 from ..evaluation.heldout import evaluate_routing, loss_matrix
 from ..evaluation.plots import plot_run
 from ..evaluation.sweep import run_sweep, save_sweep
@@ -27,7 +27,6 @@ from ..hub.push import push_d2c_folder
 from ..io import RESULT_NAME, atomic_write_json, atomic_write_text
 from ..online import attach_model
 from ..result import D2CResult
-from ..sizes import format_size
 from .run_config import load_run_config
 
 
@@ -251,13 +250,7 @@ def cmd_estimate(args: argparse.Namespace) -> int:
     run = _run_from_args(args)
     model, tokenizer, examples = _load_inputs(run)
     estimate = estimate_run(model, examples, run.d2c, tokenizer=tokenizer, probe_evaluations=args.probe)
-    e = estimate
-    print(f"N={e['num_adapters']} adapters, K={e['num_clusters']}, method={e['method']}, T={e['num_iterations']}")
-    each = f"{e['seconds_per_evaluation']:.3f} s each in the probe"
-    print(f"at most {e['max_evaluations']} evaluations (merge + loss), {each}")
-    print(f"expected run time: at most {e['expected_seconds']:.1f} s")
-    if e["layer_input_bytes"]:
-        print(f"regmean layer-input Grams held for the run: {format_size(e['layer_input_bytes'])}")
+    print(format_estimate(estimate))
     if args.json:
         print(json.dumps(estimate, sort_keys=True))
     return 0

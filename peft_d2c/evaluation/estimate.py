@@ -17,6 +17,7 @@ from ..engine.merging import AdapterMerger
 from ..engine.scoring import LossScorer
 from ..engine.search import balanced_random_partition
 from ..engine.state import ModelState
+from ..sizes import format_size
 
 logger = logging.getLogger(__name__)
 
@@ -95,3 +96,17 @@ def estimate_run(peft_model, task_examples, config, *, tokenizer, probe_evaluati
         "expected_seconds": evaluations * per_evaluation + k * per_merge,
         "layer_input_bytes": layer_input_bytes(merger.layer_inputs),  # held for the whole run (0 unless `regmean`)
     }
+
+
+def format_estimate(estimate: dict[str, Any]) -> str:
+    """The lines `peft-d2c estimate` prints for an `estimate_run` result."""
+    lines = [
+        f"N={estimate['num_adapters']} adapters, K={estimate['num_clusters']}, method={estimate['method']}, "
+        f"T={estimate['num_iterations']}",
+        f"at most {estimate['max_evaluations']} evaluations (merge + loss), "
+        f"{estimate['seconds_per_evaluation']:.3f} s each in the probe",
+        f"expected run time: at most {estimate['expected_seconds']:.1f} s",
+    ]
+    if estimate["layer_input_bytes"]:
+        lines.append(f"regmean layer-input Grams held for the run: {format_size(estimate['layer_input_bytes'])}")
+    return "\n".join(lines)
