@@ -62,7 +62,7 @@ class D2CMergeConfig:
         num_iterations (`int`, *optional*):
             T, the number of proposed moves. `None` takes `DEFAULT_STEPS[search]` (`peft_d2c.search_defaults`): 100
             for `"paper"` (the paper's T) and 30 for `"partition"`, whose steps each score every task of two clusters,
-            times N / 16 above 16 adapters with random proposals; 2N with `"sweep"` or `"targeted"` ones (the default
+            times N / 16 above 16 adapters with random proposals; 2N with the others (`"targeted"`, the default
             above 16 adapters); `max_forward_passes` with that budget set. A result's config holds the T that ran.
         max_forward_passes (`int`, *optional*):
             A budget of the search's steps in forward passes of scoring (all processes together; Grams and final
@@ -105,7 +105,7 @@ class D2CMergeConfig:
             Rows per forward pass when scoring.
         merge_cache_size (`int`, defaults to 8):
             Number of temporary merged adapters kept alive in the model (an LRU); older ones are deleted. With
-            `proposal="targeted"` at least K + 2 (every current cluster's merge and a step's two new ones).
+            `proposal="targeted"` / `"misfit"` at least K + 2 (each current cluster's merge, a step's two new ones).
         proposals_per_step (`int`, defaults to 1):
             p, the candidate moves scored per step (1: the paper's). With p > 1 a step scores p candidates in one batch
             (split across `accelerate launch` processes) and applies the one whose task loss drops the most.
@@ -120,7 +120,8 @@ class D2CMergeConfig:
             Which move a step proposes (`peft_d2c.engine.proposals`): `"random"` (the paper's uniform draws) or
             `"sweep"` (every adapter in turn, in rounds of a fresh random order, moved or swapped with a member of
             a random other cluster) or `"targeted"` (as sweep, into the other cluster whose merge gives the task its
-            lowest loss); both not with `search="paper"`. `None`: `"random"` up to 16 adapters or with
+            lowest loss) or `"misfit"` (as targeted, each round the tasks that fit another cluster's merge best first);
+            none with `search="paper"`. `None`: `"random"` up to 16 adapters or with
             `search="paper"`, `"targeted"` above.
         restarts (`int`, defaults to 1):
             R starts (the `init` partition, `kmeans_svd`, then random, each its own seed; split between `accelerate
@@ -199,8 +200,8 @@ class D2CMergeConfig:
     search: Literal["paper", "partition", "paper_then_partition"] = field(
         default="partition", metadata={"help": "Move acceptance rule."}
     )
-    proposal: Literal["random", "sweep", "targeted"] | None = field(
-        default=None, metadata={"help": "Proposed moves: random (the paper's), sweep or targeted (None: by N)."}
+    proposal: Literal["random", "sweep", "targeted", "misfit"] | None = field(
+        default=None, metadata={"help": "Proposed moves: random (the paper's), sweep, targeted, misfit (None: by N)."}
     )
     restarts: int = field(default=1, metadata={"help": "Start partitions searched; the lowest total loss is kept."})
     final_pass: bool = field(default=False, metadata={"help": "Finish with improving single moves until none left."})
@@ -249,7 +250,7 @@ class D2CMergeConfig:
         _check_int("merge_cache_size", self.merge_cache_size, minimum=2)
         _check_choice("search", self.search, ("paper", "partition", "paper_then_partition"))
         if self.proposal is not None:
-            _check_choice("proposal", self.proposal, ("random", "sweep", "targeted"))
+            _check_choice("proposal", self.proposal, ("random", "sweep", "targeted", "misfit"))
         if self.proposal not in (None, "random") and self.search == "paper":
             raise ValueError(f"`proposal={self.proposal!r}` swaps tasks, which only the partition rule can judge.")
         if self.search == "paper_then_partition" and self.restarts != 1:

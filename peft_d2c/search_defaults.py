@@ -33,7 +33,7 @@ def default_search(num_adapters: int, search: str) -> tuple[str, str]:
 
 
 def default_steps(num_adapters: int, search: str, proposal: str) -> int:
-    """T for `num_adapters` adapters: `SWEEP_ROUNDS` x N for "sweep" / "targeted" proposals, else
+    """T for `num_adapters` adapters: `SWEEP_ROUNDS` x N for proposals in rounds (all but "random"), else
     `DEFAULT_STEPS[search]` x max(1, N / `REFERENCE_N`), rounded up."""
     if proposal != "random":
         return SWEEP_ROUNDS * num_adapters
@@ -41,8 +41,8 @@ def default_steps(num_adapters: int, search: str, proposal: str) -> int:
 
 
 def merge_cache_size_for(proposal: str, num_clusters: int, merge_cache_size: int) -> int:
-    """Live merges a run keeps: `merge_cache_size`, raised to K + 2 for "targeted" proposals. A targeted step
-    scores the task under every other cluster's merge, then the step's two new merges: with fewer live slots the LRU
-    would rebuild most of the K current merges at every step (16,326 merges in 1076 s at N = 256, K = 32, instead
+    """Live merges a run keeps: `merge_cache_size`, raised to K + 2 for "targeted" and "misfit" proposals. A targeted
+    step scores the task under every other cluster's merge, then the step's two new merges: with fewer live slots the
+    LRU would rebuild most of the K current merges at every step (16,326 merges in 1076 s at N = 256, K = 32, instead
     of 1,503 in 379 s; docs/performance.md)."""
-    return max(merge_cache_size, num_clusters + 2) if proposal == "targeted" else merge_cache_size
+    return max(merge_cache_size, num_clusters + 2) if proposal in ("targeted", "misfit") else merge_cache_size

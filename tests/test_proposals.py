@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from peft_d2c import D2CMergeConfig, merge_adapters_d2c
-from peft_d2c.engine.proposals import Move, apply_move, draw_random_move, draw_sweep_move
+from peft_d2c.engine.proposals import Move, apply_move, draw_random_move, draw_sweep_move, misfit_order
 from peft_d2c.engine.search import SearchState, canonical_partition, d2c_search
 from peft_d2c.engine.search_robust import robust_search
 
@@ -184,6 +184,41 @@ class TestTargeted:
             state = d2c_search(start, mismatch, rng, num_iterations=128, objective="partition", proposal=proposal)
             ends[proposal] = total(state.clusters, mismatch)
         assert ends["targeted"] < ends["sweep"] < total(start, mismatch)
+
+
+class TestMisfit:
+    def test_each_round_starts_with_the_task_that_fits_another_cluster_best(self):
+        """At the start of every round (the records 0, N, 2N, ...) the rounds' order is the one recomputed here:
+        the gap between the task's loss under its own cluster and under the best other cluster, largest first."""
+        names = [f"{g}{i}" for g in "abc" for i in range(4)]
+        rng = np.random.default_rng(3)
+        order = rng.permutation(len(names))
+        start = [sorted(names[j] for j in order[i::3]) for i in range(3)]
+        state = d2c_search(start, mismatch, rng, num_iterations=24, objective="partition", proposal="misfit")
+        for round_start in (0, 12):
+            clusters = replay(start, state.history[:round_start])
+            gaps = {}
+            for i, members in enumerate(clusters):
+                for task in members:
+                    others = [mismatch([(tuple(c), task)])[0] for j, c in enumerate(clusters) if j != i]
+                    gaps[task] = mismatch([(tuple(members), task)])[0] - min(others)
+            expected = sorted(names, key=lambda t: (-gaps[t], t))
+            assert [r["task"] for r in state.history[round_start : round_start + 12]] == expected
+        assert total(state.clusters, mismatch) < total(start, mismatch)
+
+    def test_misfit_order_against_the_losses(self):
+        clusters = [["a", "b"], ["c"], ["d", "e"]]
+        table = {("a", 0): 1.0, ("a", 1): 0.2, ("a", 2): 0.9, ("b", 0): 0.5, ("b", 1): 0.6, ("b", 2): 0.7}
+        table |= {("c", 1): 0.4, ("c", 0): 0.1, ("c", 2): 0.3, ("d", 2): 0.2, ("d", 0): 0.2, ("d", 1): 0.2}
+        table |= {("e", 2): 0.0, ("e", 0): 0.5, ("e", 1): 0.6}
+        index = {tuple(sorted(c)): i for i, c in enumerate(clusters)}
+        order = misfit_order(clusters, lambda requests: [table[(t, index[m])] for m, t in requests])
+        # gaps: a 0.8, c 0.3, d 0.0, b -0.1, e -0.5
+        assert order == ["a", "c", "d", "b", "e"]
+
+    def test_misfit_needs_the_partition_objective(self):
+        with pytest.raises(ValueError, match="partition"):
+            d2c_search([["a1", "b1"], ["a2"]], mismatch, np.random.default_rng(0), num_iterations=2, proposal="misfit")
 
 
 class TestStepsScaleWithN:

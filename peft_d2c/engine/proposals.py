@@ -16,6 +16,10 @@ and it is the only change that can take the sole member of a cluster elsewhere, 
 - `"targeted"`: as `"sweep"`, but the target is the cluster under whose current merge the task's own loss is
   lowest (one loss per other cluster, scored in one batch; the first such cluster on ties), so the proposals go
   where the task already fits. It costs K - 1 extra single-task losses per proposal.
+- `"misfit"`: as `"targeted"`, but a round proposes the adapters in the order of how much better their task does
+  under another cluster's current merge than under its own (largest gap first; scored for all N tasks at the start
+  of the round, N x (K - 1) losses), so a search that can afford only a few steps spends them where a move is most
+  likely to help.
 
 Every random draw is made before any score of the step is known; the targeted choice depends only on losses that
 every process holds (gathered), so processes that share the generator draw the same proposals.
@@ -28,7 +32,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-PROPOSALS = ("random", "sweep", "targeted")
+PROPOSALS = ("random", "sweep", "targeted", "misfit")
 # Share of the "sweep" proposals that are swaps when a plain move is also possible.
 SWAP_SHARE = 0.5
 
@@ -41,6 +45,24 @@ class Move:
     target: int
     task: str
     swapped: str | None = None
+
+
+def draw_move(
+    proposal: str,
+    clusters: Sequence[Sequence[str]],
+    rng: np.random.Generator,
+    queue: list[str],
+    score_fn: Callable[[Sequence[tuple[tuple[str, ...], str]]], Sequence[float]],
+) -> Move:
+    """The next proposal of kind `proposal` (one of `PROPOSALS`); `queue` is the current round's adapters not
+    proposed yet (unused by `"random"`), `score_fn` the search's batch scorer (used by the targeted kinds)."""
+    if proposal == "sweep":
+        return draw_sweep_move(clusters, rng, queue)
+    if proposal == "targeted":
+        return draw_targeted_move(clusters, rng, queue, score_fn)
+    if proposal == "misfit":
+        return draw_misfit_move(clusters, rng, queue, score_fn)
+    return draw_random_move(clusters, rng)
 
 
 def draw_random_move(clusters: Sequence[Sequence[str]], rng: np.random.Generator) -> Move:
@@ -84,6 +106,35 @@ def draw_targeted_move(
     losses = [float(x) for x in score_fn([(tuple(sorted(clusters[i])), task) for i in others])]
     target = others[min(range(len(others)), key=lambda j: (losses[j], j))]
     return _move_or_swap(clusters, rng, source, target, task)
+
+
+def draw_misfit_move(
+    clusters: Sequence[Sequence[str]],
+    rng: np.random.Generator,
+    queue: list[str],
+    score_fn: Callable[[Sequence[tuple[tuple[str, ...], str]]], Sequence[float]],
+) -> Move:
+    """As `draw_targeted_move`, but a new round orders the adapters by `misfit_order` instead of at random."""
+    if not queue:
+        queue.extend(misfit_order(clusters, score_fn))
+    return draw_targeted_move(clusters, rng, queue, score_fn)
+
+
+def misfit_order(
+    clusters: Sequence[Sequence[str]], score_fn: Callable[[Sequence[tuple[tuple[str, ...], str]]], Sequence[float]]
+) -> list[str]:
+    """Every task, by how much lower its loss is under the best other cluster's merge than under its own cluster's
+    (largest first, name order on ties); one `score_fn` call for the N x K losses."""
+    owner = {m: i for i, c in enumerate(clusters) for m in c}
+    members = [tuple(sorted(c)) for c in clusters]
+    requests = [(members[i], task) for task in sorted(owner) for i in range(len(clusters))]
+    losses = iter(float(x) for x in score_fn(requests))
+    gaps = {}
+    for task in sorted(owner):
+        row = [next(losses) for _ in clusters]
+        own = row.pop(owner[task])
+        gaps[task] = own - min(row)
+    return sorted(gaps, key=lambda task: (-gaps[task], task))
 
 
 def _next_task(clusters: Sequence[Sequence[str]], rng: np.random.Generator, queue: list[str]):

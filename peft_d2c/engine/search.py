@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from .proposals import PROPOSALS, Move, apply_move, draw_random_move, draw_sweep_move, draw_targeted_move
+from .proposals import PROPOSALS, Move, apply_move, draw_move
 
 Members = tuple[str, ...]
 # Scores a batch of (cluster members, task) requests at once; lower is better. Batching lets the caller evaluate the
@@ -183,9 +183,9 @@ def d2c_search(
             total few-shot loss of the partition, which an accepted move therefore always lowers. Its records
             also carry `total_loss`, the total over all tasks after the step.
         proposal (`str`, defaults to `"random"`):
-            `"random"` (the paper's draws), `"sweep"` (every adapter in turn, moves and swaps) or `"targeted"`
-            (as sweep, into the cluster that gives the task its lowest loss); the last two only with
-            `objective="partition"`. See `peft_d2c.engine.proposals`.
+            `"random"` (the paper's draws), `"sweep"` (every adapter in turn, moves and swaps), `"targeted"` (as
+            sweep, into the cluster that gives the task its lowest loss) or `"misfit"` (as targeted, the worst-fitting
+            tasks first); all but random only with `objective="partition"`. See `peft_d2c.engine.proposals`.
         cost (`Callable[[], float]`, *optional*):
             A counter that only grows (the scorer's forward passes); what each step adds to it is added to
             `state.spent`.
@@ -201,7 +201,7 @@ def d2c_search(
 
     Raises:
         ValueError: If a cluster is empty, an adapter appears twice, `proposals_per_step` < 1, `objective` or
-            `proposal` is unknown, or `"sweep"` / `"targeted"` is asked with `objective="task"`.
+            `proposal` is unknown, or a proposal other than `"random"` is asked with `objective="task"`.
 
     Example:
         ```python
@@ -229,13 +229,6 @@ def d2c_search(
     if num_clusters < 2 or all(len(c) == 1 for c in state.clusters):
         return state  # K = 1 or K = N: a single possible partition, nothing to search.
 
-    def draw() -> Move:
-        if proposal == "sweep":
-            return draw_sweep_move(state.clusters, rng, state.queue)
-        if proposal == "targeted":
-            return draw_targeted_move(state.clusters, rng, state.queue, score_fn)
-        return draw_random_move(state.clusters, rng)
-
     current: dict[str, float] = {}
     while state.iteration < num_iterations:
         if patience is not None and state.rejections_in_a_row >= patience:
@@ -246,7 +239,9 @@ def d2c_search(
         # Draw every candidate before scoring any: the random draws then never depend on this step's scores, so a
         # distributed caller can split the batch freely and every process keeps the same random stream (a targeted
         # draw reads only losses every process holds).
-        candidates = [draw() for _ in range(proposals_per_step)]
+        candidates = [
+            draw_move(proposal, state.clusters, rng, state.queue, score_fn) for _ in range(proposals_per_step)
+        ]
         if objective == "task":
             groups = [_task_requests(state.clusters, move) for move in candidates]
         else:

@@ -28,7 +28,7 @@ def estimate_run(peft_model, task_examples, config, *, tokenizer, probe_evaluati
     One evaluation is the merge of a cluster and the loss of one task's examples under it. Per proposal (times
     `proposals_per_step`) a `search="paper"` step asks for two (the task in its cluster and in the target cluster),
     a `"partition"` step for every task of the two clusters after the move (2N/K for balanced clusters, at most N),
-    and a `"targeted"` proposal for K - 1 more (the task under every other cluster); `"paper_then_partition"` counts
+    and a `"targeted"` or `"misfit"` proposal for K - 1 more (the task under every other cluster); `"paper_then_partition"` counts
     as twice the paper's (its second phase spends at most what the first did). Repeated requests are cached,
     so while the clusters stay about balanced the count is an upper bound. The start's (and the final) task losses
     add N, `init="lowest_loss"` N more; the K final merges are timed separately.
@@ -81,7 +81,7 @@ def estimate_run(peft_model, task_examples, config, *, tokenizer, probe_evaluati
     n = len(names)
     steps = config.num_iterations if config.method == "d2c" and 1 < k < n else 0
     per_proposal = {"paper": 2, "paper_then_partition": 4}.get(config.search, min(n, 2 * math.ceil(n / k)))
-    per_proposal += k - 1 if config.proposal == "targeted" else 0
+    per_proposal += k - 1 if config.proposal in ("targeted", "misfit") else 0
     starts = 2 if config.method == "d2c" and config.init == "lowest_loss" and 1 < k < n else 1
     evaluations = steps * config.proposals_per_step * per_proposal + starts * n
     return {

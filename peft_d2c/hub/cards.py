@@ -166,7 +166,7 @@ def _method_section(data: dict[str, Any]) -> str:
         f"(start `{config.get('init')}`{_kept_start(config, result)}, `{search}` search, {moves}"
         + (
             f" (`{config.get('proposal')}`: every adapter in turn, moves and swaps)"
-            if config.get("proposal") in ("sweep", "targeted")
+            if config.get("proposal") in ("sweep", "targeted", "misfit")
             else ""
         )
         + ", "
