@@ -33,9 +33,9 @@ def default_search(num_adapters: int, search: str) -> tuple[str, str]:
 
 
 def default_steps(num_adapters: int, search: str, proposal: str) -> int:
-    """T for `num_adapters` adapters: `SWEEP_ROUNDS` x N for proposals in rounds (all but "random"), else
-    `DEFAULT_STEPS[search]` x max(1, N / `REFERENCE_N`), rounded up."""
-    if proposal != "random":
+    """T for `num_adapters` adapters: `SWEEP_ROUNDS` x N for proposals in rounds (all but "random"; not for the
+    paper phase of "paper_then_partition"), else `DEFAULT_STEPS[search]` x max(1, N / `REFERENCE_N`), rounded up."""
+    if proposal != "random" and search != "paper_then_partition":  # whose T is its paper phase's, random draws
         return SWEEP_ROUNDS * num_adapters
     return math.ceil(DEFAULT_STEPS[search] * max(1, num_adapters / REFERENCE_N))
 

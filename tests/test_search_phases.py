@@ -163,6 +163,9 @@ class TestConfig:
     def test_the_first_phase_takes_the_papers_t(self):
         assert D2CMergeConfig(num_clusters=2, search="paper_then_partition").search_steps == 100
         assert D2CMergeConfig(num_clusters=2, search="paper_then_partition").search_steps_for(32) == 200
+        # the second phase's proposals do not change the paper phase's T (rounds of 2N are for partition steps)
+        config = D2CMergeConfig(num_clusters=2, search="paper_then_partition", proposal="misfit")
+        assert config.search_steps_for(16) == 100 and config.resolved_for(16, 2).num_iterations == 100
 
 
 @pytest.mark.usefixtures("one_thread")
