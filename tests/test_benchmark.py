@@ -60,6 +60,14 @@ def test_benchmark_tiny_writes_results_and_resumes(tmp_path, capsys):
     assert [r["seconds"] for r in again["results"]] == [r["seconds"] for r in data["results"]]
     assert format_table(again) == format_table(data)
 
+    # Two cells of one key (say a validation cell pasted in) are refused, not reduced to one on the next write.
+    again["results"].append({**again["results"][-1], "collection": "validation"})
+    json_path.write_text(json.dumps(again))
+    capsys.readouterr()
+    assert main([*argv, "--resume"]) == 2
+    assert "several cells of the same method, K, seed and merge" in capsys.readouterr().err
+    assert json.loads(json_path.read_text()) == again  # the file is as it was
+
 
 def _cell(method, k, seed, score, fewshot=None, anytime=None):
     return {

@@ -216,6 +216,11 @@ def run_benchmark(
         settings["methods"] = {**old_methods, **settings["methods"]}
         settings["combination_types"] = list(dict.fromkeys([*previous["combination_types"], *merges]))
         done = {_cell_key(r): r for r in previous["results"]}
+        if len(done) < len(previous["results"]):  # rewriting the file would silently drop all but one of them
+            raise ValueError(
+                f"{json_path} holds several cells of the same method, K, seed and merge (e.g. cells of another "
+                "collection added by hand); move them to another file before --resume."
+            )
         logger.info("Resuming: %d cells already done", len(done))
     results = dict(done)
     # Held-out scores by partition: the same clusters under the same (deterministic) merge give the same merged
