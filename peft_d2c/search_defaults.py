@@ -23,6 +23,8 @@ DEFAULT_STEPS = {"paper": 100, "partition": 30, "paper_then_partition": 100}
 REFERENCE_N = 16
 # Steps of "sweep" and "targeted" proposals: this many rounds of N, so every adapter is proposed twice at any N.
 SWEEP_ROUNDS = 2
+# Proposals that score the task under every other cluster's current merge (K - 1 losses a proposal).
+TARGETED_PROPOSALS = ("targeted", "misfit")
 
 
 def default_search(num_adapters: int, search: str) -> tuple[str, str]:
@@ -45,4 +47,4 @@ def merge_cache_size_for(proposal: str, num_clusters: int, merge_cache_size: int
     step scores the task under every other cluster's merge, then the step's two new merges: with fewer live slots the
     LRU would rebuild most of the K current merges at every step (16,326 merges in 1076 s at N = 256, K = 32, instead
     of 1,503 in 379 s; docs/performance.md)."""
-    return max(merge_cache_size, num_clusters + 2) if proposal in ("targeted", "misfit") else merge_cache_size
+    return max(merge_cache_size, num_clusters + 2) if proposal in TARGETED_PROPOSALS else merge_cache_size

@@ -17,6 +17,7 @@ from ..engine.merging import AdapterMerger
 from ..engine.scoring import LossScorer
 from ..engine.search import balanced_random_partition
 from ..engine.state import ModelState
+from ..search_defaults import TARGETED_PROPOSALS
 from ..sizes import format_size
 
 logger = logging.getLogger(__name__)
@@ -81,7 +82,7 @@ def estimate_run(peft_model, task_examples, config, *, tokenizer, probe_evaluati
     n = len(names)
     steps = config.num_iterations if config.method == "d2c" and 1 < k < n else 0
     per_proposal = {"paper": 2, "paper_then_partition": 4}.get(config.search, min(n, 2 * math.ceil(n / k)))
-    per_proposal += k - 1 if config.proposal in ("targeted", "misfit") else 0
+    per_proposal += k - 1 if config.proposal in TARGETED_PROPOSALS else 0
     starts = 2 if config.method == "d2c" and config.init == "lowest_loss" and 1 < k < n else 1
     evaluations = steps * config.proposals_per_step * per_proposal + starts * n
     return {
