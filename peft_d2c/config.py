@@ -9,11 +9,12 @@ import warnings
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Literal
 
+from .checks import check_choice, check_fraction, check_int
 from .combination_types import COMBINATION_TYPES, UPDATE_TYPES
 from .errors import D2CWarning
 from .io import atomic_write_json
 from .names import check_adapter_name
-from .search_defaults import DEFAULT_STEPS, default_search, default_steps, merge_cache_size_for
+from .search_defaults import DEFAULT_STEPS, default_search, default_search_rule, default_steps, merge_cache_size_for
 from .sizes import is_bytes_budget, parse_size
 
 CONFIG_NAME = "d2c_config.json"
@@ -25,17 +26,6 @@ _V1_DEFAULT_STEPS = {"paper": 100, "partition": 30}
 
 METHODS = ("d2c", "random", "kmeans", "kmeans_svd")
 INITS = ("random", "kmeans", "kmeans_svd", "lowest_loss")
-
-
-def _check_fraction(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
-        raise ValueError(f"`{name}` must be a number in (0, 1], got {value!r}.")
-    return float(value)
-
-
-def _check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ValueError(f"`{name}` must be one of {list(allowed)}, got {value!r}.")
 
 
 @dataclass
@@ -109,20 +99,22 @@ class D2CMergeConfig:
         proposals_per_step (`int`, defaults to 1):
             p, the candidate moves scored per step (1: the paper's). With p > 1 a step scores p candidates in one batch
             (split across `accelerate launch` processes) and applies the one whose task loss drops the most.
-        search (`str`, defaults to `"partition"`):
+        search (`str`, *optional*):
             Acceptance rule of a move: `"partition"` (the summed loss of every task of the two clusters the move
             changes, so the total few-shot loss never rises; 10 seeds in docs/benchmark.md) or `"paper"`
             (Algorithm 1: the moved task's loss; with `restarts=1`, `final_pass=False` and T = 100 the paper's
             algorithm exactly). `"paper_then_partition"`: T steps of the paper's rule, then at most T `"partition"`
             steps within the forward passes the first T spent (never a higher total loss than the paper's end, at most
-            2x its passes plus one step; `peft_d2c.engine.search_phases`; `restarts=1` only).
+            2x its passes plus one step; `peft_d2c.engine.search_phases`; `restarts=1` only). `None`:
+            `"paper_then_partition"` up to 16 adapters with more than 4 per cluster (N > 4K) and `restarts=1`, else
+            `"partition"` (`search_defaults.default_search_rule`).
         proposal (`str`, *optional*):
             Which move a step proposes (`peft_d2c.engine.proposals`): `"random"` (the paper's uniform draws) or
             `"sweep"` (every adapter in turn, in rounds of a fresh random order, moved or swapped with a member of
             a random other cluster) or `"targeted"` (as sweep, into the other cluster whose merge gives the task its
             lowest loss) or `"misfit"` (as targeted, each round the tasks that fit another cluster's merge best first);
-            none with `search="paper"`. `None`: `"random"` up to 16 adapters or with
-            `search="paper"`, `"targeted"` above.
+            none with `search="paper"`. `None`: `"misfit"` with `"paper_then_partition"`, else `"random"` up to 16
+            adapters or with `search="paper"`, `"targeted"` above.
         restarts (`int`, defaults to 1):
             R starts (the `init` partition, `kmeans_svd`, then random, each its own seed; split between `accelerate
             launch` processes), T split between them; the lowest total few-shot loss is kept.
@@ -197,8 +189,8 @@ class D2CMergeConfig:
     batch_size: int = field(default=32, metadata={"help": "Rows per forward pass."})
     merge_cache_size: int = field(default=8, metadata={"help": "Live temporary merged adapters (LRU)."})
     proposals_per_step: int = field(default=1, metadata={"help": "Candidate moves scored per step; 1 = the paper's."})
-    search: Literal["paper", "partition", "paper_then_partition"] = field(
-        default="partition", metadata={"help": "Move acceptance rule."}
+    search: Literal["paper", "partition", "paper_then_partition"] | None = field(
+        default=None, metadata={"help": "Move acceptance rule (None: by N and K)."}
     )
     proposal: Literal["random", "sweep", "targeted", "misfit"] | None = field(
         default=None, metadata={"help": "Proposed moves: random (the paper's), sweep, targeted, misfit (None: by N)."}
@@ -220,7 +212,7 @@ class D2CMergeConfig:
                 f"num_clusters={self.num_clusters!r} and storage_budget={self.storage_budget!r}."
             )
         if self.num_clusters is not None:
-            _check_int("num_clusters", self.num_clusters, minimum=1)
+            check_int("num_clusters", self.num_clusters, minimum=1)
         if self.storage_budget is not None:
             budget = self.storage_budget
             message = f"`storage_budget` must be a fraction in (0, 1] or a size such as '20MB', got {budget!r}."
@@ -232,39 +224,40 @@ class D2CMergeConfig:
                 raise ValueError(message)
             else:
                 self.storage_budget = float(budget)
-        _check_choice("method", self.method, METHODS)
+        check_choice("method", self.method, METHODS)
         if self.init is not None:
-            _check_choice("init", self.init, INITS)
-        _check_choice("combination_type", self.combination_type, COMBINATION_TYPES)
-        _check_choice("majority_sign_method", self.majority_sign_method, ("total", "frequency"))
+            check_choice("init", self.init, INITS)
+        check_choice("combination_type", self.combination_type, COMBINATION_TYPES)
+        check_choice("majority_sign_method", self.majority_sign_method, ("total", "frequency"))
         if self.num_iterations is not None:
-            _check_int("num_iterations", self.num_iterations, minimum=0)
+            check_int("num_iterations", self.num_iterations, minimum=0)
         if self.max_forward_passes is not None:
-            _check_int("max_forward_passes", self.max_forward_passes, minimum=1)
+            check_int("max_forward_passes", self.max_forward_passes, minimum=1)
         if self.patience is not None:
-            _check_int("patience", self.patience, minimum=1)
+            check_int("patience", self.patience, minimum=1)
         positive = ("examples_per_task", "svd_embedding_dim", "batch_size", "max_batch_tokens", "proposals_per_step")
         for name in (*positive, "restarts", "checkpoint_every"):
-            _check_int(name, getattr(self, name), minimum=1)
-        _check_choice("task_score", self.task_score, ("loss", "miss"))
-        _check_int("merge_cache_size", self.merge_cache_size, minimum=2)
-        _check_choice("search", self.search, ("paper", "partition", "paper_then_partition"))
+            check_int(name, getattr(self, name), minimum=1)
+        check_choice("task_score", self.task_score, ("loss", "miss"))
+        check_int("merge_cache_size", self.merge_cache_size, minimum=2)
+        if self.search is not None:
+            check_choice("search", self.search, ("paper", "partition", "paper_then_partition"))
         if self.proposal is not None:
-            _check_choice("proposal", self.proposal, ("random", "sweep", "targeted", "misfit"))
+            check_choice("proposal", self.proposal, ("random", "sweep", "targeted", "misfit"))
         if self.proposal not in (None, "random") and self.search == "paper":
             raise ValueError(f"`proposal={self.proposal!r}` swaps tasks, which only the partition rule can judge.")
         if self.search == "paper_then_partition" and self.restarts != 1:
             raise ValueError("`search='paper_then_partition'` searches one start: set `restarts=1`.")
-        _check_choice("final_pass", self.final_pass, (True, False))
-        _check_choice("fit_router", self.fit_router, (True, False))
-        _check_int("seed", self.seed, minimum=0)
+        check_choice("final_pass", self.final_pass, (True, False))
+        check_choice("fit_router", self.fit_router, (True, False))
+        check_int("seed", self.seed, minimum=0)
         if self.svd_rank is not None:
-            _check_int("svd_rank", self.svd_rank, minimum=1)
+            check_int("svd_rank", self.svd_rank, minimum=1)
         if self.max_length is not None:
-            _check_int("max_length", self.max_length, minimum=2)
-        self.density = _check_fraction("density", self.density)
-        self.regmean_alpha = _check_fraction("regmean_alpha", self.regmean_alpha)
-        _check_choice("rank_allocation", self.rank_allocation, ("uniform", "spectrum"))
+            check_int("max_length", self.max_length, minimum=2)
+        self.density = check_fraction("density", self.density)
+        self.regmean_alpha = check_fraction("regmean_alpha", self.regmean_alpha)
+        check_choice("rank_allocation", self.rank_allocation, ("uniform", "spectrum"))
         if self.rank_allocation == "spectrum" and self.combination_type not in UPDATE_TYPES:
             raise ValueError(f"`rank_allocation='spectrum'` needs one of {list(UPDATE_TYPES)} as `combination_type`.")
         if self.merge_weight is not None:
@@ -276,33 +269,45 @@ class D2CMergeConfig:
             warnings.warn(f"`init={self.init!r}` is ignored for `method={self.method!r}`.", D2CWarning, stacklevel=3)
 
     @property
-    def search_steps(self) -> int:
-        """T of the search when it does not depend on N: `num_iterations`, or `DEFAULT_STEPS[search]` when None."""
-        return DEFAULT_STEPS[self.search] if self.num_iterations is None else self.num_iterations
+    def search_steps(self) -> int | None:
+        """T when it depends on neither N nor K: `num_iterations`, else `DEFAULT_STEPS[search]` (None if both are)."""
+        if self.num_iterations is not None or self.search is None:
+            return self.num_iterations
+        return DEFAULT_STEPS[self.search]
 
-    def search_steps_for(self, num_adapters: int) -> int:
+    def search_rule_for(self, num_adapters: int, num_clusters: int | None = None) -> str:
+        """`search`, or where it is None `search_defaults.default_search_rule` for N = `num_adapters` and K =
+        `num_clusters` (default: `resolve_num_clusters(num_adapters)`)."""
+        if self.search is not None:
+            return self.search
+        num_clusters = self.resolve_num_clusters(num_adapters) if num_clusters is None else num_clusters
+        return default_search_rule(num_adapters, num_clusters, self.restarts)
+
+    def search_steps_for(self, num_adapters: int, num_clusters: int | None = None) -> int:
         """T of a search over `num_adapters` adapters: `num_iterations` if set, else `max_forward_passes` if set (a
         step costs at least one pass unless all its losses are cached), else `search_defaults.default_steps`."""
         if self.num_iterations is not None:
             return self.num_iterations
         if self.max_forward_passes is not None:
             return self.max_forward_passes
-        return default_steps(num_adapters, self.search, self.search_defaults_for(num_adapters)[1])
+        search = self.search_rule_for(num_adapters, num_clusters)
+        return default_steps(num_adapters, search, self.search_defaults_for(num_adapters, num_clusters)[1])
 
-    def search_defaults_for(self, num_adapters: int) -> tuple[str, str]:
+    def search_defaults_for(self, num_adapters: int, num_clusters: int | None = None) -> tuple[str, str]:
         """`(init, proposal)` of a search over `num_adapters` adapters: each field, or where it is None
-        `search_defaults.default_search` (random up to 16 adapters, `"lowest_loss"` and `"targeted"` above)."""
-        init, proposal = default_search(num_adapters, self.search)
+        `search_defaults.default_search` for the rule of `search_rule_for`."""
+        init, proposal = default_search(num_adapters, self.search_rule_for(num_adapters, num_clusters))
         return self.init or init, self.proposal or proposal
 
     def resolved_for(self, num_adapters: int, num_clusters: int) -> D2CMergeConfig:
-        """This config as a run of `num_adapters` adapters into `num_clusters` uses it: `init`, `proposal`
-        (`search_defaults_for`), `num_iterations` (`search_steps_for`) and `merge_cache_size`
+        """This config as a run of `num_adapters` adapters into `num_clusters` uses it: `search`, `init`, `proposal`,
+        `num_iterations` (`search_rule_for`, `search_defaults_for`, `search_steps_for`) and `merge_cache_size`
         (`search_defaults.merge_cache_size_for`) filled in; a result's config is this."""
-        init, proposal = self.search_defaults_for(num_adapters)
+        search = self.search_rule_for(num_adapters, num_clusters)
+        init, proposal = self.search_defaults_for(num_adapters, num_clusters)
         cache = merge_cache_size_for(proposal, num_clusters, self.merge_cache_size)
-        steps = self.search_steps_for(num_adapters)
-        return replace(self, init=init, proposal=proposal, num_iterations=steps, merge_cache_size=cache)
+        steps = self.search_steps_for(num_adapters, num_clusters)
+        return replace(self, search=search, init=init, proposal=proposal, num_iterations=steps, merge_cache_size=cache)
 
     def resolve_num_clusters(self, num_adapters: int) -> int:
         """Number of clusters K for `num_adapters` source adapters.
@@ -390,10 +395,3 @@ def _check_version(version: Any, source: str) -> int:
     if version > CONFIG_VERSION:
         raise ValueError(f"{source} was saved by a newer peft-d2c ({CONFIG_VERSION_KEY}={version}); upgrade peft-d2c.")
     return version
-
-
-def _check_int(name: str, value: Any, *, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"`{name}` must be an int, got {value!r} ({type(value).__name__}).")
-    if value < minimum:
-        raise ValueError(f"`{name}` must be >= {minimum}, got {value}.")

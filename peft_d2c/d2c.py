@@ -63,11 +63,13 @@ def merge_adapters_d2c(
 
     With `config.method="d2c"` this is the D2C search of "Data-driven Clustering and Merging of Adapters for
     On-device Large Language Models" (arXiv 2601.17441): starting from a partition, it repeatedly proposes to move one
-    adapter t from its cluster c to another cluster c'. With the default `config.search="partition"` (T = 30 moves)
-    the move is kept only if the summed few-shot loss of every task of c and c', each under its cluster's merge,
-    drops, so the total few-shot loss of the partition never rises; `config.restarts` splits the moves over several
-    start partitions and keeps the lowest total, `config.final_pass` then applies the improving single moves left.
-    `search="paper"` is the paper's Algorithm 1 (T = 100): a move is kept if the loss of task t alone drops. The
+    adapter t from its cluster c to another cluster c'. With `config.search="partition"` (T = 30 moves; the default
+    while clusters hold at most 4 adapters on average) the move is kept only if the summed few-shot loss of every task
+    of c and c', each under its cluster's merge, drops, so the total few-shot loss of the partition never rises;
+    `config.restarts` splits the moves over several start partitions and keeps the lowest total, `config.final_pass`
+    then applies the improving single moves left. `search="paper"` is the paper's Algorithm 1 (T = 100): a move is
+    kept if the loss of task t alone drops; `"paper_then_partition"` (the default with larger clusters up to 16
+    adapters) runs those steps, then partition steps within their forward passes. The
     baselines (`"random"`, `"kmeans"`, `"kmeans_svd"`) return their partition directly. Each final cluster is merged
     into an adapter named `{merged_adapter_prefix}_{i}`, added to `peft_model`: by default with `regmean`, peft-d2c's
     data-aware update-space merge (the update that best reproduces every member's outputs on its own task's few-shot

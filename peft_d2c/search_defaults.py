@@ -1,7 +1,9 @@
-"""The search settings a run takes when the user leaves them at None, and how they grow with N.
+"""The search settings a run takes when the user leaves them at None, and how they grow with N and K.
 
 Up to `REFERENCE_N` adapters (the 16 embedded tasks and the 12 of the validation collection, where they were
-measured; docs/benchmark.md) a run keeps the paper's random start and random proposals, with `DEFAULT_STEPS` steps.
+measured; docs/benchmark.md) the acceptance rule is `"partition"` while clusters hold at most
+`PARTITION_MAX_CLUSTER_SIZE` adapters on average, else `"paper_then_partition"` (`default_search_rule`); a run keeps
+the paper's random start and, for `"partition"`, its random proposals, with `DEFAULT_STEPS` steps.
 Above it random draws leave adapters never proposed (43 of 256 with T scaled by N/16) and a random start keeps the
 search far from the right clusters (purity 0.47 at N = 256), so the partition search starts from the lower-loss of
 the random and the weight-similarity partition (`init="lowest_loss"`) and proposes every adapter `SWEEP_ROUNDS`
@@ -14,8 +16,8 @@ from __future__ import annotations
 import math
 
 # T per `search` up to REFERENCE_N adapters: a "partition" step scores every task of the two clusters it changes
-# (2N/K tasks), a "paper" step only the moved task, so 30 partition steps cost 1.07x and 2.09x the forward passes of
-# the paper's 100 steps at K = 4 and 2 on the embedded default (10 seeds, docs/benchmark.md).
+# (2N/K tasks), a "paper" step only the moved task, so 30 partition steps cost 0.67x, 1.10x and 3.42x the forward
+# passes of the paper's 100 steps at K = 8, 4 and 2 on the embedded default (regmean, 10 seeds, docs/benchmark.md).
 # "paper_then_partition" takes the paper's T for its first phase (its second has at most as many steps).
 DEFAULT_STEPS = {"paper": 100, "partition": 30, "paper_then_partition": 100}
 # Above it, random proposals get DEFAULT_STEPS x N / REFERENCE_N steps (rounded up): each adapter is proposed as
@@ -23,12 +25,33 @@ DEFAULT_STEPS = {"paper": 100, "partition": 30, "paper_then_partition": 100}
 REFERENCE_N = 16
 # Steps of "sweep" and "targeted" proposals: this many rounds of N, so every adapter is proposed twice at any N.
 SWEEP_ROUNDS = 2
+# Up to REFERENCE_N adapters, a mean cluster size N / K above this makes "partition" the dearer search: a step scores
+# the ~2N/K tasks of the two clusters it changes, so its 30 steps cost 3.42x the paper's 100 steps' forward passes at
+# N / K = 8 (embedded, K = 2) and 2.0x at 6 (validation, K = 2), against 1.10x at 4 and 0.88x at 3 (10 seeds each,
+# docs/benchmark.md). There "paper_then_partition" (at most 2x the paper's passes by construction) is the default.
+PARTITION_MAX_CLUSTER_SIZE = 4
 # Proposals that score the task under every other cluster's current merge (K - 1 losses a proposal).
 TARGETED_PROPOSALS = ("targeted", "misfit")
 
 
+def default_search_rule(num_adapters: int, num_clusters: int, restarts: int = 1) -> str:
+    """The acceptance rule (`D2CMergeConfig.search`) of a run of `num_adapters` adapters into `num_clusters` when
+    `search` is None: `"paper_then_partition"` up to `REFERENCE_N` adapters with clusters of more than
+    `PARTITION_MAX_CLUSTER_SIZE` adapters on average, one start and K >= 2, else `"partition"`. Above `REFERENCE_N`
+    the partition search from the lowest-loss start is kept whatever K (the paper's random start is far from the right
+    clusters there; docs/performance.md)."""
+    small_clusters = num_adapters <= PARTITION_MAX_CLUSTER_SIZE * num_clusters
+    if num_adapters > REFERENCE_N or small_clusters or restarts != 1 or num_clusters < 2:
+        return "partition"
+    return "paper_then_partition"
+
+
 def default_search(num_adapters: int, search: str) -> tuple[str, str]:
-    """`(init, proposal)` for `num_adapters` adapters and acceptance rule `search` (see `D2CMergeConfig`)."""
+    """`(init, proposal)` for `num_adapters` adapters and acceptance rule `search` (see `D2CMergeConfig`): the
+    second phase of `"paper_then_partition"` proposes `"misfit"` moves at any N (lower few-shot loss than the paper's
+    end in 9 of 10 seeds at K = 2, against 6 of 10 with random ones; docs/benchmark.md)."""
+    if search == "paper_then_partition":
+        return "random", "misfit"
     if num_adapters > REFERENCE_N and search == "partition":
         return "lowest_loss", "targeted"
     return "random", "random"

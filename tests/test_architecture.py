@@ -20,6 +20,7 @@ PACKAGE_DIR = Path(__file__).resolve().parents[1] / "peft_d2c"
 # Stages from the bottom up: a module may import its own stage and lower ones, never a higher one.
 STAGES = [
     (
+        "peft_d2c.checks",
         "peft_d2c.combination_types",
         "peft_d2c.errors",
         "peft_d2c.io",

@@ -134,8 +134,22 @@ class TestReport:
         assert row["loss_high"] - row["loss_diff"] == pytest.approx(3.182 * std / 2)  # t(0.975, df=3), sqrt(4)
         assert row["pass_ratio"] == pytest.approx(2.5)
         assert row["em_diff"] == pytest.approx(0.7 - (0.6 + 0.015))
+        assert row["heldout_diff"] == 0.0 and row["heldout_low"] == row["heldout_high"] == 0.0  # 1.0 in every cell
         table = format_table({"model": "m", "methods": methods, "iterations": None, "results": results})
         assert "| d2c | 4 | d2c (paper) | -0.032 [-0.121, +0.056] |" in table and "| 3 of 4 | 2.50x |" in table
+        # Held-out losses paired by seed: ours 0.9, 1.0, 1.1, 1.2 against the paper's 1.0 -> +0.05 [-0.155, +0.255].
+        for cell in results:
+            if cell["method"] == "d2c" and cell["seed"] < 4:
+                cell["heldout_loss"] = 0.9 + 0.1 * cell["seed"]
+        (row,) = paired_against_paper({"model": "m", "methods": methods, "iterations": None, "results": results})
+        half = 3.182 * (sum((d - 0.05) ** 2 for d in (-0.1, 0.0, 0.1, 0.2)) / 3) ** 0.5 / 2
+        assert row["heldout_diff"] == pytest.approx(0.05) and row["heldout_high"] == pytest.approx(0.05 + half)
+        # A `task_score="miss"` method's few-shot column holds its miss: no loss difference, no seeds lower.
+        miss = {**methods, "d2c": {**methods["d2c"], "task_score": "miss"}}
+        (row,) = paired_against_paper({"model": "m", "methods": miss, "iterations": None, "results": results})
+        assert (row["loss_diff"], row["lower"]) == (None, None) and row["em_diff"] == pytest.approx(0.085)
+        table = format_table({"model": "m", "methods": miss, "iterations": None, "results": results})
+        assert "| d2c | 4 | d2c (paper) | another score (task_score) | - | 2.50x |" in table
         # A paper mode at another T than the run's is not the paper's algorithm of that run: nothing to pair with.
         other = {**methods, "d2c (paper)": {**paper, "num_iterations": 30}}
         assert paired_against_paper({"model": "m", "methods": other, "iterations": None, "results": results}) == []
@@ -147,12 +161,13 @@ def test_search_options_add_the_exact_paper_mode_next_to_d2c():
     from peft_d2c.embedded.benchmark import PAPER_SEARCH, cluster_methods
 
     default = dict(cluster_methods())  # the default D2C search is not the paper's, so the paper's runs beside it
-    assert default["d2c"]["search"] == "partition" and default["d2c (paper)"]["search"] == "paper"
-    # the proposals a 16-adapter run resolves to, recorded as such (results files written before None stay resumable)
-    assert (
-        default["d2c"]["proposal"] == "random"
-        and D2CMergeConfig(num_clusters=2).search_defaults_for(16)[1] == "random"
-    )
+    assert default["d2c"]["search"] is None and default["d2c (paper)"]["search"] == "paper"
+    assert default["d2c"]["proposal"] is None  # the rule, and so the proposals, are the run's, by K
+    # `--search partition`: the proposals a 16-adapter run resolves to, recorded as such, so the files written while
+    # it was the default (search "partition", proposal "random") stay resumable with it
+    partition = dict(cluster_methods({"search": "partition"}))["d2c"]
+    assert (partition["search"], partition["proposal"]) == ("partition", "random")
+    assert D2CMergeConfig(num_clusters=4, search="partition").search_defaults_for(16)[1] == "random"
     assert "d2c (paper)" not in dict(cluster_methods(PAPER_SEARCH))
     methods = dict(
         cluster_methods({"search": "partition", "restarts": 2}, dict([parse_variant("v: num_iterations=30")]))

@@ -55,10 +55,14 @@ class TestD2CMergeConfig:
         assert D2CMergeConfig.from_pretrained(path).to_dict() == config.to_dict()
 
     def test_a_default_t_round_trips_as_the_t_the_run_used(self, tmp_path):
-        """`num_iterations=None` is saved resolved: the reloaded config has the T of the run, not None."""
-        config = D2CMergeConfig(num_clusters=3, combination_type="dare_ties", seed=4)
-        loaded = D2CMergeConfig.from_pretrained(config.save_pretrained(tmp_path))
+        """`num_iterations=None` is saved resolved where `search` fixes it: the reloaded config has the T of the run,
+        not None. With `search=None` both depend on N and K and stay None (a run's config has them resolved)."""
+        config = D2CMergeConfig(num_clusters=3, combination_type="dare_ties", seed=4, search="partition")
+        loaded = D2CMergeConfig.from_pretrained(config.save_pretrained(tmp_path / "set"))
         assert loaded == dataclasses.replace(config, num_iterations=30) and loaded.search_steps == config.search_steps
+        by_run = D2CMergeConfig(num_clusters=3, seed=4)
+        loaded = D2CMergeConfig.from_pretrained(by_run.save_pretrained(tmp_path / "by_run"))
+        assert (loaded.search, loaded.num_iterations) == (None, None) and loaded == by_run
 
     def test_unknown_keys_from_newer_versions_warn_and_are_dropped(self):
         data = {**D2CMergeConfig(num_clusters=2).to_dict(), "future_option": 1}
@@ -71,9 +75,10 @@ class TestD2CMergeConfig:
 
 
 def test_search_steps_default_per_search_and_explicit_t_wins():
-    """T defaults to 30 partition steps and to the paper's 100 steps; an explicit num_iterations is kept."""
-    assert D2CMergeConfig(num_clusters=2).search == "partition"
-    assert D2CMergeConfig(num_clusters=2).search_steps == 30
+    """T defaults to 30 partition steps and to the paper's 100 steps; an explicit num_iterations is kept. With the
+    rule left to the run (`search=None`) T waits for N and K."""
+    assert D2CMergeConfig(num_clusters=2).search is None and D2CMergeConfig(num_clusters=2).search_steps is None
+    assert D2CMergeConfig(num_clusters=2, search="partition").search_steps == 30
     assert D2CMergeConfig(num_clusters=2, search="paper").search_steps == 100
     assert D2CMergeConfig(num_clusters=2, search="paper", num_iterations=7).search_steps == 7
     config = D2CMergeConfig(num_clusters=2)
@@ -83,9 +88,12 @@ def test_search_steps_default_per_search_and_explicit_t_wins():
 def test_default_t_grows_with_n_above_16_adapters_and_a_pass_budget_sets_the_cap():
     """Up to 16 adapters T is the measured default; above, two rounds of targeted proposals (2N), or with random
     proposals 30 x N / 16 (rounded up), so the proposals per adapter do not shrink with N; `num_iterations` wins."""
-    partition, paper = D2CMergeConfig(num_clusters=2), D2CMergeConfig(num_clusters=2, search="paper")
+    partition, paper = (
+        D2CMergeConfig(num_clusters=2, search="partition"),
+        D2CMergeConfig(num_clusters=2, search="paper"),
+    )
     assert [partition.search_steps_for(n) for n in (2, 16, 17, 64, 256)] == [30, 30, 34, 128, 512]
-    random_moves = D2CMergeConfig(num_clusters=2, proposal="random")
+    random_moves = D2CMergeConfig(num_clusters=2, search="partition", proposal="random")
     assert [random_moves.search_steps_for(n) for n in (2, 16, 17, 64, 256)] == [30, 30, 32, 120, 480]
     assert [paper.search_steps_for(n) for n in (16, 24, 256)] == [100, 150, 1600]
     for n in (16, 64, 256):  # expected proposals per adapter: T / N, never below the N = 16 value
@@ -95,7 +103,7 @@ def test_default_t_grows_with_n_above_16_adapters_and_a_pass_budget_sets_the_cap
 def test_start_and_proposals_scale_with_n_and_the_result_config_records_them():
     """None means: the paper's random start and draws up to 16 adapters (and always with `search="paper"`), the
     lower-loss start and targeted proposals above; a value the user set is kept at every N."""
-    config = D2CMergeConfig(num_clusters=2)
+    config = D2CMergeConfig(num_clusters=4)  # N / K <= 4 up to 16 adapters: the partition rule
     assert (config.init, config.proposal) == (None, None)
     assert [config.search_defaults_for(n) for n in (16, 17)] == [("random", "random"), ("lowest_loss", "targeted")]
     assert D2CMergeConfig(num_clusters=2, search="paper").search_defaults_for(256) == ("random", "random")

@@ -223,7 +223,7 @@ class TestMisfit:
 
 class TestStepsScaleWithN:
     def test_sweep_t_is_two_rounds_and_an_explicit_t_wins(self):
-        config = D2CMergeConfig(num_clusters=2, proposal="sweep")
+        config = D2CMergeConfig(num_clusters=4, proposal="sweep")  # the partition rule at N = 16 too (N <= 4K)
         assert [config.search_steps_for(n) for n in (16, 64, 256)] == [32, 128, 512]
         assert D2CMergeConfig(num_clusters=2, proposal="sweep", num_iterations=5).search_steps_for(64) == 5
         random_moves = D2CMergeConfig(num_clusters=2, proposal="random")

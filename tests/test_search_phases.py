@@ -17,6 +17,7 @@ from peft_d2c import testing as tiny
 from peft_d2c.engine.search import SearchState, balanced_random_partition, d2c_search
 from peft_d2c.engine.search_phases import paper_then_partition
 from peft_d2c.evaluation.estimate import estimate_run
+from peft_d2c.search_defaults import default_search_rule
 
 NAMES = [f"t{i}" for i in range(12)]
 
@@ -214,8 +215,8 @@ class TestOnTheTinyModel:
         import peft_d2c.engine.checkpoint as checkpoint_module
 
         config = D2CMergeConfig(
-            num_clusters=3, num_iterations=12, search="paper_then_partition", checkpoint_every=1, seed=1
-        )
+            num_clusters=3, num_iterations=12, search="paper_then_partition", checkpoint_every=1, seed=3
+        )  # misfit proposals (the two-phase default): 4 partition steps, interrupted after the first, mid-round
         save, saved = checkpoint_module.save_checkpoint, []
 
         def save_then_interrupt(directory, payload):
@@ -248,3 +249,51 @@ class TestOnTheTinyModel:
         assert len(full.history) > 13 and resumed.history == full.history and resumed.clusters == full.clusters
         assert resumed.stats["partition_phase_budget"] == full.stats["partition_phase_budget"]
         assert resumed.stats["cache_misses"] < full.stats["cache_misses"]  # it went on from the saved losses
+
+
+class TestDefaultRule:
+    """`search=None`: the two-phase search up to 16 adapters where clusters hold more than 4 on average (a partition
+    step then scores more than 8 tasks), the partition search elsewhere."""
+
+    def test_rule_against_the_mean_cluster_size(self):
+        for n in range(1, 40):
+            for k in range(1, n + 1):
+                two_phase = n <= 16 and k >= 2 and n / k > 4
+                expected = "paper_then_partition" if two_phase else "partition"
+                assert default_search_rule(n, k) == expected, (n, k)
+                assert default_search_rule(n, k, restarts=2) == "partition"  # the two phases search one start
+
+    def test_resolved_config_of_the_default_and_explicit_choices_kept(self):
+        config = D2CMergeConfig(num_clusters=2)
+        resolved = config.resolved_for(16, 2)
+        assert (resolved.search, resolved.proposal, resolved.init) == ("paper_then_partition", "misfit", "random")
+        assert resolved.num_iterations == 100  # the paper's T for the first phase
+        assert config.resolved_for(16, 4).search == "partition" and config.resolved_for(64, 2).search == "partition"
+        assert D2CMergeConfig(storage_budget=0.125).search_rule_for(16) == "paper_then_partition"  # K = 2
+        assert D2CMergeConfig(num_clusters=2, search="partition").resolved_for(16, 2).search == "partition"
+        assert D2CMergeConfig(num_clusters=2, restarts=3).resolved_for(16, 2).search == "partition"
+        with pytest.raises(ValueError, match="restarts=1"):
+            D2CMergeConfig(num_clusters=2, search="paper_then_partition", restarts=3)
+
+    @pytest.mark.usefixtures("one_thread")
+    def test_default_run_takes_the_rule_of_its_n_and_k(self, tiny_assets, tiny_tokenizer, tmp_path):
+        """Nine adapters (three noisy copies of three): K = 2 (4.5 a cluster) runs the two-phase search with misfit
+        proposals, exactly as when they are asked for; K = 3 (3 a cluster) the partition search."""
+        base_dir, adapter_dirs = tiny_assets
+        dirs, examples = {}, {}
+        for family in ("copy", "first", "shift"):
+            for j in range(3):
+                name = f"{family}{j}"
+                dirs[name] = tiny.perturbed_copy(adapter_dirs[family], str(tmp_path / name), noise=0.05, seed=j)
+                examples[name] = tiny.make_examples(family, 10, seed=7 + j)
+
+        def run(**settings):
+            config = D2CMergeConfig(num_iterations=8, seed=2, show_progress=False, fit_router=False, **settings)
+            return merge_adapters_d2c(tiny.load_peft_model(base_dir, dirs), examples, config, tokenizer=tiny_tokenizer)
+
+        default, asked = run(num_clusters=2), run(num_clusters=2, search="paper_then_partition", proposal="misfit")
+        assert (default.config.search, default.config.proposal) == ("paper_then_partition", "misfit")
+        assert default.history == asked.history and default.clusters == asked.clusters
+        assert "partition_phase_budget" in default.stats
+        default, asked = run(num_clusters=3), run(num_clusters=3, search="partition")
+        assert default.config.search == "partition" and default.history == asked.history

@@ -80,8 +80,8 @@ def cluster_methods(
     and one `d2c [name]` per entry of `variants` (extra settings, e.g. `{"search": "partition", "num_iterations": 30}`).
     """
     d2c = {k: (search_options or {}).get(k, _DEFAULTS[k]) for k in SEARCH_OPTIONS}
-    if d2c["proposal"] is None:  # both collections hold at most REFERENCE_N adapters: the proposals a run takes there
-        d2c["proposal"] = default_search(REFERENCE_N, d2c["search"])[1]
+    if d2c["proposal"] is None and d2c["search"] is not None:  # at most REFERENCE_N adapters in both collections
+        d2c["proposal"] = default_search(REFERENCE_N, d2c["search"])[1]  # (None: the rule, and so proposals, by K)
     methods: list[tuple[str, dict[str, Any]]] = [(m, {"method": m}) for m in BASELINES]
     methods += [
         ("d2c", {"method": "d2c", "init": "random", **d2c}),
@@ -291,7 +291,8 @@ def run_benchmark(
                                 combination_type=merge,
                                 **{key: value for key, value in kwargs.items() if key != "num_iterations"},
                             )
-                            curve = anytime_seeds is None or seed < anytime_seeds or config.search == "partition"
+                            rule = config.search_rule_for(len(tasks), k)
+                            curve = anytime_seeds is None or seed < anytime_seeds or rule == "partition"
                             curve = curve and config.task_score == "loss"  # the any-time scorer's losses
                             scorer = anytime_scorers[merge] if curve else None
                             return _cell(peft_model, tokenizer, fewshot, test, config, label, scorer, evaluated)

@@ -142,8 +142,9 @@ def _is_paper(settings: dict[str, Any] | None, iterations: int | None) -> bool:
 def paired_against_paper(data: dict[str, Any]) -> list[dict[str, Any]]:
     """Every other D2C method from a random start minus the exact paper mode, paired by seed (the same start):
     rows `{method, num_clusters, paper, loss_diff, loss_low, loss_high, lower, n, pass_ratio, em_diff, em_low,
-    em_high}` (`loss_*` in nats of the mean few-shot loss; `lower`: seeds where the method ends lower;
-    `pass_ratio`: mean forward passes over the paper's)."""
+    em_high, heldout_diff, heldout_low, heldout_high}` (`loss_*` in nats of the mean few-shot loss, None for a
+    method whose `task_score` is not the loss, whose cells hold another score; `lower`: seeds where the method ends
+    lower; `pass_ratio`: mean forward passes over the paper's; `heldout_*`: the held-out completion loss)."""
     methods = data.get("methods", {})
     paper = next((m for m in methods if _is_paper(methods[m], data.get("iterations"))), None)
     if paper is None:
@@ -159,23 +160,26 @@ def paired_against_paper(data: dict[str, Any]) -> list[dict[str, Any]]:
             if not seeds:
                 continue
             pairs = [(cells[(method, k, s)], cells[(paper, k, s)]) for s in seeds]
-            loss = t_interval([a["fewshot_loss"] - b["fewshot_loss"] for a, b in pairs])
+            comparable = settings.get("task_score", "loss") == "loss"  # a "miss" cell's few-shot loss is its miss
+            loss = t_interval([a["fewshot_loss"] - b["fewshot_loss"] for a, b in pairs]) if comparable else None
             em = t_interval([a["heldout_score"] - b["heldout_score"] for a, b in pairs])
+            heldout = t_interval([a["heldout_loss"] - b["heldout_loss"] for a, b in pairs])
             rows.append(
                 {
                     "method": method,
                     "num_clusters": k,
                     "paper": paper,
-                    "loss_diff": loss[0],
-                    "loss_low": loss[1],
-                    "loss_high": loss[2],
-                    "lower": sum(a["fewshot_loss"] < b["fewshot_loss"] for a, b in pairs),
+                    **dict(zip(("loss_diff", "loss_low", "loss_high"), loss or (None, None, None), strict=True)),
+                    "lower": sum(a["fewshot_loss"] < b["fewshot_loss"] for a, b in pairs) if comparable else None,
                     "n": len(pairs),
                     "pass_ratio": statistics.mean(a["forward_passes"] for a, _ in pairs)
                     / statistics.mean(b["forward_passes"] for _, b in pairs),
                     "em_diff": em[0],
                     "em_low": em[1],
                     "em_high": em[2],
+                    "heldout_diff": heldout[0],
+                    "heldout_low": heldout[1],
+                    "heldout_high": heldout[2],
                 }
             )
     return rows
@@ -224,15 +228,19 @@ def format_table(data: dict[str, Any]) -> str:
         lines += [
             "",
             "| method | K | minus the paper's search (same start) | few-shot loss diff, nats (95% t interval) "
-            "| seeds lower | forward passes / paper's | EM points (95% t interval) |",
-            "|---|---|---|---|---|---|---|",
+            "| seeds lower | forward passes / paper's | EM points (95% t interval) | held-out loss diff, nats |",
+            "|---|---|---|---|---|---|---|---|",
         ]
         for row in against:
+            loss = "another score (task_score)"
+            if row["loss_diff"] is not None:
+                loss = f"{row['loss_diff']:+.3f} [{row['loss_low']:+.3f}, {row['loss_high']:+.3f}]"
+            lower = "-" if row["lower"] is None else f"{row['lower']} of {row['n']}"
             lines.append(
-                f"| {row['method']} | {row['num_clusters']} | {row['paper']} | {row['loss_diff']:+.3f} "
-                f"[{row['loss_low']:+.3f}, {row['loss_high']:+.3f}] | {row['lower']} of {row['n']} | "
+                f"| {row['method']} | {row['num_clusters']} | {row['paper']} | {loss} | {lower} | "
                 f"{row['pass_ratio']:.2f}x | {100 * row['em_diff']:+.1f} [{100 * row['em_low']:+.1f}, "
-                f"{100 * row['em_high']:+.1f}] |"
+                f"{100 * row['em_high']:+.1f}] | {row['heldout_diff']:+.3f} [{row['heldout_low']:+.3f}, "
+                f"{row['heldout_high']:+.3f}] |"
             )
     return "\n".join(lines)
 

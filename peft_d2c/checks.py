@@ -1,0 +1,26 @@
+"""Checks of user-given settings, each raising an error that names the setting and says what it must be."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def check_int(name: str, value: Any, *, minimum: int) -> None:
+    """Refuse `value` unless it is an int (not a bool) >= `minimum`: `TypeError` / `ValueError` naming `name`."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"`{name}` must be an int, got {value!r} ({type(value).__name__}).")
+    if value < minimum:
+        raise ValueError(f"`{name}` must be >= {minimum}, got {value}.")
+
+
+def check_choice(name: str, value: Any, allowed: tuple[Any, ...]) -> None:
+    """Refuse `value` unless it is one of `allowed`: `ValueError` naming `name` and listing them."""
+    if value not in allowed:
+        raise ValueError(f"`{name}` must be one of {list(allowed)}, got {value!r}.")
+
+
+def check_fraction(name: str, value: Any) -> float:
+    """`value` as a float if it is a number in (0, 1], else `ValueError` naming `name`."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+        raise ValueError(f"`{name}` must be a number in (0, 1], got {value!r}.")
+    return float(value)
