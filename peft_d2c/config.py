@@ -14,7 +14,15 @@ from .combination_types import COMBINATION_TYPES, UPDATE_TYPES
 from .errors import D2CWarning
 from .io import atomic_write_json
 from .names import check_adapter_name
-from .search_defaults import DEFAULT_STEPS, default_search, default_search_rule, default_steps, merge_cache_size_for
+from .search_defaults import (
+    DEFAULT_STEPS,
+    PROPOSALS,
+    SEARCHES,
+    default_search,
+    default_search_rule,
+    default_steps,
+    merge_cache_size_for,
+)
 from .sizes import is_bytes_budget, parse_size
 
 CONFIG_NAME = "d2c_config.json"
@@ -50,10 +58,9 @@ class D2CMergeConfig:
             (2N losses and 2K merges more; the random one on a tie). `None`: `"random"` up to `REFERENCE_N` = 16
             adapters or with `search="paper"`, `"lowest_loss"` above (see `resolved_for`).
         num_iterations (`int`, *optional*):
-            T, the number of proposed moves. `None` takes `DEFAULT_STEPS[search]` (`peft_d2c.search_defaults`): 100
-            for `"paper"` (the paper's T) and 30 for `"partition"`, whose steps each score every task of two clusters,
-            times N / 16 above 16 adapters with random proposals; 2N with the others (`"targeted"`, the default
-            above 16 adapters); `max_forward_passes` with that budget set. A result's config holds the T that ran.
+            T, the number of proposed moves (of the first phase of `"paper_then_partition"`). `None`: `DEFAULT_STEPS`
+            (`search_defaults`; 100 paper steps, 30 partition steps), times N / 16 above 16 adapters with random
+            proposals, 2N with the others; `max_forward_passes` if set. A result's config holds the T that ran.
         max_forward_passes (`int`, *optional*):
             A budget of the search's steps in forward passes of scoring (all processes together; Grams and final
             pass not counted), split between restarts like T: steps stop once it is spent (or at T).
@@ -101,13 +108,11 @@ class D2CMergeConfig:
             (split across `accelerate launch` processes) and applies the one whose task loss drops the most.
         search (`str`, *optional*):
             Acceptance rule of a move: `"partition"` (the summed loss of every task of the two clusters the move
-            changes, so the total few-shot loss never rises; 10 seeds in docs/benchmark.md) or `"paper"`
-            (Algorithm 1: the moved task's loss; with `restarts=1`, `final_pass=False` and T = 100 the paper's
-            algorithm exactly). `"paper_then_partition"`: T steps of the paper's rule, then at most T `"partition"`
-            steps within the forward passes the first T spent (never a higher total loss than the paper's end, at most
-            2x its passes plus one step; `peft_d2c.engine.search_phases`; `restarts=1` only). `None`:
-            `"paper_then_partition"` up to 16 adapters with more than 4 per cluster (N > 4K) and `restarts=1`, else
-            `"partition"` (`search_defaults.default_search_rule`).
+            changes, so the total few-shot loss never rises) or `"paper"` (Algorithm 1: the moved task's loss; with
+            `restarts=1`, `final_pass=False` and T = 100 the paper's algorithm exactly). `"paper_then_partition"`: T
+            paper steps, then at most T partition steps within the forward passes the first T spent (never a higher
+            total loss than the paper's end, at most 2x its passes plus one step; `restarts=1` only). `None`: that up
+            to 16 adapters with more than 4 a cluster (N > 4K), else `"partition"` (`default_search_rule`).
         proposal (`str`, *optional*):
             Which move a step proposes (`peft_d2c.engine.proposals`): `"random"` (the paper's uniform draws) or
             `"sweep"` (every adapter in turn, in rounds of a fresh random order, moved or swapped with a member of
@@ -150,10 +155,7 @@ class D2CMergeConfig:
 
     num_clusters: int | None = field(default=None, metadata={"help": "K, the number of merged adapters."})
     storage_budget: float | str | None = field(
-        default=None,
-        metadata={
-            "help": "Fraction of the N adapters to keep (K = max(1, floor(fraction * N))) or a size like '20MB'."
-        },
+        default=None, metadata={"help": "Fraction of the N adapters to keep (K = floor(fraction * N)) or '20MB'."}
     )
     method: Literal["d2c", "random", "kmeans", "kmeans_svd"] = field(
         default="d2c", metadata={"help": f"Clustering method, one of {list(METHODS)}."}
@@ -241,9 +243,9 @@ class D2CMergeConfig:
         check_choice("task_score", self.task_score, ("loss", "miss"))
         check_int("merge_cache_size", self.merge_cache_size, minimum=2)
         if self.search is not None:
-            check_choice("search", self.search, ("paper", "partition", "paper_then_partition"))
+            check_choice("search", self.search, SEARCHES)
         if self.proposal is not None:
-            check_choice("proposal", self.proposal, ("random", "sweep", "targeted", "misfit"))
+            check_choice("proposal", self.proposal, PROPOSALS)
         if self.proposal not in (None, "random") and self.search == "paper":
             raise ValueError(f"`proposal={self.proposal!r}` swaps tasks, which only the partition rule can judge.")
         if self.search == "paper_then_partition" and self.restarts != 1:

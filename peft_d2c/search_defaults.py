@@ -15,6 +15,9 @@ from __future__ import annotations
 
 import math
 
+# The acceptance rules (`D2CMergeConfig.search`) and proposals (`proposal`, `peft_d2c.engine.proposals`) there are.
+SEARCHES = ("paper", "partition", "paper_then_partition")
+PROPOSALS = ("random", "sweep", "targeted", "misfit")
 # T per `search` up to REFERENCE_N adapters: a "partition" step scores every task of the two clusters it changes
 # (2N/K tasks), a "paper" step only the moved task, so 30 partition steps cost 0.67x, 1.10x and 3.42x the forward
 # passes of the paper's 100 steps at K = 8, 4 and 2 on the embedded default (regmean, 10 seeds, docs/benchmark.md).

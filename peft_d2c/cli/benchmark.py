@@ -17,6 +17,7 @@ import os
 from ..combination_types import COMBINATION_TYPES
 from ..embedded.benchmark import run_benchmark
 from ..embedded.merge_report import combine_runs, format_report
+from ..search_defaults import SEARCHES
 
 _VARIANT_KEYS = {
     "search": str,
@@ -71,9 +72,7 @@ def add_benchmark_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cache-dir", default=None, help="Model and adapter cache (default: ~/.cache/peft_d2c).")
     parser.add_argument("--no-fetch", action="store_true", help="Never download the base model.")
     search = parser.add_argument_group("D2C search (the `d2c` methods; default: D2CMergeConfig's)")
-    search.add_argument(
-        "--search", choices=["paper", "partition", "paper_then_partition"], default=None, help="Move acceptance rule."
-    )
+    search.add_argument("--search", choices=list(SEARCHES), default=None, help="Move acceptance rule.")
     search.add_argument("--restarts", type=int, default=None, help="Start partitions searched (best total kept).")
     search.add_argument(
         "--final-pass", action=argparse.BooleanOptionalAction, default=None, help="Finish with improving moves."

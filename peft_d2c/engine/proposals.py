@@ -32,7 +32,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-PROPOSALS = ("random", "sweep", "targeted", "misfit")
 # Share of the "sweep" proposals that are swaps when a plain move is also possible.
 SWAP_SHARE = 0.5
 
@@ -54,7 +53,7 @@ def draw_move(
     queue: list[str],
     score_fn: Callable[[Sequence[tuple[tuple[str, ...], str]]], Sequence[float]],
 ) -> Move:
-    """The next proposal of kind `proposal` (one of `PROPOSALS`); `queue` is the current round's adapters not
+    """The next proposal of kind `proposal` (one of `search_defaults.PROPOSALS`); `queue` is the current round's adapters not
     proposed yet (unused by `"random"`), `score_fn` the search's batch scorer (used by the targeted kinds)."""
     if proposal == "sweep":
         return draw_sweep_move(clusters, rng, queue)

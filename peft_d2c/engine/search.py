@@ -24,7 +24,8 @@ from typing import Any
 
 import numpy as np
 
-from .proposals import PROPOSALS, Move, apply_move, draw_move
+from ..search_defaults import PROPOSALS
+from .proposals import Move, apply_move, draw_move
 
 Members = tuple[str, ...]
 # Scores a batch of (cluster members, task) requests at once; lower is better. Batching lets the caller evaluate the
