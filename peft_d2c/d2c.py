@@ -304,6 +304,7 @@ def _run_search(
         elif config.search == "paper_then_partition":
             options.update(num_iterations=config.search_steps, final_pass=config.final_pass)
             state = paper_then_partition(state.clusters, scorer, rng, state=state, **options)
+            bar.total = bar.n  # the second phase ends when its pass budget is spent, mostly well before T steps
         else:
             options.update(
                 num_iterations=config.search_steps,

@@ -209,6 +209,19 @@ class TestOnTheTinyModel:
         assert f"15 paper steps, then {len(second)} partition steps within their forward passes" in card
         assert budget > 0
 
+    def test_progress_bar_ends_full_when_the_pass_budget_ends_the_second_phase(
+        self, tiny_assets, tiny_tokenizer, tiny_task_examples, capsys, monkeypatch
+    ):
+        monkeypatch.delenv("TQDM_DISABLE", raising=False)  # tests/conftest.py silences the bars
+        config = D2CMergeConfig(num_clusters=3, num_iterations=12, search="paper_then_partition", seed=3)
+        result = merge_adapters_d2c(
+            tiny.load_peft_model(*tiny_assets), tiny_task_examples, config, tokenizer=tiny_tokenizer
+        )
+        steps = len(result.history)
+        assert 12 < steps < 24  # the budget ended the second phase before its T steps
+        bar = [line for line in capsys.readouterr().err.replace("\r", "\n").splitlines() if "D2C search" in line]
+        assert "D2C search: 100%" in bar[-1] and f" {steps}/{steps} " in bar[-1]
+
     def test_run_interrupted_in_the_second_phase_resumes_to_the_same_end(
         self, tiny_assets, tiny_tokenizer, tiny_task_examples, tmp_path, monkeypatch
     ):
