@@ -29,10 +29,11 @@ def estimate_run(peft_model, task_examples, config, *, tokenizer, probe_evaluati
     One evaluation is the merge of a cluster and the loss of one task's examples under it. Per proposal (times
     `proposals_per_step`) a `search="paper"` step asks for two (the task in its cluster and in the target cluster),
     a `"partition"` step for every task of the two clusters after the move (2N/K for balanced clusters, at most N),
-    and a `"targeted"` or `"misfit"` proposal for K - 1 more (the task under every other cluster); `"paper_then_partition"` counts
-    as twice the paper's (its second phase spends at most what the first did). Repeated requests are cached,
-    so while the clusters stay about balanced the count is an upper bound. The start's (and the final) task losses
-    add N, `init="lowest_loss"` N more; the K final merges are timed separately.
+    and a `"targeted"` or `"misfit"` proposal for K - 1 more (the task under every other cluster);
+    `"paper_then_partition"` counts as twice the paper's (its second phase spends what the first did, plus at most
+    one step). Repeated requests are cached, so while the clusters stay about balanced the count is an upper bound.
+    The start's (and the final) task losses add N, `init="lowest_loss"` N more; the K final merges are timed
+    separately.
 
     Args:
         peft_model (`PeftModel`): The model with the N source adapters.
