@@ -32,17 +32,19 @@ def group_score(requests):
 
 class TestPurity:
     def test_search_module_imports_without_torch(self):
-        """search.py (and proposals.py, which it imports) must run where torch is absent: load them by path, as a
-        bare package that runs no `__init__`, in a fresh interpreter and check sys.modules."""
-        folder = Path(__file__).parents[1] / "peft_d2c" / "engine"
+        """search.py (and what it imports: proposals.py, search_defaults.py) must run where torch is absent: load the
+        package folder by path as a bare package whose `__init__` does not run (engine's holds only its docstring), in
+        a fresh interpreter, and check sys.modules."""
+        folder = Path(__file__).parents[1] / "peft_d2c"
         code = (
             "import importlib, sys, types\n"
             "package = sys.modules['pure'] = types.ModuleType('pure')\n"
             f"package.__path__ = [{str(folder)!r}]\n"
-            "module = importlib.import_module('pure.search')\n"
+            "module = importlib.import_module('pure.engine.search')\n"
             "state = module.d2c_search([['a', 'b'], ['c']], lambda r: [0.0] * len(r), __import__('numpy').random.default_rng(0), num_iterations=3)\n"
             "assert len(state.history) == 3\n"
-            "assert sorted(m for m in sys.modules if m.startswith('pure.')) == ['pure.proposals', 'pure.search']\n"
+            "loaded = sorted(m for m in sys.modules if m.startswith('pure.'))\n"
+            "assert loaded == ['pure.engine', 'pure.engine.proposals', 'pure.engine.search', 'pure.search_defaults'], loaded\n"
             "assert 'torch' not in sys.modules and 'peft' not in sys.modules, sorted(sys.modules)\n"
             "print('pure')\n"
         )
