@@ -53,8 +53,9 @@ def draw_move(
     queue: list[str],
     score_fn: Callable[[Sequence[tuple[tuple[str, ...], str]]], Sequence[float]],
 ) -> Move:
-    """The next proposal of kind `proposal` (one of `search_defaults.PROPOSALS`); `queue` is the current round's adapters not
-    proposed yet (unused by `"random"`), `score_fn` the search's batch scorer (used by the targeted kinds)."""
+    """The next proposal of kind `proposal` (one of `search_defaults.PROPOSALS`); `queue` is the current round's
+    adapters not proposed yet (unused by `"random"`), `score_fn` the search's batch scorer (used by the targeted
+    kinds)."""
     if proposal == "sweep":
         return draw_sweep_move(clusters, rng, queue)
     if proposal == "targeted":
