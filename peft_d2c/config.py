@@ -71,6 +71,7 @@ class D2CMergeConfig:
         task_score (`str`, defaults to `"loss"`):
             What a task's examples score under a merge: `"loss"` (the paper's mean completion-token loss) or `"miss"`
             (1 - the mean probability of each whole completion, teacher-forced: in [0, 1], flat where a task fails).
+            The first phase of `"paper_then_partition"`, Algorithm 1, scores the loss either way (the same passes).
         combination_type (`str`, defaults to `"regmean"`):
             A rank-r update-space merge of peft-d2c (`UPDATE_TYPES`: `regmean`, which also uses the few-shot examples'
             layer inputs and so needs the tokenizer; `knots_ties` (the default before), `core_ta`, `core_ties`,

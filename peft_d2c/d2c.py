@@ -303,7 +303,11 @@ def _run_search(
             state = d2c_search(state.clusters, scorer, rng, num_iterations=config.search_steps, state=state, **options)
         elif config.search == "paper_then_partition":
             options.update(num_iterations=config.search_steps, final_pass=config.final_pass)
-            state = paper_then_partition(state.clusters, scorer, rng, state=state, **options)
+            # The first phase is Algorithm 1 on the paper's loss; the second scores `task_score` (both cached).
+            paper_score = scorer.scoring("loss")
+            state = paper_then_partition(
+                state.clusters, scorer, rng, state=state, paper_score_fn=paper_score, **options
+            )
             bar.total = bar.n  # the second phase ends when its pass budget is spent, mostly well before T steps
         else:
             options.update(
@@ -347,9 +351,9 @@ def _search_starts_apart(starts, scorer: LossScorer, rng: np.random.Generator, g
         scorer.process_group = shared
     gathered = group.gather((share.to_dict(), scorer.cache_to_list()))
     cache = {}
-    for _, losses in gathered:  # a loss computed by several processes: the lowest-ranked one's value, everywhere
-        for members, task, loss in losses:
-            cache.setdefault((tuple(members), task), loss)
+    for _, items in gathered:  # a score computed by several processes: the lowest-ranked one's value, everywhere
+        for members, task, scores in items:
+            cache.setdefault((tuple(members), task), scores)
     scorer.cache = cache
     state = combine_starts([SearchState.from_dict(s) for s, _ in gathered], len(starts))
     choose_best_start(state, final_pass=options["final_pass"])

@@ -120,11 +120,15 @@ def test_miss_is_one_minus_the_mean_probability_of_each_whole_completion(
     members = tuple(tasks)
     try:
         misses = scorer([(members, t) for t in tasks])
+        passes = scorer.forward_passes
+        # The same forward passes gave the loss: asking for it (the paper's phase of "paper_then_partition") is free.
+        losses = scorer.scoring("loss")([(members, t) for t in tasks])
+        assert scorer.forward_passes == passes and scorer.cache_misses == len(tasks)
         merged = merger.adapter_for(members)
-        for task, miss in zip(tasks, misses, strict=True):
+        for task, miss, loss in zip(tasks, misses, losses, strict=True):
             rows = scorer.tokenized[task]
             with torch.no_grad():
-                probabilities = []
+                probabilities, token_losses = [], []
                 for row in rows:
                     model.set_adapter(merged)
                     ids = torch.tensor([row.input_ids])
@@ -132,9 +136,11 @@ def test_miss_is_one_minus_the_mean_probability_of_each_whole_completion(
                     targets = ids[0, row.completion_start :]
                     picked = log_probs[row.completion_start - 1 : -1].gather(1, targets[:, None])
                     probabilities.append(float(picked.sum().exp()))
+                    token_losses += (-picked[:, 0]).tolist()
             assert 0.0 <= miss <= 1.0
             # compared on 1 - miss, the mean probability itself (0.0001 to 0.03 on the random tiny model)
             assert 1 - miss == pytest.approx(sum(probabilities) / len(probabilities), rel=1e-3)
+            assert loss == pytest.approx(sum(token_losses) / len(token_losses), rel=1e-4)  # pooled over tokens
     finally:
         merger.cleanup()
     with pytest.raises(ValueError, match="task_score"):

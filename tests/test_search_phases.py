@@ -14,6 +14,10 @@ import pytest
 
 from peft_d2c import D2CMergeConfig, merge_adapters_d2c
 from peft_d2c import testing as tiny
+from peft_d2c.data.examples import normalize_task_examples
+from peft_d2c.engine.layer_inputs import attach_layer_inputs
+from peft_d2c.engine.merging import AdapterMerger
+from peft_d2c.engine.scoring import LossScorer
 from peft_d2c.engine.search import SearchState, balanced_random_partition, d2c_search
 from peft_d2c.engine.search_phases import paper_then_partition
 from peft_d2c.evaluation.estimate import estimate_run
@@ -208,6 +212,38 @@ class TestOnTheTinyModel:
         card = (tmp_path / "run" / "README.md").read_text()
         assert f"15 paper steps, then {len(second)} partition steps within their forward passes" in card
         assert budget > 0
+
+    def test_miss_scores_only_the_second_phase(self, tiny_assets, tiny_tokenizer, tiny_task_examples):
+        """With `task_score="miss"` the first phase is still the paper's rule on the loss, draw for draw, and the
+        second phase lowers the total miss from the paper's end (recomputed by a scorer of its own)."""
+        options = {"num_clusters": 2, "num_iterations": 15, "seed": 3, "show_progress": False}
+        paper = merge_adapters_d2c(
+            tiny.load_peft_model(*tiny_assets),
+            tiny_task_examples,
+            D2CMergeConfig(search="paper", **options),
+            tokenizer=tiny_tokenizer,
+        )
+        both = merge_adapters_d2c(
+            tiny.load_peft_model(*tiny_assets),
+            tiny_task_examples,
+            D2CMergeConfig(search="paper_then_partition", task_score="miss", **options),
+            tokenizer=tiny_tokenizer,
+        )
+        assert both.history[:15] == paper.history
+        assert all(0.0 <= miss <= 1.0 for miss in both.task_losses.values())
+        model = tiny.load_peft_model(*tiny_assets).eval()
+        config = D2CMergeConfig(task_score="miss", merged_adapter_prefix="check", **options)
+        examples = {
+            t: items[: config.examples_per_task] for t, items in normalize_task_examples(tiny_task_examples).items()
+        }
+        merger = AdapterMerger(model, config)
+        try:
+            scorer = LossScorer.for_config(model, tiny_tokenizer, examples, merger)
+            attach_layer_inputs(merger, scorer)  # the default merge, regmean, needs them
+            paper_end = scorer([(c, t) for c in paper.clusters for t in c])
+        finally:
+            merger.cleanup()
+        assert sum(both.task_losses.values()) <= sum(paper_end) + 1e-9
 
     def test_progress_bar_ends_full_when_the_pass_budget_ends_the_second_phase(
         self, tiny_assets, tiny_tokenizer, tiny_task_examples, capsys, monkeypatch

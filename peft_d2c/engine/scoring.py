@@ -8,6 +8,7 @@ Several merged adapters are scored in one forward pass through PEFT's mixed-adap
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 import math
@@ -21,15 +22,17 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 
 from ..data.examples import Example
 from ..errors import NonFiniteLossError
+from .batch_plan import Members, plan_batches
 from .distributed import SingleProcess
 from .merging import AdapterMerger
 from .tokenization import TokenizedExample, check_token_ids, pad_token_id_for, padded_batch, tokenize_example
 
 logger = logging.getLogger(__name__)
 
-Members = tuple[str, ...]
 UserScoreFn = Callable[[torch.nn.Module, str, str, list[dict[str, str]]], float]
 IGNORE_INDEX = -100
+# The scores one forward pass gives of a task under a merge (`D2CMergeConfig.task_score`).
+SCORES = ("loss", "miss")
 
 
 # model -> whether it accepts a boolean `logits_to_keep` mask (found by trying it once; see `_keeps_logits_by_mask`).
@@ -144,66 +147,12 @@ def completion_loss_sums(
     return sums, counts, forward_passes
 
 
-def plan_batches(
-    sizes: Sequence[int], clusters: Sequence[Members], *, batch_size: int, max_clusters: int
-) -> list[list[int]]:
-    """Group requests (by index) into scoring batches whose composition depends only on the requests.
-
-    A batch is scored in one forward pass when it holds at most `batch_size` rows. The number of batches is the
-    smallest that fits the rows, rounded up to a power of two, and requests are dealt out contiguously with rows
-    spread evenly; a batch that would need more than `max_clusters` live merged adapters is split further. Because
-    this never looks at the number of processes, a loss is computed with exactly the same batch (hence the same
-    floating-point result) whether the batches are scored by one process or dealt out to 2, 4, 8... (which the
-    power of two keeps balanced).
-
-    Args:
-        sizes (`Sequence[int]`): Rows (examples) of each request.
-        clusters (`Sequence[Members]`): The cluster of each request.
-        batch_size (`int`): Rows per forward pass.
-        max_clusters (`int`): The most distinct clusters one batch may use (the merged-adapter LRU size).
-
-    Returns:
-        `list[list[int]]`: request indices of each batch, in order.
-
-    Example:
-        ```python
-        >>> plan_batches([10] * 8, [("a", "b")] * 8, batch_size=32, max_clusters=8)
-        [[0, 1], [2, 3], [4, 5], [6, 7]]
-        ```
-    """
-    if not sizes:
-        return []
-    total = sum(sizes)
-    num_batches = 1
-    while num_batches * batch_size < total:
-        num_batches *= 2
-    num_batches = min(num_batches, len(sizes))
-    batches: list[list[int]] = [[] for _ in range(num_batches)]
-    done = 0
-    for index, size in enumerate(sizes):
-        # The batch in which the middle row of this request falls when rows are spread evenly.
-        slot = min(num_batches - 1, int((done + size / 2) * num_batches / total))
-        batches[slot].append(index)
-        done += size
-    planned: list[list[int]] = []
-    for batch in batches:
-        current: list[int] = []
-        seen: set[Members] = set()
-        for index in batch:
-            if clusters[index] not in seen and len(seen) >= max_clusters:
-                planned.append(current)
-                current, seen = [], set()
-            current.append(index)
-            seen.add(clusters[index])
-        if current:
-            planned.append(current)
-    return planned
-
-
 class LossScorer:
     """The `score_fn` of the D2C search: loss of task t under the merge of a cluster, memoised per run.
 
-    Each call computes only the `(members, task)` losses not seen before in this run. Those are grouped by
+    Each call computes only the `(members, task)` scores not seen before in this run. One forward pass gives both
+    scores (`SCORES`: the loss and the miss), and both are cached, so a search that asks for the other one later (the
+    second phase of `search="paper_then_partition"` with `task_score="miss"`) gets it for free. Requests are grouped by
     `plan_batches`; each batch needs one forward pass in which every row runs under its own merged adapter (PEFT's
     mixed-adapter batches). Under a multi-process launch the batches are shared out by `process_group` and every
     process receives every loss.
@@ -215,13 +164,15 @@ class LossScorer:
         merger (`AdapterMerger`): Provides live merged adapters for clusters.
         batch_size (`int`): Rows per forward pass.
         use_chat_template (`bool`), max_length (`int`, *optional*): Tokenisation settings (see `tokenize_example`).
-        task_score (`str`, defaults to `"loss"`): `"loss"` (pooled completion-token loss) or `"miss"` (1 - the mean
-            teacher-forced probability of each whole completion), as `D2CMergeConfig.task_score`.
-        user_score_fn (*optional*): `score_fn(model, adapter_name, task, examples) -> float` replacing the loss.
+        task_score (`str`, defaults to `"loss"`): The score a call returns unless it names another: `"loss"` (pooled
+            completion-token loss) or `"miss"` (1 - the mean teacher-forced probability of each whole completion), as
+            `D2CMergeConfig.task_score`.
+        user_score_fn (*optional*): `score_fn(model, adapter_name, task, examples) -> float` replacing both scores.
         process_group (*optional*): A `peft_d2c.engine.distributed` process group; defaults to a single process.
 
     Attributes:
-        cache (`dict`): `(sorted members, task) -> loss` for every loss computed in this run (by any process).
+        cache (`dict`): `(sorted members, task) -> {score name: value}` for every request computed in this run (by
+            any process).
         cache_hits, cache_misses (`int`): Requests answered from the cache, and distinct losses computed.
         forward_passes (`int`): Forward passes run by this process.
         scoring_passes (`int`): Forward passes of the scoring batches of all processes together (a custom
@@ -280,7 +231,7 @@ class LossScorer:
         self.max_batch_tokens = max_batch_tokens
         self.user_score_fn = user_score_fn
         self.process_group = process_group if process_group is not None else SingleProcess()
-        self.cache: dict[tuple[Members, str], float] = {}
+        self.cache: dict[tuple[Members, str], dict[str, float]] = {}
         self.cache_hits = 0
         self.cache_misses = 0
         self.forward_passes = 0
@@ -301,10 +252,11 @@ class LossScorer:
             }
             check_token_ids(model, self.tokenized)
 
-    def __call__(self, requests: Sequence[tuple[Sequence[str], str]]) -> list[float]:
-        """Losses of `(members, task)` requests, computing only those not seen before in this run."""
+    def __call__(self, requests: Sequence[tuple[Sequence[str], str]], score: str | None = None) -> list[float]:
+        """The `score` (`task_score` if None) of `(members, task)` requests, computing only those not seen before."""
+        score = score or self.task_score
         keys = [(tuple(sorted(members)), task) for members, task in requests]
-        missing = list(dict.fromkeys(k for k in keys if k not in self.cache))
+        missing = list(dict.fromkeys(k for k in keys if score not in self.cache.get(k, {})))
         self.cache_hits += len(keys) - len(missing)
         self.cache_misses += len(missing)
         if missing:
@@ -315,21 +267,25 @@ class LossScorer:
                 max_clusters=self.merger.config.merge_cache_size,
             )
             batch_keys = [[missing[i] for i in batch] for batch in batches]
-            for chunk, (losses, passes) in zip(
+            for chunk, (batch_scores, passes) in zip(
                 batch_keys, self.process_group.map(self._score_batch, batch_keys), strict=True
             ):
                 self.scoring_passes += passes
-                for key, loss in zip(chunk, losses, strict=True):
-                    if not math.isfinite(loss):
+                for key, scores in zip(chunk, batch_scores, strict=True):
+                    if not all(math.isfinite(value) for value in scores.values()):
                         raise NonFiniteLossError(
-                            f"The loss of task {key[1]!r} under the merge of {list(key[0])} is {loss}; check the "
-                            "adapters' weights for NaN/inf and the model dtype."
+                            f"The loss of task {key[1]!r} under the merge of {list(key[0])} is {scores['loss']}; "
+                            "check the adapters' weights for NaN/inf and the model dtype."
                         )
-                    self.cache[key] = loss
-        return [self.cache[k] for k in keys]
+                    self.cache[key] = scores
+        return [self.cache[k][score] for k in keys]
 
-    def _score_batch(self, keys: Sequence[tuple[Members, str]]) -> tuple[list[float], int]:
-        """The losses of one scoring batch and the forward passes they took (one per loss for a custom score)."""
+    def scoring(self, score: str) -> Callable[[Sequence[tuple[Sequence[str], str]]], list[float]]:
+        """A `score_fn` for the search that returns `score` (one of `SCORES`), sharing this scorer's cache."""
+        return functools.partial(self, score=score)
+
+    def _score_batch(self, keys: Sequence[tuple[Members, str]]) -> tuple[list[dict[str, float]], int]:
+        """The scores of one scoring batch and the forward passes they took (one per request for a custom score)."""
         self.merger.pin([members for members, _ in keys])
         try:
             adapter_names = [self.merger.adapter_for(members) for members, _ in keys]
@@ -338,13 +294,13 @@ class LossScorer:
         started, passes = time.perf_counter(), self.forward_passes
         try:
             if self.user_score_fn is not None:
-                losses = [
+                values = [
                     float(self.user_score_fn(self.model, name, task, [e.to_dict() for e in self.examples[task]]))
                     for name, (_, task) in zip(adapter_names, keys, strict=True)
                 ]
-                return losses, len(losses)
-            losses = self._losses([(name, task) for name, (_, task) in zip(adapter_names, keys, strict=True)])
-            return losses, self.forward_passes - passes
+                return [dict.fromkeys(SCORES, value) for value in values], len(values)
+            scores = self._scores([(name, task) for name, (_, task) in zip(adapter_names, keys, strict=True)])
+            return scores, self.forward_passes - passes
         finally:
             self.forward_seconds += time.perf_counter() - started
 
@@ -355,10 +311,11 @@ class LossScorer:
         if self.user_score_fn is not None:
             examples = {t: [e.to_dict() for e in self.examples[t]] for t in tasks}
             return {t: float(self.user_score_fn(self.model, routing[t], t, examples[t])) for t in tasks}
-        return dict(zip(tasks, self._losses([(routing[t], t) for t in tasks]), strict=True))
+        scores = self._scores([(routing[t], t) for t in tasks])
+        return {t: s[self.task_score] for t, s in zip(tasks, scores, strict=True)}
 
-    def _losses(self, requests: Sequence[tuple[str, str]]) -> list[float]:
-        """The score (`task_score`) of every `(adapter name, task)` request, in mixed-adapter forward passes."""
+    def _scores(self, requests: Sequence[tuple[str, str]]) -> list[dict[str, float]]:
+        """Both scores (`SCORES`) of every `(adapter name, task)` request, in mixed-adapter forward passes."""
         rows, row_adapters, owners = [], [], []
         for index, (name, task) in enumerate(requests):
             for tokenized in self.tokenized[task]:
@@ -374,22 +331,21 @@ class LossScorer:
             max_batch_tokens=self.max_batch_tokens,
         )
         self.forward_passes += passes
-        if self.task_score == "miss":  # 1 - P(completion | prompt) = 1 - exp(-its summed token loss), per example
-            misses: list[list[float]] = [[] for _ in requests]
-            for owner, row_sum in zip(owners, sums, strict=True):
-                misses[owner].append(-math.expm1(-row_sum))
-            return [sum(m) / max(len(m), 1) for m in misses]
-        total = [0.0] * len(requests)
-        tokens = [0] * len(requests)
+        total, tokens = [0.0] * len(requests), [0] * len(requests)
+        misses: list[list[float]] = [[] for _ in requests]
         for owner, row_sum, row_count in zip(owners, sums, counts, strict=True):
             total[owner] += row_sum
             tokens[owner] += row_count
-        return [t / max(n, 1) for t, n in zip(total, tokens, strict=True)]
+            misses[owner].append(-math.expm1(-row_sum))  # 1 - P(completion | prompt) = 1 - exp(-summed token loss)
+        return [
+            {"loss": t / max(n, 1), "miss": sum(m) / max(len(m), 1)}
+            for t, n, m in zip(total, tokens, misses, strict=True)
+        ]
 
     def cache_to_list(self) -> list[list]:
-        """The loss cache as JSON-serialisable `[members, task, loss]` triples (for checkpoints)."""
-        return [[list(members), task, loss] for (members, task), loss in self.cache.items()]
+        """The cache as JSON-serialisable `[members, task, {score name: value}]` triples (for checkpoints)."""
+        return [[list(members), task, dict(scores)] for (members, task), scores in self.cache.items()]
 
     def load_cache(self, items: Sequence[Sequence]) -> None:
         """Restore a cache written by `cache_to_list`."""
-        self.cache = {(tuple(members), task): float(loss) for members, task, loss in items}
+        self.cache = {(tuple(m), task): {k: float(v) for k, v in scores.items()} for m, task, scores in items}

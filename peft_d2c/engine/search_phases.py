@@ -4,9 +4,10 @@ Pure, like `peft_d2c.engine.search`. Why two phases: at K = 2 a partition step s
 cost 2-3x the paper's 100 steps, whose losses are mostly cached (docs/benchmark.md). Starting the partition steps
 where the paper's rule ended, with a budget of what it spent, bounds both what the user gets and what it costs:
 
-- the first phase is Algorithm 1 exactly (the same draws and decisions as `d2c_search(objective="task")`);
-- the second accepts a move only if the total few-shot loss drops, so the partition it returns never has a
-  higher total loss than the paper's end;
+- the first phase is Algorithm 1 exactly (the same draws and decisions as `d2c_search(objective="task")`), on the
+  paper's loss (`paper_score_fn`) whatever the second phase scores;
+- the second accepts a move only if the total few-shot score (`score_fn`) drops, so the partition it returns never
+  has a higher total score than the paper's end;
 - the second stops before a step once it has spent as much as the first (`SearchState.budget`), so the whole search
   costs at most twice the paper's steps plus one partition step (and the final pass, if asked for).
 """
@@ -35,12 +36,13 @@ def paper_then_partition(
     final_pass: bool = False,
     state: SearchState | None = None,
     on_step: Callable[[SearchState], None] | None = None,
+    paper_score_fn: BatchScoreFn | None = None,
 ) -> SearchState:
     """Run T steps of the paper's rule, then at most T partition steps within the passes the first T spent.
 
     Args:
         clusters (`Sequence[Sequence[str]]`): The start partition.
-        score_fn (`BatchScoreFn`): As for `d2c_search`.
+        score_fn (`BatchScoreFn`): As for `d2c_search`: the score of the second phase and the final pass.
         rng (`np.random.Generator`): The draws of both phases, one after the other.
         num_iterations (`int`): T, the steps of the paper's phase (the second phase has at most as many).
         cost (`Callable[[], float]`): A counter that only grows (the scorer's forward passes): what the first phase
@@ -53,6 +55,8 @@ def paper_then_partition(
         final_pass (`bool`, defaults to `False`): Polish the result with `search_robust.polish` (not budgeted).
         state (`SearchState`, *optional*): A checkpointed state to continue (the caller restores `rng`).
         on_step (`Callable[[SearchState], None]`, *optional*): Called after every step and every final-pass move.
+        paper_score_fn (`BatchScoreFn`, *optional*): The first phase's score (the paper's loss, when the second
+            phase scores another); defaults to `score_fn`.
 
     Returns:
         `SearchState`: the final partition; `history` holds the paper's records, then the second phase's
@@ -81,7 +85,7 @@ def paper_then_partition(
     if state.phase == "search":
         state = d2c_search(
             state.clusters,
-            score_fn,
+            paper_score_fn or score_fn,
             rng,
             num_iterations=num_iterations,
             patience=patience,
