@@ -5,17 +5,21 @@ from __future__ import annotations
 from typing import Any
 
 
-def check_int(name: str, value: Any, *, minimum: int) -> None:
-    """Refuse `value` unless it is an int (not a bool) >= `minimum`: `TypeError` / `ValueError` naming `name`."""
+def check_int(name: str, value: Any, *, minimum: int, optional: bool = False) -> None:
+    """Refuse `value` unless it is an int (not a bool) >= `minimum` (or None, when `optional`): `TypeError` /
+    `ValueError` naming `name`."""
+    if optional and value is None:
+        return
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"`{name}` must be an int, got {value!r} ({type(value).__name__}).")
     if value < minimum:
         raise ValueError(f"`{name}` must be >= {minimum}, got {value}.")
 
 
-def check_choice(name: str, value: Any, allowed: tuple[Any, ...]) -> None:
-    """Refuse `value` unless it is one of `allowed`: `ValueError` naming `name` and listing them."""
-    if value not in allowed:
+def check_choice(name: str, value: Any, allowed: tuple[Any, ...], *, optional: bool = False) -> None:
+    """Refuse `value` unless it is one of `allowed` (or None, when `optional`): `ValueError` naming `name` and
+    listing them."""
+    if value not in allowed and not (optional and value is None):
         raise ValueError(f"`{name}` must be one of {list(allowed)}, got {value!r}.")
 
 

@@ -18,9 +18,11 @@ from .search_defaults import (
     DEFAULT_STEPS,
     PROPOSALS,
     SEARCHES,
+    TASK_SCORES,
     default_search,
     default_search_rule,
     default_steps,
+    default_task_score,
     merge_cache_size_for,
 )
 from .sizes import is_bytes_budget, parse_size
@@ -68,10 +70,11 @@ class D2CMergeConfig:
             Stop early after this many proposals in a row were rejected. `None` runs all `num_iterations`.
         examples_per_task (`int`, defaults to 10):
             n, the number of examples per task used for clustering; extra examples are ignored.
-        task_score (`str`, defaults to `"loss"`):
+        task_score (`str`, *optional*):
             What a task's examples score under a merge: `"loss"` (the paper's mean completion-token loss) or `"miss"`
             (1 - the mean probability of each whole completion, teacher-forced: in [0, 1], flat where a task fails).
             The first phase of `"paper_then_partition"`, Algorithm 1, scores the loss either way (the same passes).
+            `None`: `"miss"` with `"paper_then_partition"`, else `"loss"` (`search_defaults.default_task_score`).
         combination_type (`str`, defaults to `"regmean"`):
             A rank-r update-space merge of peft-d2c (`UPDATE_TYPES`: `regmean`, which also uses the few-shot examples'
             layer inputs and so needs the tokenizer; `knots_ties` (the default before), `core_ta`, `core_ties`,
@@ -170,7 +173,9 @@ class D2CMergeConfig:
     max_forward_passes: int | None = field(default=None, metadata={"help": "Forward passes the steps may spend."})
     patience: int | None = field(default=None, metadata={"help": "Stop after this many rejections in a row."})
     examples_per_task: int = field(default=10, metadata={"help": "n, examples per task used for clustering."})
-    task_score: Literal["loss", "miss"] = field(default="loss", metadata={"help": "A task's score: loss or miss."})
+    task_score: Literal["loss", "miss"] | None = field(
+        default=None, metadata={"help": "loss or miss (None: by N, K)."}
+    )
     combination_type: str = field(
         default="regmean", metadata={"help": "Merge: an update-space type or a PEFT add_weighted_adapter type."}
     )
@@ -228,25 +233,19 @@ class D2CMergeConfig:
             else:
                 self.storage_budget = float(budget)
         check_choice("method", self.method, METHODS)
-        if self.init is not None:
-            check_choice("init", self.init, INITS)
+        check_choice("init", self.init, INITS, optional=True)
         check_choice("combination_type", self.combination_type, COMBINATION_TYPES)
         check_choice("majority_sign_method", self.majority_sign_method, ("total", "frequency"))
-        if self.num_iterations is not None:
-            check_int("num_iterations", self.num_iterations, minimum=0)
-        if self.max_forward_passes is not None:
-            check_int("max_forward_passes", self.max_forward_passes, minimum=1)
-        if self.patience is not None:
-            check_int("patience", self.patience, minimum=1)
+        check_int("num_iterations", self.num_iterations, minimum=0, optional=True)
+        check_int("max_forward_passes", self.max_forward_passes, minimum=1, optional=True)
+        check_int("patience", self.patience, minimum=1, optional=True)
         positive = ("examples_per_task", "svd_embedding_dim", "batch_size", "max_batch_tokens", "proposals_per_step")
         for name in (*positive, "restarts", "checkpoint_every"):
             check_int(name, getattr(self, name), minimum=1)
-        check_choice("task_score", self.task_score, ("loss", "miss"))
+        check_choice("task_score", self.task_score, TASK_SCORES, optional=True)
         check_int("merge_cache_size", self.merge_cache_size, minimum=2)
-        if self.search is not None:
-            check_choice("search", self.search, SEARCHES)
-        if self.proposal is not None:
-            check_choice("proposal", self.proposal, PROPOSALS)
+        check_choice("search", self.search, SEARCHES, optional=True)
+        check_choice("proposal", self.proposal, PROPOSALS, optional=True)
         if self.proposal not in (None, "random") and self.search == "paper":
             raise ValueError(f"`proposal={self.proposal!r}` swaps tasks, which only the partition rule can judge.")
         if self.search == "paper_then_partition" and self.restarts != 1:
@@ -254,10 +253,8 @@ class D2CMergeConfig:
         check_choice("final_pass", self.final_pass, (True, False))
         check_choice("fit_router", self.fit_router, (True, False))
         check_int("seed", self.seed, minimum=0)
-        if self.svd_rank is not None:
-            check_int("svd_rank", self.svd_rank, minimum=1)
-        if self.max_length is not None:
-            check_int("max_length", self.max_length, minimum=2)
+        check_int("svd_rank", self.svd_rank, minimum=1, optional=True)
+        check_int("max_length", self.max_length, minimum=2, optional=True)
         self.density = check_fraction("density", self.density)
         self.regmean_alpha = check_fraction("regmean_alpha", self.regmean_alpha)
         check_choice("rank_allocation", self.rank_allocation, ("uniform", "spectrum"))
@@ -305,12 +302,15 @@ class D2CMergeConfig:
     def resolved_for(self, num_adapters: int, num_clusters: int) -> D2CMergeConfig:
         """This config as a run of `num_adapters` adapters into `num_clusters` uses it: `search`, `init`, `proposal`,
         `num_iterations` (`search_rule_for`, `search_defaults_for`, `search_steps_for`) and `merge_cache_size`
-        (`search_defaults.merge_cache_size_for`) filled in; a result's config is this."""
+        (`search_defaults.merge_cache_size_for`) and `task_score` filled in; a result's config is this."""
         search = self.search_rule_for(num_adapters, num_clusters)
         init, proposal = self.search_defaults_for(num_adapters, num_clusters)
         cache = merge_cache_size_for(proposal, num_clusters, self.merge_cache_size)
         steps = self.search_steps_for(num_adapters, num_clusters)
-        return replace(self, search=search, init=init, proposal=proposal, num_iterations=steps, merge_cache_size=cache)
+        resolved = replace(
+            self, search=search, init=init, proposal=proposal, num_iterations=steps, merge_cache_size=cache
+        )
+        return replace(resolved, task_score=self.task_score or default_task_score(search))
 
     def resolve_num_clusters(self, num_adapters: int) -> int:
         """Number of clusters K for `num_adapters` source adapters.

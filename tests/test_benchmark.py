@@ -150,6 +150,11 @@ class TestReport:
         assert (row["loss_diff"], row["lower"]) == (None, None) and row["em_diff"] == pytest.approx(0.085)
         table = format_table({"model": "m", "methods": miss, "iterations": None, "results": results})
         assert "| d2c | 4 | d2c (paper) | another score (task_score) | - | 2.50x |" in table
+        # The default method resolves its score by N and K: a cell that records the miss is one whatever its settings.
+        for cell in results:
+            cell["task_score"] = "miss" if cell["method"] == "d2c" and cell["seed"] == 2 else "loss"
+        (row,) = paired_against_paper({"model": "m", "methods": methods, "iterations": None, "results": results})
+        assert (row["loss_diff"], row["lower"]) == (None, None) and row["n"] == 4
         # A paper mode at another T than the run's is not the paper's algorithm of that run: nothing to pair with.
         other = {**methods, "d2c (paper)": {**paper, "num_iterations": 30}}
         assert paired_against_paper({"model": "m", "methods": other, "iterations": None, "results": results}) == []

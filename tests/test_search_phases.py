@@ -317,6 +317,13 @@ class TestDefaultRule:
         resolved = config.resolved_for(16, 2)
         assert (resolved.search, resolved.proposal, resolved.init) == ("paper_then_partition", "misfit", "random")
         assert resolved.num_iterations == 100  # the paper's T for the first phase
+        assert resolved.task_score == "miss" and config.resolved_for(16, 4).task_score == "loss"
+        assert D2CMergeConfig(num_clusters=2, task_score="loss").resolved_for(16, 2).task_score == "loss"
+        assert (
+            D2CMergeConfig(num_clusters=2, search="partition", task_score="miss").resolved_for(16, 2).task_score
+            == "miss"
+        )
+        assert D2CMergeConfig(num_clusters=2, search="paper_then_partition").resolved_for(64, 2).task_score == "miss"
         assert config.resolved_for(16, 4).search == "partition" and config.resolved_for(64, 2).search == "partition"
         assert D2CMergeConfig(storage_budget=0.125).search_rule_for(16) == "paper_then_partition"  # K = 2
         assert D2CMergeConfig(num_clusters=2, search="partition").resolved_for(16, 2).search == "partition"
@@ -327,7 +334,8 @@ class TestDefaultRule:
     @pytest.mark.usefixtures("one_thread")
     def test_default_run_takes_the_rule_of_its_n_and_k(self, tiny_assets, tiny_tokenizer, tmp_path):
         """Nine adapters (three noisy copies of three): K = 2 (4.5 a cluster) runs the two-phase search with misfit
-        proposals, exactly as when they are asked for; K = 3 (3 a cluster) the partition search."""
+        proposals scored by the miss, exactly as when they are asked for; K = 3 (3 a cluster) the partition search on
+        the loss."""
         base_dir, adapter_dirs = tiny_assets
         dirs, examples = {}, {}
         for family in ("copy", "first", "shift"):
@@ -340,9 +348,12 @@ class TestDefaultRule:
             config = D2CMergeConfig(num_iterations=8, seed=2, show_progress=False, fit_router=False, **settings)
             return merge_adapters_d2c(tiny.load_peft_model(base_dir, dirs), examples, config, tokenizer=tiny_tokenizer)
 
-        default, asked = run(num_clusters=2), run(num_clusters=2, search="paper_then_partition", proposal="misfit")
+        asked = run(num_clusters=2, search="paper_then_partition", proposal="misfit", task_score="miss")
+        default = run(num_clusters=2)
         assert (default.config.search, default.config.proposal) == ("paper_then_partition", "misfit")
+        assert default.config.task_score == "miss" and default.task_losses == asked.task_losses
         assert default.history == asked.history and default.clusters == asked.clusters
         assert "partition_phase_budget" in default.stats
         default, asked = run(num_clusters=3), run(num_clusters=3, search="partition")
         assert default.config.search == "partition" and default.history == asked.history
+        assert default.config.task_score == "loss" and default.task_losses == asked.task_losses

@@ -67,7 +67,9 @@ class AnytimeScorer:
     """Total few-shot loss of a partition, memoised over the whole benchmark run; its passes are not counted."""
 
     def __init__(self, peft_model, tokenizer, fewshot: dict, combination_type: str, prefix: str = "anytime") -> None:
-        config = D2CMergeConfig(num_clusters=1, combination_type=combination_type, merged_adapter_prefix=prefix)
+        config = D2CMergeConfig(
+            num_clusters=1, combination_type=combination_type, merged_adapter_prefix=prefix, task_score="loss"
+        )
         examples = normalize_task_examples(fewshot)
         examples = {task: items[: config.examples_per_task] for task, items in examples.items()}
         self.model = peft_model

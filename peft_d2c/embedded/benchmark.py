@@ -33,7 +33,7 @@ from ..d2c import merge_adapters_d2c
 from ..evaluation.generation import BASE_ADAPTER
 from ..evaluation.heldout import evaluate_routing, loss_matrix
 from ..io import atomic_write_json
-from ..search_defaults import REFERENCE_N, default_search
+from ..search_defaults import REFERENCE_N, default_search, default_task_score
 from .anytime import AnytimeScorer, anytime_curve
 from .benchmark_report import (
     BASELINES,
@@ -293,7 +293,8 @@ def run_benchmark(
                             )
                             rule = config.search_rule_for(len(tasks), k)
                             curve = anytime_seeds is None or seed < anytime_seeds or rule == "partition"
-                            curve = curve and config.task_score == "loss"  # the any-time scorer's losses
+                            score = config.task_score or default_task_score(rule)
+                            curve = curve and score == "loss"  # the any-time scorer's losses
                             scorer = anytime_scorers[merge] if curve else None
                             return _cell(peft_model, tokenizer, fewshot, test, config, label, scorer, evaluated)
 
@@ -352,6 +353,7 @@ def _cell(
         "fewshot_losses": result.task_losses,
         "per_task": scores,
         "search_stats": stats,
+        "task_score": result.config.task_score,  # what "fewshot_loss" and "fewshot_losses" hold
         **({"heatmap": heatmap} if heatmap else {}),
         **({"heldout_reused_from": [reused["method"], reused["seed"]]} if reused is not None else {}),
     }

@@ -160,7 +160,10 @@ def paired_against_paper(data: dict[str, Any]) -> list[dict[str, Any]]:
             if not seeds:
                 continue
             pairs = [(cells[(method, k, s)], cells[(paper, k, s)]) for s in seeds]
-            comparable = settings.get("task_score", "loss") == "loss"  # a "miss" cell's few-shot loss is its miss
+            # A "miss" cell's few-shot loss is its miss (cells written before 2026-12-06's last change name no score).
+            comparable = all(
+                c.get("task_score", settings.get("task_score", "loss")) == "loss" for pair in pairs for c in pair
+            )
             loss = t_interval([a["fewshot_loss"] - b["fewshot_loss"] for a, b in pairs]) if comparable else None
             em = t_interval([a["heldout_score"] - b["heldout_score"] for a, b in pairs])
             heldout = t_interval([a["heldout_loss"] - b["heldout_loss"] for a, b in pairs])

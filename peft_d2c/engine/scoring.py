@@ -22,6 +22,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 
 from ..data.examples import Example
 from ..errors import NonFiniteLossError
+from ..search_defaults import TASK_SCORES
 from .batch_plan import Members, plan_batches
 from .distributed import SingleProcess
 from .merging import AdapterMerger
@@ -31,8 +32,6 @@ logger = logging.getLogger(__name__)
 
 UserScoreFn = Callable[[torch.nn.Module, str, str, list[dict[str, str]]], float]
 IGNORE_INDEX = -100
-# The scores one forward pass gives of a task under a merge (`D2CMergeConfig.task_score`).
-SCORES = ("loss", "miss")
 
 
 # model -> whether it accepts a boolean `logits_to_keep` mask (found by trying it once; see `_keeps_logits_by_mask`).
@@ -151,7 +150,7 @@ class LossScorer:
     """The `score_fn` of the D2C search: loss of task t under the merge of a cluster, memoised per run.
 
     Each call computes only the `(members, task)` scores not seen before in this run. One forward pass gives both
-    scores (`SCORES`: the loss and the miss), and both are cached, so a search that asks for the other one later (the
+    scores (`TASK_SCORES`: the loss and the miss), and both are cached, so a search that asks for the other one later (the
     second phase of `search="paper_then_partition"` with `task_score="miss"`) gets it for free. Requests are grouped by
     `plan_batches`; each batch needs one forward pass in which every row runs under its own merged adapter (PEFT's
     mixed-adapter batches). Under a multi-process launch the batches are shared out by `process_group` and every
@@ -281,7 +280,7 @@ class LossScorer:
         return [self.cache[k][score] for k in keys]
 
     def scoring(self, score: str) -> Callable[[Sequence[tuple[Sequence[str], str]]], list[float]]:
-        """A `score_fn` for the search that returns `score` (one of `SCORES`), sharing this scorer's cache."""
+        """A `score_fn` for the search that returns `score` (one of `TASK_SCORES`), sharing this scorer's cache."""
         return functools.partial(self, score=score)
 
     def _score_batch(self, keys: Sequence[tuple[Members, str]]) -> tuple[list[dict[str, float]], int]:
@@ -298,7 +297,7 @@ class LossScorer:
                     float(self.user_score_fn(self.model, name, task, [e.to_dict() for e in self.examples[task]]))
                     for name, (_, task) in zip(adapter_names, keys, strict=True)
                 ]
-                return [dict.fromkeys(SCORES, value) for value in values], len(values)
+                return [dict.fromkeys(TASK_SCORES, value) for value in values], len(values)
             scores = self._scores([(name, task) for name, (_, task) in zip(adapter_names, keys, strict=True)])
             return scores, self.forward_passes - passes
         finally:
@@ -315,7 +314,7 @@ class LossScorer:
         return {t: s[self.task_score] for t, s in zip(tasks, scores, strict=True)}
 
     def _scores(self, requests: Sequence[tuple[str, str]]) -> list[dict[str, float]]:
-        """Both scores (`SCORES`) of every `(adapter name, task)` request, in mixed-adapter forward passes."""
+        """Both scores (`TASK_SCORES`) of every `(adapter name, task)` request, in mixed-adapter forward passes."""
         rows, row_adapters, owners = [], [], []
         for index, (name, task) in enumerate(requests):
             for tokenized in self.tokenized[task]:
