@@ -173,24 +173,23 @@ class TestConfig:
         assert config.search_steps_for(16) == 100 and config.resolved_for(16, 2).num_iterations == 100
 
 
+TINY_OPTIONS = {"num_clusters": 2, "num_iterations": 15, "seed": 3, "show_progress": False}
+
+
+def _tiny_run(tiny_assets, tokenizer, examples, **settings):
+    """A run on the tiny model's adapters with `TINY_OPTIONS` and `settings`."""
+    config = D2CMergeConfig(**TINY_OPTIONS, **settings)
+    return merge_adapters_d2c(tiny.load_peft_model(*tiny_assets), examples, config, tokenizer=tokenizer)
+
+
 @pytest.mark.usefixtures("one_thread")
 class TestOnTheTinyModel:
     def test_run_starts_as_the_paper_and_ends_at_no_higher_loss(
         self, tiny_assets, tiny_tokenizer, tiny_task_examples, tmp_path
     ):
-        options = {"num_clusters": 2, "num_iterations": 15, "seed": 3, "show_progress": False}
-        paper = merge_adapters_d2c(
-            tiny.load_peft_model(*tiny_assets),
-            tiny_task_examples,
-            D2CMergeConfig(search="paper", **options),
-            tokenizer=tiny_tokenizer,
-        )
-        both = merge_adapters_d2c(
-            tiny.load_peft_model(*tiny_assets),
-            tiny_task_examples,
-            D2CMergeConfig(search="paper_then_partition", **options),
-            tokenizer=tiny_tokenizer,
-        )
+        paper = _tiny_run(tiny_assets, tiny_tokenizer, tiny_task_examples, search="paper")
+        settings = {"search": "paper_then_partition", "task_score": "loss"}
+        both = _tiny_run(tiny_assets, tiny_tokenizer, tiny_task_examples, **settings)
         assert both.history[:15] == paper.history
         second = both.history[15:]
         assert second and all(r["phase"] == "partition" for r in second)
@@ -203,7 +202,7 @@ class TestOnTheTinyModel:
         estimate = estimate_run(
             tiny.load_peft_model(*tiny_assets),
             tiny_task_examples,
-            D2CMergeConfig(search="paper_then_partition", **options),
+            D2CMergeConfig(**TINY_OPTIONS, **settings),
             tokenizer=tiny_tokenizer,
             probe_evaluations=1,
         )
@@ -216,23 +215,13 @@ class TestOnTheTinyModel:
     def test_miss_scores_only_the_second_phase(self, tiny_assets, tiny_tokenizer, tiny_task_examples):
         """With `task_score="miss"` the first phase is still the paper's rule on the loss, draw for draw, and the
         second phase lowers the total miss from the paper's end (recomputed by a scorer of its own)."""
-        options = {"num_clusters": 2, "num_iterations": 15, "seed": 3, "show_progress": False}
-        paper = merge_adapters_d2c(
-            tiny.load_peft_model(*tiny_assets),
-            tiny_task_examples,
-            D2CMergeConfig(search="paper", **options),
-            tokenizer=tiny_tokenizer,
-        )
-        both = merge_adapters_d2c(
-            tiny.load_peft_model(*tiny_assets),
-            tiny_task_examples,
-            D2CMergeConfig(search="paper_then_partition", task_score="miss", **options),
-            tokenizer=tiny_tokenizer,
-        )
+        paper = _tiny_run(tiny_assets, tiny_tokenizer, tiny_task_examples, search="paper")
+        both = _tiny_run(tiny_assets, tiny_tokenizer, tiny_task_examples, search="paper_then_partition")
+        assert both.config.task_score == "miss"  # the default of this rule
         assert both.history[:15] == paper.history
         assert all(0.0 <= miss <= 1.0 for miss in both.task_losses.values())
         model = tiny.load_peft_model(*tiny_assets).eval()
-        config = D2CMergeConfig(task_score="miss", merged_adapter_prefix="check", **options)
+        config = D2CMergeConfig(task_score="miss", merged_adapter_prefix="check", **TINY_OPTIONS)
         examples = {
             t: items[: config.examples_per_task] for t, items in normalize_task_examples(tiny_task_examples).items()
         }
