@@ -193,7 +193,9 @@ def merge_adapters_d2c(
             starts = [start, *restart_starts(peft_model, names, num_clusters, config)]
             state = _run_search(state, starts, scorer, rng, config, checkpointer, group, trace)
         clusters = state.clusters
-        task_losses = dict(zip(names, scorer([(clusters[_index_of(clusters, n)], n) for n in names]), strict=True))
+        final = [(clusters[_index_of(clusters, n)], n) for n in names]
+        task_losses = dict(zip(names, scorer(final), strict=True))
+        fewshot_losses = scorer(final, "loss")  # cached with `task_score` by the same passes
         merger.cleanup()
         check_partition_fits(peft_model, clusters, config)  # `cat` grows with the clusters: check before merging
         merged_sizes = None
@@ -201,7 +203,9 @@ def merge_adapters_d2c(
             budget = parse_size(config.storage_budget) if is_bytes_budget(config.storage_budget) else None
             merged_sizes = merge_with_allocated_ranks(merger, clusters, merged_names, budget)
             # The shipped adapters are not the uniform-rank merges the search scored: their own losses are reported.
-            task_losses = scorer.losses_under({n: merged_names[_index_of(clusters, n)] for n in names})
+            shipped = scorer.scores_under({n: merged_names[_index_of(clusters, n)] for n in names})
+            task_losses = {n: shipped[n][config.task_score] for n in names}
+            fewshot_losses = [shipped[n]["loss"] for n in names]
         else:
             for name, members in zip(merged_names, clusters, strict=True):
                 merger.merge(members, name)
@@ -239,6 +243,7 @@ def merge_adapters_d2c(
         stats={
             "num_merges": merger.num_merges,
             "forward_passes": scorer.forward_passes,
+            "fewshot_loss": sum(fewshot_losses) / len(fewshot_losses),  # the mean loss, whatever `task_score` is
             "cache_hits": scorer.cache_hits,
             "cache_misses": scorer.cache_misses,
             "num_refills": merger.num_refills,

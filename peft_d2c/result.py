@@ -38,7 +38,8 @@ class D2CResult:
         assignment (`dict[str, int]`): Cluster index of every source adapter.
         merged_adapter_names (`list[str]`): One PEFT adapter per cluster, added to the model.
         routing (`dict[str, str]`): Task (= source adapter name) -> merged adapter serving it.
-        task_losses (`dict[str, float]`): Few-shot loss of each task under its merged adapter.
+        task_losses (`dict[str, float]`): Few-shot score of each task under its merged adapter: its loss, or its miss
+            where `config.task_score` is `"miss"` (`stats["fewshot_loss"]` is the mean loss either way).
         history (`list[dict]`): One record per D2C proposal: `iteration, task, source, target, loss_before,
             loss_after, accepted` (empty for the baselines and for K = 1 or K = N).
         config (`D2CMergeConfig`): The configuration of the run.
@@ -49,7 +50,7 @@ class D2CResult:
         data_sources (`dict[str, dict]`): Where each task's examples came from, when known.
         heldout_scores (`dict[str, float]`): Held-out scores per task, when evaluated.
         stats (`dict[str, float]`): Work done: merges, forward passes, cache hits, seconds, the bytes of `regmean`
-            Grams held (`layer_input_bytes`).
+            Grams held (`layer_input_bytes`); and `fewshot_loss`, the mean few-shot loss of the final partition.
         model: The `PeftModel` holding the merged adapters (not saved; `None` after `from_pretrained`).
         tokenizer: The base model's tokenizer of the run (not saved), for `route` and `generate`.
         prompt_router (`PromptRouter`, *optional*): Picks the merged adapter for a prompt without a task label

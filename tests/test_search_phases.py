@@ -21,6 +21,7 @@ from peft_d2c.engine.scoring import LossScorer
 from peft_d2c.engine.search import SearchState, balanced_random_partition, d2c_search
 from peft_d2c.engine.search_phases import paper_then_partition
 from peft_d2c.evaluation.estimate import estimate_run
+from peft_d2c.evaluation.sweep import run_sweep
 from peft_d2c.search_defaults import default_search_rule
 
 NAMES = [f"t{i}" for i in range(12)]
@@ -182,6 +183,20 @@ def _tiny_run(tiny_assets, tokenizer, examples, **settings):
     return merge_adapters_d2c(tiny.load_peft_model(*tiny_assets), examples, config, tokenizer=tokenizer)
 
 
+def _scores_of(tiny_assets, tokenizer, task_examples, clusters, score: str) -> list[float]:
+    """`score` of every task under its cluster's merge, from a scorer and merger of their own on a fresh model."""
+    model = tiny.load_peft_model(*tiny_assets).eval()
+    config = D2CMergeConfig(task_score=score, merged_adapter_prefix="check", **TINY_OPTIONS)
+    examples = {t: items[: config.examples_per_task] for t, items in normalize_task_examples(task_examples).items()}
+    merger = AdapterMerger(model, config)
+    try:
+        scorer = LossScorer.for_config(model, tokenizer, examples, merger)
+        attach_layer_inputs(merger, scorer)  # the default merge, regmean, needs them
+        return scorer([(c, t) for c in clusters for t in c])
+    finally:
+        merger.cleanup()
+
+
 @pytest.mark.usefixtures("one_thread")
 class TestOnTheTinyModel:
     def test_run_starts_as_the_paper_and_ends_at_no_higher_loss(
@@ -220,19 +235,24 @@ class TestOnTheTinyModel:
         assert both.config.task_score == "miss"  # the default of this rule
         assert both.history[:15] == paper.history
         assert all(0.0 <= miss <= 1.0 for miss in both.task_losses.values())
-        model = tiny.load_peft_model(*tiny_assets).eval()
-        config = D2CMergeConfig(task_score="miss", merged_adapter_prefix="check", **TINY_OPTIONS)
-        examples = {
-            t: items[: config.examples_per_task] for t, items in normalize_task_examples(tiny_task_examples).items()
-        }
-        merger = AdapterMerger(model, config)
-        try:
-            scorer = LossScorer.for_config(model, tiny_tokenizer, examples, merger)
-            attach_layer_inputs(merger, scorer)  # the default merge, regmean, needs them
-            paper_end = scorer([(c, t) for c in paper.clusters for t in c])
-        finally:
-            merger.cleanup()
+        paper_end = _scores_of(tiny_assets, tiny_tokenizer, tiny_task_examples, paper.clusters, "miss")
+        losses = _scores_of(tiny_assets, tiny_tokenizer, tiny_task_examples, both.clusters, "loss")
         assert sum(both.task_losses.values()) <= sum(paper_end) + 1e-9
+        # The mean loss of the end partition (what a sweep plots at every K), though the second phase scored the miss.
+        assert both.stats["fewshot_loss"] == pytest.approx(sum(losses) / len(losses), rel=1e-6)
+        assert paper.stats["fewshot_loss"] == pytest.approx(sum(paper.task_losses.values()) / len(paper.task_losses))
+
+    def test_sweep_plots_the_loss_where_the_search_scored_the_miss(
+        self, tiny_assets, tiny_tokenizer, tiny_task_examples
+    ):
+        config = D2CMergeConfig(
+            **{**TINY_OPTIONS, "num_iterations": 6}, search="paper_then_partition", fit_router=False
+        )
+        model = tiny.load_peft_model(*tiny_assets)
+        sweep = run_sweep(model, tiny_task_examples, config, tokenizer=tiny_tokenizer, num_clusters=[2])
+        (point,) = sweep["points"]
+        losses = _scores_of(tiny_assets, tiny_tokenizer, tiny_task_examples, point["clusters"], "loss")
+        assert sweep["metric"] == "few-shot loss" and point["score"] == pytest.approx(sum(losses) / len(losses))
 
     def test_progress_bar_ends_full_when_the_pass_budget_ends_the_second_phase(
         self, tiny_assets, tiny_tokenizer, tiny_task_examples, capsys, monkeypatch

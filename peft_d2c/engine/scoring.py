@@ -303,15 +303,15 @@ class LossScorer:
         finally:
             self.forward_seconds += time.perf_counter() - started
 
-    def losses_under(self, routing: Mapping[str, str]) -> dict[str, float]:
-        """The loss of every task of `routing` (task -> the name of an adapter in the model), not memoised: for
-        adapters that are not merges of a cluster the merger made (e.g. the rank-allocated final ones)."""
+    def scores_under(self, routing: Mapping[str, str]) -> dict[str, dict[str, float]]:
+        """Both scores (`TASK_SCORES`) of every task of `routing` (task -> the name of an adapter in the model), not
+        memoised: for adapters that are not merges of a cluster the merger made (e.g. the rank-allocated final ones)."""
         tasks = list(routing)
         if self.user_score_fn is not None:
             examples = {t: [e.to_dict() for e in self.examples[t]] for t in tasks}
-            return {t: float(self.user_score_fn(self.model, routing[t], t, examples[t])) for t in tasks}
-        scores = self._scores([(routing[t], t) for t in tasks])
-        return {t: s[self.task_score] for t, s in zip(tasks, scores, strict=True)}
+            values = [float(self.user_score_fn(self.model, routing[t], t, examples[t])) for t in tasks]
+            return {t: dict.fromkeys(TASK_SCORES, value) for t, value in zip(tasks, values, strict=True)}
+        return dict(zip(tasks, self._scores([(routing[t], t) for t in tasks]), strict=True))
 
     def _scores(self, requests: Sequence[tuple[str, str]]) -> list[dict[str, float]]:
         """Both scores (`TASK_SCORES`) of every `(adapter name, task)` request, in mixed-adapter forward passes."""

@@ -33,7 +33,7 @@ def run_sweep(
 
     Every run uses `config` with `num_clusters=K` (any storage budget is replaced). The score of a run is the mean
     held-out exact match of its routing when `heldout_examples` are given, else the mean few-shot task loss (lower
-    is better). Storage is the bytes of the K merged adapters (`peft_d2c.engine.budget.partition_bytes`). The merged
+    is better; the loss at every K, also for a run whose search scored the miss: `task_score`). Storage is the bytes of the K merged adapters (`peft_d2c.engine.budget.partition_bytes`). The merged
     adapters of each run are deleted from the model once it is measured.
 
     Args:
@@ -82,7 +82,7 @@ def run_sweep(
                 )
                 score = sum(s["exact_match"] for s in scores.values()) / len(scores)
             else:
-                score = sum(result.task_losses.values()) / len(result.task_losses)
+                score = result.stats["fewshot_loss"]  # the loss at every K, also where the search scored the miss
         finally:
             for name in result.merged_adapter_names:
                 peft_model.delete_adapter(name)
