@@ -114,8 +114,8 @@ class D2CMergeConfig:
             Acceptance rule of a move: `"partition"` (the summed loss of every task of the two clusters the move
             changes, so the total few-shot loss never rises) or `"paper"` (Algorithm 1: the moved task's loss; with
             `restarts=1`, `final_pass=False` and T = 100 the paper's algorithm exactly). `"paper_then_partition"`: T
-            paper steps, then at most T partition steps within the forward passes the first T spent (never a higher
-            total loss than the paper's end, at most 2x its passes plus one step; `restarts=1` only). `None`: that up
+            paper steps, then at most T partition steps within the passes the first T spent (never a higher total
+            `task_score` than the paper's end, at most 2x its passes plus one step; `restarts=1` only). `None`: that up
             to 16 adapters with more than 4 a cluster (N > 4K), else `"partition"` (`default_search_rule`).
         proposal (`str`, *optional*):
             Which move a step proposes (`peft_d2c.engine.proposals`): `"random"` (the paper's uniform draws) or
