@@ -33,7 +33,7 @@ from ..d2c import merge_adapters_d2c
 from ..evaluation.generation import BASE_ADAPTER
 from ..evaluation.heldout import evaluate_routing, loss_matrix
 from ..io import atomic_write_json
-from ..search_defaults import REFERENCE_N, default_search, default_task_score
+from ..search_defaults import REFERENCE_N, default_search
 from .anytime import AnytimeScorer, anytime_curve
 from .benchmark_report import (
     BASELINES,
@@ -291,10 +291,9 @@ def run_benchmark(
                                 combination_type=merge,
                                 **{key: value for key, value in kwargs.items() if key != "num_iterations"},
                             )
-                            rule = config.search_rule_for(len(tasks), k)
-                            curve = anytime_seeds is None or seed < anytime_seeds or rule == "partition"
-                            score = config.task_score or default_task_score(rule)
-                            curve = curve and score == "loss"  # the any-time scorer's losses
+                            resolved = config.resolved_for(len(tasks), k)  # the rule and score the run takes
+                            curve = anytime_seeds is None or seed < anytime_seeds or resolved.search == "partition"
+                            curve = curve and resolved.task_score == "loss"  # the any-time scorer's losses
                             scorer = anytime_scorers[merge] if curve else None
                             return _cell(peft_model, tokenizer, fewshot, test, config, label, scorer, evaluated)
 
