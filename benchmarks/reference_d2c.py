@@ -20,7 +20,7 @@ from peft import PeftModel
 from peft_d2c import D2CMergeConfig
 from peft_d2c.combination_types import DATA_TYPES
 from peft_d2c.data.examples import normalize_task_examples
-from peft_d2c.engine.layer_inputs import input_grams
+from peft_d2c.engine.layer_inputs import input_factors
 from peft_d2c.engine.merging import AdapterMerger
 from peft_d2c.engine.scoring import completion_loss_sums, pad_token_id_for, tokenize_example
 from peft_d2c.engine.search import balanced_random_partition
@@ -68,7 +68,7 @@ def reference_d2c(
             ]
             for task in names
         }
-        merger.layer_inputs = input_grams(
+        merger.layer_inputs = input_factors(
             peft_model, tokenized, pad_token_id=pad_token_id, batch_size=config.batch_size
         )
     started = time.perf_counter()

@@ -39,7 +39,7 @@ def tune_cell(model, tokenizer, fewshot, test, cell, budget: int) -> dict:
         merged_adapter_prefix=f"tw{cell['num_clusters']}s{cell['seed']}",
     )
     merger = AdapterMerger(model, config)
-    # A data-aware merge (`regmean`) needs every member's layer-input Grams on its few-shot examples, as in the run.
+    # A data-aware merge (`regmean`) needs every member's layer inputs on its few-shot examples, as in the run.
     tasks = sorted(t for members in cell["clusters"] for t in members)
     examples = normalize_task_examples({t: fewshot[t][: config.examples_per_task] for t in tasks})
     attach_layer_inputs(merger, LossScorer.for_config(model, tokenizer, examples, merger))

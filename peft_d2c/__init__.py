@@ -15,7 +15,13 @@ if logging.getLogger("bitsandbytes.backends.cpu.ops").level == logging.NOTSET:
 from .config import D2CMergeConfig  # noqa: E402
 from .d2c import merge_adapters_d2c  # noqa: E402
 from .data.examples import Example  # noqa: E402
-from .errors import CheckpointMismatchError, D2CWarning, NonFiniteLossError, UnsupportedAdapterError  # noqa: E402
+from .errors import (  # noqa: E402
+    CheckpointMismatchError,
+    D2CWarning,
+    MemoryLimitError,
+    NonFiniteLossError,
+    UnsupportedAdapterError,
+)
 from .result import D2CResult  # noqa: E402
 from .version import __version__  # noqa: E402
 
@@ -25,6 +31,7 @@ __all__ = [
     "D2CResult",
     "D2CWarning",
     "Example",
+    "MemoryLimitError",
     "NonFiniteLossError",
     "UnsupportedAdapterError",
     "__version__",

@@ -23,8 +23,11 @@ def check_choice(name: str, value: Any, allowed: tuple[Any, ...], *, optional: b
         raise ValueError(f"`{name}` must be one of {list(allowed)}, got {value!r}.")
 
 
-def check_fraction(name: str, value: Any) -> float:
-    """`value` as a float if it is a number in (0, 1], else `ValueError` naming `name`."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
-        raise ValueError(f"`{name}` must be a number in (0, 1], got {value!r}.")
+def check_fraction(name: str, value: Any, *, include_one: bool = True) -> float:
+    """`value` as a float if it is a number in (0, 1] (in (0, 1) when `include_one` is False), else `ValueError`
+    naming `name` and the range."""
+    in_range = isinstance(value, (int, float)) and (0 < value <= 1 if include_one else 0 < value < 1)
+    if isinstance(value, bool) or not in_range:
+        interval = "(0, 1]" if include_one else "(0, 1)"
+        raise ValueError(f"`{name}` must be a number in {interval}, got {value!r}.")
     return float(value)

@@ -84,7 +84,13 @@ class D2CMergeConfig:
         density (`float`, defaults to 0.5):
             Fraction of values kept by the pruning combination types (ties, dare, magnitude_prune).
         regmean_alpha (`float`, defaults to 0.9):
-            `regmean`: the share of the off-diagonal entries of the layer-input Gram matrices kept (RegMean's α).
+            `regmean`: the share of the off-diagonal entries of the layer-input Gram matrices kept (RegMean's α), in
+            (0, 1): 1 would leave the sum of the (singular) few-shot Grams unregularised.
+        memory_limit (`int` or `str`, *optional*):
+            `regmean`: the most memory (resident set) the process may use once the layer inputs are held, in bytes or
+            as a size (`"16GB"`). A run predicts their size before collecting them and refuses, naming this setting,
+            when the process's memory plus theirs would exceed it. Defaults to the process's memory plus the memory
+            available when the run starts.
         rank_allocation (`str`, defaults to `"uniform"`):
             Ranks of the final merged adapters (update-space types): `"uniform"` (`svd_rank` or the largest source
             rank in every module) or `"spectrum"` (the same total bytes, or all of a byte `storage_budget`, spent on
@@ -180,7 +186,12 @@ class D2CMergeConfig:
         default="regmean", metadata={"help": "Merge: an update-space type or a PEFT add_weighted_adapter type."}
     )
     density: float = field(default=0.5, metadata={"help": "Fraction kept by ties / dare / magnitude_prune merges."})
-    regmean_alpha: float = field(default=0.9, metadata={"help": "regmean: share of off-diagonal Gram entries kept."})
+    regmean_alpha: float = field(
+        default=0.9, metadata={"help": "regmean: share of off-diagonal Gram entries kept, in (0, 1)."}
+    )
+    memory_limit: int | str | None = field(
+        default=None, metadata={"help": "regmean: the most bytes its layer inputs may hold (default: free memory)."}
+    )
     rank_allocation: Literal["uniform", "spectrum"] = field(
         default="uniform", metadata={"help": "Final ranks: one rank everywhere, or bytes spent by singular values."}
     )
@@ -256,7 +267,11 @@ class D2CMergeConfig:
         check_int("svd_rank", self.svd_rank, minimum=1, optional=True)
         check_int("max_length", self.max_length, minimum=2, optional=True)
         self.density = check_fraction("density", self.density)
-        self.regmean_alpha = check_fraction("regmean_alpha", self.regmean_alpha)
+        # alpha = 1 keeps the off-diagonal Gram entries whole: ten examples' Grams are singular, and so is their sum
+        # where few tokens reach a layer, so the merge's Cholesky would fail mid-run.
+        self.regmean_alpha = check_fraction("regmean_alpha", self.regmean_alpha, include_one=False)
+        if self.memory_limit is not None:
+            parse_size(self.memory_limit, "memory_limit")
         check_choice("rank_allocation", self.rank_allocation, ("uniform", "spectrum"))
         if self.rank_allocation == "spectrum" and self.combination_type not in UPDATE_TYPES:
             raise ValueError(f"`rank_allocation='spectrum'` needs one of {list(UPDATE_TYPES)} as `combination_type`.")

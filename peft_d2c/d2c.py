@@ -169,7 +169,7 @@ def merge_adapters_d2c(
         scorer = LossScorer.for_config(
             peft_model, tokenizer, examples, merger, user_score_fn=score_fn, process_group=group
         )
-        attach_layer_inputs(merger, scorer)  # the Grams of a data-aware merge (`regmean`), before any merge
+        attach_layer_inputs(merger, scorer)  # the layer inputs of a data-aware merge (`regmean`), before any merge
         rng = np.random.default_rng(config.seed)
         trace: list[list[int]] = []  # [history records, forward passes so far] after every step (any-time view)
         start, start_kind = start_partition(peft_model, names, num_clusters, config, rng, scorer)
@@ -256,7 +256,7 @@ def merge_adapters_d2c(
             "start": start_kind,  # how start 1 was made: with init="lowest_loss", the one kept
             "router_seconds": router_seconds,
             "router_forward_passes": router_passes,  # not in `forward_passes`: the search's and merges' cost
-            "layer_input_bytes": layer_input_bytes(merger.layer_inputs),  # the `regmean` Grams held for the run
+            "layer_input_bytes": layer_input_bytes(merger.layer_inputs),  # the `regmean` layer inputs held for the run
             **({"merged_sizes": merged_sizes} if merged_sizes else {}),
             **_phase_stats(state, config),
         },

@@ -21,3 +21,7 @@ class NonFiniteLossError(ValueError):
 
 class CheckpointMismatchError(ValueError):
     """A search checkpoint belongs to a different configuration or adapter set than the current call."""
+
+
+class MemoryLimitError(ValueError):
+    """A run would hold more memory than `D2CMergeConfig.memory_limit` allows (refused before the work starts)."""

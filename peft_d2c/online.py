@@ -2,7 +2,9 @@
 
 For each cluster c, the new adapter is merged with c's members and its task loss is measured on the new task's
 examples (one merge and one loss per cluster, scored in mixed batches). The cluster with the lowest loss receives
-the adapter; only its merged adapter is rebuilt, every other merged adapter stays exactly as it was. Sits at the
+the adapter; only its merged adapter is rebuilt, every other merged adapter stays exactly as it was. A result made
+with `rank_allocation="spectrum"` rebuilds it by the same rule (`engine.rank_budget`), within the bytes the others
+leave of the run's budget; the budget is checked against the bytes the merged adapters really store. Sits at the
 result stage: imports `data`, `engine` and `hub.adapters`; `result.D2CResult.add_adapter` calls it.
 """
 
@@ -19,11 +21,19 @@ from transformers import AutoModelForCausalLM
 
 from .combination_types import DATA_TYPES
 from .data.examples import normalize_task_examples
-from .engine.budget import check_partition_fits
+from .engine.budget import (
+    adapter_bytes,
+    check_partition_fits,
+    format_size,
+    is_bytes_budget,
+    parse_size,
+    partition_bytes,
+)
 from .engine.layer_inputs import attach_layer_inputs
 from .engine.lora import check_source_adapters
 from .engine.merging import AdapterMerger
 from .engine.prompt_router import prompt_features
+from .engine.rank_budget import merge_with_allocated_ranks
 from .engine.scoring import LossScorer
 from .engine.state import ModelState
 from .hub.adapters import load_adapters
@@ -118,23 +128,37 @@ def add_adapter(
     try:
         model.eval()
         scorer = LossScorer.for_config(model, tokenizer, task_examples, merger, user_score_fn=score_fn)
-        attach_layer_inputs(merger, scorer)  # `regmean`: every member's Grams, from `member_examples`
+        attach_layer_inputs(merger, scorer)  # `regmean`: every member's layer inputs, from `member_examples`
         losses = scorer([(members, name) for members in candidates])
         best = min(range(len(losses)), key=lambda i: (losses[i], i))
         new_clusters = [list(c) for c in result.clusters]
         new_clusters[best] = candidates[best]
-        check_partition_fits(model, new_clusters, config)
+        spectrum = config.rank_allocation == "spectrum"
+        if not spectrum:  # uniform ranks: every merged adapter has the size of the formula
+            check_partition_fits(model, new_clusters, config)
         merger.cleanup()
         router = result.prompt_router
         if router is not None:  # the new task's centroid, before anything of the result changes
             router = router.with_task(name, prompt_features(model, tokenizer, [e.prompt for e in task_examples[name]]))
         merged_name = result.merged_adapter_names[best]
+        others = [n for n in result.merged_adapter_names if n != merged_name]
+        budget = _total_budget(model, new_clusters, config)
+        merged_size, shipped = None, None
         # Keep the old merged adapter (config and weights) in memory: if the new merge fails, it is put back as it was.
         old_config = copy.deepcopy(model.peft_config[merged_name])
         old_weights = {k: v.clone() for k, v in get_peft_model_state_dict(model, adapter_name=merged_name).items()}
         model.delete_adapter(merged_name)
         try:
-            merger.merge(candidates[best], merged_name)
+            if spectrum:
+                # The run's rule (greedy σ² per byte over every module) for the one adapter rebuilt, with the bytes
+                # the untouched adapters really store taken out of the run's budget first.
+                left = budget - sum(adapter_bytes(model, n) for n in others)
+                merged_size = merge_with_allocated_ranks(merger, [candidates[best]], [merged_name], left)[merged_name]
+            else:
+                merger.merge(candidates[best], merged_name)
+            _check_stored_bytes(model, result.merged_adapter_names, config, budget)
+            if spectrum:  # the shipped adapter is not the uniform merge scored above: report its own score
+                shipped = scorer.scores_under({name: merged_name})[name][scorer.task_score]
         except BaseException:
             if merged_name in model.peft_config:
                 model.delete_adapter(merged_name)
@@ -151,10 +175,38 @@ def add_adapter(
     result.assignment[name] = best
     result.routing[name] = merged_name
     result.prompt_router = router
-    result.task_losses[name] = float(losses[best])
+    result.task_losses[name] = float(losses[best] if shipped is None else shipped)
+    if merged_size is not None and "merged_sizes" in result.stats:
+        result.stats["merged_sizes"][merged_name] = merged_size
     if source is not None:
         result.sources[name] = dict(source)
     elif name in (getattr(model, "d2c_adapter_sources", None) or {}):
         result.sources[name] = dict(model.d2c_adapter_sources[name])
     logger.info("Added %r to cluster %d (%s); losses per cluster: %s", name, best, merged_name, losses)
     return {"cluster": best, "merged_adapter": merged_name, "losses": [float(x) for x in losses]}
+
+
+def _total_budget(model, clusters: Sequence[Sequence[str]], config) -> int | None:
+    """The bytes all merged adapters may take: a byte `storage_budget`, or for `rank_allocation="spectrum"` what the
+    uniform merges of `clusters` take (the run's rule, `rank_budget.merge_with_allocated_ranks`); otherwise None."""
+    if is_bytes_budget(config.storage_budget):
+        return parse_size(config.storage_budget)
+    if config.rank_allocation == "spectrum":
+        return partition_bytes(model, clusters, config)
+    return None
+
+
+def _check_stored_bytes(model, merged_names: Sequence[str], config, budget: int | None) -> None:
+    """Refuse merged adapters whose stored tensors (factors at their real ranks and LoRA biases) exceed `budget`."""
+    if budget is None:
+        return
+    total = sum(adapter_bytes(model, n) for n in merged_names)
+    if total > budget:
+        if is_bytes_budget(config.storage_budget):
+            source = f"`storage_budget`={config.storage_budget!r}"
+        else:
+            source = "the bytes of uniform ranks, which `rank_allocation='spectrum'` spends"
+        raise ValueError(
+            f"With the new adapter the {len(merged_names)} merged adapters would store {format_size(total)}, more "
+            f"than {format_size(budget)} ({source}); nothing changed."
+        )

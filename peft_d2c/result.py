@@ -50,7 +50,7 @@ class D2CResult:
         data_sources (`dict[str, dict]`): Where each task's examples came from, when known.
         heldout_scores (`dict[str, float]`): Held-out scores per task, when evaluated.
         stats (`dict[str, float]`): Work done: merges, forward passes, cache hits, seconds, the bytes of `regmean`
-            Grams held (`layer_input_bytes`); and `fewshot_loss`, the mean few-shot loss of the final partition.
+            layer inputs held (`layer_input_bytes`); and `fewshot_loss`, the mean few-shot loss of the final partition.
         model: The `PeftModel` holding the merged adapters (not saved; `None` after `from_pretrained`).
         tokenizer: The base model's tokenizer of the run (not saved), for `route` and `generate`.
         prompt_router (`PromptRouter`, *optional*): Picks the merged adapter for a prompt without a task label

@@ -177,22 +177,22 @@ def edited_adapter_copy(src_dir: str, out_dir: str, **changes) -> str:
     return out_dir
 
 
-def random_grams(peft_model: PeftModel, adapters: list[str], *, tokens: int = 16, seed: int = 0) -> dict:
-    """Stand-in layer-input Grams for the data-aware merges (`regmean`) in tests that exercise the merger rather than
-    the data: per adapter and LoRA layer, X^T·X / n of `tokens` seeded Gaussian inputs, on the layer's device (empty
-    on `meta`) in float32. Assign the result to `AdapterMerger.layer_inputs`."""
+def random_layer_inputs(peft_model: PeftModel, adapters: list[str], *, tokens: int = 16, seed: int = 0) -> dict:
+    """Stand-in layer inputs for the data-aware merges (`regmean`) in tests that exercise the merger rather than the
+    data: per adapter and LoRA layer, `tokens` seeded Gaussian inputs scaled by 1/√tokens (a `regmean.LayerInput`),
+    on the CPU where they are stored in a run (empty on `meta` for a `meta` layer) in float32. Assign the result to
+    `AdapterMerger.layer_inputs`."""
     generator = torch.Generator().manual_seed(seed)
-    grams = {}
+    inputs = {}
     for adapter in adapters:
-        grams[adapter] = []
+        inputs[adapter] = []
         for module in peft_model.modules():
             if not isinstance(module, LoraLayer):
                 continue
             weight = module.get_base_layer().weight
             size = weight.shape[1]
             if weight.device.type == "meta":
-                grams[adapter].append(torch.empty(size, size, device="meta"))
+                inputs[adapter].append(torch.empty(tokens, size, device="meta"))
                 continue
-            x = torch.randn(tokens, size, generator=generator)
-            grams[adapter].append((x.T @ x / tokens).to(weight.device))
-    return grams
+            inputs[adapter].append(torch.randn(tokens, size, generator=generator) / tokens**0.5)
+    return inputs

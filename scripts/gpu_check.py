@@ -46,10 +46,15 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def merge(kind: str, pairs, grams, weights):
-    """One update-space merge: `merge_methods.merge_updates`, or RegMean with the members' Grams."""
+def merge(kind: str, pairs, inputs, weights):
+    """One update-space merge of the `LAYERS` layers: `merge_methods.merge_updates`, or RegMean (one layer at a time,
+    as a run merges) with the members' layer inputs."""
     if kind in DATA_TYPES:
-        return regmean_merge(pairs, grams, weights, rank=RANK, alpha=0.9)
+        merged = [
+            regmean_merge([(b[i], a[i]) for b, a in pairs], [x[i] for x in inputs], weights, rank=RANK, alpha=0.9)
+            for i in range(LAYERS)
+        ]
+        return torch.stack([a for a, _ in merged]), torch.stack([b for _, b in merged])
     return merge_methods.merge_updates(kind, pairs, weights, rank=RANK, density=0.5)
 
 
@@ -64,9 +69,9 @@ def merge_maths(device: torch.device, dtype: torch.dtype, repeats: int) -> dict:
         for _ in range(MEMBERS)
     ]
     inputs = [torch.randn(LAYERS, 200, WIDTH, generator=generator) for _ in range(MEMBERS)]  # for `regmean`: ~200
-    grams = [x.mT @ x / x.shape[1] for x in inputs]  # few-shot tokens' layer inputs, as Gram matrices
-    on_device = [(b.to(device), a.to(device)) for b, a in pairs], [g.to(device) for g in grams]
-    in_float64 = [(b.double(), a.double()) for b, a in pairs], [g.double() for g in grams]
+    inputs = [x / x.shape[1] ** 0.5 for x in inputs]  # few-shot tokens' layer inputs, as a run keeps them (CPU)
+    on_device = [(b.to(device), a.to(device)) for b, a in pairs], inputs
+    in_float64 = [(b.double(), a.double()) for b, a in pairs], [x.double() for x in inputs]
     rows = {}
     for kind in UPDATE_TYPES:
         weights = merge_weights_for(kind, MEMBERS)

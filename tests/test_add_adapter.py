@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from recompute import task_loss
+from safetensors.torch import load_file
 
 from peft_d2c import D2CMergeConfig, D2CResult, merge_adapters_d2c
+from peft_d2c.engine.budget import partition_bytes
+from peft_d2c.engine.lora import lora_factors, lora_layers
 from peft_d2c.engine.merge_weights import merge_seed, merge_weights_for
+from peft_d2c.engine.rank_budget import allocate_ranks
 from peft_d2c.evaluation.heldout import loss_matrix
 from peft_d2c.online import attach_model
 
@@ -123,3 +128,57 @@ def test_regmean_result_needs_and_uses_every_members_examples(tiny_peft_model, t
     assert ours and all(
         torch.allclose(v, theirs[k.replace(outcome["merged_adapter"], "fresh_0")], atol=1e-6) for k, v in ours.items()
     )
+
+
+def _saved_bytes(folder) -> int:
+    return sum(t.numel() * t.element_size() for t in load_file(folder / "adapter_model.safetensors").values())
+
+
+def test_a_spectrum_result_re_merges_with_allocated_ranks_within_the_budget(
+    tiny_peft_model, tiny_tokenizer, tiny_task_examples, tmp_path
+):
+    """`rank_allocation="spectrum"`: the receiving cluster is re-merged by the same rule (greedy σ² per byte) with the
+    bytes the other, untouched adapters leave of the run's budget (here the uniform bytes of the partition), and the
+    real bytes of what is saved stay within it. On main at 710cc18 it was re-merged at rank 8 everywhere and checked
+    against uniform sizes, not the stored ones."""
+    model = tiny_peft_model
+    names = [n for n in model.peft_config if n != NEW]
+    config = D2CMergeConfig(num_clusters=2, method="random", combination_type="core_ta", rank_allocation="spectrum")
+    examples = {n: tiny_task_examples[n] for n in names}
+    result = merge_adapters_d2c(model, examples, config, tokenizer=tiny_tokenizer, adapter_names=names)
+    outcome = result.add_adapter(NEW, tiny_task_examples[NEW], tokenizer=tiny_tokenizer)
+    changed = outcome["merged_adapter"]
+    other = next(n for n in result.merged_adapter_names if n != changed)
+    budget = partition_bytes(model, result.clusters, D2CMergeConfig(num_clusters=2, combination_type="core_ta"))
+    result.save_pretrained(tmp_path / "out")
+    saved = {n: _saved_bytes(tmp_path / "out" / n) for n in result.merged_adapter_names}
+    assert sum(saved.values()) <= budget
+    assert {n: s["bytes"] for n, s in result.stats["merged_sizes"].items()} == saved
+    # Independently: the dense mean update of the new cluster per module, its singular values, the greedy allocation
+    # of what `other` leaves, and the best truncation of every module at its rank.
+    members = result.clusters[outcome["cluster"]]
+    spectra, costs, updates, ranks = {}, {}, {}, {}
+    for module, layer in lora_layers(model):
+        update = sum(
+            float(layer.scaling[m]) * lora_factors(layer, m)[1].double() @ lora_factors(layer, m)[0].double()
+            for m in members
+        ) / len(members)
+        updates[module] = update
+        spectra[module] = torch.linalg.svdvals(update)[: 8 * len(members)].tolist()
+        a, b = lora_factors(layer, changed)
+        costs[module] = (a.shape[1] + b.shape[0]) * a.element_size()
+        ranks[module] = a.shape[0]
+    expected = allocate_ranks(spectra, costs, budget - saved[other])
+    kept = sum(sum(s**2 for s in spectra[m][: ranks[m]]) for m in spectra)
+    assert kept == pytest.approx(sum(sum(s**2 for s in spectra[m][: expected[m]]) for m in spectra), rel=1e-5)
+    assert len(set(ranks.values())) > 1
+    for module, layer in lora_layers(model):
+        a, b = lora_factors(layer, changed)
+        u, s, vh = torch.linalg.svd(updates[module])
+        r = ranks[module]
+        best = u[:, :r] @ torch.diag(s[:r]) @ vh[:r]
+        got = (b.double() @ a.double()) * float(layer.scaling[changed])
+        assert float(torch.linalg.norm(got - best) / torch.linalg.norm(updates[module])) < 1e-4, module
+    # The new task's reported loss is that of the shipped adapter, as a run reports it under "spectrum".
+    shipped = task_loss(model, changed, tiny_tokenizer, tiny_task_examples[NEW])
+    assert result.task_losses[NEW] == pytest.approx(shipped, rel=1e-4)

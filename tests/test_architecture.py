@@ -273,7 +273,9 @@ class TestOneDefinitionEach:
 
 class TestLayout:
     def test_modules_stay_readable_in_one_sitting(self):
-        long = {name: n for name, path in MODULES.items() if (n := len(path.read_text().splitlines())) > 400}
+        # One concept per module; size follows the concept, and only a module past ~600 lines is flagged (issue 36).
+        # The 400-line limit before made modules split for the count rather than the concept.
+        long = {name: n for name, path in MODULES.items() if (n := len(path.read_text().splitlines())) > 600}
         assert long == {}
 
     def test_every_subpackage_says_what_it_owns_and_may_import(self):

@@ -8,6 +8,7 @@ import pytest
 from safetensors import safe_open
 
 from peft_d2c import D2CMergeConfig, merge_adapters_d2c
+from peft_d2c import testing as tiny
 from peft_d2c.engine.budget import (
     adapter_bytes,
     check_partition_fits,
@@ -101,3 +102,66 @@ def test_merge_with_a_bytes_budget_end_to_end(tiny_peft_model, tiny_tokenizer, t
     config = D2CMergeConfig(storage_budget=f"{2 * single / 1000}kB", num_iterations=4, show_progress=False)
     result = merge_adapters_d2c(tiny_peft_model, tiny_task_examples, config, tokenizer=tiny_tokenizer)
     assert result.num_clusters == 2
+
+
+BIAS_TASKS = ["copy", "sort", "shift"]
+
+
+@pytest.fixture(scope="module")
+def bias_adapter_dirs(tiny_assets, tmp_path_factory):
+    """Three briefly trained LoRAs with `lora_bias=True` (a bias on every lora_B: out bytes more per module)."""
+    base_dir, _ = tiny_assets
+    root = tmp_path_factory.mktemp("bias")
+    tokenizer = tiny.make_tokenizer()
+    config = tiny.lora_config(lora_bias=True)
+    return {
+        task: tiny.train_adapter(base_dir, tokenizer, task, str(root / task), steps=5, seed=i, config=config)
+        for i, task in enumerate(BIAS_TASKS)
+    }
+
+
+def _weight_and_bias_bytes(folder: str) -> tuple[int, int]:
+    with safe_open(os.path.join(folder, "adapter_model.safetensors"), "pt") as f:
+        sizes = {k: f.get_tensor(k).numel() * f.get_tensor(k).element_size() for k in f.keys()}
+    bias = sum(size for key, size in sizes.items() if key.endswith("lora_B.bias"))
+    return sum(sizes.values()) - bias, bias
+
+
+def test_adapter_bytes_count_the_lora_bias(tiny_assets, bias_adapter_dirs):
+    model = tiny.load_peft_model(tiny_assets[0], bias_adapter_dirs)
+    weights, bias = _weight_and_bias_bytes(bias_adapter_dirs["copy"])
+    assert bias > 0
+    assert adapter_bytes(model, "copy") == weights + bias == _tensor_bytes(bias_adapter_dirs["copy"])
+
+
+# (rank allocation, byte budget from one source's weight and bias bytes): a budget between 2 weights-only adapters
+# and 2 whole ones (K must be 1), and one of 7 rank-8 modules' worth (where the spectrum spends every byte).
+BIAS_BUDGETS = [
+    ("uniform", lambda weights, bias: 2 * weights + bias),
+    ("spectrum", lambda weights, bias: 7 * weights // 6),
+]
+
+
+@pytest.mark.parametrize("rank_allocation,budget_of", BIAS_BUDGETS, ids=[a for a, _ in BIAS_BUDGETS])
+def test_saved_merges_of_bias_adapters_never_exceed_a_byte_budget(
+    tiny_assets, bias_adapter_dirs, tiny_tokenizer, tiny_task_examples, tmp_path, rank_allocation, budget_of
+):
+    """The bytes of the saved merged adapters (every tensor of their safetensors, the LoRA biases included) stay
+    within `storage_budget`. On main at 710cc18 the budget counted only rank x (in + out): with `lora_bias=True`
+    sources a `spectrum` run wrote 31,744 bytes under a 28,672-byte budget."""
+    model = tiny.load_peft_model(tiny_assets[0], bias_adapter_dirs)
+    budget = budget_of(*_weight_and_bias_bytes(bias_adapter_dirs["copy"]))
+    config = D2CMergeConfig(
+        storage_budget=budget, method="random", combination_type="core_ta", rank_allocation=rank_allocation
+    )
+    examples = {task: tiny_task_examples[task] for task in BIAS_TASKS}
+    result = merge_adapters_d2c(model, examples, config, tokenizer=tiny_tokenizer)
+    result.save_pretrained(tmp_path / "out")
+    saved = {name: _tensor_bytes(str(tmp_path / "out" / name)) for name in result.merged_adapter_names}
+    assert all(_weight_and_bias_bytes(str(tmp_path / "out" / name))[1] > 0 for name in saved)  # biases were saved
+    assert sum(saved.values()) <= budget
+    if rank_allocation == "uniform":
+        assert check_partition_fits(model, result.clusters, config) == sum(saved.values())
+    else:
+        assert {name: size["bytes"] for name, size in result.stats["merged_sizes"].items()} == saved
+        assert sum(saved.values()) > budget - 512  # spent up to less than one rank unit (64 + 64 float32 numbers)

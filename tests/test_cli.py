@@ -165,9 +165,9 @@ def test_estimate_prints_evaluations_and_time(files, merged, capsys):
     ran = D2CResult.from_pretrained(merged)  # the same run: the losses it computed stay within the estimate
     assert 0 < ran.stats["cache_misses"] <= estimate["max_evaluations"]
     assert estimate["expected_seconds"] > 0
-    # the default `regmean` holds every adapter's Grams for the run: the probe collects the same ones
+    # the default `regmean` holds every adapter's layer inputs for the run: the probe collects the same ones
     assert estimate["layer_input_bytes"] == ran.stats["layer_input_bytes"] > 0
-    assert "regmean layer-input Grams held for the run" in out
+    assert "regmean layer inputs held for the run" in out
 
 
 def test_push_in_a_subprocess_reaches_the_local_hub(merged, hub_api):

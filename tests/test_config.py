@@ -21,6 +21,10 @@ BAD_CONFIGS = [
     ({"num_clusters": 2, "init": "best"}, ValueError, "`init` must be one of"),
     ({"num_clusters": 2, "combination_type": "mean"}, ValueError, "`combination_type` must be one of"),
     ({"num_clusters": 2, "density": 0.0}, ValueError, "`density`"),
+    # alpha = 1 leaves the (singular) Gram sums unregularised: the Cholesky failed mid-run on main at 710cc18.
+    ({"num_clusters": 2, "regmean_alpha": 1.0}, ValueError, r"`regmean_alpha` must be a number in \(0, 1\), got 1.0"),
+    ({"num_clusters": 2, "regmean_alpha": 1}, ValueError, r"`regmean_alpha` must be a number in \(0, 1\)"),
+    ({"num_clusters": 2, "regmean_alpha": 0.0}, ValueError, r"`regmean_alpha` must be a number in \(0, 1\)"),
     ({"num_clusters": 2, "num_iterations": -1}, ValueError, "`num_iterations` must be >= 0"),
     ({"num_clusters": 2, "examples_per_task": 0}, ValueError, "`examples_per_task`"),
     ({"num_clusters": 2, "merge_cache_size": 1}, ValueError, "`merge_cache_size` must be >= 2"),

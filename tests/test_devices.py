@@ -32,23 +32,23 @@ from peft_d2c.engine.scoring import LossScorer
 
 HALF_DTYPES = [torch.bfloat16, torch.float16]
 MEMBERS = ["copy", "reverse", "sort"]
-# The update-space types that are functions of the members' factors alone (`regmean` also takes layer-input Grams).
+# The update-space types that are functions of the members' factors alone (`regmean` also takes layer inputs).
 FACTOR_UPDATE_TYPES = [t for t in UPDATE_TYPES if t not in DATA_TYPES]
 
 
 def merger_for(model, config: D2CMergeConfig) -> AdapterMerger:
-    """An `AdapterMerger`, holding stand-in Grams (`testing.random_grams`) when its type is data-aware."""
+    """An `AdapterMerger`, holding stand-in layer inputs (`testing.random_layer_inputs`) when its type is data-aware."""
     merger = AdapterMerger(model, config)
     if config.combination_type in DATA_TYPES:
-        merger.layer_inputs = tiny.random_grams(model, sorted(model.peft_config))
+        merger.layer_inputs = tiny.random_layer_inputs(model, sorted(model.peft_config))
     return merger
 
 
 def reference_update(kind, pairs, weights, merger, index):
-    """The float64 merged update of one layer's `pairs`: `merge_updates`, or RegMean with the merger's Grams."""
+    """The float64 merged update of one layer's `pairs`: `merge_updates`, or RegMean with the merger's layer inputs."""
     if kind in DATA_TYPES:
-        grams = [merger.layer_inputs[m][index].double() for m in MEMBERS]
-        new_a, new_b = regmean_merge(pairs, grams, weights, rank=8, alpha=merger.config.regmean_alpha)
+        inputs = [merger.layer_inputs[m][index].double() for m in MEMBERS]
+        new_a, new_b = regmean_merge(pairs, inputs, weights, rank=8, alpha=merger.config.regmean_alpha)
     else:
         new_a, new_b = merge_methods.merge_updates(kind, pairs, weights, rank=8, density=0.5)
     return new_b @ new_a

@@ -10,9 +10,12 @@ import warnings
 
 import pytest
 import torch
+from peft import PeftModel
 from peft.tuners.lora import LoraModel
+from transformers import LlamaForCausalLM
 
 from peft_d2c import D2CMergeConfig, D2CWarning
+from peft_d2c import testing as tiny
 from peft_d2c.engine import layer_merge
 from peft_d2c.engine.lora import lora_layers
 from peft_d2c.engine.merge_weights import merge_weights_for
@@ -191,3 +194,32 @@ class TestChangedPeft:
         monkeypatch.delattr(LoraModel, "_generalized_task_arithmetic_weighted_adapter")
         with pytest.warns(D2CWarning, match="has no"):
             assert layer_merge.peft_helpers_verified() is False
+
+
+# One-member merges with `svd_rank` below the source rank 8: the update-space types truncate the adapter to rank 4;
+# PEFT merges one adapter with `linear` (its own rank) for the `*svd` types.
+SINGLE_MEMBER_CASES = ["core_ta", "core_ties", "knots_ties", "tsv_m", "regmean", "svd", "ties_svd"]
+
+
+@pytest.mark.parametrize("combination_type", SINGLE_MEMBER_CASES)
+def test_fallback_single_member_merge_loads_and_equals_the_verified_path(tiny_assets, tmp_path, combination_type):
+    """With PEFT's helpers distrusted (the merger's own `_trust_peft` switch, what a failed start-up check sets), a
+    one-member merge with `svd_rank` saves an adapter that plain PEFT loads and that equals the verified path's. On
+    main at 710cc18 the fallback rewrote a one-member update-space merge as PEFT's `linear` at the source rank under a
+    rank-4 config: the saved adapter did not load."""
+    merged = {}
+    for trusted in (True, False):
+        model = tiny.load_peft_model(*tiny_assets)
+        config = D2CMergeConfig(num_clusters=1, combination_type=combination_type, svd_rank=4)
+        merger = AdapterMerger(model, config)
+        merger._trust_peft = trusted
+        merger.layer_inputs = tiny.random_layer_inputs(model, ["copy"])  # used by `regmean` only
+        merger.merge(["copy"], "merged")
+        folder = tmp_path / str(trusted)
+        model.save_pretrained(str(folder), selected_adapters=["merged"])
+        base = LlamaForCausalLM.from_pretrained(tiny_assets[0])
+        reloaded = PeftModel.from_pretrained(base, str(folder / "merged"), adapter_name="merged")
+        merged[trusted] = {name: merged_update(reloaded, "merged", layer) for name, layer in lora_layers(reloaded)}
+        assert set(merged[trusted]) == {name for name, _ in lora_layers(model)}
+    for name, update in merged[True].items():
+        torch.testing.assert_close(merged[False][name], update, rtol=1e-5, atol=1e-7)

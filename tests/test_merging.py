@@ -43,8 +43,8 @@ class TestMergeWeights:
         model = copies_model(tiny_assets)
         config = D2CMergeConfig(num_clusters=1, combination_type=combination_type, density=1.0)
         merger = AdapterMerger(model, config)
-        # `regmean` weighs each copy by its own inputs: three different Grams must still give the copy back.
-        merger.layer_inputs = tiny.random_grams(model, ["c0", "c1", "c2"])
+        # `regmean` weighs each copy by its own inputs: three different layer inputs must still give the copy back.
+        merger.layer_inputs = tiny.random_layer_inputs(model, ["c0", "c1", "c2"])
         merger.merge(["c0", "c1", "c2"], "merged")
         assert_same_update(model, "merged", "c0")
 
@@ -59,7 +59,7 @@ class TestMergeWeights:
     def test_single_member_merge_is_the_adapter(self, tiny_assets):
         model = copies_model(tiny_assets, k=1)
         merger = AdapterMerger(model, D2CMergeConfig(num_clusters=1))
-        merger.layer_inputs = tiny.random_grams(model, ["c0"])  # the default `regmean` merges with layer inputs
+        merger.layer_inputs = tiny.random_layer_inputs(model, ["c0"])  # the default `regmean` merges with layer inputs
         merger.merge(["c0"], "merged")
         assert_same_update(model, "merged", "c0", rtol=1e-5)
 
@@ -93,7 +93,9 @@ class TestLRU:
     def test_live_adapters_stay_bounded_and_are_reused(self, tiny_peft_model):
         merger = AdapterMerger(tiny_peft_model, D2CMergeConfig(num_clusters=2, merge_cache_size=3))
         names = list(tiny.TASK_FAMILIES)
-        merger.layer_inputs = tiny.random_grams(tiny_peft_model, names)  # the default `regmean` merges with them
+        merger.layer_inputs = tiny.random_layer_inputs(
+            tiny_peft_model, names
+        )  # the default `regmean` merges with them
         before = set(tiny_peft_model.peft_config)
         clusters = [tuple(sorted((a, b))) for i, a in enumerate(names) for b in names[i + 1 :]]
         for members in clusters:

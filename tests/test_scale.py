@@ -120,7 +120,9 @@ class TestBatchedScoring:
     @pytest.mark.parametrize("combination_type", REFILLABLE)
     def test_refilled_slot_equals_a_fresh_peft_merge(self, tiny_peft_model, combination_type):
         merger = AdapterMerger(tiny_peft_model, D2CMergeConfig(num_clusters=1, combination_type=combination_type))
-        merger.layer_inputs = tiny.random_grams(tiny_peft_model, sorted(tiny.TASK_FAMILIES))  # used by `regmean` only
+        merger.layer_inputs = tiny.random_layer_inputs(
+            tiny_peft_model, sorted(tiny.TASK_FAMILIES)
+        )  # used by `regmean` only
         merger.merge(["copy", "sort", "shift"], "slot")
         merger.merge(["first", "last", "reverse"], "fresh")
         merger.refill(["first", "last", "reverse"], "slot")

@@ -97,8 +97,8 @@ def test_tuned_weights_loss_recomputed_from_a_fresh_peft_merge(tiny_peft_model, 
     assert all(0 < row[0] < 50 for row in untuned)
 
 
-def test_regmean_weights_tune_with_the_members_grams(tiny_peft_model, tiny_tokenizer, tiny_task_examples):
-    """`regmean` merges need the layer-input Grams (as `benchmarks/tune_weights.py` now attaches them): the tuned
+def test_regmean_weights_tune_with_the_members_layer_inputs(tiny_peft_model, tiny_tokenizer, tiny_task_examples):
+    """`regmean` merges need the layer inputs (as `benchmarks/tune_weights.py` now attaches them): the tuned
     weights never end above the start, and the adapter left behind scores what the search reported."""
     from peft_d2c.data.examples import normalize_task_examples
     from peft_d2c.engine.layer_inputs import attach_layer_inputs

@@ -78,13 +78,13 @@ class AnytimeScorer:
 
     def __call__(self, clusters: Sequence[Sequence[str]]) -> float:
         self.model.eval()
-        # A `regmean` merge's Grams, collected when first needed after `close`: a cell's run holds its own copy
-        # while it searches, and two copies of every adapter's Grams at once (4.8 GB each on the validation
-        # collection) is what made two benchmark processes run out of memory.
+        # A `regmean` merge's layer inputs, collected when first needed after `close`: a cell's run holds its own
+        # copy while it searches, and two copies of every adapter's layer inputs at once (4.8 GB each on the validation
+        # collection when they were Gram matrices) is what made two benchmark processes run out of memory.
         attach_layer_inputs(self.merger, self.scorer)
         return sum(self.scorer([(tuple(sorted(c)), t) for c in clusters for t in c]))
 
     def close(self) -> None:
-        """Remove the temporary merged adapters and the Grams from the model; the memoised losses are kept."""
+        """Remove the temporary merged adapters and the layer inputs from the model; the memoised losses are kept."""
         self.merger.cleanup()
         self.merger.layer_inputs.clear()

@@ -5,7 +5,8 @@ The rule (also in `docs/concepts.md`):
 - a fraction f in (0, 1]: K = max(1, floor(f * N));
 - a size in bytes (`"20MB"`, `"1.5GiB"`, `"300kB"` or an int number of bytes): the largest K whose K merged adapters
   fit, computed from the tensor sizes PEFT's merge produces for the chosen combination type (rank x (in + out)
-  elements per adapted module, in the dtype of the source LoRA weights). For every type but `cat` a merged adapter
+  elements per adapted module, plus `out` for a LoRA bias when a member has `lora_bias=True`, in the dtype of the
+  source LoRA weights: every tensor the merged adapter's safetensors holds). For every type but `cat` a merged adapter
   has a fixed rank (the common source rank, or `svd_rank` / the largest source rank for the `*svd` types), so every
   merged adapter costs at most the same `per_adapter` bytes and K = min(N, floor(budget / per_adapter)). `cat` stacks
   the ranks of a cluster's members, so K merged `cat` adapters always hold every source rank: K = N when the sum of
@@ -36,6 +37,7 @@ __all__ = [
     "parse_size",
     "partition_bytes",
     "resolve_num_clusters",
+    "stored_bytes",
 ]
 
 
@@ -64,23 +66,42 @@ def merged_rank(ranks: Sequence[int], combination_type: str, svd_rank: int | Non
     return ranks[0]
 
 
-def _per_rank_costs(peft_model: PeftModel, adapter_names: Sequence[str]) -> list[tuple[int, int]]:
-    """(elements per unit of rank, bytes per element) of every module any of `adapter_names` adapts, from their
-    tensors: the modules of a merged adapter (the union of its members', `lora.union_target_modules`), each in the
-    widest element size of the members there (a merge takes its sources' widest dtype)."""
+def _per_rank_costs(peft_model: PeftModel, adapter_names: Sequence[str]) -> list[tuple[int, int, int]]:
+    """(elements per unit of rank, elements of a LoRA bias, bytes per element) of every module any of
+    `adapter_names` adapts, from their tensors: the modules of a merged adapter (the union of its members',
+    `lora.union_target_modules`), each in the widest element size of the members there (a merge takes its sources'
+    widest dtype, its bias too)."""
     costs = []
     for _, layer in lora_layers(peft_model):
         present = [factors for name in adapter_names if (factors := lora_factors(layer, name)) is not None]
         if not present:
             continue
         a, b = present[0]
-        costs.append(((a.numel() + b.numel()) // a.shape[0], max(t.element_size() for f in present for t in f)))
+        size = max(t.element_size() for factors in present for t in factors)
+        costs.append(((a.numel() + b.numel()) // a.shape[0], b.shape[0], size))
     return costs
 
 
+def _has_bias(peft_model: PeftModel, adapter_names: Sequence[str]) -> bool:
+    """Whether the merge of `adapter_names` has a LoRA bias in every module (`update_layers.merged_lora_config`: when
+    any member has `lora_bias=True`; PEFT's own types refuse such adapters, `lora.check_source_adapters`)."""
+    return any(getattr(peft_model.peft_config[name], "lora_bias", False) for name in adapter_names)
+
+
+def stored_bytes(layer, adapter_name: str) -> int:
+    """Bytes of the tensors `adapter_name` stores in one LoRA layer (its A and B, and its LoRA bias if it has one), as
+    its `adapter_model.safetensors` holds them; 0 where it does not adapt the layer."""
+    factors = lora_factors(layer, adapter_name)
+    if factors is None:
+        return 0
+    bias = layer.lora_B[adapter_name].bias if adapter_name in layer.lora_B else None
+    tensors = [*factors, *([bias] if bias is not None else [])]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
 def adapter_bytes(peft_model: PeftModel, adapter_name: str, rank: int | None = None) -> int:
-    """Bytes of the LoRA weights of `adapter_name` (as in its `adapter_model.safetensors`, without the header),
-    or of an adapter on the same modules with rank `rank`.
+    """Bytes of the LoRA weights of `adapter_name` (as in its `adapter_model.safetensors`, without the header: its
+    factors, with their rank pattern, and its LoRA biases), or of an adapter on the same modules with rank `rank`.
 
     Args:
         peft_model (`PeftModel`): Holds the adapter.
@@ -88,12 +109,16 @@ def adapter_bytes(peft_model: PeftModel, adapter_name: str, rank: int | None = N
         rank (`int`, *optional*): Size at this rank instead of the adapter's own.
 
     Returns:
-        `int`: sum over adapted modules of rank x (in + out) x bytes per element.
+        `int`: sum over adapted modules of rank x (in + out) x bytes per element, plus out x bytes per element where
+            the adapter has a LoRA bias.
     """
     if adapter_name not in peft_model.peft_config:
         raise ValueError(f"Unknown adapter {adapter_name!r}; loaded: {sorted(peft_model.peft_config)}.")
-    r = adapter_rank(peft_model, adapter_name) if rank is None else rank
-    return sum(r * per_rank * size for per_rank, size in _per_rank_costs(peft_model, [adapter_name]))
+    if rank is None:  # the tensors themselves: exact for rank patterns and biases alike
+        return sum(stored_bytes(layer, adapter_name) for _, layer in lora_layers(peft_model))
+    bias = _has_bias(peft_model, [adapter_name])
+    costs = _per_rank_costs(peft_model, [adapter_name])
+    return sum((rank * per_rank + bias * out) * size for per_rank, out, size in costs)
 
 
 def merged_adapter_bytes(peft_model: PeftModel, members: Sequence[str], config: D2CMergeConfig) -> int:
@@ -108,7 +133,9 @@ def merged_adapter_bytes(peft_model: PeftModel, members: Sequence[str], config: 
     """
     ranks = [adapter_rank(peft_model, m) for m in members]
     rank = merged_rank(ranks, config.combination_type, config.svd_rank)
-    return sum(rank * per_rank * size for per_rank, size in _per_rank_costs(peft_model, members))
+    bias = _has_bias(peft_model, members)
+    costs = _per_rank_costs(peft_model, members)
+    return sum((rank * per_rank + bias * out) * size for per_rank, out, size in costs)
 
 
 def partition_bytes(peft_model: PeftModel, clusters: Sequence[Sequence[str]], config: D2CMergeConfig) -> int:

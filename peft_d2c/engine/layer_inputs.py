@@ -1,28 +1,36 @@
-"""The inputs every LoRA layer sees on an adapter's own task: Gram matrices for the data-aware merges (`regmean`).
+"""The inputs every LoRA layer sees on an adapter's own task, kept as token matrices for the data-aware merges
+(`regmean`).
 
 For adapter t (named after its task), the few-shot examples of task t run through the model with adapter t active
-(PEFT's `adapter_names=`), and a forward pre-hook on every LoRA layer adds up x·x^T over the tokens of the examples
-(prompt and completion, padding excluded): G_t = X_t^T·X_t / (number of tokens), the token mean, so every task weighs
-alike whatever its length. Layers fed the same tensor (q, k and v of one block read the same normed hidden states)
-share one Gram (a layer fed the very tensor object its predecessor was fed): the memory is one in x in matrix per
-distinct layer input and adapter. May import the engine modules
-`lora`, `merging`, `scoring` and `tokenization`.
+(PEFT's `adapter_names=`), and a forward pre-hook on every LoRA layer keeps the inputs of the examples' tokens
+(prompt and completion, padding excluded), scaled by 1/√m (m tokens): F_t = X_t/√m, so that F_t^T·F_t is the token
+mean of x·x^T and every task weighs alike whatever its length. Ten examples are a few hundred tokens, far fewer than
+a real model's input width (4096 for Llama-3-8B): m x in floats instead of an in x in Gram, 12x less at that width.
+Where the tokens outnumber the width, the in x in triangular factor of their Gram is kept instead (never larger than
+the Gram). Layers fed the same tensor (q, k and v of one block read the same normed hidden states) share one factor
+(a layer fed the very tensor object its predecessor was fed). The factors live on the CPU by default (`storage_device`)
+and each merge moves one layer input's at a time to the adapters' device. May import the engine modules `lora`,
+`merging`, `regmean`, `scoring` and `tokenization`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
+import psutil
 import torch
 
 from ..combination_types import DATA_TYPES
+from ..errors import MemoryLimitError
+from ..sizes import format_size, parse_size
 from .lora import lora_layers
 from .merging import AdapterMerger
+from .regmean import compress_rows
 from .scoring import LossScorer, input_device, token_batches
 from .tokenization import TokenizedExample, padded_batch
 
 
-def input_grams(
+def input_factors(
     peft_model: torch.nn.Module,
     tokenized: Mapping[str, Sequence[TokenizedExample]],
     *,
@@ -30,9 +38,10 @@ def input_grams(
     batch_size: int = 32,
     max_batch_tokens: int | None = None,
     stats: dict[str, int] | None = None,
+    storage_device: torch.device | str = "cpu",
 ) -> dict[str, list[torch.Tensor]]:
-    """Per adapter of `tokenized` (adapter name = task name), the Gram matrix of every LoRA layer's inputs on its
-    task's examples, with that adapter active.
+    """Per adapter of `tokenized` (adapter name = task name), every LoRA layer's inputs on its task's examples, with
+    that adapter active, as `regmean.LayerInput` factors: F with F^T·F = the token-mean Gram of the inputs.
 
     Args:
         peft_model (`PeftModel`): The model holding the adapters, in eval mode (PEFT's `adapter_names=` needs it).
@@ -40,17 +49,20 @@ def input_grams(
         pad_token_id (`int`): Padding id of the batches.
         batch_size (`int`, defaults to 32), max_batch_tokens (`int`, *optional*): Rows and tokens per forward pass.
         stats (`dict`, *optional*): Its `"forward_passes"` entry is increased by the forward passes run here.
+        storage_device (`torch.device` or `str`, defaults to `"cpu"`): Where the factors are kept for the run (the
+            merges move one layer input's factors at a time to the adapters' device).
 
     Returns:
-        `dict[str, list[Tensor]]`: adapter -> one (in x in) Gram per LoRA layer, in `lora_layers` order, on the
-            layer input's device, in float32 (float64 for a float64 model). Layers fed the same input hold the same
-            tensor object.
+        `dict[str, list[Tensor]]`: adapter -> one factor per LoRA layer, in `lora_layers` order, on `storage_device`,
+            in float32 (float64 for a float64 model): the m tokens' inputs scaled by 1/√m (m x in) when m < in, else
+            the (in x in) triangular factor of their Gram (`regmean.compress_rows`). Layers fed the same input hold
+            the same tensor object.
 
     Example:
         ```python
-        >>> grams = input_grams(peft_model, scorer.tokenized, pad_token_id=scorer.pad_token_id)
-        >>> grams["capital"][0].shape  # doctest: +SKIP
-        torch.Size([64, 64])
+        >>> factors = input_factors(peft_model, scorer.tokenized, pad_token_id=scorer.pad_token_id)
+        >>> factors["capital"][0].shape  # doctest: +SKIP
+        torch.Size([152, 64])
         ```
     """
     layers = [layer for _, layer in lora_layers(peft_model)]
@@ -58,26 +70,28 @@ def input_grams(
     stats = stats if stats is not None else {}
     stats.setdefault("forward_passes", 0)
     return {
-        adapter: _adapter_grams(peft_model, layers, adapter, rows, stats, **settings)
+        adapter: _adapter_factors(peft_model, layers, adapter, rows, stats, torch.device(storage_device), **settings)
         for adapter, rows in tokenized.items()
     }
 
 
-def _adapter_grams(
+def _adapter_factors(
     peft_model,
     layers,
     adapter: str,
     rows: Sequence[TokenizedExample],
     stats,
+    storage_device: torch.device,
     *,
     pad_token_id,
     batch_size,
     max_batch_tokens,
 ) -> list[torch.Tensor]:
-    """One adapter's Grams (`input_grams`): its task's rows run with it active, every layer's input recorded."""
+    """One adapter's layer-input factors (`input_factors`): its task's rows run with it active, every layer's input
+    recorded."""
     device = input_device(peft_model)
-    sums: dict[int, torch.Tensor] = {}  # index of the first layer fed an input -> its summed x·x^T
-    owner = [-1] * len(layers)  # layer index -> the index whose sum it shares
+    parts: dict[int, list[torch.Tensor]] = {}  # index of the first layer fed an input -> its token rows so far
+    owner = [-1] * len(layers)  # layer index -> the index whose rows it shares
     batch: dict[str, object] = {}
 
     def record(index: int):
@@ -89,8 +103,10 @@ def _adapter_grams(
             batch.update(last=x, last_index=index)
             owner[index] = index
             tokens = x[batch["mask"].to(x.device)].to(torch.promote_types(x.dtype, torch.float32))
-            gram = tokens.mT @ tokens
-            sums[index] = gram if index not in sums else sums[index] + gram
+            kept = parts.setdefault(index, [])
+            kept.append(tokens.to(storage_device))
+            if sum(part.shape[0] for part in kept) > 2 * tokens.shape[-1]:  # never hold much more than a Gram
+                kept[:] = [compress_rows(torch.cat(kept))]
 
         return hook
 
@@ -114,19 +130,81 @@ def _adapter_grams(
     finally:
         for handle in handles:
             handle.remove()
-    means = {index: total / max(count, 1) for index, total in sums.items()}
-    return [means[owner[i]] for i in range(len(layers))]
+    scale = 1 / max(count, 1) ** 0.5  # F^T·F is then the token mean of x·x^T
+    factors = {index: compress_rows(torch.cat(kept)) * scale for index, kept in parts.items()}
+    return [factors[owner[i]] for i in range(len(layers))]
+
+
+def predict_layer_input_bytes(peft_model: torch.nn.Module, tokenized: Mapping[str, Sequence[TokenizedExample]]) -> int:
+    """The bytes `input_factors` will hold for `tokenized`, before collecting them: one forward pass of a single
+    short example finds the distinct layer inputs (their width, and which layers share one), and each task's m tokens
+    then take min(m, width) x width floats per distinct input (4 bytes, 8 for a float64 model).
+
+    Example:
+        ```python
+        >>> predict_layer_input_bytes(peft_model, scorer.tokenized)  # doctest: +SKIP
+        2751463424
+        ```
+    """
+    layers = [layer for _, layer in lora_layers(peft_model)]
+    if not layers or not tokenized:
+        return 0
+    widths: list[int] = []  # the width of every distinct layer input, in model order
+    seen: dict[str, object] = {"last": None}
+    itemsize = {"bytes": 4}
+
+    def hook(module, args):
+        x = args[0]
+        if x is not seen["last"]:
+            seen["last"] = x
+            widths.append(x.shape[-1])
+            itemsize["bytes"] = torch.promote_types(x.dtype, torch.float32).itemsize
+
+    adapter, rows = next(iter(tokenized.items()))
+    row = min(rows, key=lambda r: len(r.input_ids))
+    handles = [layer.register_forward_pre_hook(hook) for layer in layers]
+    try:
+        with torch.inference_mode():
+            peft_model(
+                input_ids=torch.tensor([row.input_ids], device=input_device(peft_model)), adapter_names=[adapter]
+            )
+    finally:
+        for handle in handles:
+            handle.remove()
+    tokens = [sum(len(r.input_ids) for r in task_rows) for task_rows in tokenized.values()]
+    return itemsize["bytes"] * sum(min(m, width) * width for m in tokens for width in widths)
+
+
+def check_memory_limit(layer_input_bytes: int, memory_limit: int | str | None) -> None:
+    """Refuse a run whose process would use more than `memory_limit` (`D2CMergeConfig.memory_limit`; default: the
+    process's memory plus the memory available now) once `layer_input_bytes` more are held.
+
+    Raises:
+        MemoryLimitError: Naming the sizes and the settings that lower them.
+    """
+    process = psutil.Process().memory_info().rss
+    limit = parse_size(memory_limit, "memory_limit") if memory_limit is not None else None
+    allowed = limit if limit is not None else process + psutil.virtual_memory().available
+    if process + layer_input_bytes <= allowed:
+        return
+    which = f"`memory_limit`={memory_limit!r}" if limit is not None else "the memory available now (`memory_limit`)"
+    raise MemoryLimitError(
+        f"combination_type='regmean' would hold {format_size(layer_input_bytes)} of few-shot layer inputs on top of "
+        f"the {format_size(process)} this process uses: more than {format_size(allowed)}, {which}. Raise "
+        "`memory_limit`, lower `examples_per_task` or `max_length`, merge fewer adapters or modules at once, or "
+        "choose a `combination_type` that needs no layer inputs (e.g. 'knots_ties')."
+    )
 
 
 def layer_input_bytes(layer_inputs: Mapping[str, Sequence[torch.Tensor]]) -> int:
-    """Bytes the Grams of `layer_inputs` (adapter -> per layer, as `input_grams` returns) hold, each shared tensor
-    counted once: the memory a `regmean` run keeps for its whole length, N times one adapter's."""
-    distinct = {id(gram): gram for grams in layer_inputs.values() for gram in grams}
-    return sum(gram.numel() * gram.element_size() for gram in distinct.values())
+    """Bytes the factors of `layer_inputs` (adapter -> per layer, as `input_factors` returns) hold, each shared
+    tensor counted once: the memory a `regmean` run keeps for its whole length, N times one adapter's."""
+    distinct = {id(factor): factor for factors in layer_inputs.values() for factor in factors}
+    return sum(factor.numel() * factor.element_size() for factor in distinct.values())
 
 
 def attach_layer_inputs(merger: AdapterMerger, scorer: LossScorer) -> None:
-    """Give `merger` the Grams its data-aware combination type merges with (`combination_types.DATA_TYPES`), from the scorer's
+    """Give `merger` the layer inputs its data-aware combination type merges with (`combination_types.DATA_TYPES`), from the scorer's
     tokenised few-shot examples; nothing for the other types. Adapters that already have theirs are skipped; the
     forward passes run are added to the scorer's `forward_passes`.
 
@@ -142,11 +220,14 @@ def attach_layer_inputs(merger: AdapterMerger, scorer: LossScorer) -> None:
             "`combination_type`."
         )
     missing = {task: rows for task, rows in scorer.tokenized.items() if task not in merger.layer_inputs}
+    if not missing:
+        return
     was_training = scorer.model.training
     scorer.model.eval()  # PEFT's `adapter_names=` needs eval mode
     stats = {"forward_passes": 0}
     try:
-        grams = input_grams(
+        check_memory_limit(predict_layer_input_bytes(scorer.model, missing), merger.config.memory_limit)
+        factors = input_factors(
             scorer.model,
             missing,
             pad_token_id=scorer.pad_token_id,
@@ -156,5 +237,5 @@ def attach_layer_inputs(merger: AdapterMerger, scorer: LossScorer) -> None:
         )
     finally:
         scorer.model.train(was_training)
-    merger.layer_inputs.update(grams)
+    merger.layer_inputs.update(factors)
     scorer.forward_passes += stats["forward_passes"]  # the run's cost counts them (about one pass per task)

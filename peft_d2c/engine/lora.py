@@ -19,7 +19,7 @@ from peft import PeftModel
 from peft.tuners.lora import LoraLayer, LoraModel
 from peft.utils import PeftType
 
-from ..combination_types import EQUAL_RANK_TYPES, SVD_TYPES, UPDATE_TYPES
+from ..combination_types import DATA_TYPES, EQUAL_RANK_TYPES, SVD_TYPES, UPDATE_TYPES
 from ..errors import D2CWarning, UnsupportedAdapterError
 from ..names import check_adapter_name
 
@@ -118,7 +118,9 @@ def check_source_adapters(peft_model: PeftModel, adapter_names: Sequence[str], c
             equal ranks.
         UnsupportedAdapterError: If an adapter is not a plain LoRA (DoRA, rslora, lora_bias and other variants are
             merged wrongly by PEFT, peft issue 3761). rslora and lora_bias pass for the update-space types
-            (`combination_types.UPDATE_TYPES`), which apply their scaling exactly; DoRA never does.
+            (`combination_types.UPDATE_TYPES`), which apply their scaling exactly; DoRA never does. Also if an adapter
+            adapts an embedding (`embed_tokens`) under a data-aware type (`combination_types.DATA_TYPES`), whose
+            layer inputs would be token ids there.
     """
     for name in adapter_names:
         if name not in peft_model.peft_config:
@@ -154,6 +156,19 @@ def check_source_adapters(peft_model: PeftModel, adapter_names: Sequence[str], c
                 raise UnsupportedAdapterError(
                     f"Adapter {name!r} uses the LoRA variant {variant} (module {module_name!r}); PEFT cannot merge it "
                     "faithfully (peft issue 3761). Use plain LoRA adapters."
+                )
+    if combination_type in DATA_TYPES:
+        for module_name, layer in lora_layers(peft_model):
+            embedded = [name for name in adapter_names if name in layer.lora_embedding_A]
+            if embedded:
+                # RegMean weighs each member by the Gram of the layer's inputs; an embedding's inputs are token ids
+                # (the hooks that collect them would fail half-way through a run): refuse before any work.
+                raise UnsupportedAdapterError(
+                    f"Adapters {embedded} adapt the embedding {module_name.removeprefix('base_model.model.')!r} "
+                    f"(e.g. `embed_tokens` in `target_modules`), which combination_type={combination_type!r} cannot "
+                    f"merge: it weighs every module by its layer inputs, token ids there. Use another "
+                    f"`combination_type`: one of {[t for t in UPDATE_TYPES if t not in DATA_TYPES]}, or a PEFT type "
+                    "such as 'ties' or 'cat' (equal target modules); or train the adapters without embed_tokens."
                 )
     # An update-space merge is defined on any mix of target modules (a member that does not adapt a module adds a
     # zero update there; the merged adapter adapts the union); PEFT's own types are only checked on equal targets.

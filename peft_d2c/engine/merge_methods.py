@@ -7,6 +7,11 @@ out x rank) for a merged adapter whose scaling is 1 (`lora_alpha = r`, `use_rslo
 the rank, and so the file size, of one source adapter. Every tensor may carry leading batch dimensions (the same
 module of every transformer block is merged in one call: one batched QR / SVD instead of thirty small ones).
 
+`merge_updates` returns every type's result in one canonical form (`canonical_factors`): A = V^T (orthonormal rows),
+B = U·S (orthogonal columns), directions sorted by singular value, largest first, numerically-zero ones set to zero.
+Whatever cuts the factors by position (`engine.rank_budget`'s allocation, export at a lower rank) then keeps the best
+approximation of the merged update at that rank, whichever type made it.
+
 No d x d matrix is ever formed or decomposed. The sum of k rank-r updates is [B_1 .. B_k]·[A_1; ..; A_k]; a QR of
 both stacked factors and an SVD of the (kr x kr) core give its exact SVD (`low_rank_svd`), and the best rank-r
 approximation follows by truncation (Eckart-Young). Element-wise methods (TIES) work in the coordinates of a small
@@ -148,6 +153,27 @@ def truncate(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, rank: int) -> t
     return new_a, new_b
 
 
+def canonical_factors(new_a: torch.Tensor, new_b: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The canonical rank-`rank` LoRA factors `(A, B)` of the update `new_b @ new_a`: A = V^T, B = U·S from its exact
+    SVD (`low_rank_svd`, no out x in matrix), singular values decreasing, so the first j directions are its best
+    rank-j approximation (Eckart-Young). Directions whose singular value is a numerical zero of the small core
+    (below rank·eps of the largest: rounding noise, e.g. of zero-padded factors) are set to zero in A and B alike,
+    rather than kept as arbitrary unit vectors of zero weight.
+
+    Args:
+        new_a (`torch.Tensor`): (..., m, in).
+        new_b (`torch.Tensor`): (..., out, m).
+        rank (`int`): Rank of the returned factors (zero-padded when the update has a smaller rank).
+
+    Returns:
+        `tuple`: `(A, B)`, (..., rank, in) and (..., out, rank).
+    """
+    u, s, vh = low_rank_svd(new_b, new_a)
+    real = s > s[..., :1] * _relative_tolerance(s, new_a.shape[-2])
+    s = torch.where(real, s, torch.zeros_like(s))
+    return truncate(u, s, vh * real[..., :, None].to(vh.dtype), rank)
+
+
 def concat_left_svd(pairs: Sequence[Pair]) -> tuple[torch.Tensor, torch.Tensor]:
     """Left singular vectors U and singular values S of the horizontal concatenation [ΔW_1 .. ΔW_k] (KnOTS' shared
     basis of the members' column spaces, at most kr directions).
@@ -255,7 +281,8 @@ def tsv_merge(pairs: Sequence[Pair], weights: Sequence[float], *, rank: int) -> 
     members than `rank`, some keep none: prefer another type then). The kept left singular vectors [U_1 .. U_k] and
     right ones [V_1 .. V_k] are replaced by the nearest orthonormal matrices (this removes the interference between
     members), and the merged update is U_⊥·diag(S_1 .. S_k)·V_⊥^T: rank `rank` by construction. Identical copies do
-    not give the adapter back (each copy keeps only r/k directions, and their orthogonalised copies add up).
+    not give the adapter back (each copy keeps only r/k directions, and their orthogonalised copies add up). The
+    factors come grouped by member, not sorted by singular value: `merge_updates` puts them in canonical order.
 
     Returns:
         `tuple`: `(A, B)`, (..., rank, in) and (..., out, rank).
@@ -300,8 +327,10 @@ def merge_updates(
         density (`float`, defaults to 1.0), majority_sign_method (`str`, defaults to `"total"`): TIES settings.
 
     Returns:
-        `tuple[Tensor, Tensor]`: `(A, B)`, (..., rank, in) and (..., out, rank), on the inputs' device and in the
-            dtype of the source factors (the widest of them): a bf16 source gives a bf16 merge of the same bytes.
+        `tuple[Tensor, Tensor]`: `(A, B)`, (..., rank, in) and (..., out, rank), in the canonical form of
+            `canonical_factors` (A = V^T, B = U·S, directions by decreasing singular value, so the first j are the best
+            rank-j approximation of the merged update), on the inputs' device and in the dtype of the source factors
+            (the widest of them): a bf16 source gives a bf16 merge of the same bytes.
             The decompositions run in float32 (float64 for float64 inputs): torch has no bf16 / fp16 QR or SVD, and
             their 8 / 11-bit mantissas could not hold the small singular values that TIES' pruning compares.
 
@@ -321,7 +350,10 @@ def merge_updates(
         merged = tsv_merge(pairs, weights, rank=rank)
     else:
         raise ValueError(f"No update-space merge for combination_type={combination_type!r}.")
-    new_a, new_b = merged
+    # One canonical result for every type (one more QR-core SVD of rank x rank, cheap): `tsv_m` returns its directions
+    # grouped by member, and anything that cuts the factors by position (rank allocation, export) must never depend
+    # on the order a type happens to produce.
+    new_a, new_b = canonical_factors(*merged, rank)
     return new_a.to(source_dtype), new_b.to(source_dtype)
 
 

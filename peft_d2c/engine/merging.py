@@ -75,7 +75,7 @@ class AdapterMerger:
         # (layer index, adapter, "A" or "B") -> the factor pruned by magnitude (see `_pruned_factors`).
         self._prune_cache: dict[tuple[int, str, str], torch.Tensor] = {}
         self._modules_cache: dict[tuple[str, ...], frozenset[str]] = {}
-        # adapter -> per LoRA layer, the Gram of its inputs on its task's examples (`layer_inputs.input_grams`).
+        # adapter -> per LoRA layer, its inputs on its task's examples (`layer_inputs.input_factors`).
         self.layer_inputs: dict[str, list[torch.Tensor]] = {}
         self._can_refill = config.combination_type not in RANDOM_TYPES  # DARE masks depend on the module build
         # PEFT's private per-layer helpers, checked once per process against the closed-form update.
@@ -129,8 +129,11 @@ class AdapterMerger:
                         density=config.density,
                         majority_sign_method=config.majority_sign_method,
                     )
-                combination_type = "linear" if len(members) == 1 else config.combination_type  # PEFT's rule
-                if not self._trust_peft and combination_type not in ("cat", *UPDATE_TYPES):
+                # PEFT's rule for its own types: one adapter is merged with `linear`. The update-space types never go
+                # through PEFT's helpers (their layers were written above, at their own rank): nothing to recompute.
+                peft_type = config.combination_type not in UPDATE_TYPES
+                combination_type = "linear" if peft_type and len(members) == 1 else config.combination_type
+                if not self._trust_peft and peft_type and combination_type != "cat":
                     # PEFT's layers were computed by its unverified private helpers: recompute them here.
                     torch.manual_seed(merge_seed(config.seed, members))
                     self._write_layers(members, adapter_name, combination_type, weights, self.rank_of(members))
@@ -220,7 +223,7 @@ class AdapterMerger:
         if combination_type in UPDATE_TYPES:  # every layer at once, batched over layers of the same shapes
             layers = [layer for _, layer in self._layers]
             if combination_type in DATA_TYPES:
-                settings.update(grams=self._member_grams(members), regmean_alpha=config.regmean_alpha)
+                settings.update(layer_inputs=self._member_inputs(members), regmean_alpha=config.regmean_alpha)
             update_merge_into(combination_type, members, weights, layers, adapter_name, **settings)
             return
         with torch.no_grad():
@@ -241,8 +244,8 @@ class AdapterMerger:
                     new_a, new_b = own_merge_layer(combination_type, members, weights, layer, **settings)
                 target_a.data, target_b.data = new_a.to(target_a.dtype), new_b.to(target_b.dtype)
 
-    def _member_grams(self, members: Sequence[str]) -> dict[LoraLayer, list[torch.Tensor]]:
-        """Per LoRA layer, the Gram of every member's layer inputs (`layer_inputs`), in the order of `members`."""
+    def _member_inputs(self, members: Sequence[str]) -> dict[LoraLayer, list[torch.Tensor]]:
+        """Per LoRA layer, every member's layer-input factor (`layer_inputs`), in the order of `members`."""
         missing = [m for m in members if m not in self.layer_inputs]
         if missing:
             raise ValueError(

@@ -10,7 +10,7 @@ to the largest σ² per byte over all of them until the budget is spent. The squ
 truncation (Eckart-Young: the sum of the dropped σ²) is then as small as the budget allows, up to one rank unit of
 the costliest module. The merged adapters are standard PEFT LoRAs whose `rank_pattern` / `alpha_pattern` give every
 module its rank (scaling 1), which plain PEFT, llama.cpp (`export.llamacpp`) and vLLM (`max_lora_rank`) load. May
-import `peft_d2c.config` and the engine modules `budget`, `lora` and `merging`.
+import `peft_d2c.config` and the engine modules `budget`, `layer_merge`, `lora` and `merging`.
 """
 
 from __future__ import annotations
@@ -23,12 +23,16 @@ import torch
 from peft import PeftModel
 
 from .budget import partition_bytes
+from .layer_merge import set_factors
 from .lora import adapter_rank, lora_factors, lora_layers
 from .merging import AdapterMerger
 
 
 def allocate_ranks(
-    spectra: Mapping[Hashable, Sequence[float]], costs: Mapping[Hashable, int], budget: int
+    spectra: Mapping[Hashable, Sequence[float]],
+    costs: Mapping[Hashable, int],
+    budget: int,
+    fixed: Mapping[Hashable, int] | None = None,
 ) -> dict[Hashable, int]:
     """Ranks that keep the most squared singular values within `budget` bytes (pure; greedy by σ² per byte).
 
@@ -36,9 +40,12 @@ def allocate_ranks(
         spectra (`Mapping`): Per key (an adapter and module), its singular values, decreasing.
         costs (`Mapping`): Per key, the bytes of one unit of rank ((in + out) x bytes per element).
         budget (`int`): Bytes for all keys together.
+        fixed (`Mapping`, *optional*): Per key, bytes it takes whatever its rank (a LoRA bias: out x bytes per
+            element); they come out of `budget` first.
 
     Returns:
-        `dict`: key -> rank, at least 1 and at most its number of singular values; Σ rank x cost <= `budget`.
+        `dict`: key -> rank, at least 1 and at most its number of singular values; Σ (rank x cost + fixed) <=
+            `budget`.
 
     Raises:
         ValueError: If `budget` cannot give every key rank 1.
@@ -50,10 +57,12 @@ def allocate_ranks(
         ```
     """
     ranks = {key: 1 for key in spectra}
-    spent = sum(costs[key] for key in spectra)
+    fixed = fixed or {}
+    spent = sum(costs[key] + fixed.get(key, 0) for key in spectra)
     if spent > budget:
+        with_bias = " with its LoRA bias" if any(fixed.get(key, 0) for key in spectra) else ""
         raise ValueError(
-            f"A budget of {budget} bytes cannot give every module of every merged adapter rank 1 ({spent})."
+            f"A budget of {budget} bytes cannot give every module of every merged adapter rank 1{with_bias} ({spent})."
         )
     # Max-heap of the next rank unit of every key, by energy per byte (ties: the key's order, for determinism).
     order = {key: index for index, key in enumerate(spectra)}
@@ -77,14 +86,15 @@ def merge_with_allocated_ranks(
     uniform merges of these clusters take, `budget.partition_bytes`).
 
     Returns:
-        `dict`: merged adapter -> `{"r": its largest rank, "bytes": its LoRA weight bytes}`.
+        `dict`: merged adapter -> `{"r": its largest rank, "bytes": its LoRA weight bytes}` (its LoRA biases included:
+            every tensor of its safetensors; they are paid out of `budget` before any rank).
     """
     model: PeftModel = merger.peft_model
     config = merger.config
     if budget is None:
         budget = partition_bytes(model, clusters, config)
     layers = list(lora_layers(model))
-    spectra, costs = {}, {}
+    spectra, costs, fixed = {}, {}, {}
     for members, name in zip(clusters, names, strict=True):
         full_rank = sum(adapter_rank(model, m) for m in members)
         full = AdapterMerger(model, dataclasses.replace(config, svd_rank=full_rank))
@@ -100,7 +110,10 @@ def merge_with_allocated_ranks(
             kept = [s for s in spectrum if s > 0] or spectrum[:1]
             spectra[name, module] = kept
             costs[name, module] = (a.shape[1] + b.shape[0]) * a.element_size()
-    ranks = allocate_ranks(spectra, costs, budget)
+            # A LoRA bias (`lora_bias=True`) is stored whatever the rank: it is paid for before any rank unit.
+            bias = layer.lora_B[name].bias if name in layer.lora_B else None
+            fixed[name, module] = 0 if bias is None else bias.numel() * bias.element_size()
+    ranks = allocate_ranks(spectra, costs, budget, fixed)
     report = {}
     for name in names:
         pattern = {}
@@ -121,19 +134,20 @@ def merge_with_allocated_ranks(
         )
         report[name] = {
             "r": largest,
-            "bytes": sum(ranks[name, m] * costs[name, m] for m, _ in layers if (name, m) in ranks),
+            "bytes": sum(ranks[name, m] * costs[name, m] + fixed[name, m] for m, _ in layers if (name, m) in ranks),
         }
     return report
 
 
 def _truncate_layer(layer, name: str, rank: int) -> None:
     """Keep the first `rank` directions of adapter `name` in one LoRA layer (its factors are A = V^T, B = U·S, largest
-    first), with scaling 1 (`lora_alpha = r`)."""
+    first: `merge_methods.merge_updates` returns them so for every type), with scaling 1 (`lora_alpha = r`). Linear
+    layers and embeddings (`lora_embedding_A` / `lora_embedding_B`, `embed_tokens`) alike."""
     a, b = lora_factors(layer, name)
-    layer.lora_A[name].weight = torch.nn.Parameter(a.data[:rank].clone(), requires_grad=a.requires_grad)
-    layer.lora_B[name].weight = torch.nn.Parameter(b.data[:, :rank].clone(), requires_grad=b.requires_grad)
-    layer.lora_A[name].out_features = rank
-    layer.lora_B[name].in_features = rank
+    set_factors(layer, name, a.data[:rank].clone(), b.data[:, :rank].clone())
+    if name in layer.lora_A:  # an embedding's factors are bare parameters, without these attributes
+        layer.lora_A[name].out_features = rank
+        layer.lora_B[name].in_features = rank
     layer.r[name] = rank
     layer.lora_alpha[name] = rank
     layer.scaling[name] = 1.0

@@ -17,7 +17,7 @@ from ..combination_types import DATA_TYPES
 from .layer_merge import parameter_like, set_factors
 from .lora import lora_factors
 from .merge_methods import merge_biases, merge_updates, widest_dtype
-from .regmean import regmean_merge
+from .regmean import LayerInput, RegMeanSystem, regmean_merge
 
 
 def update_merge_into(
@@ -30,7 +30,7 @@ def update_merge_into(
     rank: int,
     density: float,
     majority_sign_method: str,
-    grams: Mapping[LoraLayer, Sequence[torch.Tensor]] | None = None,
+    layer_inputs: Mapping[LoraLayer, Sequence[LayerInput]] | None = None,
     regmean_alpha: float = 0.9,
 ) -> None:
     """Merge `members` with a rank-r update-space type (`peft_d2c.combination_types.UPDATE_TYPES`) into the existing adapter
@@ -41,13 +41,15 @@ def update_merge_into(
     s_i·b_i; the maths is `peft_d2c.engine.merge_methods`, one batched call per group of layers with the same shapes
     (the same projection in every block). The merged factors are for scaling 1 (`lora_alpha = r`); a merged bias
     where no member has one is zero. A member that does not adapt a layer adds a zero update there. The data-aware
-    types (`combination_types.DATA_TYPES`: `regmean`, `peft_d2c.engine.regmean`) take `grams`: per layer, the Gram matrix of
-    every member's layer inputs, in the order of `members`, and `regmean_alpha`.
+    types (`combination_types.DATA_TYPES`: `regmean`, `peft_d2c.engine.regmean`) take `layer_inputs`: per layer, every
+    member's layer-input factor (`regmean.LayerInput`), in the order of `members`, and `regmean_alpha`; they merge
+    one layer at a time in model order, and the layers fed the same input share one solve.
 
     Raises:
         NotImplementedError: For a convolutional LoRA layer.
     """
     groups: dict[tuple, list[tuple[LoraLayer, list]]] = {}
+    in_order: list[tuple[LoraLayer, list]] = []  # the same entries in model order
     for layer in layers:
         if lora_factors(layer, adapter_name) is None:
             continue
@@ -67,15 +69,16 @@ def update_merge_into(
             (m, a.shape, b.shape, a.device, a.dtype, b.dtype, bias is not None) for m, _, (a, b), bias in present
         )
         groups.setdefault(key, []).append((layer, present))
-    if combination_type in DATA_TYPES and grams is None:
-        raise ValueError(f"combination_type={combination_type!r} needs the Gram matrices of the layer inputs.")
+        in_order.append((layer, present))
+    if combination_type in DATA_TYPES and layer_inputs is None:
+        raise ValueError(f"combination_type={combination_type!r} needs the layer inputs of its members.")
     settings = {"rank": rank, "density": density, "majority_sign_method": majority_sign_method}
     with torch.no_grad():
+        if combination_type in DATA_TYPES:
+            _regmean_layers(in_order, members, weights, adapter_name, layer_inputs, rank=rank, alpha=regmean_alpha)
+            return
         for entries in groups.values():
-            if combination_type in DATA_TYPES:
-                _regmean_group(entries, members, weights, adapter_name, grams, rank=rank, alpha=regmean_alpha)
-            else:
-                _merge_group(combination_type, entries, adapter_name, **settings)
+            _merge_group(combination_type, entries, adapter_name, **settings)
 
 
 def _stacked_pairs(entries, first, compute: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -92,19 +95,30 @@ def _stacked_pairs(entries, first, compute: torch.dtype) -> list[tuple[torch.Ten
     return pairs
 
 
-def _regmean_group(entries, members, weights, adapter_name, grams, *, rank: int, alpha: float) -> None:
-    """RegMean of a batch of layers of one shape (`update_merge_into`): every member's Gram counts, the members that
-    adapt the layers bring their updates. A LoRA bias is merged as the weighted mean of the members' (scaled) biases."""
-    first = entries[0][1]
-    source_dtype = widest_dtype([t.dtype for _, _, factors, _ in first for t in factors])
-    compute = torch.promote_types(source_dtype, torch.float32)
-    adapting = dict(zip([m for m, _, _, _ in first], _stacked_pairs(entries, first, compute), strict=True))
-    # Per member, its Grams of these layers, read one layer at a time by the merge (never stacked: a copy of every
-    # member's Grams per merge would double the memory the Grams take, docs/performance.md).
-    member_grams = [[grams[layer][index] for layer, _ in entries] for index in range(len(members))]
-    new_a, new_b = regmean_merge([adapting.get(m) for m in members], member_grams, weights, rank=rank, alpha=alpha)
-    biases = _merged_biases("core_ta", entries, new_b, compute, 1.0, "total")  # the weighted mean
-    _write_group(entries, adapter_name, new_a, new_b, biases, source_dtype)
+def _regmean_layers(in_order, members, weights, adapter_name, layer_inputs, *, rank: int, alpha: float) -> None:
+    """RegMean of every layer of `in_order` (`update_merge_into`), one layer at a time in model order: every member's
+    inputs count, the members that adapt the layer bring their updates, and consecutive layers fed the same input
+    (q, k, v) share one `RegMeanSystem`, so the model's device holds one layer input's factors at a time. A LoRA bias
+    is merged as the weighted mean of the members' (scaled) biases."""
+    system, system_key = None, None
+    for layer, present in in_order:
+        source_dtype = widest_dtype([t.dtype for _, _, factors, _ in present for t in factors])
+        compute = torch.promote_types(source_dtype, torch.float32)
+        entries = [(layer, present)]
+        pairs = _stacked_pairs(entries, present, compute)  # (B, s·A) with a batch of one layer
+        adapting = {m: (b[0], a[0]) for (m, _, _, _), (b, a) in zip(present, pairs, strict=True)}
+        inputs = list(layer_inputs[layer])
+        device = present[0][2][0].device
+        key = (tuple(id(f) for f in inputs), device, compute)
+        if key != system_key:  # a new layer input: drop the last one's system before building this one's
+            system = None  # (so the device never holds two)
+            system = RegMeanSystem(inputs, weights, alpha, device=device, dtype=compute)
+            system_key = key
+        new_a, new_b = regmean_merge(
+            [adapting.get(m) for m in members], inputs, weights, rank=rank, alpha=alpha, system=system
+        )
+        biases = _merged_biases("core_ta", entries, new_b[None], compute, 1.0, "total")  # the weighted mean
+        _write_group(entries, adapter_name, new_a[None], new_b[None], biases, source_dtype)
 
 
 def _merge_group(combination_type, entries, adapter_name, *, rank, density, majority_sign_method) -> None:

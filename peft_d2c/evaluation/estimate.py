@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import logging
 import math
+import resource
+import sys
 import time
 from typing import Any
 
 import numpy as np
 
+from ..combination_types import DATA_TYPES
 from ..data.examples import normalize_task_examples
-from ..engine.budget import resolve_num_clusters
-from ..engine.layer_inputs import attach_layer_inputs, layer_input_bytes
+from ..engine.budget import adapter_bytes, resolve_num_clusters
+from ..engine.layer_inputs import attach_layer_inputs, layer_input_bytes, predict_layer_input_bytes
 from ..engine.lora import check_source_adapters, resolve_adapter_names
 from ..engine.merging import AdapterMerger
 from ..engine.scoring import LossScorer
@@ -44,8 +47,11 @@ def estimate_run(peft_model, task_examples, config, *, tokenizer, probe_evaluati
 
     Returns:
         `dict`: `num_adapters`, `num_clusters`, `max_evaluations`, `seconds_per_evaluation`, `seconds_per_merge`,
-        `expected_seconds` (an upper bound), `probe_evaluations` and `layer_input_bytes` (the `regmean` Grams the run
-        holds from start to end, `engine.layer_inputs.layer_input_bytes`).
+        `expected_seconds` (an upper bound), `probe_evaluations`, `layer_input_bytes` (the `regmean` layer inputs the
+        run holds from start to end, `engine.layer_inputs.layer_input_bytes`), `predicted_layer_input_bytes` (the
+        same predicted before collecting them, what a run checks against `memory_limit`) and `peak_bytes` (the
+        process's expected peak resident memory: the probe's peak, which held every layer input and merged and
+        scored the largest cluster, plus the run's live merged adapters; from a fresh process it is the run's).
 
     Example:
         ```python
@@ -66,7 +72,10 @@ def estimate_run(peft_model, task_examples, config, *, tokenizer, probe_evaluati
     try:
         peft_model.eval()
         scorer = LossScorer.for_config(peft_model, tokenizer, examples, merger)
-        attach_layer_inputs(merger, scorer)  # a data-aware merge's Grams (one pass per task, like the run's)
+        predicted_input_bytes = 0
+        if config.combination_type in DATA_TYPES:  # before collecting them, as a run predicts them
+            predicted_input_bytes = predict_layer_input_bytes(peft_model, scorer.tokenized)
+        attach_layer_inputs(merger, scorer)  # a data-aware merge's layer inputs (one pass per task, like the run's)
         started = time.perf_counter()
         for _ in range(probe_evaluations):
             clusters = balanced_random_partition(names, k, rng)
@@ -75,6 +84,10 @@ def estimate_run(peft_model, task_examples, config, *, tokenizer, probe_evaluati
             merger.cleanup()
         per_evaluation = (time.perf_counter() - started) / max(1, probe_evaluations)
         per_merge = merger.merge_seconds / max(1, merger.num_merges)
+        # The probe did the run's heaviest work (every layer input held, the largest cluster merged and scored); a
+        # run keeps up to `merge_cache_size` merged adapters live on top of that.
+        live_adapters = config.merge_cache_size * max(adapter_bytes(peft_model, n) for n in names)
+        peak_bytes = peak_rss_bytes() + live_adapters
     finally:
         try:
             merger.cleanup()
@@ -97,7 +110,15 @@ def estimate_run(peft_model, task_examples, config, *, tokenizer, probe_evaluati
         "seconds_per_merge": per_merge,
         "expected_seconds": evaluations * per_evaluation + k * per_merge,
         "layer_input_bytes": layer_input_bytes(merger.layer_inputs),  # held for the whole run (0 unless `regmean`)
+        "predicted_layer_input_bytes": predicted_input_bytes,  # what a run checks against `memory_limit`
+        "peak_bytes": peak_bytes,
     }
+
+
+def peak_rss_bytes() -> int:
+    """The peak resident memory of this process so far, in bytes (`getrusage`; Linux reports kB, macOS bytes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
 
 
 def format_estimate(estimate: dict[str, Any]) -> str:
@@ -110,5 +131,6 @@ def format_estimate(estimate: dict[str, Any]) -> str:
         f"expected run time: at most {estimate['expected_seconds']:.1f} s",
     ]
     if estimate["layer_input_bytes"]:
-        lines.append(f"regmean layer-input Grams held for the run: {format_size(estimate['layer_input_bytes'])}")
+        lines.append(f"regmean layer inputs held for the run: {format_size(estimate['layer_input_bytes'])}")
+    lines.append(f"expected peak memory (resident set): {format_size(estimate['peak_bytes'])}")
     return "\n".join(lines)
