@@ -18,6 +18,10 @@ What it prints (one JSON object, also written to `--out`):
   seconds per step and where they went (merging, forward passes, layer inputs).
 - `peak_rss_bytes`: this process's peak resident memory.
 
+`--mode estimate` runs only `peft-d2c estimate`'s `estimate_run` (its predicted layer-input bytes and peak), `--mode
+run` only the D2C run (`--steps` steps, at least 1): run each in its own process to compare the prediction with the
+run's real peak.
+
 Example (about 5 minutes on one thread):
 
     python benchmarks/width.py --width 8b --layers 2 --adapters 16 --targets qv --steps 3 --out width_8b.json
@@ -45,6 +49,7 @@ from peft_d2c.engine.merging import AdapterMerger
 from peft_d2c.engine.regmean import RegMeanSystem
 from peft_d2c.engine.scoring import LossScorer
 from peft_d2c.engine.search import balanced_random_partition
+from peft_d2c.evaluation.estimate import estimate_run
 from peft_d2c.testing import SYMBOLS, make_tokenizer
 
 WIDTHS = {  # hidden, MLP, attention heads, KV heads (the models' config.json)
@@ -130,6 +135,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--steps", type=int, default=0, help="D2C search steps to time (0: none)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--mode",
+        choices=["measure", "estimate", "run"],
+        default="measure",
+        help="measure: layer inputs, merges and (--steps) a search; estimate: `estimate_run` only; run: the D2C run "
+        "only (compare the peaks of an `estimate` and a `run` process)",
+    )
     parser.add_argument("--out")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -137,6 +149,20 @@ def main(argv: list[str] | None = None) -> dict:
     model, tokenizer, names = build_model(args.width, args.layers, args.adapters, args.targets, args.seed)
     examples = task_examples(names, args.tokens_per_task, args.seed)
     report: dict = {"settings": vars(args), "build_seconds": time.perf_counter() - started}
+    search_config = D2CMergeConfig(
+        num_clusters=args.clusters,
+        num_iterations=max(args.steps, 1),
+        seed=args.seed,
+        show_progress=False,
+        fit_router=False,
+    )
+    if args.mode == "estimate":
+        report["estimate"] = estimate_run(model, examples, search_config, tokenizer=tokenizer)
+        return finish(report, args.out)
+    if args.mode == "run":
+        result = merge_adapters_d2c(model, examples, search_config, tokenizer=tokenizer)
+        report["run"] = {k: v for k, v in result.stats.items() if isinstance(v, (int, float))}
+        return finish(report, args.out)
 
     config = D2CMergeConfig(num_clusters=args.clusters, method="random", seed=args.seed, show_progress=False)
     merger = AdapterMerger(model, config)
@@ -215,11 +241,16 @@ def main(argv: list[str] | None = None) -> dict:
             "merge_seconds_per_step": stats["merge_seconds"] / args.steps,
             "forward_seconds_per_step": stats["forward_seconds"] / args.steps,
         }
+    return finish(report, args.out)
+
+
+def finish(report: dict, out: str | None) -> dict:
+    """Add the process's peak memory, print the report as JSON and write it to `out`."""
     report["peak_rss_bytes"] = peak_rss()
     text = json.dumps(report, indent=2)
     print(text)
-    if args.out:
-        with open(args.out, "w") as f:
+    if out:
+        with open(out, "w") as f:
             f.write(text + "\n")
     return report
 

@@ -167,6 +167,11 @@ def test_estimate_prints_evaluations_and_time(files, merged, capsys):
     assert estimate["expected_seconds"] > 0
     # the default `regmean` holds every adapter's layer inputs for the run: the probe collects the same ones
     assert estimate["layer_input_bytes"] == ran.stats["layer_input_bytes"] > 0
+    # predicted before they were collected (what a run checks against `memory_limit`), to the byte
+    assert estimate["predicted_layer_input_bytes"] == ran.stats["layer_input_bytes"]
+    # the probe's peak holds the model, every layer input and one merge: more than the layer inputs alone
+    assert estimate["peak_bytes"] > estimate["layer_input_bytes"]
+    assert "expected peak memory" in out
     assert "regmean layer inputs held for the run" in out
 
 

@@ -122,10 +122,23 @@ class RegMeanSystem:
         """S^-1·right for `right` (in x c)."""
         if not self.token_space:
             return torch.cholesky_solve(right, self.factor)
-        # S^-1 = D^-1/2·(I − V^T·(I + V·V^T)^-1·V)·D^-1/2
+        # Woodbury subtracts two large terms where D is small (features the tokens barely reach), which costs float32
+        # digits: one step of iterative refinement against the exact S = D + U^T·U brings the solution back to the
+        # accuracy of the in x in form for O(M·in·c) (on the embedded SmolLM2 inputs, float32 against float64: at most
+        # 6e-4 of the merged update without it, 7e-5 with it, 1e-4 for the in x in form).
+        solution = self._woodbury(right)
+        return solution + self._woodbury(right - self._apply(solution))
+
+    def _woodbury(self, right: torch.Tensor) -> torch.Tensor:
+        """S^-1·right = D^-1/2·(I − V^T·(I + V·V^T)^-1·V)·D^-1/2·right."""
         scaled = right * self.inverse_sqrt_diagonal[..., :, None]
         correction = self.scaled_rows.mT @ torch.cholesky_solve(self.scaled_rows @ scaled, self.factor)
         return (scaled - correction) * self.inverse_sqrt_diagonal[..., :, None]
+
+    def _apply(self, x: torch.Tensor) -> torch.Tensor:
+        """S·x = D·x + D^1/2·V^T·V·D^1/2·x, from the rows themselves (not the factorisation)."""
+        root = self.inverse_sqrt_diagonal.reciprocal()[..., :, None]
+        return root * (root * x + self.scaled_rows.mT @ (self.scaled_rows @ (root * x)))
 
     def regularised_product(self, index: int, right: torch.Tensor) -> torch.Tensor:
         """G̃_i·right = α·F_i^T·(F_i·right) + (1 − α)·diag(G_i)·right for member `index`, without forming G_i."""
