@@ -5,7 +5,8 @@ What it builds: a `LlamaForCausalLM` with the real model's hidden size, heads, K
 blocks and the tiny test tokenizer's 13-token vocabulary (the vocabulary changes only the embedding and the output
 layer, not the layer inputs or the merges measured here); `--adapters` random LoRAs (r = 16, PEFT's default q/v
 targets or every linear projection), and per task 10 examples of `--tokens-per-task` tokens in all (330: the team's
-width probe). Everything in float32 on the CPU, on `--threads` threads (1 by default).
+width probe). Everything in float32 on the CPU, on `--threads` threads (1 by default); `--device cuda --dtype
+bfloat16` runs the same on a GPU (the model and adapters in bf16; the layer inputs stay float32 on the CPU).
 
 What it prints (one JSON object, also written to `--out`):
 - `layer_inputs`: bytes held per adapter and layer (all of the layer's distinct inputs), in all, on the model's
@@ -114,13 +115,21 @@ def task_examples(names: list[str], tokens_per_task: int, seed: int) -> dict[str
     return examples
 
 
-def gram_form_seconds(inputs: list[torch.Tensor], alpha: float) -> float:
+def synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def gram_form_seconds(inputs: list[torch.Tensor], alpha: float, device: str) -> float:
     """One cluster-layer's solve in the former Gram form: the in x in sum of the members' Grams, its Cholesky."""
+    inputs = [f.to(device) for f in inputs]
+    synchronize(device)
     started = time.perf_counter()
     total = sum(f.mT @ f for f in inputs) / len(inputs)
     diagonal = total.diagonal().clone()
     total.mul_(alpha).diagonal().copy_(diagonal)
     torch.linalg.cholesky(total)
+    synchronize(device)
     return time.perf_counter() - started
 
 
@@ -134,6 +143,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--tokens-per-task", type=int, default=330)
     parser.add_argument("--steps", type=int, default=0, help="D2C search steps to time (0: none)")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (a lent GPU: the same run in --dtype there)")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--mode",
@@ -147,6 +158,7 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
     model, tokenizer, names = build_model(args.width, args.layers, args.adapters, args.targets, args.seed)
+    model.to(device=args.device, dtype=getattr(torch, args.dtype))
     examples = task_examples(names, args.tokens_per_task, args.seed)
     report: dict = {"settings": vars(args), "build_seconds": time.perf_counter() - started}
     search_config = D2CMergeConfig(
@@ -198,13 +210,16 @@ def main(argv: list[str] | None = None) -> dict:
     clusters = balanced_random_partition(names, args.clusters, rng)
     seconds = []
     for index, members in enumerate(clusters):
+        started = time.perf_counter()
         merger.merge(members, f"width_bench_{index}")
-        seconds.append(merger.merge_seconds - sum(seconds))
+        synchronize(args.device)  # wait for a GPU's work (a no-op on the CPU)
+        seconds.append(time.perf_counter() - started)
         model.delete_adapter(f"width_bench_{index}")
     first = [merger.layer_inputs[m][0] for m in clusters[0]]
-    gram_seconds = gram_form_seconds(first, config.regmean_alpha)
+    gram_seconds = gram_form_seconds(first, config.regmean_alpha, args.device)
     system_started = time.perf_counter()
-    RegMeanSystem(first, [1 / len(first)] * len(first), config.regmean_alpha)
+    RegMeanSystem(first, [1 / len(first)] * len(first), config.regmean_alpha, device=torch.device(args.device))
+    synchronize(args.device)
     report["merge"] = {
         "cluster_sizes": [len(c) for c in clusters],
         "seconds_per_cluster_layer": [s / args.layers for s in seconds],
@@ -245,8 +260,10 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def finish(report: dict, out: str | None) -> dict:
-    """Add the process's peak memory, print the report as JSON and write it to `out`."""
+    """Add the process's peak memory (and the GPU's), print the report as JSON and write it to `out`."""
     report["peak_rss_bytes"] = peak_rss()
+    if torch.cuda.is_available():
+        report["peak_cuda_bytes"] = torch.cuda.max_memory_allocated()
     text = json.dumps(report, indent=2)
     print(text)
     if out:

@@ -135,8 +135,10 @@ class TestResume:
         config = D2CMergeConfig(num_clusters=3, num_iterations=25, checkpoint_every=10)
         first = run(tiny_assets, tiny_task_examples, tiny_tokenizer, config, checkpoint_dir=tmp_path)
         assert saved_at == [10, 20, 25]
-        # A changed checkpoint_every or show_progress does not make it another run.
-        again_config = D2CMergeConfig(num_clusters=3, num_iterations=25, checkpoint_every=3, show_progress=False)
+        # A changed checkpoint_every, show_progress or memory_limit does not make it another run.
+        again_config = D2CMergeConfig(
+            num_clusters=3, num_iterations=25, checkpoint_every=3, show_progress=False, memory_limit="1TB"
+        )
         again = run(tiny_assets, tiny_task_examples, tiny_tokenizer, again_config, checkpoint_dir=tmp_path)
         assert_same_result(again, first)
         assert again[0].stats["cache_misses"] <= len(tiny.TASK_FAMILIES)  # at most the final task losses

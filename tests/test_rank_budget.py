@@ -103,7 +103,11 @@ def test_final_adapters_spend_the_uniform_bytes_where_the_spectrum_is(
             u, s, vh = torch.linalg.svd(full_b @ full_a)
             r = a.shape[0]
             expected = u[:, :r] @ torch.diag(s[:r]) @ vh[:r]
-            torch.testing.assert_close((b @ a).double() * layer.scaling[name], expected, rtol=1e-4, atol=1e-6)
+            # Relative Frobenius error: the run merges in float32, where TIES' magnitude trim can decide a near-tie
+            # other than this float64 merge (one of 4096 elements off by 1.6e-6 seen), which an element-wise atol
+            # cannot allow for.
+            actual = (b @ a).double() * layer.scaling[name]
+            assert torch.linalg.norm(actual - expected) <= 1e-4 * torch.linalg.norm(expected)
     assert len(set(ranks.values())) > 1  # the bytes went somewhere else than "rank 8 everywhere"
     # Plain PEFT loads the rank patterns, and the reloaded adapters compute what the in-memory ones compute.
     fresh = LlamaForCausalLM.from_pretrained(tiny_assets[0])

@@ -28,7 +28,7 @@ logger = logging.getLogger(__name__)
 CHECKPOINT_NAME = "d2c_checkpoint.json"
 CHECKPOINT_FORMAT = 2  # 2: the cache holds both scores of a request (loss and miss)
 # Settings that change neither the search nor its losses, so a run may resume with other values.
-_RESUMABLE_SETTINGS = ("show_progress", "checkpoint_every")
+_RESUMABLE_SETTINGS = ("show_progress", "checkpoint_every", "memory_limit")
 
 
 def score_fn_identity(score_fn: Callable | None) -> str:

@@ -227,6 +227,7 @@ def attach_layer_inputs(merger: AdapterMerger, scorer: LossScorer) -> None:
     stats = {"forward_passes": 0}
     try:
         check_memory_limit(predict_layer_input_bytes(scorer.model, missing), merger.config.memory_limit)
+        stats["forward_passes"] += 1  # the prediction's pass of one short example
         factors = input_factors(
             scorer.model,
             missing,
