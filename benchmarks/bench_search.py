@@ -72,7 +72,7 @@ class Meter:
     """Counts and times forward passes (hooks on the model) and merges (wrapping the merger's methods)."""
 
     def __init__(self, model) -> None:
-        from peft_d2c.engine.merging import AdapterMerger
+        from peft_d2c.engine.merge.merging import AdapterMerger
 
         self.forward_passes = 0
         self.forward_seconds = 0.0
@@ -119,7 +119,7 @@ def worker(args) -> None:
     import torch
 
     from peft_d2c import D2CMergeConfig, merge_adapters_d2c
-    from peft_d2c.engine.distributed import get_process_group
+    from peft_d2c.engine.runtime.distributed import get_process_group
 
     group = get_process_group()
     if args.threads:

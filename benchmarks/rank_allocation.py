@@ -4,9 +4,9 @@
     python benchmarks/rank_allocation.py benchmark_results/validation.json --collection validation
 
 For every cell of a `peft-d2c benchmark` results file with the given method and merge, the cell's final clusters are
-merged again with the byte budget spent by singular values (`engine.rank_budget`, the same total bytes as the uniform
-merges the cell shipped) and scored on the held-out split; the uniform score is the cell's own. No search runs: the
-partition is the cell's, so the difference is the allocation's alone. Prints one row per cell and the paired mean
+merged again with the byte budget spent by singular values (`engine.merge.rank_budget`, the same total bytes as the
+uniform merges the cell shipped) and scored on the held-out split; the uniform score is the cell's own. No search runs:
+the partition is the cell's, so the difference is the allocation's alone. Prints one row per cell and the paired mean
 difference with its 95% t-interval per K.
 """
 
@@ -23,10 +23,10 @@ from peft_d2c.data.examples import normalize_task_examples
 from peft_d2c.embedded.benchmark_report import t_interval
 from peft_d2c.embedded.mainjob import load_embedded_assets
 from peft_d2c.embedded.validation import load_validation_assets
-from peft_d2c.engine.layer_inputs import attach_layer_inputs
-from peft_d2c.engine.merging import AdapterMerger
-from peft_d2c.engine.rank_budget import merge_with_allocated_ranks
-from peft_d2c.engine.scoring import LossScorer
+from peft_d2c.engine.merge.merging import AdapterMerger
+from peft_d2c.engine.merge.rank_budget import merge_with_allocated_ranks
+from peft_d2c.engine.scoring.layer_inputs import attach_layer_inputs
+from peft_d2c.engine.scoring.loss import LossScorer
 from peft_d2c.evaluation.heldout import evaluate_routing
 
 

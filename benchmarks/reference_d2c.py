@@ -4,8 +4,8 @@ Every iteration merges the source cluster with PEFT, scores task t's examples un
 merges the target cluster with t moved in, scores, and deletes it: two merges and two forward passes per iteration,
 nothing cached, nothing batched across merges. It uses peft-d2c's own tokenisation (`tokenize_example`), loss
 (`completion_loss_sums`), merge (`AdapterMerger.merge`) and start partition (`balanced_random_partition`), and draws
-each proposal (source, target, task) from the generator in the same order as `peft_d2c.engine.search.d2c_search`, so with
-the same seed it finds the same clusters: only the search machinery differs.
+each proposal (source, target, task) from the generator in the same order as `peft_d2c.engine.search.loop.d2c_search`,
+so with the same seed it finds the same clusters: only the search machinery differs.
 """
 
 from __future__ import annotations
@@ -20,10 +20,10 @@ from peft import PeftModel
 from peft_d2c import D2CMergeConfig
 from peft_d2c.combination_types import DATA_TYPES
 from peft_d2c.data.examples import normalize_task_examples
-from peft_d2c.engine.layer_inputs import input_factors
-from peft_d2c.engine.merging import AdapterMerger
-from peft_d2c.engine.scoring import completion_loss_sums, pad_token_id_for, tokenize_example
-from peft_d2c.engine.search import balanced_random_partition
+from peft_d2c.engine.merge.merging import AdapterMerger
+from peft_d2c.engine.scoring.layer_inputs import input_factors
+from peft_d2c.engine.scoring.loss import completion_loss_sums, pad_token_id_for, tokenize_example
+from peft_d2c.engine.search.loop import balanced_random_partition
 
 TEMPORARY_NAME = "reference_tmp"
 

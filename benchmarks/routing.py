@@ -3,8 +3,8 @@
     OMP_NUM_THREADS=1 python benchmarks/routing.py docs/benchmark_regmean.json --clusters 4 --json routing.json
     OMP_NUM_THREADS=1 python benchmarks/routing.py docs/benchmark_validation.json --collection validation --clusters 3
 
-The router is fitted on the few-shot prompts only (`peft_d2c.engine.prompt_router`), as `merge_adapters_d2c` fits
-it. Measured on the held-out split of the collection:
+The router is fitted on the few-shot prompts only (`peft_d2c.engine.serving.prompt_router`), as `merge_adapters_d2c`
+fits it. Measured on the held-out split of the collection:
 - task accuracy of the router and of two alternatives on the same few-shot prompts: a logistic-regression probe
   (scikit-learn) on the same features, and nearest centroid on a middle layer's features; a confusion list;
 - for every cell of a `peft-d2c benchmark` results file (method `--method`, K `--clusters`): the cell's clusters are
@@ -33,10 +33,10 @@ from peft_d2c.embedded import load_embedded_tasks
 from peft_d2c.embedded.benchmark_report import t_interval
 from peft_d2c.embedded.mainjob import load_embedded_assets
 from peft_d2c.embedded.validation import load_validation_assets, load_validation_tasks
-from peft_d2c.engine.layer_inputs import attach_layer_inputs
-from peft_d2c.engine.merging import AdapterMerger
-from peft_d2c.engine.prompt_router import fit_prompt_router, prompt_features
-from peft_d2c.engine.scoring import LossScorer
+from peft_d2c.engine.merge.merging import AdapterMerger
+from peft_d2c.engine.scoring.layer_inputs import attach_layer_inputs
+from peft_d2c.engine.scoring.loss import LossScorer
+from peft_d2c.engine.serving.prompt_router import fit_prompt_router, prompt_features
 from peft_d2c.evaluation.generation import generate_answers, normalize_answer
 
 

@@ -24,9 +24,9 @@ from peft_d2c.data.examples import normalize_task_examples
 from peft_d2c.embedded.benchmark_report import t_interval
 from peft_d2c.embedded.mainjob import load_embedded_assets
 from peft_d2c.embedded.merge_report import with_merge_labels
-from peft_d2c.engine.layer_inputs import attach_layer_inputs
-from peft_d2c.engine.merging import AdapterMerger
-from peft_d2c.engine.scoring import LossScorer
+from peft_d2c.engine.merge.merging import AdapterMerger
+from peft_d2c.engine.scoring.layer_inputs import attach_layer_inputs
+from peft_d2c.engine.scoring.loss import LossScorer
 from peft_d2c.evaluation.heldout import evaluate_routing
 from peft_d2c.evaluation.tune import cluster_loss, tune_cluster_weights
 from peft_d2c.io import atomic_write_json

@@ -44,12 +44,12 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from peft_d2c import D2CMergeConfig, merge_adapters_d2c
 from peft_d2c.data.examples import normalize_task_examples
-from peft_d2c.engine.layer_inputs import attach_layer_inputs, layer_input_bytes, predict_layer_input_bytes
-from peft_d2c.engine.lora import lora_layers
-from peft_d2c.engine.merging import AdapterMerger
-from peft_d2c.engine.regmean import RegMeanSystem
-from peft_d2c.engine.scoring import LossScorer
-from peft_d2c.engine.search import balanced_random_partition
+from peft_d2c.engine.merge.lora import lora_layers
+from peft_d2c.engine.merge.merging import AdapterMerger
+from peft_d2c.engine.merge.regmean import RegMeanSystem
+from peft_d2c.engine.scoring.layer_inputs import attach_layer_inputs, layer_input_bytes, predict_layer_input_bytes
+from peft_d2c.engine.scoring.loss import LossScorer
+from peft_d2c.engine.search.loop import balanced_random_partition
 from peft_d2c.evaluation.estimate import estimate_run
 from peft_d2c.testing import SYMBOLS, make_tokenizer
 

@@ -27,7 +27,7 @@ import os
 import time
 
 from peft_d2c import D2CMergeConfig, merge_adapters_d2c
-from peft_d2c.engine.distributed import get_process_group
+from peft_d2c.engine.runtime.distributed import get_process_group
 
 
 def load(model_name: str, cache_dir: str, group):

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-# peft-d2c's rank-r merges in update space (`engine/merge_methods.py`, `engine/regmean.py`): rslora / lora_bias
-# scaling applied exactly, any mix of target modules. DATA_TYPES among them use the few-shot examples' layer inputs.
+# peft-d2c's rank-r merges in update space (`engine/merge/merge_methods.py`, `engine/merge/regmean.py`): rslora /
+# lora_bias scaling applied exactly, any mix of target modules. DATA_TYPES among them use the few-shot examples'
+# layer inputs.
 DATA_TYPES = ("regmean",)
 UPDATE_TYPES = ("core_ta", "core_ties", "knots_ties", "tsv_m", *DATA_TYPES)
 COMBINATION_TYPES = (

@@ -50,7 +50,7 @@ class D2CMergeConfig:
         storage_budget (`float` or `str`, *optional*):
             Fraction of the N source adapters that may be kept, in (0, 1]; K = max(1, floor(fraction * N)). Or a size
             in bytes (`"20MB"`, `"1.5GiB"`, an int > 1): the largest K whose merged adapters fit, computed from the
-            tensor sizes PEFT's merge produces (see `peft_d2c.engine.budget`).
+            tensor sizes PEFT's merge produces (see `peft_d2c.engine.merge.budget`).
         method (`str`, defaults to `"d2c"`):
             `"d2c"` (Algorithm 1 of the paper), or a baseline: `"random"`, `"kmeans"` (K-means on the flattened
             full updates B·A·scaling) or `"kmeans_svd"` (K-means on cosine-normalised truncated-SVD embeddings of them).
@@ -94,7 +94,7 @@ class D2CMergeConfig:
         rank_allocation (`str`, defaults to `"uniform"`):
             Ranks of the final merged adapters (update-space types): `"uniform"` (`svd_rank` or the largest source
             rank in every module) or `"spectrum"` (the same total bytes, or all of a byte `storage_budget`, spent on
-            the largest singular values per byte over every merged adapter and module; `engine.rank_budget`).
+            the largest singular values per byte over every merged adapter and module; `engine.merge.rank_budget`).
         merge_weight (`float`, *optional*):
             Weight given to every member of a cluster. `None` picks the weight for which merging k identical copies
             of an adapter gives that adapter back (see `merge_weights_for`).
@@ -124,7 +124,7 @@ class D2CMergeConfig:
             `task_score` than the paper's end, at most 2x its passes plus one step; `restarts=1` only). `None`: that up
             to 16 adapters with more than 4 a cluster (N > 4K), else `"partition"` (`default_search_rule`).
         proposal (`str`, *optional*):
-            Which move a step proposes (`peft_d2c.engine.proposals`): `"random"` (the paper's uniform draws) or
+            Which move a step proposes (`peft_d2c.engine.search.proposals`): `"random"` (the paper's uniform draws) or
             `"sweep"` (every adapter in turn, in rounds of a fresh random order, moved or swapped with a member of
             a random other cluster) or `"targeted"` (as sweep, into the other cluster whose merge gives the task its
             lowest loss) or `"misfit"` (as targeted, each round the tasks that fit another cluster's merge best first);
@@ -150,9 +150,9 @@ class D2CMergeConfig:
             Tokens of one scoring forward pass (rows x longest row, padding included): a batch of `batch_size` rows is
             split further, by the examples alone (1- and N-process runs stay bit-identical), so none runs out of memory.
         fit_router (`bool`, defaults to `True`):
-            At the end, fit a prompt router on the few-shot prompts (`peft_d2c.engine.prompt_router`, one forward
-            pass of the base per 16 prompts) so that `result.route(prompt)` / `result.generate(prompt)` serve requests
-            without a task label; needs the tokenizer (skipped without one).
+            At the end, fit a prompt router on the few-shot prompts (`peft_d2c.engine.serving.prompt_router`, one
+            forward pass of the base per 16 prompts) so that `result.route(prompt)` / `result.generate(prompt)` serve
+            requests without a task label; needs the tokenizer (skipped without one).
 
     Example:
         ```python
@@ -344,7 +344,7 @@ class D2CMergeConfig:
         elif isinstance(self.storage_budget, str) or self.storage_budget > 1:
             raise ValueError(
                 f"`storage_budget`={self.storage_budget!r} is a size in bytes; K then depends on the adapters' tensor "
-                "sizes: use `peft_d2c.engine.budget.resolve_num_clusters(peft_model, names, config)`."
+                "sizes: use `peft_d2c.engine.merge.budget.resolve_num_clusters(peft_model, names, config)`."
             )
         else:
             k = max(1, math.floor(self.storage_budget * num_adapters + 1e-9))

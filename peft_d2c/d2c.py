@@ -21,11 +21,8 @@ from tqdm.auto import tqdm
 
 from .config import D2CMergeConfig
 from .data.examples import normalize_task_examples
-from .engine.budget import check_partition_fits, is_bytes_budget, parse_size, resolve_num_clusters
-from .engine.checkpoint import SearchCheckpointer, run_fingerprint
-from .engine.distributed import SingleProcess, get_process_group
-from .engine.layer_inputs import attach_layer_inputs, layer_input_bytes
-from .engine.lora import (
+from .engine.merge.budget import check_partition_fits, is_bytes_budget, parse_size, resolve_num_clusters
+from .engine.merge.lora import (
     adapter_digest,
     base_model_digest,
     check_base_models,
@@ -33,15 +30,18 @@ from .engine.lora import (
     check_source_adapters,
     resolve_adapter_names,
 )
-from .engine.merging import AdapterMerger
-from .engine.prompt_router import fit_prompt_router
-from .engine.rank_budget import merge_with_allocated_ranks
-from .engine.scoring import LossScorer, UserScoreFn
-from .engine.search import SearchState, d2c_search
-from .engine.search_phases import paper_then_partition
-from .engine.search_robust import choose_best_start, combine_starts, robust_search
-from .engine.starts import restart_starts, start_partition
-from .engine.state import ModelState
+from .engine.merge.merging import AdapterMerger
+from .engine.merge.rank_budget import merge_with_allocated_ranks
+from .engine.runtime.checkpoint import SearchCheckpointer, run_fingerprint
+from .engine.runtime.distributed import SingleProcess, get_process_group
+from .engine.runtime.state import ModelState
+from .engine.scoring.layer_inputs import attach_layer_inputs, layer_input_bytes
+from .engine.scoring.loss import LossScorer, UserScoreFn
+from .engine.search.loop import SearchState, d2c_search
+from .engine.search.search_phases import paper_then_partition
+from .engine.search.search_robust import choose_best_start, combine_starts, robust_search
+from .engine.search.starts import restart_starts, start_partition
+from .engine.serving.prompt_router import fit_prompt_router
 from .result import D2CResult
 
 logger = logging.getLogger(__name__)
@@ -109,9 +109,9 @@ def merge_adapters_d2c(
             If the folder already holds a checkpoint of this run, the search resumes from it and ends exactly as an
             uninterrupted run would.
         process_group (`SingleProcess` or `AccelerateProcesses`, *optional*):
-            Who shares the scoring work. Defaults to `peft_d2c.engine.distributed.get_process_group()`: every process of an
-            `accelerate launch` / torchrun run, which must then all call this function. Pass
-            `peft_d2c.engine.distributed.SingleProcess()` to run on the calling process alone (e.g. inside
+            Who shares the scoring work. Defaults to `peft_d2c.engine.runtime.distributed.get_process_group()`: every
+            process of an `accelerate launch` / torchrun run, which must then all call this function. Pass
+            `peft_d2c.engine.runtime.distributed.SingleProcess()` to run on the calling process alone (e.g. inside
             `if accelerator.is_main_process:`).
 
     Returns:

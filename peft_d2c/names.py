@@ -19,7 +19,7 @@ def check_adapter_name(
         name (`str`): The proposed name.
         taken (`Collection[str]`, *optional*): Names already in use (loaded adapters).
         reserved (`Collection[str]`, *optional*): Names that clash with model attributes (see
-            `peft_d2c.engine.lora.reserved_adapter_names`).
+            `peft_d2c.engine.merge.lora.reserved_adapter_names`).
         argument (`str`, *optional*): How the name is called in the error message.
 
     Raises:

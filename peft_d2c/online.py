@@ -3,8 +3,8 @@
 For each cluster c, the new adapter is merged with c's members and its task loss is measured on the new task's
 examples (one merge and one loss per cluster, scored in mixed batches). The cluster with the lowest loss receives
 the adapter; only its merged adapter is rebuilt, every other merged adapter stays exactly as it was. A result made
-with `rank_allocation="spectrum"` rebuilds it by the same rule (`engine.rank_budget`), within the bytes the others
-leave of the run's budget; the budget is checked against the bytes the merged adapters really store. Sits at the
+with `rank_allocation="spectrum"` rebuilds it by the same rule (`engine.merge.rank_budget`), within the bytes the
+others leave of the run's budget; the budget is checked against the bytes the merged adapters really store. Sits at the
 result stage: imports `data`, `engine` and `hub.adapters`; `result.D2CResult.add_adapter` calls it.
 """
 
@@ -21,7 +21,7 @@ from transformers import AutoModelForCausalLM
 
 from .combination_types import DATA_TYPES
 from .data.examples import normalize_task_examples
-from .engine.budget import (
+from .engine.merge.budget import (
     adapter_bytes,
     check_partition_fits,
     format_size,
@@ -29,13 +29,13 @@ from .engine.budget import (
     parse_size,
     partition_bytes,
 )
-from .engine.layer_inputs import attach_layer_inputs
-from .engine.lora import check_source_adapters
-from .engine.merging import AdapterMerger
-from .engine.prompt_router import prompt_features
-from .engine.rank_budget import merge_with_allocated_ranks
-from .engine.scoring import LossScorer
-from .engine.state import ModelState
+from .engine.merge.lora import check_source_adapters
+from .engine.merge.merging import AdapterMerger
+from .engine.merge.rank_budget import merge_with_allocated_ranks
+from .engine.runtime.state import ModelState
+from .engine.scoring.layer_inputs import attach_layer_inputs
+from .engine.scoring.loss import LossScorer
+from .engine.serving.prompt_router import prompt_features
 from .hub.adapters import load_adapters
 
 logger = logging.getLogger(__name__)

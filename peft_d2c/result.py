@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .config import CONFIG_NAME, D2CMergeConfig
-from .engine.prompt_router import (
+from .engine.serving.prompt_router import (
     ROUTER_CONFIG_NAME,
     ROUTER_WEIGHTS_NAME,
     PromptRouter,

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 
-# The acceptance rules (`D2CMergeConfig.search`) and proposals (`proposal`, `peft_d2c.engine.proposals`) there are.
+# The acceptance rules (`D2CMergeConfig.search`) and proposals (`proposal`, `engine.search.proposals`) there are.
 SEARCHES = ("paper", "partition", "paper_then_partition")
 PROPOSALS = ("random", "sweep", "targeted", "misfit")
 # What a task's examples score under a merge (`D2CMergeConfig.task_score`; both from the same forward passes).

@@ -20,7 +20,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from .data.examples import Example
-from .engine.scoring import tokenize_example
+from .engine.scoring.loss import tokenize_example
 
 SYMBOLS = list("abcdefgh")
 SPECIAL = ["<pad>", "<s>", "</s>", "<unk>"]

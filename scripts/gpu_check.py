@@ -32,10 +32,10 @@ import torch
 from peft_d2c import D2CMergeConfig, merge_adapters_d2c
 from peft_d2c.combination_types import DATA_TYPES, UPDATE_TYPES
 from peft_d2c.embedded.mainjob import load_embedded_assets, load_quick_assets
-from peft_d2c.engine import merge_methods
-from peft_d2c.engine.lora import lora_factors, lora_layers
-from peft_d2c.engine.merge_weights import merge_weights_for
-from peft_d2c.engine.regmean import regmean_merge
+from peft_d2c.engine.merge import merge_methods
+from peft_d2c.engine.merge.lora import lora_factors, lora_layers
+from peft_d2c.engine.merge.merging import merge_weights_for
+from peft_d2c.engine.merge.regmean import regmean_merge
 from peft_d2c.evaluation.heldout import evaluate_routing
 
 LAYERS, WIDTH, RANK, MEMBERS = 30, 576, 8, 3  # SmolLM2-135M's q_proj: 30 layers of 576 x 576, r = 8

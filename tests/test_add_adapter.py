@@ -8,10 +8,10 @@ from recompute import task_loss
 from safetensors.torch import load_file
 
 from peft_d2c import D2CMergeConfig, D2CResult, merge_adapters_d2c
-from peft_d2c.engine.budget import partition_bytes
-from peft_d2c.engine.lora import lora_factors, lora_layers
-from peft_d2c.engine.merge_weights import merge_seed, merge_weights_for
-from peft_d2c.engine.rank_budget import allocate_ranks
+from peft_d2c.engine.merge.budget import partition_bytes
+from peft_d2c.engine.merge.lora import lora_factors, lora_layers
+from peft_d2c.engine.merge.merging import merge_seed, merge_weights_for
+from peft_d2c.engine.merge.rank_budget import allocate_ranks
 from peft_d2c.evaluation.heldout import loss_matrix
 from peft_d2c.online import attach_model
 

@@ -1,4 +1,5 @@
-"""The package layout: imports flow one way between stage folders, with no cycles; each concept is defined once.
+"""The package layout: imports flow one way between stage folders and between the engine's subpackages, with no
+cycles; the search loads without torch; each concept is defined once.
 
 These tests read the source with `ast` (nothing is imported), so they see exactly what an import at module level
 would execute. The stage order is the one docs/architecture.md draws.
@@ -39,6 +40,20 @@ STAGES = [
     ("peft_d2c.embedded",),
     ("peft_d2c.cli",),
 ]
+# The engine's subpackages, bottom up, and the other engine subpackages each may import (docs/architecture.md):
+# merge reads and combines adapters on its own; search is pure, but for `starts` (K-means on the adapters' weights);
+# runtime checkpoints the search state; scoring scores the merger's adapters and shares the work over runtime's
+# process groups; serving answers through scoring's tokenisation.
+ENGINE_IMPORTS = {
+    "merge": (),
+    "search": ("merge",),
+    "runtime": ("search",),
+    "scoring": ("merge", "runtime"),
+    "serving": ("scoring",),
+}
+# The search modules that a test drives with toy score functions: nothing they load may import torch or PEFT.
+PURE_SEARCH = ("loop", "proposals", "search_phases", "search_robust", "weight_search")
+TORCH_LIKE = {"torch", "peft", "transformers", "safetensors", "accelerate", "bitsandbytes"}
 # Third-party modules that may be imported inside a function, with a comment saying why: optional or heavy.
 LAZY_IMPORTS_ALLOWED = {"matplotlib", "accelerate", "sklearn", "datasets", "gguf"}
 PEFT_PRIVATE_HELPERS = {
@@ -197,10 +212,70 @@ class TestImportGraph:
         """Importing any single module first (as a user might) works: no partially initialised module."""
         names = [n for n in MODULES if n not in ("peft_d2c.cli.__main__",)]
         script = "import importlib, sys\nfor name in sys.argv[1:]:\n    importlib.import_module(name)\n"
-        for name in ("peft_d2c.engine.search", "peft_d2c.result", "peft_d2c.hub.collection", "peft_d2c.cli.main"):
+        for name in ("peft_d2c.engine.search.loop", "peft_d2c.result", "peft_d2c.hub.collection", "peft_d2c.cli.main"):
             subprocess.run([sys.executable, "-c", script, name], check=True, capture_output=True)
         for name in names:
             importlib.import_module(name)
+
+
+def engine_part(module: str) -> str | None:
+    """The engine subpackage `module` belongs to: None outside the engine, "" for the engine package itself."""
+    if not is_ancestor("peft_d2c.engine", module):
+        return None
+    parts = module.split(".")
+    return parts[2] if len(parts) > 2 else ""
+
+
+def third_party_roots(path: Path) -> set[str]:
+    """The top-level third-party packages a module imports when it is imported."""
+    roots = set()
+    for node in module_level_imports(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            roots.update(alias.name.split(".")[0] for alias in node.names)
+        elif not node.level:
+            roots.add((node.module or "").split(".")[0])
+    return roots - {"peft_d2c"}
+
+
+class TestEngineSubpackages:
+    def test_every_engine_module_is_in_a_subpackage(self):
+        parts = {engine_part(name) for name in MODULES} - {None, ""}
+        assert parts == set(ENGINE_IMPORTS)
+
+    def test_subpackages_import_only_the_ones_below_them(self):
+        order = list(ENGINE_IMPORTS)
+        for part, allowed in ENGINE_IMPORTS.items():
+            assert all(order.index(other) < order.index(part) for other in allowed), part
+
+    def test_engine_subpackages_import_one_way(self):
+        wrong = []
+        for source, targets in import_graph().items():
+            part = engine_part(source)
+            for target in targets if part else ():
+                other = engine_part(target)
+                if other and other != part and other not in ENGINE_IMPORTS[part]:
+                    wrong.append(f"{source} ({part}/) imports {target} ({other}/)")
+        assert wrong == []
+
+    def test_the_engine_package_inits_import_nothing(self):
+        """Loading one module of a subpackage runs its `__init__`: a pure search module must not pull in torch."""
+        inits = [name for name in MODULES if engine_part(name) is not None and is_package(name)]
+        assert {name: import_graph()[name] for name in inits} == {name: set() for name in inits}
+
+    def test_pure_search_modules_load_no_torch(self):
+        """Nothing a pure search module loads at import time (its packages, what it imports and so on) imports torch,
+        PEFT, transformers or accelerate; tests/test_search.py checks the same by importing it."""
+        graph = import_graph()
+        todo = [m for name in PURE_SEARCH for m in with_packages(f"peft_d2c.engine.search.{name}")]
+        seen: set[str] = set()
+        while todo:
+            module = todo.pop()
+            if module not in seen:
+                seen.add(module)
+                todo.extend(graph[module])
+        heavy = {m: sorted(third_party_roots(MODULES[m]) & TORCH_LIKE) for m in sorted(seen)}
+        assert {m: roots for m, roots in heavy.items() if roots} == {}
+        assert "peft_d2c.engine.search.starts" not in seen
 
 
 def definitions(name: str) -> list[str]:
@@ -219,17 +294,17 @@ class TestOneDefinitionEach:
     @pytest.mark.parametrize(
         ("concept", "module"),
         [
-            ("tokenize_example", "peft_d2c.engine.tokenization"),
-            ("check_token_ids", "peft_d2c.engine.tokenization"),
-            ("check_base_models", "peft_d2c.engine.lora"),
-            ("ModelState", "peft_d2c.engine.state"),
+            ("tokenize_example", "peft_d2c.engine.scoring.tokenization"),
+            ("check_token_ids", "peft_d2c.engine.scoring.tokenization"),
+            ("check_base_models", "peft_d2c.engine.merge.lora"),
+            ("ModelState", "peft_d2c.engine.runtime.state"),
             ("check_adapter_name", "peft_d2c.names"),
-            ("merged_rank", "peft_d2c.engine.budget"),
+            ("merged_rank", "peft_d2c.engine.merge.budget"),
             ("SVD_TYPES", "peft_d2c.combination_types"),
             ("COMBINATION_TYPES", "peft_d2c.combination_types"),
             ("parse_size", "peft_d2c.sizes"),
-            ("lora_factors", "peft_d2c.engine.lora"),
-            ("resolve_adapter_names", "peft_d2c.engine.lora"),
+            ("lora_factors", "peft_d2c.engine.merge.lora"),
+            ("resolve_adapter_names", "peft_d2c.engine.merge.lora"),
             ("RESULT_NAME", "peft_d2c.io"),
         ],
     )
@@ -246,7 +321,7 @@ class TestOneDefinitionEach:
         """Only the model-state guard records `requires_grad` flags to give them back."""
         pattern = re.compile(r"p(aram)?\.requires_grad for")
         holders = [m for m, p in MODULES.items() if pattern.search(p.read_text())]
-        assert holders == ["peft_d2c.engine.state"]
+        assert holders == ["peft_d2c.engine.runtime.state"]
 
     def test_peft_private_merge_helpers_are_called_in_one_function(self):
         callers = []
@@ -268,7 +343,7 @@ class TestOneDefinitionEach:
             assert not any(
                 isinstance(n, ast.Attribute) and n.attr in PEFT_PRIVATE_HELPERS for t in top for n in ast.walk(t)
             )
-        assert sorted(set(callers)) == ["peft_d2c.engine.layer_merge.peft_merge_layer"]
+        assert sorted(set(callers)) == ["peft_d2c.engine.merge.layer_merge.peft_merge_layer"]
 
 
 class TestLayout:

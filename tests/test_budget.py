@@ -9,7 +9,7 @@ from safetensors import safe_open
 
 from peft_d2c import D2CMergeConfig, merge_adapters_d2c
 from peft_d2c import testing as tiny
-from peft_d2c.engine.budget import (
+from peft_d2c.engine.merge.budget import (
     adapter_bytes,
     check_partition_fits,
     merged_adapter_bytes,

@@ -15,7 +15,7 @@ import torch
 
 from peft_d2c import CheckpointMismatchError, D2CMergeConfig, merge_adapters_d2c
 from peft_d2c import testing as tiny
-from peft_d2c.engine.checkpoint import CHECKPOINT_NAME
+from peft_d2c.engine.runtime.checkpoint import CHECKPOINT_NAME
 
 DEFAULT_MERGE = {f.name: f.default for f in dataclasses.fields(D2CMergeConfig)}["combination_type"]
 
@@ -25,7 +25,7 @@ CHILD = textwrap.dedent(
     """
     import json, os, signal, sys
     import torch
-    import peft_d2c.engine.checkpoint as checkpoint_module
+    import peft_d2c.engine.runtime.checkpoint as checkpoint_module
     from peft_d2c import D2CMergeConfig, merge_adapters_d2c
     from peft_d2c import testing as tiny
 
@@ -100,7 +100,7 @@ class TestResume:
     def test_interrupted_multi_proposal_run_resumes(
         self, tiny_assets, tiny_tokenizer, tiny_task_examples, tmp_path, monkeypatch
     ):
-        import peft_d2c.engine.checkpoint as checkpoint_module
+        import peft_d2c.engine.runtime.checkpoint as checkpoint_module
 
         config = D2CMergeConfig(num_clusters=2, num_iterations=12, proposals_per_step=3, checkpoint_every=4, seed=4)
         save = checkpoint_module.save_checkpoint
@@ -123,7 +123,7 @@ class TestResume:
     def test_finished_run_is_not_searched_again(
         self, tiny_assets, tiny_tokenizer, tiny_task_examples, tmp_path, monkeypatch
     ):
-        import peft_d2c.engine.checkpoint as checkpoint_module
+        import peft_d2c.engine.runtime.checkpoint as checkpoint_module
 
         saved_at = []
         save = checkpoint_module.save_checkpoint

@@ -12,7 +12,7 @@ from transformers import LlamaForCausalLM
 
 from peft_d2c import D2CMergeConfig, D2CResult, NonFiniteLossError, UnsupportedAdapterError, merge_adapters_d2c
 from peft_d2c import testing as tiny
-from peft_d2c.engine.search import canonical_partition
+from peft_d2c.engine.search.loop import canonical_partition
 
 # A custom score function without a tokenizer: a merge of the weights alone (`regmean` needs the examples' inputs).
 WEIGHTS_ONLY = D2CMergeConfig(num_clusters=2, combination_type="knots_ties")

@@ -23,12 +23,11 @@ from peft_d2c import D2CMergeConfig, merge_adapters_d2c
 from peft_d2c import testing as tiny
 from peft_d2c.combination_types import COMBINATION_TYPES, DATA_TYPES, UPDATE_TYPES
 from peft_d2c.data.examples import normalize_task_examples
-from peft_d2c.engine import merge_methods
-from peft_d2c.engine.lora import delta_gram_matrix, lora_factors, lora_layers
-from peft_d2c.engine.merge_weights import merge_weights_for
-from peft_d2c.engine.merging import AdapterMerger
-from peft_d2c.engine.regmean import regmean_merge
-from peft_d2c.engine.scoring import LossScorer
+from peft_d2c.engine.merge import merge_methods
+from peft_d2c.engine.merge.lora import delta_gram_matrix, lora_factors, lora_layers
+from peft_d2c.engine.merge.merging import AdapterMerger, merge_weights_for
+from peft_d2c.engine.merge.regmean import regmean_merge
+from peft_d2c.engine.scoring.loss import LossScorer
 
 HALF_DTYPES = [torch.bfloat16, torch.float16]
 MEMBERS = ["copy", "reverse", "sort"]

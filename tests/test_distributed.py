@@ -13,7 +13,7 @@ import pytest
 
 from peft_d2c import D2CMergeConfig, merge_adapters_d2c
 from peft_d2c import testing as tiny
-from peft_d2c.engine.distributed import SingleProcess, get_process_group
+from peft_d2c.engine.runtime.distributed import SingleProcess, get_process_group
 
 # (config kwargs) run both in one process here and on two processes under `accelerate launch`.
 RUNS = [
@@ -35,7 +35,7 @@ CHILD = textwrap.dedent(
     import torch
     from peft_d2c import D2CMergeConfig, merge_adapters_d2c
     from peft_d2c import testing as tiny
-    from peft_d2c.engine.distributed import get_process_group
+    from peft_d2c.engine.runtime.distributed import get_process_group
 
     base_dir, adapters, examples, runs, out_dir = sys.argv[1:6]
     group = get_process_group()
@@ -168,7 +168,7 @@ MISUSE_CHILD = textwrap.dedent(
     import json, os, sys, time
     from peft_d2c import D2CMergeConfig, merge_adapters_d2c
     from peft_d2c import testing as tiny
-    from peft_d2c.engine.distributed import get_process_group
+    from peft_d2c.engine.runtime.distributed import get_process_group
 
     base_dir, adapters, examples, case, out_dir = sys.argv[1:6]
     group = get_process_group()

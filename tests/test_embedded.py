@@ -41,7 +41,7 @@ from peft_d2c.embedded import (
     train_task_adapter,
 )
 from peft_d2c.embedded.base_model import HUB_BASE_KEY
-from peft_d2c.engine.scoring import tokenize_example
+from peft_d2c.engine.scoring.loss import tokenize_example
 from peft_d2c.evaluation.generation import completion_loss, exact_match_accuracy, generate_answers, normalize_answer
 
 REPO_ROOT = Path(__file__).resolve().parent.parent

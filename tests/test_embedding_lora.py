@@ -15,8 +15,8 @@ from transformers import LlamaForCausalLM
 
 from peft_d2c import D2CMergeConfig, UnsupportedAdapterError, merge_adapters_d2c
 from peft_d2c import testing as tiny
-from peft_d2c.engine.lora import check_source_adapters, lora_factors, lora_layers
-from peft_d2c.engine.merge_weights import merge_weights_for
+from peft_d2c.engine.merge.lora import check_source_adapters, lora_factors, lora_layers
+from peft_d2c.engine.merge.merging import merge_weights_for
 
 # Not "copy": PEFT keeps embedding factors in an `nn.ParameterDict`, whose `copy` method the name would shadow.
 TASKS = ["reverse", "sort", "shift"]

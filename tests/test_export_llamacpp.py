@@ -33,7 +33,7 @@ from peft_d2c import D2CMergeConfig, merge_adapters_d2c
 from peft_d2c.data.examples import Example
 from peft_d2c.embedded import default_cache_dir, load_embedded_peft_model, load_embedded_tasks
 from peft_d2c.embedded.base_model import PYPI_GGUF_MEMBER, PYPI_PACKAGE
-from peft_d2c.engine.scoring import tokenize_example
+from peft_d2c.engine.scoring.loss import tokenize_example
 from peft_d2c.evaluation.generation import BASE_ADAPTER, generate_answers, normalize_answer
 from peft_d2c.export import export_d2c_folder
 

@@ -1,4 +1,4 @@
-"""engine/layer_merge.py: the one seam to PEFT's private merge helpers, checked against the closed-form update.
+"""engine/merge/layer_merge.py: the one seam to PEFT's private merge helpers, checked against the closed-form update.
 
 The expected updates are computed here from the raw LoRA factors and the adapters' configs (ΔW = Σ w_i·s_i·B_i·A_i
 with s_i = lora_alpha / r), never through PEFT's merge code.
@@ -16,10 +16,9 @@ from transformers import LlamaForCausalLM
 
 from peft_d2c import D2CMergeConfig, D2CWarning
 from peft_d2c import testing as tiny
-from peft_d2c.engine import layer_merge
-from peft_d2c.engine.lora import lora_layers
-from peft_d2c.engine.merge_weights import merge_weights_for
-from peft_d2c.engine.merging import AdapterMerger
+from peft_d2c.engine.merge import layer_merge
+from peft_d2c.engine.merge.lora import lora_layers
+from peft_d2c.engine.merge.merging import AdapterMerger, merge_weights_for
 
 MEMBERS = ["copy", "reverse", "sort"]
 DETERMINISTIC_TYPES = ["linear", "ties", "magnitude_prune", "svd", "ties_svd", "magnitude_prune_svd"]

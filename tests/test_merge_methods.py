@@ -1,4 +1,4 @@
-"""engine/merge_methods.py and the update-space combination types (issue 13): rank-r merges in update space.
+"""engine/merge/merge_methods.py and the update-space combination types (issue 13): rank-r merges in update space.
 
 Every expected value is computed here independently: dense updates ΔW_i = s_i·B_i·A_i built from the raw factors and
 the adapters' configs (s_i = alpha/r, alpha/sqrt(r) for rslora, rank_pattern / alpha_pattern), dense SVDs of the
@@ -23,11 +23,10 @@ from peft.utils.merge_utils import ties as peft_ties
 
 from peft_d2c import D2CMergeConfig, UnsupportedAdapterError, merge_adapters_d2c
 from peft_d2c.combination_types import DATA_TYPES, UPDATE_TYPES
-from peft_d2c.engine import merge_methods
-from peft_d2c.engine.budget import merged_rank
-from peft_d2c.engine.lora import check_source_adapters, lora_layers
-from peft_d2c.engine.merge_weights import merge_weights_for
-from peft_d2c.engine.merging import AdapterMerger
+from peft_d2c.engine.merge import merge_methods
+from peft_d2c.engine.merge.budget import merged_rank
+from peft_d2c.engine.merge.lora import check_source_adapters, lora_layers
+from peft_d2c.engine.merge.merging import AdapterMerger, merge_weights_for
 from peft_d2c.evaluation.generation import completion_loss
 from peft_d2c.testing import random_layer_inputs
 

@@ -11,15 +11,14 @@ from transformers import LlamaForCausalLM
 from peft_d2c import D2CMergeConfig, UnsupportedAdapterError
 from peft_d2c import testing as tiny
 from peft_d2c.combination_types import COMBINATION_TYPES
-from peft_d2c.engine.lora import (
+from peft_d2c.engine.merge.lora import (
     check_new_adapter_name,
     check_peft_model,
     check_source_adapters,
     delta_gram_matrix,
     lora_layers,
 )
-from peft_d2c.engine.merge_weights import merge_weights_for
-from peft_d2c.engine.merging import AdapterMerger
+from peft_d2c.engine.merge.merging import AdapterMerger, merge_weights_for
 
 
 def copies_model(tiny_assets, family="copy", k=3) -> PeftModel:

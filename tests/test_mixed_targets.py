@@ -15,8 +15,8 @@ from transformers import LlamaForCausalLM
 
 from peft_d2c import D2CMergeConfig, merge_adapters_d2c
 from peft_d2c import testing as tiny
-from peft_d2c.engine.budget import merged_adapter_bytes
-from peft_d2c.engine.lora import adapter_modules, lora_factors, lora_layers
+from peft_d2c.engine.merge.budget import merged_adapter_bytes
+from peft_d2c.engine.merge.lora import adapter_modules, lora_factors, lora_layers
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 

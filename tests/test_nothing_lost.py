@@ -12,7 +12,7 @@ import torch
 from peft_d2c import D2CMergeConfig, D2CResult, merge_adapters_d2c
 from peft_d2c import result as result_module
 from peft_d2c import testing as tiny
-from peft_d2c.engine.merging import AdapterMerger
+from peft_d2c.engine.merge.merging import AdapterMerger
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -14,7 +14,7 @@ from transformers import LlamaForCausalLM
 
 from peft_d2c import D2CMergeConfig, D2CResult, merge_adapters_d2c
 from peft_d2c import testing as tiny
-from peft_d2c.engine.prompt_router import (
+from peft_d2c.engine.serving.prompt_router import (
     ROUTER_CONFIG_NAME,
     ROUTER_WEIGHTS_NAME,
     PromptRouter,

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 from peft_d2c import D2CMergeConfig, merge_adapters_d2c
-from peft_d2c.engine.proposals import Move, apply_move, draw_random_move, draw_sweep_move, misfit_order
-from peft_d2c.engine.search import SearchState, canonical_partition, d2c_search
-from peft_d2c.engine.search_robust import robust_search
+from peft_d2c.engine.search.loop import SearchState, canonical_partition, d2c_search
+from peft_d2c.engine.search.proposals import Move, apply_move, draw_random_move, draw_sweep_move, misfit_order
+from peft_d2c.engine.search.search_robust import robust_search
 
 
 def group_of(name: str) -> str:

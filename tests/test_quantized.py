@@ -22,9 +22,9 @@ from transformers import BitsAndBytesConfig, LlamaForCausalLM
 from peft_d2c import D2CMergeConfig, merge_adapters_d2c
 from peft_d2c import testing as tiny
 from peft_d2c.data.examples import Example
-from peft_d2c.engine.lora import lora_factors, lora_layers
-from peft_d2c.engine.merging import AdapterMerger
-from peft_d2c.engine.tokenization import tokenize_example
+from peft_d2c.engine.merge.lora import lora_factors, lora_layers
+from peft_d2c.engine.merge.merging import AdapterMerger
+from peft_d2c.engine.scoring.tokenization import tokenize_example
 
 QUANTISATIONS = {
     "nf4": (

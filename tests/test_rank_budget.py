@@ -19,12 +19,11 @@ from transformers import LlamaForCausalLM
 from peft_d2c import D2CMergeConfig, merge_adapters_d2c
 from peft_d2c import testing as tiny
 from peft_d2c.combination_types import UPDATE_TYPES
-from peft_d2c.engine import merge_methods
-from peft_d2c.engine.budget import partition_bytes
-from peft_d2c.engine.lora import lora_factors, lora_layers
-from peft_d2c.engine.merge_weights import merge_weights_for
-from peft_d2c.engine.merging import AdapterMerger
-from peft_d2c.engine.rank_budget import allocate_ranks, merge_with_allocated_ranks
+from peft_d2c.engine.merge import merge_methods
+from peft_d2c.engine.merge.budget import partition_bytes
+from peft_d2c.engine.merge.lora import lora_factors, lora_layers
+from peft_d2c.engine.merge.merging import AdapterMerger, merge_weights_for
+from peft_d2c.engine.merge.rank_budget import allocate_ranks, merge_with_allocated_ranks
 from peft_d2c.export import export_d2c_folder
 
 

@@ -14,8 +14,8 @@ from transformers import LlamaForCausalLM
 
 from peft_d2c import D2CMergeConfig, D2CWarning, Example, UnsupportedAdapterError, merge_adapters_d2c
 from peft_d2c import testing as tiny
-from peft_d2c.engine.scoring import completion_loss_sums
-from peft_d2c.engine.tokenization import tokenize_example
+from peft_d2c.engine.scoring.loss import completion_loss_sums
+from peft_d2c.engine.scoring.tokenization import tokenize_example
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 FAMILIES = list(tiny.TASK_FAMILIES)

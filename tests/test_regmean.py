@@ -8,10 +8,10 @@ import torch
 
 from peft_d2c import D2CMergeConfig, merge_adapters_d2c
 from peft_d2c.data.examples import Example
-from peft_d2c.engine.layer_inputs import input_factors
-from peft_d2c.engine.lora import lora_factors, lora_layers
-from peft_d2c.engine.regmean import RegMeanSystem, compress_rows, regmean_merge, shrink_off_diagonal
-from peft_d2c.engine.scoring import pad_token_id_for, tokenize_example
+from peft_d2c.engine.merge.lora import lora_factors, lora_layers
+from peft_d2c.engine.merge.regmean import RegMeanSystem, compress_rows, regmean_merge, shrink_off_diagonal
+from peft_d2c.engine.scoring.layer_inputs import input_factors
+from peft_d2c.engine.scoring.loss import pad_token_id_for, tokenize_example
 
 OUT, IN = 9, 7
 

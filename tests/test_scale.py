@@ -11,11 +11,10 @@ from peft_d2c import D2CMergeConfig, merge_adapters_d2c
 from peft_d2c import testing as tiny
 from peft_d2c.combination_types import COMBINATION_TYPES
 from peft_d2c.data.examples import normalize_task_examples
-from peft_d2c.engine.batch_plan import plan_batches
-from peft_d2c.engine.lora import lora_layers
-from peft_d2c.engine.merging import AdapterMerger
-from peft_d2c.engine.scoring import LossScorer, _keeps_logits_by_mask
-from peft_d2c.engine.search import balanced_random_partition, canonical_partition, d2c_search
+from peft_d2c.engine.merge.lora import lora_layers
+from peft_d2c.engine.merge.merging import AdapterMerger
+from peft_d2c.engine.scoring.loss import LossScorer, _keeps_logits_by_mask, plan_batches
+from peft_d2c.engine.search.loop import balanced_random_partition, canonical_partition, d2c_search
 
 GROUPS = {"a1": "a", "a2": "a", "a3": "a", "b1": "b", "b2": "b", "b3": "b", "c1": "c", "c2": "c", "c3": "c"}
 OPTIMUM = [["a1", "a2", "a3"], ["b1", "b2", "b3"], ["c1", "c2", "c3"]]

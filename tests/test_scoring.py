@@ -10,7 +10,12 @@ from packaging import version
 from peft import LoraConfig, get_peft_model
 
 from peft_d2c.data.examples import Example
-from peft_d2c.engine.scoring import _keeps_logits_by_mask, completion_loss_sums, pad_token_id_for, tokenize_example
+from peft_d2c.engine.scoring.loss import (
+    _keeps_logits_by_mask,
+    completion_loss_sums,
+    pad_token_id_for,
+    tokenize_example,
+)
 
 
 def row_by_row(model, rows, adapter_names):
@@ -90,7 +95,7 @@ def test_plain_model_without_adapter_names(tiny_assets, tiny_tokenizer, tiny_tas
 
 @pytest.mark.parametrize("left", [False, True])
 def test_padded_batch_pads_to_the_longest_on_the_asked_side(left):
-    from peft_d2c.engine.tokenization import padded_batch
+    from peft_d2c.engine.scoring.tokenization import padded_batch
 
     input_ids, mask = padded_batch([[5, 6, 7], [8], [9, 10]], pad_token_id=0, left=left)
     if left:  # generation: every prompt ends at the last column
@@ -108,8 +113,8 @@ def test_miss_is_one_minus_the_mean_probability_of_each_whole_completion(
     """`task_score="miss"`: per task, 1 - mean over its examples of P(completion | prompt), teacher-forced; the
     expected value comes from the merged adapter's full logits, one example at a time, as a product of probabilities."""
     from peft_d2c import D2CMergeConfig
-    from peft_d2c.engine.merging import AdapterMerger
-    from peft_d2c.engine.scoring import LossScorer
+    from peft_d2c.engine.merge.merging import AdapterMerger
+    from peft_d2c.engine.scoring.loss import LossScorer
 
     model = tiny_peft_model.eval()
     tasks = sorted(tiny_task_examples)[:2]

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from peft_d2c.engine.search import (
+from peft_d2c.engine.search.loop import (
     SearchState,
     balanced_random_partition,
     canonical_partition,
@@ -32,25 +32,25 @@ def group_score(requests):
 
 class TestPurity:
     def test_search_module_imports_without_torch(self):
-        """search.py (and what it imports: proposals.py, search_defaults.py) must run where torch is absent: load the
-        package folder by path as a bare package whose `__init__` does not run (engine's holds only its docstring), in
-        a fresh interpreter, and check sys.modules."""
+        """search/loop.py (and what it imports: proposals.py, search_defaults.py) must run where torch is absent: load
+        the package folder by path as a bare package whose `__init__` does not run (engine's and search's hold only
+        their docstrings), in a fresh interpreter, and check sys.modules."""
         folder = Path(__file__).parents[1] / "peft_d2c"
         code = (
             "import importlib, sys, types\n"
             "package = sys.modules['pure'] = types.ModuleType('pure')\n"
             f"package.__path__ = [{str(folder)!r}]\n"
-            "module = importlib.import_module('pure.engine.search')\n"
+            "module = importlib.import_module('pure.engine.search.loop')\n"
             "state = module.d2c_search([['a', 'b'], ['c']], lambda r: [0.0] * len(r), __import__('numpy').random.default_rng(0), num_iterations=3)\n"
             "assert len(state.history) == 3\n"
             "loaded = sorted(m for m in sys.modules if m.startswith('pure.'))\n"
-            "assert loaded == ['pure.engine', 'pure.engine.proposals', 'pure.engine.search', 'pure.search_defaults'], loaded\n"
+            "assert loaded == ['pure.engine', 'pure.engine.search', 'pure.engine.search.loop', 'pure.engine.search.proposals', 'pure.search_defaults'], loaded\n"
             "assert 'torch' not in sys.modules and 'peft' not in sys.modules, sorted(sys.modules)\n"
             "print('pure')\n"
         )
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
         assert out.stdout.strip() == "pure"
-        assert importlib.util.find_spec("peft_d2c.engine.search") is not None
+        assert importlib.util.find_spec("peft_d2c.engine.search.loop") is not None
 
 
 class TestBalancedRandomPartition:

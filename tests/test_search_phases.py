@@ -15,11 +15,11 @@ import pytest
 from peft_d2c import D2CMergeConfig, merge_adapters_d2c
 from peft_d2c import testing as tiny
 from peft_d2c.data.examples import normalize_task_examples
-from peft_d2c.engine.layer_inputs import attach_layer_inputs
-from peft_d2c.engine.merging import AdapterMerger
-from peft_d2c.engine.scoring import LossScorer
-from peft_d2c.engine.search import SearchState, balanced_random_partition, d2c_search
-from peft_d2c.engine.search_phases import paper_then_partition
+from peft_d2c.engine.merge.merging import AdapterMerger
+from peft_d2c.engine.scoring.layer_inputs import attach_layer_inputs
+from peft_d2c.engine.scoring.loss import LossScorer
+from peft_d2c.engine.search.loop import SearchState, balanced_random_partition, d2c_search
+from peft_d2c.engine.search.search_phases import paper_then_partition
 from peft_d2c.evaluation.estimate import estimate_run
 from peft_d2c.evaluation.sweep import run_sweep
 from peft_d2c.search_defaults import default_search_rule
@@ -270,7 +270,7 @@ class TestOnTheTinyModel:
     def test_run_interrupted_in_the_second_phase_resumes_to_the_same_end(
         self, tiny_assets, tiny_tokenizer, tiny_task_examples, tmp_path, monkeypatch
     ):
-        import peft_d2c.engine.checkpoint as checkpoint_module
+        import peft_d2c.engine.runtime.checkpoint as checkpoint_module
 
         config = D2CMergeConfig(
             num_clusters=3, num_iterations=12, search="paper_then_partition", checkpoint_every=1, seed=3

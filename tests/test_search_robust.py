@@ -17,14 +17,14 @@ from recompute import load_reference
 
 from peft_d2c import D2CMergeConfig, merge_adapters_d2c
 from peft_d2c import testing as tiny
-from peft_d2c.engine.search import (
+from peft_d2c.engine.search.loop import (
     SearchState,
     balanced_random_partition,
     canonical_partition,
     d2c_search,
     partition_losses,
 )
-from peft_d2c.engine.search_robust import (
+from peft_d2c.engine.search.search_robust import (
     choose_best_start,
     combine_starts,
     polish,
@@ -344,7 +344,7 @@ class TestFinalPass:
 
         start = balanced_random_partition(NAMES, 3, np.random.default_rng(0))
         state = d2c_search(start, drifting, np.random.default_rng(0), num_iterations=0)
-        with caplog.at_level("WARNING", logger="peft_d2c.engine.search_robust"):
+        with caplog.at_level("WARNING", logger="peft_d2c.engine.search.search_robust"):
             polish(state, drifting, max_sweeps=3)
         assert "max_sweeps=3" in caplog.text
         assert calls[0] <= 1 + 3 * len(NAMES) + 3
@@ -481,7 +481,7 @@ class TestResume:
     def test_killed_robust_run_resumes_from_its_checkpoint(
         self, tiny_assets, tiny_tokenizer, tiny_task_examples, tmp_path, monkeypatch
     ):
-        import peft_d2c.engine.checkpoint as checkpoint_module  # the module whose checkpoint writer is interrupted
+        import peft_d2c.engine.runtime.checkpoint as checkpoint_module  # the module whose checkpoint writer is interrupted
 
         config = D2CMergeConfig(
             num_clusters=2,

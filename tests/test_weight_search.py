@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from peft_d2c import D2CMergeConfig
-from peft_d2c.engine.lora import lora_layers
-from peft_d2c.engine.merging import AdapterMerger
-from peft_d2c.engine.weight_search import search_weights
+from peft_d2c.engine.merge.lora import lora_layers
+from peft_d2c.engine.merge.merging import AdapterMerger
+from peft_d2c.engine.search.weight_search import search_weights
 from peft_d2c.evaluation.heldout import loss_matrix
 from peft_d2c.evaluation.tune import tune_cluster_weights
 
@@ -101,8 +101,8 @@ def test_regmean_weights_tune_with_the_members_layer_inputs(tiny_peft_model, tin
     """`regmean` merges need the layer inputs (as `benchmarks/tune_weights.py` now attaches them): the tuned
     weights never end above the start, and the adapter left behind scores what the search reported."""
     from peft_d2c.data.examples import normalize_task_examples
-    from peft_d2c.engine.layer_inputs import attach_layer_inputs
-    from peft_d2c.engine.scoring import LossScorer
+    from peft_d2c.engine.scoring.layer_inputs import attach_layer_inputs
+    from peft_d2c.engine.scoring.loss import LossScorer
 
     model = tiny_peft_model
     model.eval()

@@ -15,10 +15,10 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from peft_d2c import D2CMergeConfig, MemoryLimitError, merge_adapters_d2c
 from peft_d2c import testing as tiny
 from peft_d2c.data.examples import normalize_task_examples
-from peft_d2c.engine.layer_inputs import input_factors, layer_input_bytes, predict_layer_input_bytes
-from peft_d2c.engine.lora import lora_factors, lora_layers
-from peft_d2c.engine.merging import AdapterMerger
-from peft_d2c.engine.scoring import LossScorer
+from peft_d2c.engine.merge.lora import lora_factors, lora_layers
+from peft_d2c.engine.merge.merging import AdapterMerger
+from peft_d2c.engine.scoring.layer_inputs import input_factors, layer_input_bytes, predict_layer_input_bytes
+from peft_d2c.engine.scoring.loss import LossScorer
 from peft_d2c.sizes import format_size
 
 WIDE = 1024

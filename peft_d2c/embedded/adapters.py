@@ -2,7 +2,7 @@
 
 `AdapterRecipe` fixes every training setting; adapters are cached under
 `<cache>/adapters/<base_key>/<recipe_hash>/<task>/`, so a benchmark trains them once per machine. Examples are
-tokenised by `peft_d2c.engine.scoring.tokenize_example`, exactly as the D2C loss sees them. May import
+tokenised by `peft_d2c.engine.scoring.tokenization.tokenize_example`, exactly as the D2C loss sees them. May import
 `peft_d2c.io`, `peft_d2c.data`, `peft_d2c.engine` and the `embedded` modules `base_model` and `tasks`.
 """
 
@@ -25,8 +25,8 @@ from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
 from ..data.examples import Example
-from ..engine.scoring import TokenizedExample, input_device, pad_token_id_for, tokenize_example
-from ..engine.state import preserved_state
+from ..engine.runtime.state import preserved_state
+from ..engine.scoring.loss import TokenizedExample, input_device, pad_token_id_for, tokenize_example
 from ..io import atomic_write_json
 from .base_model import default_cache_dir, load_embedded_base_model, staging_dir
 from .tasks import check_tasks, load_embedded_tasks

@@ -9,10 +9,10 @@ from collections.abc import Callable, Sequence
 
 from ..config import D2CMergeConfig
 from ..data.examples import normalize_task_examples
-from ..engine.layer_inputs import attach_layer_inputs
-from ..engine.merging import AdapterMerger
-from ..engine.proposals import Move, apply_move
-from ..engine.scoring import LossScorer
+from ..engine.merge.merging import AdapterMerger
+from ..engine.scoring.layer_inputs import attach_layer_inputs
+from ..engine.scoring.loss import LossScorer
+from ..engine.search.proposals import Move, apply_move
 from ..result import D2CResult
 
 __all__ = ["AnytimeScorer", "anytime_curve"]

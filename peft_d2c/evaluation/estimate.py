@@ -13,13 +13,13 @@ import numpy as np
 
 from ..combination_types import DATA_TYPES
 from ..data.examples import normalize_task_examples
-from ..engine.budget import adapter_bytes, resolve_num_clusters
-from ..engine.layer_inputs import attach_layer_inputs, layer_input_bytes, predict_layer_input_bytes
-from ..engine.lora import check_source_adapters, resolve_adapter_names
-from ..engine.merging import AdapterMerger
-from ..engine.scoring import LossScorer
-from ..engine.search import balanced_random_partition
-from ..engine.state import ModelState
+from ..engine.merge.budget import adapter_bytes, resolve_num_clusters
+from ..engine.merge.lora import check_source_adapters, resolve_adapter_names
+from ..engine.merge.merging import AdapterMerger
+from ..engine.runtime.state import ModelState
+from ..engine.scoring.layer_inputs import attach_layer_inputs, layer_input_bytes, predict_layer_input_bytes
+from ..engine.scoring.loss import LossScorer
+from ..engine.search.loop import balanced_random_partition
 from ..search_defaults import TARGETED_PROPOSALS
 from ..sizes import format_size
 
@@ -48,8 +48,8 @@ def estimate_run(peft_model, task_examples, config, *, tokenizer, probe_evaluati
     Returns:
         `dict`: `num_adapters`, `num_clusters`, `max_evaluations`, `seconds_per_evaluation`, `seconds_per_merge`,
         `expected_seconds` (an upper bound), `probe_evaluations`, `layer_input_bytes` (the `regmean` layer inputs the
-        run holds from start to end, `engine.layer_inputs.layer_input_bytes`), `predicted_layer_input_bytes` (the
-        same predicted before collecting them, what a run checks against `memory_limit`) and `peak_bytes` (the
+        run holds from start to end, `engine.scoring.layer_inputs.layer_input_bytes`), `predicted_layer_input_bytes`
+        (the same predicted before collecting them, what a run checks against `memory_limit`) and `peak_bytes` (the
         process's expected peak resident memory: the probe's peak, which held every layer input and merged and
         scored the largest cluster, plus the run's live merged adapters; from a fresh process it is the run's).
 

@@ -1,6 +1,6 @@
 """Held-out scoring shared by the benchmark: greedy answers, exact match, and completion loss.
 
-Conventions match the D2C loss (`peft_d2c.engine.scoring`): the prompt is tokenised with the tokenizer's special tokens, the
+Conventions match the D2C loss (`peft_d2c.engine.scoring.loss`): the prompt is tokenised with the tokenizer's special tokens, the
 completion without them, EOS is appended, and no chat template is applied. With a `PeftModel`, the adapter is chosen
 per row through PEFT's mixed-adapter batches (`adapter_names=`), where `"__base__"` means the base model; nothing
 calls `set_adapter`, so the model's active adapter and requires_grad flags are never touched.
@@ -15,8 +15,8 @@ from typing import Any
 import torch
 
 from ..data.examples import Example
-from ..engine.generation import BASE_ADAPTER, eval_mode, generate_answers, row_adapters
-from ..engine.scoring import completion_loss_sums, pad_token_id_for, tokenize_example
+from ..engine.scoring.loss import completion_loss_sums, pad_token_id_for, tokenize_example
+from ..engine.serving.generation import BASE_ADAPTER, eval_mode, generate_answers, row_adapters
 
 __all__ = ["BASE_ADAPTER", "completion_loss", "exact_match_accuracy", "generate_answers", "normalize_answer"]
 
@@ -101,7 +101,7 @@ def completion_loss(
 ) -> float:
     """Mean token cross-entropy of the completions (+ EOS) given their prompts, pooled over all examples.
 
-    The same loss D2C optimises (`peft_d2c.engine.scoring`), for one adapter.
+    The same loss D2C optimises (`peft_d2c.engine.scoring.loss`), for one adapter.
 
     Args:
         model, tokenizer: As for `generate_answers`.

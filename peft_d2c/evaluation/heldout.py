@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 from ..data.examples import Example
-from ..engine.scoring import completion_loss_sums, pad_token_id_for, tokenize_example
+from ..engine.scoring.loss import completion_loss_sums, pad_token_id_for, tokenize_example
 from .generation import generate_answers, normalize_answer
 
 

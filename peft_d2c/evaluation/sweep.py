@@ -10,7 +10,7 @@ from dataclasses import replace
 from typing import Any
 
 from ..d2c import merge_adapters_d2c
-from ..engine.budget import adapter_bytes, partition_bytes
+from ..engine.merge.budget import adapter_bytes, partition_bytes
 from ..io import atomic_write_json
 from .heldout import evaluate_routing
 from .plots import plot_sweep
@@ -33,7 +33,7 @@ def run_sweep(
 
     Every run uses `config` with `num_clusters=K` (any storage budget is replaced). The score of a run is the mean
     held-out exact match of its routing when `heldout_examples` are given, else the mean few-shot task loss (lower
-    is better; the loss at every K, also for a run whose search scored the miss: `task_score`). Storage is the bytes of the K merged adapters (`peft_d2c.engine.budget.partition_bytes`). The merged
+    is better; the loss at every K, also for a run whose search scored the miss: `task_score`). Storage is the bytes of the K merged adapters (`peft_d2c.engine.merge.budget.partition_bytes`). The merged
     adapters of each run are deleted from the model once it is measured.
 
     Args:

@@ -1,5 +1,5 @@
 """Data-driven merge weights for a finished partition: each cluster's per-adapter weights tuned on the few-shot
-loss of the cluster's own tasks (`engine.weight_search.search_weights`, gradient-free as in LoraHub).
+loss of the cluster's own tasks (`engine.search.weight_search.search_weights`, gradient-free as in LoraHub).
 
 An experiment, not part of `merge_adapters_d2c`: `benchmarks/tune_weights.py` measures whether the tuned weights
 raise held-out exact match (10 examples per task may well be overfitted).
@@ -10,9 +10,8 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 
-from ..engine.merge_weights import merge_weights_for
-from ..engine.merging import AdapterMerger
-from ..engine.weight_search import WeightSearchResult, search_weights
+from ..engine.merge.merging import AdapterMerger, merge_weights_for
+from ..engine.search.weight_search import WeightSearchResult, search_weights
 from .heldout import loss_matrix
 
 __all__ = ["cluster_loss", "tune_cluster_weights"]

@@ -19,7 +19,7 @@ import shutil
 import tempfile
 from typing import Any
 
-from ..engine.prompt_router import MAX_FEATURE_TOKENS, ROUTER_CONFIG_NAME, ROUTER_WEIGHTS_NAME
+from ..engine.serving.prompt_router import MAX_FEATURE_TOKENS, ROUTER_CONFIG_NAME, ROUTER_WEIGHTS_NAME
 from ..hub.cards import read_result_folder
 from ..io import ROUTING_NAME, atomic_write_json, atomic_write_text, read_json
 from .llamacpp import base_info_from_config, base_info_from_gguf, convert_peft_adapter, write_gguf_lora

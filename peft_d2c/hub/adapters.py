@@ -20,7 +20,7 @@ from peft import PeftModel
 from peft.tuners.tuners_utils import check_target_module_exists
 from safetensors import safe_open
 
-from ..engine.lora import EXACT_IN_UPDATE_SPACE, UNMERGEABLE_FLAGS, reserved_adapter_names
+from ..engine.merge.lora import EXACT_IN_UPDATE_SPACE, UNMERGEABLE_FLAGS, reserved_adapter_names
 from ..errors import D2CWarning, UnsupportedAdapterError
 from ..names import check_adapter_name
 

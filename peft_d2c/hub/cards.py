@@ -140,7 +140,7 @@ def _kept_start(config: Mapping[str, Any], result: Mapping[str, Any]) -> str:
 def _merge_engine(combination_type: str | None) -> str:
     """Who computes the merge: PEFT's `add_weighted_adapter`, or peft-d2c's update-space merges (rank r, exact)."""
     if combination_type in UPDATE_TYPES:
-        return "peft-d2c's update-space merge (`peft_d2c.engine.merge_methods`, rank r, a standard LoRA)"
+        return "peft-d2c's update-space merge (`peft_d2c.engine.merge.merge_methods`, rank r, a standard LoRA)"
     return "PEFT `add_weighted_adapter`"
 
 

@@ -2,7 +2,7 @@
 
 `load_d2c_collection` reads the routing table (and, for `layout="repos"`, `d2c_hub.json`) from one commit and loads
 every merged adapter with `load_adapters`; `D2CRouter` switches to the adapter of a task, or routes a prompt without
-a task label with the collection's prompt router (`peft_d2c.engine.prompt_router`). May import
+a task label with the collection's prompt router (`peft_d2c.engine.serving.prompt_router`). May import
 `peft_d2c.io`, `peft_d2c.errors`, `peft_d2c.engine` and the other `hub` modules.
 """
 
@@ -16,7 +16,8 @@ from typing import Any
 from huggingface_hub import hf_hub_download
 from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError
 
-from ..engine.prompt_router import (
+from ..engine.runtime.state import ModelState
+from ..engine.serving.prompt_router import (
     ROUTER_CONFIG_NAME,
     ROUTER_WEIGHTS_NAME,
     PromptRouter,
@@ -24,7 +25,6 @@ from ..engine.prompt_router import (
     generate_routed,
     route_prompts,
 )
-from ..engine.state import ModelState
 from ..io import RESULT_NAME, ROUTING_NAME, read_json
 from .adapters import AdapterSource, hub_api, load_adapters
 from .push import HUB_NAME
@@ -125,7 +125,7 @@ class D2CRouter:
         if self.prompt_router is None:
             raise ValueError(
                 "This collection has no prompt router (saved before peft-d2c had one, or with `fit_router=False`); fit "
-                "one with `peft_d2c.engine.prompt_router.fit_prompt_router` on the tasks' few-shot prompts."
+                "one with `peft_d2c.engine.serving.prompt_router.fit_prompt_router` on the tasks' few-shot prompts."
             )
         return self.prompt_router
 

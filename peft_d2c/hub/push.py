@@ -21,7 +21,7 @@ from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError
 from huggingface_hub.utils import validate_repo_id
 
 from ..config import CONFIG_NAME
-from ..engine.prompt_router import ROUTER_CONFIG_NAME, ROUTER_WEIGHTS_NAME
+from ..engine.serving.prompt_router import ROUTER_CONFIG_NAME, ROUTER_WEIGHTS_NAME
 from ..io import RESULT_NAME, ROUTING_NAME, read_json
 from .adapters import ADAPTER_CONFIG_NAME, REPO_ID_PATTERN, WEIGHTS_NAMES, hub_api
 from .cards import build_adapter_card, build_collection_card, is_hub_id, read_result_folder

@@ -9,8 +9,8 @@ module of every transformer block is merged in one call: one batched QR / SVD in
 
 `merge_updates` returns every type's result in one canonical form (`canonical_factors`): A = V^T (orthonormal rows),
 B = U·S (orthogonal columns), directions sorted by singular value, largest first, numerically-zero ones set to zero.
-Whatever cuts the factors by position (`engine.rank_budget`'s allocation, export at a lower rank) then keeps the best
-approximation of the merged update at that rank, whichever type made it.
+Whatever cuts the factors by position (`engine.merge.rank_budget`'s allocation, export at a lower rank) then keeps the
+best approximation of the merged update at that rank, whichever type made it.
 
 No d x d matrix is ever formed or decomposed. The sum of k rank-r updates is [B_1 .. B_k]·[A_1; ..; A_k]; a QR of
 both stacked factors and an SVD of the (kr x kr) core give its exact SVD (`low_rank_svd`), and the best rank-r
@@ -18,7 +18,7 @@ approximation follows by truncation (Eckart-Young). Element-wise methods (TIES) 
 shared basis instead of on the d x d entries, as KnOTS (Stoica et al., ICLR 2025) and Core Space merging
 (Panariello et al., NeurIPS 2025) do; each docstring says which space it prunes in.
 
-The types (`peft_d2c.combination_types.UPDATE_TYPES`), with the weights `engine.merge_weights.merge_weights_for` gives them:
+The types (`peft_d2c.combination_types.UPDATE_TYPES`), with the weights `merging.merge_weights_for` gives them:
 
 - `core_ta`: task arithmetic Σ w_i·ΔW_i (w_i = 1/k, the mean), truncated to rank r. The same update as PEFT's
   `svd`, computed exactly and without a dense SVD.
@@ -322,7 +322,7 @@ def merge_updates(
     Args:
         combination_type (`str`): `core_ta`, `core_ties`, `knots_ties` or `tsv_m`.
         pairs (`Sequence[tuple[Tensor, Tensor]]`): `(B_i, A_i)` per member, the LoRA scaling folded into A_i.
-        weights (`Sequence[float]`): One merge weight per member (see `engine.merge_weights.merge_weights_for`).
+        weights (`Sequence[float]`): One merge weight per member (see `engine.merge.merging.merge_weights_for`).
         rank (`int`): Rank of the merged factors.
         density (`float`, defaults to 1.0), majority_sign_method (`str`, defaults to `"total"`): TIES settings.
 

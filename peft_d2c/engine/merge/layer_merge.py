@@ -8,8 +8,8 @@ between releases (PEFT 0.21 stopped applying the LoRA scaling twice in the SVD h
 checks them once per process on a tiny merge against the closed-form update ΔW = Σ w_i·s_i·B_i·A_i computed here
 from the raw factors. When they disagree, peft-d2c warns (`D2CWarning`) and uses `own_merge_layer`, which
 computes every combination type from PEFT's public `merge_utils` functions as the PEFT documentation describes.
-The update-space types write their layers through `engine.update_layers`. May import `peft_d2c.config`,
-`peft_d2c.errors` and `engine.lora` (which reads the factors) only.
+The update-space types write their layers through `update_layers`. May import `peft_d2c.config`,
+`peft_d2c.errors` and the merge module `lora` (which reads the factors) only.
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ from peft import LoraConfig, get_peft_model
 from peft.tuners.lora import LoraLayer, LoraModel
 from peft.utils.merge_utils import dare_linear, dare_ties, magnitude_prune, task_arithmetic, ties
 
-from ..combination_types import SVD_TYPES
-from ..errors import D2CWarning
+from ...combination_types import SVD_TYPES
+from ...errors import D2CWarning
 from .lora import lora_factors
 
 logger = logging.getLogger(__name__)

@@ -9,8 +9,8 @@ a real model's input width (4096 for Llama-3-8B): m x in floats instead of an in
 Where the tokens outnumber the width, the in x in triangular factor of their Gram is kept instead (never larger than
 the Gram). Layers fed the same tensor (q, k and v of one block read the same normed hidden states) share one factor
 (a layer fed the very tensor object its predecessor was fed). The factors live on the CPU by default (`storage_device`)
-and each merge moves one layer input's at a time to the adapters' device. May import the engine modules `lora`,
-`merging`, `regmean`, `scoring` and `tokenization`.
+and each merge moves one layer input's at a time to the adapters' device. May import the merge modules `lora`,
+`merging` and `regmean`, and the scoring modules `loss` and `tokenization`.
 """
 
 from __future__ import annotations
@@ -20,13 +20,13 @@ from collections.abc import Mapping, Sequence
 import psutil
 import torch
 
-from ..combination_types import DATA_TYPES
-from ..errors import MemoryLimitError
-from ..sizes import format_size, parse_size
-from .lora import lora_layers
-from .merging import AdapterMerger
-from .regmean import compress_rows
-from .scoring import LossScorer, input_device, token_batches
+from ...combination_types import DATA_TYPES
+from ...errors import MemoryLimitError
+from ...sizes import format_size, parse_size
+from ..merge.lora import lora_layers
+from ..merge.merging import AdapterMerger
+from ..merge.regmean import compress_rows
+from .loss import LossScorer, input_device, token_batches
 from .tokenization import TokenizedExample, padded_batch
 
 

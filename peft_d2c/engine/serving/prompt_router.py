@@ -28,10 +28,10 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..io import atomic_write_json, read_json
+from ...io import atomic_write_json, read_json
+from ..scoring.loss import input_device
+from ..scoring.tokenization import pad_token_id_for, padded_batch
 from .generation import BASE_ADAPTER, generate_answers
-from .scoring import input_device
-from .tokenization import pad_token_id_for, padded_batch
 
 ROUTER_WEIGHTS_NAME = "d2c_router.safetensors"
 ROUTER_CONFIG_NAME = "d2c_router.json"

@@ -1,12 +1,17 @@
 """The merger: clusters of source adapters merged through PEFT, with a bounded LRU of temporary merged adapters.
 
-Takes the merge weights per combination type and the seed of every merge from `merge_weights` (so `dare_*` merges are
-reproducible and cacheable), creates merged adapters with PEFT's `add_weighted_adapter` and refills evicted ones in
-place with the same per-layer arithmetic (`peft_d2c.engine.layer_merge`, `update_layers`).
+Also the weights `add_weighted_adapter` needs per combination type and the seed of each cluster's merge. Merging k
+identical copies of an adapter must give that adapter back, whatever the combination type; PEFT weighs members
+differently per type, so the weights that achieve this differ too (`merge_weights_for`). Every merge is seeded from
+its members (`merge_seed`), so random merges (`dare_*`) are reproducible and cacheable. The merger creates merged
+adapters with PEFT's `add_weighted_adapter` and refills evicted ones in place with the same per-layer arithmetic
+(`layer_merge`, `update_layers`). May import `peft_d2c.config`, `peft_d2c.combination_types` and the merge modules
+`budget`, `layer_merge`, `lora`, `merge_methods` and `update_layers`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import time
@@ -18,18 +23,66 @@ from peft import PeftModel
 from peft.tuners.lora import LoraLayer
 from peft.utils.merge_utils import calculate_majority_sign_mask, disjoint_merge, prune, reshape_weight_task_tensors
 
-from ..combination_types import DATA_TYPES, RANDOM_TYPES, UPDATE_TYPES
-from ..config import D2CMergeConfig
+from ...combination_types import DATA_TYPES, RANDOM_TYPES, UPDATE_TYPES
+from ...config import D2CMergeConfig
 from .budget import merged_rank
 from .layer_merge import own_merge_layer, peft_helpers_verified, peft_merge_layer
 from .lora import adapter_rank, check_new_adapter_name, lora_factors, lora_layers, union_target_modules
 from .merge_methods import widest_dtype
-from .merge_weights import merge_seed, merge_weights_for
 from .update_layers import merged_lora_config, update_merge_into
 
 logger = logging.getLogger(__name__)
 
 Members = tuple[str, ...]
+
+
+# Types whose members all get weight 1 (a disjoint mean after pruning, or TSV-M's sum of orthogonalised directions).
+_WEIGHT_ONE_TYPES = ("ties", "ties_svd", "dare_ties", "dare_ties_svd", "core_ties", "knots_ties", "tsv_m")
+
+
+def merge_weights_for(combination_type: str, cluster_size: int, override: float | None = None) -> list[float]:
+    """Weights for `add_weighted_adapter` such that merging k identical copies of an adapter gives that adapter.
+
+    PEFT treats the weights differently per combination type (`peft/tuners/lora/model.py`):
+    - `cat`, `svd`, `dare_linear_svd`, `magnitude_prune_svd` sum w_i·ΔW_i: w_i = 1/k is the mean update.
+    - `ties`, `ties_svd`, `dare_ties`, `dare_ties_svd` take a disjoint mean after pruning: w_i = 1.
+    - `linear`, `dare_linear`, `magnitude_prune` sum √w_i·A_i and √w_i·B_i separately: w_i = 1/k² gives
+      mean(B)·mean(A), which is exact for identical copies (w_i = 1/k would give k·ΔW).
+    - peft-d2c's update-space types (`peft_d2c.engine.merge.merge_methods`): `core_ta` sums w_i·ΔW_i (w_i = 1/k, the
+      mean); `core_ties` and `knots_ties` take TIES' disjoint mean (w_i = 1); `tsv_m` sums its members'
+      orthogonalised singular directions, each scaled by w_i (w_i = 1, as in TSV-M).
+
+    A single-member cluster always gets weight 1 (PEFT then copies the adapter), unless `override` is given.
+
+    Args:
+        combination_type (`str`): A PEFT combination type.
+        cluster_size (`int`): k, the number of merged adapters.
+        override (`float`, *optional*): Use this weight for every member instead.
+
+    Returns:
+        `list[float]`: one weight per member.
+
+    Example:
+        ```python
+        >>> merge_weights_for("cat", 4)
+        [0.25, 0.25, 0.25, 0.25]
+        >>> merge_weights_for("linear", 2)
+        [0.25, 0.25]
+        ```
+    """
+    if override is not None:
+        return [float(override)] * cluster_size
+    if cluster_size == 1 or combination_type in _WEIGHT_ONE_TYPES:
+        return [1.0] * cluster_size
+    if combination_type in ("linear", "dare_linear", "magnitude_prune"):
+        return [1.0 / cluster_size**2] * cluster_size
+    return [1.0 / cluster_size] * cluster_size
+
+
+def merge_seed(seed: int, members: Sequence[str]) -> int:
+    """Seed of the merge of `members`: stable across processes and Python runs (unlike `hash`)."""
+    digest = hashlib.sha256(f"{seed}|{'|'.join(sorted(members))}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") % (2**63)
 
 
 # Types that prune each member's A and B factors by magnitude on their own before combining them.
@@ -178,7 +231,7 @@ class AdapterMerger:
                     container[adapter_name].train(layer.training)
 
     def rank_of(self, members: Sequence[str]) -> int:
-        """Rank of the adapter PEFT creates for `members` (see `peft_d2c.engine.budget.merged_rank`)."""
+        """Rank of the adapter PEFT creates for `members` (see `peft_d2c.engine.merge.budget.merged_rank`)."""
         ranks = [adapter_rank(self.peft_model, m) for m in members]
         return merged_rank(ranks, self.config.combination_type, self.config.svd_rank)
 

@@ -63,7 +63,7 @@ def search_weights(
     Args:
         objective (`Callable[[list[float]], float]`): E.g. the mean few-shot loss of a cluster's tasks under the merge
             with these weights.
-        initial (`Sequence[float]`): The merge's default weights (`engine.merge_weights.merge_weights_for`).
+        initial (`Sequence[float]`): The merge's default weights (`engine.merge.merging.merge_weights_for`).
         budget (`int`): Objective calls, the initial weights' included (>= 1).
         seed (`int`): Seed of the proposals.
         step (`float`, defaults to 0.3): Initial standard deviation of the factor proposals.

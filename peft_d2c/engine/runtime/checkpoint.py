@@ -18,10 +18,10 @@ from typing import Any
 
 import numpy as np
 
-from ..config import D2CMergeConfig
-from ..errors import CheckpointMismatchError
-from ..io import atomic_write_json
-from .search import SearchState
+from ...config import D2CMergeConfig
+from ...errors import CheckpointMismatchError
+from ...io import atomic_write_json
+from ..search.loop import SearchState
 
 logger = logging.getLogger(__name__)
 
@@ -57,12 +57,12 @@ def run_fingerprint(
         config (`D2CMergeConfig`): The run's settings (those in `_RESUMABLE_SETTINGS` left out).
         adapter_names (`Sequence[str]`): The clustered adapters, in order.
         examples (`Mapping[str, Sequence]`): The examples of every task (objects with `to_dict()`, or dicts).
-        adapter_digest (`str`): A digest of the adapters' weights (see `peft_d2c.engine.lora.adapter_digest`).
+        adapter_digest (`str`): A digest of the adapters' weights (see `peft_d2c.engine.merge.lora.adapter_digest`).
         score_fn (`Callable`, *optional*): The user score function replacing the built-in loss, if any.
         tokenized (`Mapping[str, Sequence]`, *optional*): The token ids the loss sees (objects with `input_ids` and
             `completion_start`): they change with the tokenizer and the chat template.
         model_digest (`str`, *optional*): A digest of the base model's weights and dtype
-            (`peft_d2c.engine.lora.base_model_digest`).
+            (`peft_d2c.engine.merge.lora.base_model_digest`).
 
     Returns:
         `dict`: `config`, `adapters`, `adapter_weights`, `examples`, `tokens`, `base_model` and `score_fn` entries.

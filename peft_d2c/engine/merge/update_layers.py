@@ -1,7 +1,7 @@
 """Writing rank-r update-space merges into a merged adapter's layers: the members' factors, scalings and LoRA biases
-in, batched over the layers of one shape, the maths of `engine.merge_methods` (and `engine.regmean`, the data-aware
-type), the merged factors out in the members' dtype and device. May import `peft_d2c.config` and the engine modules
-`layer_merge`, `merge_methods` and `regmean`.
+in, batched over the layers of one shape, the maths of `engine.merge.merge_methods` (and `engine.merge.regmean`, the
+data-aware type), the merged factors out in the members' dtype and device. May import `peft_d2c.config` and the merge
+modules `layer_merge`, `lora`, `merge_methods` and `regmean`.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import torch
 from peft import LoraConfig
 from peft.tuners.lora import LoraLayer
 
-from ..combination_types import DATA_TYPES
+from ...combination_types import DATA_TYPES
 from .layer_merge import parameter_like, set_factors
 from .lora import lora_factors
 from .merge_methods import merge_biases, merge_updates, widest_dtype
@@ -38,12 +38,12 @@ def update_merge_into(
 
     Each member's update is s_i·B_i·A_i with its own scaling s_i as PEFT applies it in that layer (`layer.scaling`:
     alpha/r, alpha/sqrt(r) for rslora, `rank_pattern` / `alpha_pattern`), and its LoRA bias (`lora_bias=True`) is
-    s_i·b_i; the maths is `peft_d2c.engine.merge_methods`, one batched call per group of layers with the same shapes
-    (the same projection in every block). The merged factors are for scaling 1 (`lora_alpha = r`); a merged bias
+    s_i·b_i; the maths is `peft_d2c.engine.merge.merge_methods`, one batched call per group of layers with the same
+    shapes (the same projection in every block). The merged factors are for scaling 1 (`lora_alpha = r`); a merged bias
     where no member has one is zero. A member that does not adapt a layer adds a zero update there. The data-aware
-    types (`combination_types.DATA_TYPES`: `regmean`, `peft_d2c.engine.regmean`) take `layer_inputs`: per layer, every
-    member's layer-input factor (`regmean.LayerInput`), in the order of `members`, and `regmean_alpha`; they merge
-    one layer at a time in model order, and the layers fed the same input share one solve.
+    types (`combination_types.DATA_TYPES`: `regmean`, `peft_d2c.engine.merge.regmean`) take `layer_inputs`: per layer,
+    every member's layer-input factor (`regmean.LayerInput`), in the order of `members`, and `regmean_alpha`; they
+    merge one layer at a time in model order, and the layers fed the same input share one solve.
 
     Raises:
         NotImplementedError: For a convolutional LoRA layer.

@@ -12,9 +12,9 @@ import logging
 import numpy as np
 from peft import PeftModel
 
-from ..config import D2CMergeConfig
-from .lora import delta_gram_matrix
-from .search import BatchScoreFn, balanced_random_partition, kmeans_partition, partition_losses, total_loss
+from ...config import D2CMergeConfig
+from ..merge.lora import delta_gram_matrix
+from .loop import BatchScoreFn, balanced_random_partition, kmeans_partition, partition_losses, total_loss
 
 logger = logging.getLogger(__name__)
 

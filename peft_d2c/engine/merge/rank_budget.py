@@ -10,7 +10,7 @@ to the largest σ² per byte over all of them until the budget is spent. The squ
 truncation (Eckart-Young: the sum of the dropped σ²) is then as small as the budget allows, up to one rank unit of
 the costliest module. The merged adapters are standard PEFT LoRAs whose `rank_pattern` / `alpha_pattern` give every
 module its rank (scaling 1), which plain PEFT, llama.cpp (`export.llamacpp`) and vLLM (`max_lora_rank`) load. May
-import `peft_d2c.config` and the engine modules `budget`, `layer_merge`, `lora` and `merging`.
+import `peft_d2c.config` and the merge modules `budget`, `layer_merge`, `lora` and `merging`.
 """
 
 from __future__ import annotations

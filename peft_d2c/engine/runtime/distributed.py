@@ -176,7 +176,7 @@ class AccelerateProcesses(SingleProcess):
                     f"Process {self.process_index} of {self.num_processes} waited {timeout_s:.0f} s for the others "
                     "at the start of merge_adapters_d2c. Under `accelerate launch` every process must call it; to run "
                     "it on one process only (e.g. inside `if accelerator.is_main_process:`), pass "
-                    "`process_group=peft_d2c.engine.distributed.SingleProcess()`."
+                    "`process_group=peft_d2c.engine.runtime.distributed.SingleProcess()`."
                 ) from error
         fingerprints = gather_object([(self.process_index, fingerprint)])
         different = sorted(rank for rank, value in fingerprints if value != fingerprints[0][1])

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from ..search_defaults import PROPOSALS
+from ...search_defaults import PROPOSALS
 from .proposals import Move, apply_move, draw_move
 
 Members = tuple[str, ...]
@@ -93,16 +93,17 @@ class SearchState:
     iteration: int = 0
     rejections_in_a_row: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
-    # Used by the restarts and the final pass of `peft_d2c.engine.search_robust` only: the start being searched,
+    # Used by the restarts and the final pass of `peft_d2c.engine.search.search_robust` only: the start being searched,
     # the phase of that start ("search", "final", "done") and one summary per finished start.
     restart: int = 0
     phase: str = "search"
     finished: list[dict[str, Any]] = field(default_factory=list)
-    # The adapters of the current `"sweep"` / `"targeted"` round not proposed yet (see `peft_d2c.engine.proposals`).
+    # The adapters of the current `"sweep"` / `"targeted"` round not proposed yet (see
+    # `peft_d2c.engine.search.proposals`).
     queue: list[str] = field(default_factory=list)
     # What the steps of the current start have cost so far, in the caller's `cost` units (forward passes).
     spent: float = 0.0
-    # What the current phase may spend (the paper's steps' cost, `peft_d2c.engine.search_phases`); None: no limit.
+    # What the current phase may spend (the paper's steps' cost, `peft_d2c.engine.search.search_phases`); None: no limit.
     budget: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -186,7 +187,7 @@ def d2c_search(
         proposal (`str`, defaults to `"random"`):
             `"random"` (the paper's draws), `"sweep"` (every adapter in turn, moves and swaps), `"targeted"` (as
             sweep, into the cluster that gives the task its lowest loss) or `"misfit"` (as targeted, the worst-fitting
-            tasks first); all but random only with `objective="partition"`. See `peft_d2c.engine.proposals`.
+            tasks first); all but random only with `objective="partition"`. See `peft_d2c.engine.search.proposals`.
         cost (`Callable[[], float]`, *optional*):
             A counter that only grows (the scorer's forward passes); what each step adds to it is added to
             `state.spent`.

@@ -1,6 +1,6 @@
 """Restarts and a final pass around the D2C loop: a search that does not depend on its random start.
 
-Pure, like `peft_d2c.engine.search`: it sees adapters only by name and asks a batch `score_fn` for losses, so toy
+Pure, like `peft_d2c.engine.search.loop`: it sees adapters only by name and asks a batch `score_fn` for losses, so toy
 score functions drive it in tests. Three levers, measured in docs/benchmark.md:
 
 - the whole-partition objective (`objective="partition"` of `d2c_search`): a move is kept only if the summed loss
@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from .search import BatchScoreFn, SearchState, _check_partition, d2c_search, partition_losses, total_loss
+from .loop import BatchScoreFn, SearchState, _check_partition, d2c_search, partition_losses, total_loss
 
 logger = logging.getLogger(__name__)
 

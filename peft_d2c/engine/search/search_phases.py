@@ -1,6 +1,6 @@
 """The paper's steps, then partition steps that may spend only what the paper's steps spent.
 
-Pure, like `peft_d2c.engine.search`. Why two phases: at K = 2 a partition step scores every task, so 30 of them
+Pure, like `peft_d2c.engine.search.loop`. Why two phases: at K = 2 a partition step scores every task, so 30 of them
 cost 2-3x the paper's 100 steps, whose losses are mostly cached (docs/benchmark.md). Starting the partition steps
 where the paper's rule ended, with a budget of what it spent, bounds both what the user gets and what it costs:
 
@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from .search import BatchScoreFn, SearchState, d2c_search
+from .loop import BatchScoreFn, SearchState, d2c_search
 from .search_robust import polish
 
 

@@ -22,9 +22,9 @@ from collections.abc import Sequence
 
 from peft import PeftModel
 
-from ..combination_types import SVD_TYPES, UPDATE_TYPES
-from ..config import D2CMergeConfig
-from ..sizes import format_size, is_bytes_budget, parse_size
+from ...combination_types import SVD_TYPES, UPDATE_TYPES
+from ...config import D2CMergeConfig
+from ...sizes import format_size, is_bytes_budget, parse_size
 from .lora import adapter_rank, lora_factors, lora_layers
 
 __all__ = [

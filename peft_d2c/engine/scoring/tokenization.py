@@ -10,8 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..data.examples import Example
-from ..errors import D2CWarning
+from ...data.examples import Example
+from ...errors import D2CWarning
 
 
 @dataclass(frozen=True)

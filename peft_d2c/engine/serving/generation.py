@@ -15,8 +15,8 @@ from typing import Any
 import torch
 from peft import PeftModel
 
-from .scoring import input_device
-from .tokenization import pad_token_id_for, padded_batch
+from ..scoring.loss import input_device
+from ..scoring.tokenization import pad_token_id_for, padded_batch
 
 BASE_ADAPTER = "__base__"  # PEFT's name for "no adapter" in mixed-adapter batches
 

@@ -19,9 +19,9 @@ from peft import PeftModel
 from peft.tuners.lora import LoraLayer, LoraModel
 from peft.utils import PeftType
 
-from ..combination_types import DATA_TYPES, EQUAL_RANK_TYPES, SVD_TYPES, UPDATE_TYPES
-from ..errors import D2CWarning, UnsupportedAdapterError
-from ..names import check_adapter_name
+from ...combination_types import DATA_TYPES, EQUAL_RANK_TYPES, SVD_TYPES, UPDATE_TYPES
+from ...errors import D2CWarning, UnsupportedAdapterError
+from ...names import check_adapter_name
 
 logger = logging.getLogger(__name__)
 
@@ -220,7 +220,7 @@ def delta_gram_matrix(peft_model: PeftModel, adapter_names: Sequence[str]) -> np
     """Inner products <ΔW_i, ΔW_j> of the adapters' full updates ΔW = B·A·scaling, summed over modules.
 
     Each entry is computed from r x r products, tr((B_i^T B_j)(A_j A_i^T)), so no full update is ever built; the
-    result feeds `search.gram_embedding`, which recovers exact K-means features from it.
+    result feeds `search.loop.gram_embedding`, which recovers exact K-means features from it.
     """
     n = len(adapter_names)
     gram = np.zeros((n, n), dtype=np.float64)

@@ -1,6 +1,6 @@
 """Where the D2C search looks next: the paper's random moves, or rounds that propose every adapter in turn.
 
-Pure (numpy only), like `peft_d2c.engine.search`. A proposal is a `Move`: `task` leaves cluster `source` for
+Pure (numpy only), like `peft_d2c.engine.search.loop`. A proposal is a `Move`: `task` leaves cluster `source` for
 cluster `target`; with `swapped` set, that member of `target` goes the other way. A swap keeps both cluster sizes,
 and it is the only change that can take the sole member of a cluster elsewhere, which a single move never may.
 

@@ -4,6 +4,12 @@ The loss is the mean token cross-entropy of the completions given their prompts,
 (prompt and padding tokens masked). Prompt and completion are tokenised separately and concatenated, with EOS
 appended to the completion, so the boundary between them never depends on how a tokenizer merges the two strings.
 Several merged adapters are scored in one forward pass through PEFT's mixed-adapter batches (`adapter_names=`).
+
+Which requests share a forward pass (`plan_batches`) depends only on the requests, never on the processes: pure
+Python, so a loss is computed in exactly the same batch (the same floating-point result) by one process or by many
+(`LossScorer` deals the planned batches out to an Accelerate process group, `peft_d2c.engine.runtime.distributed`).
+May import `peft_d2c.data`, `peft_d2c.errors`, `peft_d2c.search_defaults`, the scoring module `tokenization`, the
+merger (`engine.merge.merging`) and the process groups (`engine.runtime.distributed`).
 """
 
 from __future__ import annotations
@@ -20,18 +26,18 @@ import torch
 import torch.nn.functional as F
 from peft.tuners.tuners_utils import BaseTunerLayer
 
-from ..data.examples import Example
-from ..errors import NonFiniteLossError
-from ..search_defaults import TASK_SCORES
-from .batch_plan import Members, plan_batches
-from .distributed import SingleProcess
-from .merging import AdapterMerger
+from ...data.examples import Example
+from ...errors import NonFiniteLossError
+from ...search_defaults import TASK_SCORES
+from ..merge.merging import AdapterMerger
+from ..runtime.distributed import SingleProcess
 from .tokenization import TokenizedExample, check_token_ids, pad_token_id_for, padded_batch, tokenize_example
 
 logger = logging.getLogger(__name__)
 
 UserScoreFn = Callable[[torch.nn.Module, str, str, list[dict[str, str]]], float]
 IGNORE_INDEX = -100
+Members = tuple[str, ...]
 
 
 # model -> whether it accepts a boolean `logits_to_keep` mask (found by trying it once; see `_keeps_logits_by_mask`).
@@ -146,6 +152,62 @@ def completion_loss_sums(
     return sums, counts, forward_passes
 
 
+def plan_batches(
+    sizes: Sequence[int], clusters: Sequence[Members], *, batch_size: int, max_clusters: int
+) -> list[list[int]]:
+    """Group requests (by index) into scoring batches whose composition depends only on the requests.
+
+    A batch is scored in one forward pass when it holds at most `batch_size` rows. The number of batches is the
+    smallest that fits the rows, rounded up to a power of two, and requests are dealt out contiguously with rows
+    spread evenly; a batch that would need more than `max_clusters` live merged adapters is split further. Because
+    this never looks at the number of processes, a loss is computed with exactly the same batch (hence the same
+    floating-point result) whether the batches are scored by one process or dealt out to 2, 4, 8... (which the
+    power of two keeps balanced).
+
+    Args:
+        sizes (`Sequence[int]`): Rows (examples) of each request.
+        clusters (`Sequence[Members]`): The cluster of each request.
+        batch_size (`int`): Rows per forward pass.
+        max_clusters (`int`): The most distinct clusters one batch may use (the merged-adapter LRU size).
+
+    Returns:
+        `list[list[int]]`: request indices of each batch, in order.
+
+    Example:
+        ```python
+        >>> plan_batches([10] * 8, [("a", "b")] * 8, batch_size=32, max_clusters=8)
+        [[0, 1], [2, 3], [4, 5], [6, 7]]
+        ```
+    """
+    if not sizes:
+        return []
+    total = sum(sizes)
+    num_batches = 1
+    while num_batches * batch_size < total:
+        num_batches *= 2
+    num_batches = min(num_batches, len(sizes))
+    batches: list[list[int]] = [[] for _ in range(num_batches)]
+    done = 0
+    for index, size in enumerate(sizes):
+        # The batch in which the middle row of this request falls when rows are spread evenly.
+        slot = min(num_batches - 1, int((done + size / 2) * num_batches / total))
+        batches[slot].append(index)
+        done += size
+    planned: list[list[int]] = []
+    for batch in batches:
+        current: list[int] = []
+        seen: set[Members] = set()
+        for index in batch:
+            if clusters[index] not in seen and len(seen) >= max_clusters:
+                planned.append(current)
+                current, seen = [], set()
+            current.append(index)
+            seen.add(clusters[index])
+        if current:
+            planned.append(current)
+    return planned
+
+
 class LossScorer:
     """The `score_fn` of the D2C search: loss of task t under the merge of a cluster, memoised per run.
 
@@ -167,7 +229,8 @@ class LossScorer:
             completion-token loss) or `"miss"` (1 - the mean teacher-forced probability of each whole completion), as
             `D2CMergeConfig.task_score`.
         user_score_fn (*optional*): `score_fn(model, adapter_name, task, examples) -> float` replacing both scores.
-        process_group (*optional*): A `peft_d2c.engine.distributed` process group; defaults to a single process.
+        process_group (*optional*): A `peft_d2c.engine.runtime.distributed` process group; defaults to a single
+        process.
 
     Attributes:
         cache (`dict`): `(sorted members, task) -> {score name: value}` for every request computed in this run (by
