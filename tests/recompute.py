@@ -52,6 +52,27 @@ def cluster_loss(model, members, task, tokenizer, examples, combination_type="ti
         model.delete_adapter(name)
 
 
+def captured_layer_inputs(model, rows, adapter: str) -> list[torch.Tensor]:
+    """Every LoRA layer's inputs (float64, tokens x in) under `adapter` on the tokenised `rows`, one example at a time
+    (no padding), recorded by hooks of the test's own: the reference for peft-d2c's layer inputs."""
+    from peft.tuners.lora import LoraLayer
+
+    layers = [module for module in model.modules() if isinstance(module, LoraLayer)]
+    captured = [[] for _ in layers]
+    handles = [
+        layer.register_forward_pre_hook(lambda m, args, seen=seen: seen.append(args[0][0].double()))
+        for layer, seen in zip(layers, captured, strict=True)
+    ]
+    try:
+        with torch.inference_mode():
+            for row in rows:
+                model(input_ids=torch.tensor([row.input_ids]), adapter_names=[adapter])
+    finally:
+        for handle in handles:
+            handle.remove()
+    return [torch.cat(seen) for seen in captured]
+
+
 def replay(initial_clusters, history):
     """The partition before each history record, replaying the accepted moves from the start partition."""
     clusters = [list(c) for c in initial_clusters]

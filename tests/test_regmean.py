@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from recompute import captured_layer_inputs
 
 from peft_d2c import D2CMergeConfig, merge_adapters_d2c
 from peft_d2c.data.examples import Example
@@ -195,20 +196,8 @@ class TestLayerInputs:
         layers = list(lora_layers(model))
         # Independent capture: one example at a time (no padding), every layer's input recorded by its own hook.
         for task in tasks:
-            captured = {name: [] for name, _ in layers}
-            handles = [
-                layer.register_forward_pre_hook(lambda m, args, seen=captured[name]: seen.append(args[0][0].double()))
-                for name, layer in layers
-            ]
-            try:
-                with torch.inference_mode():
-                    for row in tokenized[task]:
-                        model(input_ids=torch.tensor([row.input_ids]), adapter_names=[task])
-            finally:
-                for handle in handles:
-                    handle.remove()
-            for index, (name, _) in enumerate(layers):
-                x = torch.cat(captured[name])
+            captured = captured_layer_inputs(model, tokenized[task], task)
+            for index, x in enumerate(captured):
                 kept = factors[task][index]
                 # the tokens themselves (scaled) while they are fewer than the width, on the CPU, in float32
                 assert kept.shape == (min(x.shape), x.shape[1]) and (kept.device.type, kept.dtype) == (
@@ -245,21 +234,7 @@ class TestRegMeanEndToEnd:
         # Every layer's inputs captured by hand, one example at a time (no padding), as dense token-mean Grams.
         model.eval()
         layers = list(lora_layers(model))
-        grams = {}
-        for task in names:
-            captured = {name: [] for name, _ in layers}
-            handles = [
-                layer.register_forward_pre_hook(lambda m, args, seen=captured[name]: seen.append(args[0][0].double()))
-                for name, layer in layers
-            ]
-            try:
-                with torch.inference_mode():
-                    for row in tokenized[task]:
-                        model(input_ids=torch.tensor([row.input_ids]), adapter_names=[task])
-            finally:
-                for handle in handles:
-                    handle.remove()
-            grams[task] = [mean_gram(torch.cat(captured[name])) for name, _ in layers]
+        grams = {t: [mean_gram(x) for x in captured_layer_inputs(model, tokenized[t], t)] for t in names}
         cluster = sorted(result.clusters[0])
         merged = result.merged_adapter_names[0]
         checked = 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
+from recompute import captured_layer_inputs
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from peft_d2c import D2CMergeConfig, MemoryLimitError, merge_adapters_d2c
@@ -55,24 +56,6 @@ def wide_model():
     return model.eval(), tokenizer, examples
 
 
-def captured_inputs(model, rows, adapter):
-    """Every LoRA layer's inputs on `rows`, one example at a time (no padding), by hooks of the test's own."""
-    layers = list(lora_layers(model))
-    captured = {name: [] for name, _ in layers}
-    handles = [
-        layer.register_forward_pre_hook(lambda m, args, seen=captured[name]: seen.append(args[0][0].double()))
-        for name, layer in layers
-    ]
-    try:
-        with torch.inference_mode():
-            for row in rows:
-                model(input_ids=torch.tensor([row.input_ids]), adapter_names=[adapter])
-    finally:
-        for handle in handles:
-            handle.remove()
-    return [torch.cat(captured[name]) for name, _ in layers]
-
-
 def dense_regmean(updates, grams, weights, alpha):
     """(Σ w_i ΔW_i G̃_i)(Σ w_j G̃_j)^-1 with G̃ = α G + (1 - α) diag(G), on dense float64 matrices."""
 
@@ -97,7 +80,7 @@ def test_wide_layer_inputs_are_token_matrices_of_the_predicted_size(wide_model):
     for task, rows in scorer.tokenized.items():
         q, v = factors[task]
         assert q is v and q.shape == (tokens[task], WIDE)
-        x = captured_inputs(model, rows, task)[0]
+        x = captured_layer_inputs(model, rows, task)[0]
         torch.testing.assert_close(q.double().T @ q.double(), x.T @ x / x.shape[0], rtol=1e-4, atol=1e-6)
 
 
@@ -111,7 +94,7 @@ def test_wide_merge_equals_the_dense_gram_form(wide_model):
     tokenized = LossScorer.for_config(model, tokenizer, normalize_task_examples(examples), merger).tokenized
     grams = {}
     for task in TASKS:
-        x = captured_inputs(model, tokenized[task], task)[0]
+        x = captured_layer_inputs(model, tokenized[task], task)[0]
         grams[task] = x.T @ x / x.shape[0]
     try:
         for _, layer in lora_layers(model):
