@@ -7,6 +7,7 @@ above every stage it calls: `config`, `data`, `engine` and `result`.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -138,6 +139,68 @@ def merge_adapters_d2c(
         ```
     """
     started = time.perf_counter()
+    run = _validate(peft_model, task_examples, config, tokenizer, score_fn, adapter_names)
+    config, names, merged_names = run.config, run.names, run.merged_names
+    merger = AdapterMerger(peft_model, config)
+    merger.check_names(merged_names)
+    group = process_group if process_group is not None else get_process_group()
+    # The adapters' weights digest, computed once: the processes compare it, and the checkpoint records it.
+    weights_digest = adapter_digest(peft_model, names) if group.num_processes > 1 or checkpoint_dir else None
+    if group.num_processes > 1:
+        group.check_same_run(_call_digest(config, names, run.examples, weights_digest))
+    snapshot = ModelState.capture(peft_model)
+    try:
+        peft_model.eval()
+        scorer = LossScorer.for_config(
+            peft_model, tokenizer, run.examples, merger, user_score_fn=score_fn, process_group=group
+        )
+        attach_layer_inputs(merger, scorer)  # the layer inputs of a data-aware merge (`regmean`), before any merge
+        rng = np.random.default_rng(config.seed)
+        trace: list[list[int]] = []  # [history records, forward passes so far] after every step (any-time view)
+        start, start_kind = start_partition(peft_model, names, run.num_clusters, config, rng, scorer)
+        checkpointer = None
+        if checkpoint_dir is not None and config.method == "d2c":
+            checkpointer = _checkpointer(peft_model, run, scorer, rng, group, checkpoint_dir, weights_digest, score_fn)
+        start, state = _search(peft_model, run, start, scorer, rng, group, checkpointer, trace)
+        task_losses, fewshot_losses, merged_sizes = _final_merges(peft_model, run, state.clusters, merger, scorer)
+        prompt_router, router_passes, router_seconds = _fit_router(peft_model, tokenizer, run)
+    except BaseException:
+        for name in merged_names:  # none existed before (`check_names`): whatever is there now was made here
+            if name in peft_model.peft_config:
+                peft_model.delete_adapter(name)
+        raise
+    finally:
+        try:
+            merger.cleanup()
+        finally:  # the user's model gets its state back even if removing a temporary adapter fails
+            snapshot.restore(peft_model)
+    stats = {
+        **_work_stats(merger, scorer, group, state, trace, config),
+        "fewshot_loss": sum(fewshot_losses) / len(fewshot_losses),  # the mean loss, whatever `task_score` is
+        "seconds": time.perf_counter() - started,
+        "start": start_kind,  # how start 1 was made: with init="lowest_loss", the one kept
+        "router_seconds": router_seconds,
+        "router_forward_passes": router_passes,  # not in `forward_passes`: the search's and merges' cost
+        **({"merged_sizes": merged_sizes} if merged_sizes else {}),
+    }
+    sources = adapter_sources if adapter_sources is not None else getattr(peft_model, "d2c_adapter_sources", {})
+    return _result(peft_model, tokenizer, run, start, state, task_losses, stats, sources, prompt_router)
+
+
+@dataclasses.dataclass
+class _Run:
+    """What a call runs on, once its input is checked: the resolved config, the adapters and their examples."""
+
+    config: D2CMergeConfig
+    names: list[str]
+    examples: dict
+    data_sources: dict
+    num_clusters: int
+    merged_names: list[str]
+
+
+def _validate(peft_model, task_examples, config, tokenizer, score_fn, adapter_names) -> _Run:
+    """Stage 1: refuse bad input before any work, resolve K and the config's defaults for these N and K."""
     check_peft_model(peft_model)
     if not isinstance(config, D2CMergeConfig):
         raise TypeError(f"`config` must be a D2CMergeConfig, got {type(config).__name__}.")
@@ -155,79 +218,88 @@ def merge_adapters_d2c(
     check_source_adapters(peft_model, names, config.combination_type)
     check_base_models(peft_model, names, allow_mixed=config.allow_mixed_base_models)
     merged_names = [f"{config.merged_adapter_prefix}_{i}" for i in range(num_clusters)]
-    merger = AdapterMerger(peft_model, config)
-    merger.check_names(merged_names)
+    return _Run(config, names, examples, data_sources, num_clusters, merged_names)
 
-    group = process_group if process_group is not None else get_process_group()
-    # The adapters' weights digest, computed once: the processes compare it, and the checkpoint records it.
-    weights_digest = adapter_digest(peft_model, names) if group.num_processes > 1 or checkpoint_dir else None
-    if group.num_processes > 1:
-        group.check_same_run(_call_digest(config, names, examples, weights_digest))
-    snapshot = ModelState.capture(peft_model)
-    try:
-        peft_model.eval()
-        scorer = LossScorer.for_config(
-            peft_model, tokenizer, examples, merger, user_score_fn=score_fn, process_group=group
-        )
-        attach_layer_inputs(merger, scorer)  # the layer inputs of a data-aware merge (`regmean`), before any merge
-        rng = np.random.default_rng(config.seed)
-        trace: list[list[int]] = []  # [history records, forward passes so far] after every step (any-time view)
-        start, start_kind = start_partition(peft_model, names, num_clusters, config, rng, scorer)
-        state = SearchState(clusters=[list(c) for c in start])
-        if config.method == "d2c":
-            checkpointer = None
-            if checkpoint_dir is not None:
-                fingerprint = run_fingerprint(
-                    config,
-                    names,
-                    examples,
-                    weights_digest,
-                    score_fn=score_fn,
-                    tokenized=scorer.tokenized,
-                    model_digest=base_model_digest(peft_model),
-                )
-                checkpointer = SearchCheckpointer(
-                    checkpoint_dir, fingerprint, group, scorer, rng, config.checkpoint_every
-                )
-                start, state = checkpointer.resume(start, state)
-            starts = [start, *restart_starts(peft_model, names, num_clusters, config)]
-            state = _run_search(state, starts, scorer, rng, config, checkpointer, group, trace)
-        clusters = state.clusters
-        final = [(clusters[_index_of(clusters, n)], n) for n in names]
-        task_losses = dict(zip(names, scorer(final), strict=True))
-        fewshot_losses = scorer(final, "loss")  # cached with `task_score` by the same passes
-        merger.cleanup()
-        check_partition_fits(peft_model, clusters, config)  # `cat` grows with the clusters: check before merging
-        merged_sizes = None
-        if config.rank_allocation == "spectrum":
-            budget = parse_size(config.storage_budget) if is_bytes_budget(config.storage_budget) else None
-            merged_sizes = merge_with_allocated_ranks(merger, clusters, merged_names, budget)
-            # The shipped adapters are not the uniform-rank merges the search scored: their own losses are reported.
-            shipped = scorer.scores_under({n: merged_names[_index_of(clusters, n)] for n in names})
-            task_losses = {n: shipped[n][config.task_score] for n in names}
-            fewshot_losses = [shipped[n]["loss"] for n in names]
-        else:
-            for name, members in zip(merged_names, clusters, strict=True):
-                merger.merge(members, name)
-        prompt_router, router_passes, router_started = None, 0, time.perf_counter()
-        if config.fit_router and tokenizer is not None and len(names) > 1:  # requests without a task label
-            prompts = {n: [example.prompt for example in examples[n]] for n in names}
-            prompt_router = fit_prompt_router(peft_model, tokenizer, prompts, batch_size=config.batch_size)
-            router_passes = prompt_router.stats["forward_passes"]
-        router_seconds = time.perf_counter() - router_started
-    except BaseException:
-        for name in merged_names:  # none existed before (`check_names`): whatever is there now was made here
-            if name in peft_model.peft_config:
-                peft_model.delete_adapter(name)
-        raise
-    finally:
-        try:
-            merger.cleanup()
-        finally:  # the user's model gets its state back even if removing a temporary adapter fails
-            snapshot.restore(peft_model)
 
+def _checkpointer(peft_model, run: _Run, scorer, rng, group, checkpoint_dir, weights_digest, score_fn):
+    """The search's checkpoint writer, fingerprinted by everything that decides the run."""
+    fingerprint = run_fingerprint(
+        run.config,
+        run.names,
+        run.examples,
+        weights_digest,
+        score_fn=score_fn,
+        tokenized=scorer.tokenized,
+        model_digest=base_model_digest(peft_model),
+    )
+    return SearchCheckpointer(checkpoint_dir, fingerprint, group, scorer, rng, run.config.checkpoint_every)
+
+
+def _search(peft_model, run: _Run, start, scorer, rng, group, checkpointer, trace):
+    """Stage 3: the D2C search from `start` (resumed from `checkpointer` when it holds this run), or the baseline's
+    partition as it is. Returns the start (a resumed run's own) and the final state."""
+    state = SearchState(clusters=[list(c) for c in start])
+    if run.config.method != "d2c":
+        return start, state
+    if checkpointer is not None:
+        start, state = checkpointer.resume(start, state)
+    starts = [start, *restart_starts(peft_model, run.names, run.num_clusters, run.config)]
+    return start, _run_search(state, starts, scorer, rng, run.config, checkpointer, group, trace)
+
+
+def _final_merges(peft_model, run: _Run, clusters, merger, scorer):
+    """Stage 4: every task's few-shot score and loss under the search's merges, then the K merged adapters the result
+    ships (at the allocated ranks with `rank_allocation="spectrum"`, whose own scores are then reported)."""
+    config, names, merged_names = run.config, run.names, run.merged_names
+    final = [(clusters[_index_of(clusters, n)], n) for n in names]
+    task_losses = dict(zip(names, scorer(final), strict=True))
+    fewshot_losses = scorer(final, "loss")  # cached with `task_score` by the same passes
+    merger.cleanup()
+    check_partition_fits(peft_model, clusters, config)  # `cat` grows with the clusters: check before merging
+    if config.rank_allocation != "spectrum":
+        for name, members in zip(merged_names, clusters, strict=True):
+            merger.merge(members, name)
+        return task_losses, fewshot_losses, None
+    budget = parse_size(config.storage_budget) if is_bytes_budget(config.storage_budget) else None
+    merged_sizes = merge_with_allocated_ranks(merger, clusters, merged_names, budget)
+    # The shipped adapters are not the uniform-rank merges the search scored: their own losses are reported.
+    shipped = scorer.scores_under({n: merged_names[_index_of(clusters, n)] for n in names})
+    task_losses = {n: shipped[n][config.task_score] for n in names}
+    return task_losses, [shipped[n]["loss"] for n in names], merged_sizes
+
+
+def _fit_router(peft_model, tokenizer, run: _Run):
+    """Stage 5: the prompt router for requests without a task label (none without a tokenizer or for one task)."""
+    started = time.perf_counter()
+    if not run.config.fit_router or tokenizer is None or len(run.names) < 2:
+        return None, 0, time.perf_counter() - started
+    prompts = {n: [example.prompt for example in run.examples[n]] for n in run.names}
+    router = fit_prompt_router(peft_model, tokenizer, prompts, batch_size=run.config.batch_size)
+    return router, router.stats["forward_passes"], time.perf_counter() - started
+
+
+def _work_stats(merger, scorer, group, state, trace, config) -> dict[str, Any]:
+    """The search's and merges' cost, as `D2CResult.stats` reports it."""
+    return {
+        "num_merges": merger.num_merges,
+        "forward_passes": scorer.forward_passes,
+        "cache_hits": scorer.cache_hits,
+        "cache_misses": scorer.cache_misses,
+        "num_refills": merger.num_refills,
+        "merge_seconds": merger.merge_seconds,
+        "forward_seconds": scorer.forward_seconds,
+        "num_processes": group.num_processes,
+        "trace": trace,
+        "restarts": [dict(f) for f in state.finished],
+        "layer_input_bytes": layer_input_bytes(merger.layer_inputs),  # the `regmean` layer inputs held for the run
+        **_phase_stats(state, config),
+    }
+
+
+def _result(peft_model, tokenizer, run: _Run, start, state, task_losses, stats, sources, prompt_router) -> D2CResult:
+    """Stage 6: the fitted result (clusters, routing, losses, history, provenance)."""
+    clusters, names, merged_names = state.clusters, run.names, run.merged_names
     assignment = {n: i for i, members in enumerate(clusters) for n in members}
-    sources = adapter_sources if adapter_sources is not None else getattr(peft_model, "d2c_adapter_sources", {})
     return D2CResult(
         clusters=[list(c) for c in clusters],
         assignment={n: assignment[n] for n in names},
@@ -235,31 +307,12 @@ def merge_adapters_d2c(
         routing={n: merged_names[assignment[n]] for n in names},
         task_losses=task_losses,
         history=state.history,
-        config=config,
+        config=run.config,
         initial_clusters=[list(c) for c in start],
         base_model=_base_model_name(peft_model, names[0]),
         sources={n: dict(sources.get(n, {})) for n in names},
-        data_sources={n: dict(data_sources[n]) for n in names if n in data_sources},
-        stats={
-            "num_merges": merger.num_merges,
-            "forward_passes": scorer.forward_passes,
-            "fewshot_loss": sum(fewshot_losses) / len(fewshot_losses),  # the mean loss, whatever `task_score` is
-            "cache_hits": scorer.cache_hits,
-            "cache_misses": scorer.cache_misses,
-            "num_refills": merger.num_refills,
-            "merge_seconds": merger.merge_seconds,
-            "forward_seconds": scorer.forward_seconds,
-            "num_processes": group.num_processes,
-            "seconds": time.perf_counter() - started,
-            "trace": trace,
-            "restarts": [dict(f) for f in state.finished],
-            "start": start_kind,  # how start 1 was made: with init="lowest_loss", the one kept
-            "router_seconds": router_seconds,
-            "router_forward_passes": router_passes,  # not in `forward_passes`: the search's and merges' cost
-            "layer_input_bytes": layer_input_bytes(merger.layer_inputs),  # the `regmean` layer inputs held for the run
-            **({"merged_sizes": merged_sizes} if merged_sizes else {}),
-            **_phase_stats(state, config),
-        },
+        data_sources={n: dict(run.data_sources[n]) for n in names if n in run.data_sources},
+        stats=stats,
         model=peft_model,
         tokenizer=tokenizer,
         prompt_router=prompt_router,
