@@ -320,6 +320,8 @@ class D2CMergeConfig:
         (`search_defaults.merge_cache_size_for`) and `task_score` filled in; a result's config is this."""
         search = self.search_rule_for(num_adapters, num_clusters)
         init, proposal = self.search_defaults_for(num_adapters, num_clusters)
+        if self.method != "d2c":  # a baseline has no start to choose: a search's default start would warn as ignored
+            init = self.init or "random"
         cache = merge_cache_size_for(proposal, num_clusters, self.merge_cache_size)
         steps = self.search_steps_for(num_adapters, num_clusters)
         resolved = replace(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import warnings
 
 import pytest
 
@@ -76,6 +77,16 @@ class TestD2CMergeConfig:
     def test_init_ignored_by_baselines_warns(self):
         with pytest.warns(D2CWarning, match="ignored"):
             D2CMergeConfig(num_clusters=2, method="random", init="kmeans")
+
+    @pytest.mark.parametrize("method", ["random", "kmeans", "kmeans_svd"])
+    def test_a_baseline_over_many_adapters_warns_about_no_setting_it_was_not_given(self, method):
+        """Above 16 adapters a search starts from `init="lowest_loss"` by default; resolving a baseline's config
+        must not fill that in and then warn that the user's `init` is ignored."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", D2CWarning)
+            resolved = D2CMergeConfig(num_clusters=5, method=method).resolved_for(40, 5)
+        assert resolved.init == "random" and resolved.method == method
+        assert D2CMergeConfig(num_clusters=5).resolved_for(40, 5).init == "lowest_loss"  # the search's default stays
 
 
 def test_search_steps_default_per_search_and_explicit_t_wins():
