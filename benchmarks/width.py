@@ -33,8 +33,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import resource
-import sys
 import time
 
 import numpy as np
@@ -47,10 +45,10 @@ from peft_d2c.data.examples import normalize_task_examples
 from peft_d2c.engine.merge.lora import lora_layers
 from peft_d2c.engine.merge.merging import AdapterMerger
 from peft_d2c.engine.merge.regmean import RegMeanSystem
-from peft_d2c.engine.scoring.layer_inputs import attach_layer_inputs, layer_input_bytes, predict_layer_input_bytes
+from peft_d2c.engine.scoring.layer_inputs import attach_layer_inputs, layer_input_bytes
 from peft_d2c.engine.scoring.loss import LossScorer
 from peft_d2c.engine.search.loop import balanced_random_partition
-from peft_d2c.evaluation.estimate import estimate_run
+from peft_d2c.evaluation.estimate import estimate_run, peak_rss_bytes
 from peft_d2c.testing import SYMBOLS, make_tokenizer
 
 WIDTHS = {  # hidden, MLP, attention heads, KV heads (the models' config.json)
@@ -63,11 +61,6 @@ TARGETS = {
 }
 RANK, EXAMPLES = 16, 10
 FULL_LAYERS = 32
-
-
-def peak_rss() -> int:
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024
 
 
 def build_model(width: str, layers: int, adapters: int, targets: str, seed: int):
@@ -180,9 +173,8 @@ def main(argv: list[str] | None = None) -> dict:
     merger = AdapterMerger(model, config)
     scorer = LossScorer.for_config(model, tokenizer, normalize_task_examples(examples), merger)
     tokens = [sum(len(row.input_ids) for row in rows) for rows in scorer.tokenized.values()]
-    predicted = predict_layer_input_bytes(model, scorer.tokenized)
     started = time.perf_counter()
-    attach_layer_inputs(merger, scorer)
+    predicted = attach_layer_inputs(merger, scorer)  # predicted before they are collected, as a run does
     collect_seconds = time.perf_counter() - started
     held = layer_input_bytes(merger.layer_inputs)
     distinct = {id(f): f for f in merger.layer_inputs[names[0]]}.values()
@@ -229,7 +221,7 @@ def main(argv: list[str] | None = None) -> dict:
         "extrapolated_32_layers_seconds_per_merge": float(np.median(seconds)) / args.layers * FULL_LAYERS,
     }
     merger.cleanup()
-    report["rss_bytes_before_search"] = peak_rss()
+    report["rss_bytes_before_search"] = peak_rss_bytes()
 
     if args.steps > 0:
         config = D2CMergeConfig(
@@ -261,7 +253,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 def finish(report: dict, out: str | None) -> dict:
     """Add the process's peak memory (and the GPU's), print the report as JSON and write it to `out`."""
-    report["peak_rss_bytes"] = peak_rss()
+    report["peak_rss_bytes"] = peak_rss_bytes()
     if torch.cuda.is_available():
         report["peak_cuda_bytes"] = torch.cuda.max_memory_allocated()
     text = json.dumps(report, indent=2)

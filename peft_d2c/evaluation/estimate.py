@@ -11,13 +11,12 @@ from typing import Any
 
 import numpy as np
 
-from ..combination_types import DATA_TYPES
 from ..data.examples import normalize_task_examples
 from ..engine.merge.budget import adapter_bytes, resolve_num_clusters
 from ..engine.merge.lora import check_source_adapters, resolve_adapter_names
 from ..engine.merge.merging import AdapterMerger
 from ..engine.runtime.state import ModelState
-from ..engine.scoring.layer_inputs import attach_layer_inputs, layer_input_bytes, predict_layer_input_bytes
+from ..engine.scoring.layer_inputs import attach_layer_inputs, layer_input_bytes
 from ..engine.scoring.loss import LossScorer
 from ..engine.search.loop import balanced_random_partition
 from ..search_defaults import TARGETED_PROPOSALS
@@ -72,10 +71,8 @@ def estimate_run(peft_model, task_examples, config, *, tokenizer, probe_evaluati
     try:
         peft_model.eval()
         scorer = LossScorer.for_config(peft_model, tokenizer, examples, merger)
-        predicted_input_bytes = 0
-        if config.combination_type in DATA_TYPES:  # before collecting them, as a run predicts them
-            predicted_input_bytes = predict_layer_input_bytes(peft_model, scorer.tokenized)
-        attach_layer_inputs(merger, scorer)  # a data-aware merge's layer inputs (one pass per task, like the run's)
+        # A data-aware merge's layer inputs (one pass per task, like the run's), predicted first as a run predicts them.
+        predicted_input_bytes = attach_layer_inputs(merger, scorer)
         started = time.perf_counter()
         for _ in range(probe_evaluations):
             clusters = balanced_random_partition(names, k, rng)

@@ -88,6 +88,15 @@ def _has_bias(peft_model: PeftModel, adapter_names: Sequence[str]) -> bool:
     return any(getattr(peft_model.peft_config[name], "lora_bias", False) for name in adapter_names)
 
 
+def _bytes_at_rank(peft_model: PeftModel, adapter_names: Sequence[str], rank: int) -> int:
+    """Bytes of an adapter of rank `rank` on every module any of `adapter_names` adapts, with a LoRA bias in each when
+    one of them has one (`_has_bias`)."""
+    bias = _has_bias(peft_model, adapter_names)
+    return sum(
+        (rank * per_rank + bias * out) * size for per_rank, out, size in _per_rank_costs(peft_model, adapter_names)
+    )
+
+
 def stored_bytes(layer, adapter_name: str) -> int:
     """Bytes of the tensors `adapter_name` stores in one LoRA layer (its A and B, and its LoRA bias if it has one), as
     its `adapter_model.safetensors` holds them; 0 where it does not adapt the layer."""
@@ -116,9 +125,7 @@ def adapter_bytes(peft_model: PeftModel, adapter_name: str, rank: int | None = N
         raise ValueError(f"Unknown adapter {adapter_name!r}; loaded: {sorted(peft_model.peft_config)}.")
     if rank is None:  # the tensors themselves: exact for rank patterns and biases alike
         return sum(stored_bytes(layer, adapter_name) for _, layer in lora_layers(peft_model))
-    bias = _has_bias(peft_model, [adapter_name])
-    costs = _per_rank_costs(peft_model, [adapter_name])
-    return sum((rank * per_rank + bias * out) * size for per_rank, out, size in costs)
+    return _bytes_at_rank(peft_model, [adapter_name], rank)
 
 
 def merged_adapter_bytes(peft_model: PeftModel, members: Sequence[str], config: D2CMergeConfig) -> int:
@@ -133,9 +140,7 @@ def merged_adapter_bytes(peft_model: PeftModel, members: Sequence[str], config: 
     """
     ranks = [adapter_rank(peft_model, m) for m in members]
     rank = merged_rank(ranks, config.combination_type, config.svd_rank)
-    bias = _has_bias(peft_model, members)
-    costs = _per_rank_costs(peft_model, members)
-    return sum((rank * per_rank + bias * out) * size for per_rank, out, size in costs)
+    return _bytes_at_rank(peft_model, members, rank)
 
 
 def partition_bytes(peft_model: PeftModel, clusters: Sequence[Sequence[str]], config: D2CMergeConfig) -> int:

@@ -48,8 +48,7 @@ def update_merge_into(
     Raises:
         NotImplementedError: For a convolutional LoRA layer.
     """
-    groups: dict[tuple, list[tuple[LoraLayer, list]]] = {}
-    in_order: list[tuple[LoraLayer, list]] = []  # the same entries in model order
+    in_order: list[tuple[LoraLayer, list]] = []  # (layer, its present members), in model order
     for layer in layers:
         if lora_factors(layer, adapter_name) is None:
             continue
@@ -63,12 +62,6 @@ def update_merge_into(
                 present.append((member, weight, factors, bias))
         if not present:
             raise ValueError(f"None of {list(members)} adapts this layer.")
-        # Layers are batched only where every tensor can be stacked: same shapes, device and dtype (a model spread
-        # over devices, or with layers in different dtypes, merges each layer where it lives, in its own dtype).
-        key = tuple(
-            (m, a.shape, b.shape, a.device, a.dtype, b.dtype, bias is not None) for m, _, (a, b), bias in present
-        )
-        groups.setdefault(key, []).append((layer, present))
         in_order.append((layer, present))
     if combination_type in DATA_TYPES and layer_inputs is None:
         raise ValueError(f"combination_type={combination_type!r} needs the layer inputs of its members.")
@@ -77,6 +70,14 @@ def update_merge_into(
         if combination_type in DATA_TYPES:
             _regmean_layers(in_order, members, weights, adapter_name, layer_inputs, rank=rank, alpha=regmean_alpha)
             return
+        # Layers are batched only where every tensor can be stacked: same shapes, device and dtype (a model spread
+        # over devices, or with layers in different dtypes, merges each layer where it lives, in its own dtype).
+        groups: dict[tuple, list[tuple[LoraLayer, list]]] = {}
+        for layer, present in in_order:
+            key = tuple(
+                (m, a.shape, b.shape, a.device, a.dtype, b.dtype, bias is not None) for m, _, (a, b), bias in present
+            )
+            groups.setdefault(key, []).append((layer, present))
         for entries in groups.values():
             _merge_group(combination_type, entries, adapter_name, **settings)
 

@@ -135,10 +135,16 @@ def _adapter_factors(
     return [factors[owner[i]] for i in range(len(layers))]
 
 
-def predict_layer_input_bytes(peft_model: torch.nn.Module, tokenized: Mapping[str, Sequence[TokenizedExample]]) -> int:
-    """The bytes `input_factors` will hold for `tokenized`, before collecting them: one forward pass of a single
-    short example finds the distinct layer inputs (their width, and which layers share one), and each task's m tokens
-    then take min(m, width) x width floats per distinct input (4 bytes, 8 for a float64 model).
+def predict_layer_input_bytes(
+    peft_model: torch.nn.Module,
+    tokenized: Mapping[str, Sequence[TokenizedExample]],
+    *,
+    stats: dict[str, int] | None = None,
+) -> int:
+    """The bytes `input_factors` will hold for `tokenized`, before collecting them: the same recording run on a
+    single short example finds the distinct layer inputs (their width, dtype and which layers share one), and each
+    task's m tokens then take min(m, width) x width of those floats per distinct input. `stats` as in `input_factors`
+    (one forward pass).
 
     Example:
         ```python
@@ -149,30 +155,16 @@ def predict_layer_input_bytes(peft_model: torch.nn.Module, tokenized: Mapping[st
     layers = [layer for _, layer in lora_layers(peft_model)]
     if not layers or not tokenized:
         return 0
-    widths: list[int] = []  # the width of every distinct layer input, in model order
-    seen: dict[str, object] = {"last": None}
-    itemsize = {"bytes": 4}
-
-    def hook(module, args):
-        x = args[0]
-        if x is not seen["last"]:
-            seen["last"] = x
-            widths.append(x.shape[-1])
-            itemsize["bytes"] = torch.promote_types(x.dtype, torch.float32).itemsize
-
     adapter, rows = next(iter(tokenized.items()))
-    row = min(rows, key=lambda r: len(r.input_ids))
-    handles = [layer.register_forward_pre_hook(hook) for layer in layers]
-    try:
-        with torch.inference_mode():
-            peft_model(
-                input_ids=torch.tensor([row.input_ids], device=input_device(peft_model)), adapter_names=[adapter]
-            )
-    finally:
-        for handle in handles:
-            handle.remove()
+    shortest = [min(rows, key=lambda r: len(r.input_ids))]
+    stats = stats if stats is not None else {"forward_passes": 0}
+    one = _adapter_factors(
+        peft_model, layers, adapter, shortest, stats, torch.device("cpu"), pad_token_id=0, batch_size=1,
+        max_batch_tokens=None,
+    )  # fmt: skip
+    distinct = {id(factor): factor for factor in one}.values()
     tokens = [sum(len(r.input_ids) for r in task_rows) for task_rows in tokenized.values()]
-    return itemsize["bytes"] * sum(min(m, width) * width for m in tokens for width in widths)
+    return sum(min(m, f.shape[-1]) * f.shape[-1] * f.element_size() for m in tokens for f in distinct)
 
 
 def check_memory_limit(layer_input_bytes: int, memory_limit: int | str | None) -> None:
@@ -203,16 +195,20 @@ def layer_input_bytes(layer_inputs: Mapping[str, Sequence[torch.Tensor]]) -> int
     return sum(factor.numel() * factor.element_size() for factor in distinct.values())
 
 
-def attach_layer_inputs(merger: AdapterMerger, scorer: LossScorer) -> None:
-    """Give `merger` the layer inputs its data-aware combination type merges with (`combination_types.DATA_TYPES`), from the scorer's
-    tokenised few-shot examples; nothing for the other types. Adapters that already have theirs are skipped; the
-    forward passes run are added to the scorer's `forward_passes`.
+def attach_layer_inputs(merger: AdapterMerger, scorer: LossScorer) -> int:
+    """Give `merger` the layer inputs its data-aware combination type merges with (`combination_types.DATA_TYPES`),
+    from the scorer's tokenised few-shot examples; nothing for the other types. Adapters that already have theirs are
+    skipped. Their size is predicted first (`predict_layer_input_bytes`) and checked against `memory_limit`
+    (`check_memory_limit`); the forward passes run are added to the scorer's `forward_passes`.
+
+    Returns:
+        `int`: the predicted bytes of the layer inputs collected here (0 when none were).
 
     Raises:
         ValueError: If the type is data-aware and the scorer has no tokenised examples (no tokenizer was given).
     """
     if merger.config.combination_type not in DATA_TYPES:
-        return
+        return 0
     if not scorer.tokenized:
         raise ValueError(
             f"combination_type={merger.config.combination_type!r} merges with the layer inputs of the few-shot "
@@ -221,13 +217,13 @@ def attach_layer_inputs(merger: AdapterMerger, scorer: LossScorer) -> None:
         )
     missing = {task: rows for task, rows in scorer.tokenized.items() if task not in merger.layer_inputs}
     if not missing:
-        return
+        return 0
     was_training = scorer.model.training
     scorer.model.eval()  # PEFT's `adapter_names=` needs eval mode
     stats = {"forward_passes": 0}
     try:
-        check_memory_limit(predict_layer_input_bytes(scorer.model, missing), merger.config.memory_limit)
-        stats["forward_passes"] += 1  # the prediction's pass of one short example
+        predicted = predict_layer_input_bytes(scorer.model, missing, stats=stats)
+        check_memory_limit(predicted, merger.config.memory_limit)
         factors = input_factors(
             scorer.model,
             missing,
@@ -240,3 +236,4 @@ def attach_layer_inputs(merger: AdapterMerger, scorer: LossScorer) -> None:
         scorer.model.train(was_training)
     merger.layer_inputs.update(factors)
     scorer.forward_passes += stats["forward_passes"]  # the run's cost counts them (about one pass per task)
+    return predicted
