@@ -135,7 +135,7 @@ def worker(args) -> None:
         num_iterations=args.iterations,
         seed=args.seed,
         proposals_per_step=args.proposals_per_step,
-        batch_size=args.batch_size,
+        scoring={"batch_size": args.batch_size},
         show_progress=False,
     )
     meter = Meter(model)
@@ -297,7 +297,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--impls", default="reference,d2c", help="comma-separated: reference, d2c")
     parser.add_argument("--processes", type=int, default=1, help="processes of the peft-d2c run (accelerate)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads per process (0: torch's default)")
-    parser.add_argument("--batch-size", type=int, default=32, help="rows per forward pass (config.batch_size)")
+    parser.add_argument("--batch-size", type=int, default=32, help="rows per forward pass (config.scoring.batch_size)")
     parser.add_argument("--cache-dir", default=os.path.expanduser("~/.cache/peft_d2c/bench"))
     parser.add_argument("--json", help="write every report to this file")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)

@@ -49,7 +49,7 @@ def main() -> None:
     model, tokenizer, _, fewshot, test = load(fetch=False, show_progress=False)
     config = D2CMergeConfig(num_clusters=1, combination_type=args.combination_type, merged_adapter_prefix="alloc")
     merger = AdapterMerger(model, config)
-    examples = {t: items[: config.examples_per_task] for t, items in normalize_task_examples(fewshot).items()}
+    examples = {t: items[: config.scoring.examples_per_task] for t, items in normalize_task_examples(fewshot).items()}
     attach_layer_inputs(merger, LossScorer.for_config(model, tokenizer, examples, merger))
     rows = []
     for cell in sorted(cells, key=lambda c: (c["num_clusters"], c["seed"])):

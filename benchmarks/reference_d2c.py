@@ -55,21 +55,24 @@ def reference_d2c(
         raise ValueError("The reference implements D2C from a random start only.")
     examples = normalize_task_examples(task_examples)
     names = list(adapter_names) if adapter_names is not None else [n for n in peft_model.peft_config if n in examples]
-    examples = {name: examples[name][: config.examples_per_task] for name in names}
+    examples = {name: examples[name][: config.scoring.examples_per_task] for name in names}
     merger = AdapterMerger(peft_model, config)
     pad_token_id = pad_token_id_for(tokenizer)
     if config.combination_type in DATA_TYPES:  # `regmean` merges with every adapter's layer inputs on its task
         tokenized = {
             task: [
                 tokenize_example(
-                    tokenizer, e, use_chat_template=config.use_chat_template, max_length=config.max_length
+                    tokenizer,
+                    e,
+                    use_chat_template=config.scoring.use_chat_template,
+                    max_length=config.scoring.max_length,
                 )
                 for e in examples[task]
             ]
             for task in names
         }
         merger.layer_inputs = input_factors(
-            peft_model, tokenized, pad_token_id=pad_token_id, batch_size=config.batch_size
+            peft_model, tokenized, pad_token_id=pad_token_id, batch_size=config.scoring.batch_size
         )
     started = time.perf_counter()
     stats = {"num_merges": 0, "forward_passes": 0}
@@ -80,12 +83,19 @@ def reference_d2c(
         try:
             rows = [
                 tokenize_example(
-                    tokenizer, example, use_chat_template=config.use_chat_template, max_length=config.max_length
+                    tokenizer,
+                    example,
+                    use_chat_template=config.scoring.use_chat_template,
+                    max_length=config.scoring.max_length,
                 )
                 for example in examples[task]
             ]
             sums, counts, passes = completion_loss_sums(
-                peft_model, rows, [TEMPORARY_NAME] * len(rows), pad_token_id=pad_token_id, batch_size=config.batch_size
+                peft_model,
+                rows,
+                [TEMPORARY_NAME] * len(rows),
+                pad_token_id=pad_token_id,
+                batch_size=config.scoring.batch_size,
             )
             stats["forward_passes"] += passes
         finally:

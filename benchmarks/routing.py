@@ -147,7 +147,7 @@ def main() -> None:
 
     config = D2CMergeConfig(num_clusters=1, combination_type=args.combination_type, merged_adapter_prefix="routed")
     merger = AdapterMerger(model, config)
-    examples = {t: items[: config.examples_per_task] for t, items in normalize_task_examples(fewshot).items()}
+    examples = {t: items[: config.scoring.examples_per_task] for t, items in normalize_task_examples(fewshot).items()}
     attach_layer_inputs(merger, LossScorer.for_config(model, tokenizer, examples, merger))
     answers = [normalize_answer(e["completion"]) for t in tasks for e in test[t]]
     rows = []

@@ -1,4 +1,4 @@
-"""Pick the robust search's settings on seeds the benchmark never uses: few-shot loss and forward passes only.
+"""Compare D2C search settings on seeds the benchmark never uses: few-shot loss and forward passes only.
 
     OMP_NUM_THREADS=2 python benchmarks/search_configs.py --seeds 100 101 --clusters 2 4 \
         --config "paper: search=paper" --config "partition T30: search=partition num_iterations=30" \

@@ -41,20 +41,20 @@ def tune_cell(model, tokenizer, fewshot, test, cell, budget: int) -> dict:
     merger = AdapterMerger(model, config)
     # A data-aware merge (`regmean`) needs every member's layer inputs on its few-shot examples, as in the run.
     tasks = sorted(t for members in cell["clusters"] for t in members)
-    examples = normalize_task_examples({t: fewshot[t][: config.examples_per_task] for t in tasks})
+    examples = normalize_task_examples({t: fewshot[t][: config.scoring.examples_per_task] for t in tasks})
     attach_layer_inputs(merger, LossScorer.for_config(model, tokenizer, examples, merger))
     routing, clusters, started, passes = {}, [], time.perf_counter(), 0
     names = []
     try:
         for index, members in enumerate(cell["clusters"]):
             members = sorted(members)
-            examples = {t: fewshot[t][: config.examples_per_task] for t in members}
+            examples = {t: fewshot[t][: config.scoring.examples_per_task] for t in members}
             if len(members) == 1:
                 routing[members[0]] = members[0]
                 continue
             name = merger.merge(members, f"{config.merged_adapter_prefix}_c{index}")
             names.append(name)
-            untuned = cluster_loss(model, tokenizer, examples, name, config.batch_size)
+            untuned = cluster_loss(model, tokenizer, examples, name, config.scoring.batch_size)
             search, spent = tune_cluster_weights(
                 model, tokenizer, merger, members, name, examples, budget=budget, seed=cell["seed"] * 100 + index
             )

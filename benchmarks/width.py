@@ -208,9 +208,9 @@ def main(argv: list[str] | None = None) -> dict:
         seconds.append(time.perf_counter() - started)
         model.delete_adapter(f"width_bench_{index}")
     first = [merger.layer_inputs[m][0] for m in clusters[0]]
-    gram_seconds = gram_form_seconds(first, config.regmean_alpha, args.device)
+    gram_seconds = gram_form_seconds(first, config.merge.regmean_alpha, args.device)
     system_started = time.perf_counter()
-    RegMeanSystem(first, [1 / len(first)] * len(first), config.regmean_alpha, device=torch.device(args.device))
+    RegMeanSystem(first, [1 / len(first)] * len(first), config.merge.regmean_alpha, device=torch.device(args.device))
     synchronize(args.device)
     report["merge"] = {
         "cluster_sizes": [len(c) for c in clusters],
@@ -236,7 +236,7 @@ def main(argv: list[str] | None = None) -> dict:
         # The run's layer inputs are collected again (a fresh merger): their time is known from above.
         search = stats["seconds"] - collect_seconds
         report["search"] = {
-            "search": config.resolved_for(args.adapters, args.clusters).search,
+            "search": result.stats["search_plan"]["rule"],
             "steps": args.steps,
             "seconds": stats["seconds"],
             "layer_input_seconds": collect_seconds,

@@ -16,7 +16,7 @@ main process writes the result.
 On CPU, keep `--multi_gpu`: `accelerate launch --cpu` starts a single process. torchrun gives each process one
 thread (OMP_NUM_THREADS=1) unless you set OMP_NUM_THREADS yourself. With `--proposals-per-step 1` (the paper's
 Algorithm 1) a step has at most two losses to compute, which fit one forward pass, so extra processes only help
-with `--proposals-per-step` 2 or more, or with `--restarts` 2 or more (each process then searches its own starts).
+with `--proposals-per-step` 2 or more.
 Re-running with the same `--checkpoint-dir` resumes an interrupted search.
 """
 
@@ -61,7 +61,6 @@ def main() -> None:
     parser.add_argument("--num-clusters", type=int, default=3)
     parser.add_argument("--iterations", type=int, default=100)
     parser.add_argument("--proposals-per-step", type=int, default=1)
-    parser.add_argument("--restarts", type=int, default=1, help="Start partitions; split between the processes.")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--checkpoint-dir", default=None)
     parser.add_argument("--output-dir", default="d2c_output")
@@ -75,7 +74,6 @@ def main() -> None:
         num_clusters=args.num_clusters,
         num_iterations=args.iterations,
         proposals_per_step=args.proposals_per_step,
-        restarts=args.restarts,
         seed=args.seed,
         show_progress=group.is_main_process,
     )

@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         storage_budget=args.storage_budget,
         num_iterations=args.iterations,
         combination_type=args.combination_type,
-        density=args.density,
+        merge={"density": args.density},
         seed=args.seed,
         show_progress=sys.stderr.isatty(),
     )

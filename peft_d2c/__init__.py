@@ -12,7 +12,7 @@ import logging
 if logging.getLogger("bitsandbytes.backends.cpu.ops").level == logging.NOTSET:
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
-from .config import D2CMergeConfig  # noqa: E402
+from .config import D2CMergeConfig, MergeSettings, ScoringSettings  # noqa: E402
 from .d2c import merge_adapters_d2c  # noqa: E402
 from .data.examples import Example  # noqa: E402
 from .errors import (  # noqa: E402
@@ -32,7 +32,9 @@ __all__ = [
     "D2CWarning",
     "Example",
     "MemoryLimitError",
+    "MergeSettings",
     "NonFiniteLossError",
+    "ScoringSettings",
     "UnsupportedAdapterError",
     "__version__",
     "merge_adapters_d2c",

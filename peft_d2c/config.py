@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import os
@@ -10,32 +11,196 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Literal
 
 from .checks import check_choice, check_fraction, check_int
-from .combination_types import COMBINATION_TYPES, UPDATE_TYPES
+from .combination_types import COMBINATION_TYPES, DATA_TYPES, DENSITY_TYPES, SIGN_TYPES, SVD_TYPES, UPDATE_TYPES
 from .errors import D2CWarning
 from .io import atomic_write_json
 from .names import check_adapter_name
-from .search_defaults import (
-    DEFAULT_STEPS,
-    PROPOSALS,
-    SEARCHES,
-    TASK_SCORES,
-    default_search,
-    default_search_rule,
-    default_steps,
-    default_task_score,
-    merge_cache_size_for,
-)
 from .sizes import is_bytes_budget, parse_size
 
 CONFIG_NAME = "d2c_config.json"
 # Format of `d2c_config.json`: 2 holds the T the run used; 1 (no key) may hold None, and a key it lacks had the
 # default of then: before `search="partition"` (12358e6), `knots_ties` (ee75b00) and T = None (= 30 for partition).
-CONFIG_VERSION, CONFIG_VERSION_KEY = 2, "d2c_config_version"
+# 3 groups the merge's and the scoring's settings (`merge`, `scoring`) and has no search variants of before.
+CONFIG_VERSION, CONFIG_VERSION_KEY = 3, "d2c_config_version"
 _V1_DEFAULTS = {"search": "paper", "combination_type": "ties", "init": "random", "proposal": "random"}
 _V1_DEFAULT_STEPS = {"paper": 100, "partition": 30}
+# Search settings of versions 1-2 that were removed (level with the paper's rule within noise; docs/benchmark.md),
+# with the value that means what a run does today. A saved config that ran another value keeps it, as a record, in
+# `legacy_settings`; such a config loads, but `merge_adapters_d2c` does not run it.
+_REMOVED_SETTINGS = {"proposal": "random", "task_score": "loss", "restarts": 1, "final_pass": False}
+_REMOVED_VALUES = {"search": ("paper_then_partition",), "init": ("lowest_loss",)}
 
 METHODS = ("d2c", "random", "kmeans", "kmeans_svd")
-INITS = ("random", "kmeans", "kmeans_svd", "lowest_loss")
+INITS = ("random", "kmeans", "kmeans_svd")
+# The acceptance rules of the D2C search (`search`; None is "paper"), and T of each up to 16 adapters when
+# `num_iterations` is None (`peft_d2c.engine.search.plan.SearchPlan.for_run` scales it by N / 16 above).
+SEARCHES = ("paper", "partition")
+DEFAULT_STEPS = {"paper": 100, "partition": 30}
+# The search settings a baseline `method` has no use for (it returns its partition without a search), with the value
+# that means "not set".
+SEARCH_SETTINGS = {
+    "init": None,
+    "search": None,
+    "num_iterations": None,
+    "max_forward_passes": None,
+    "patience": None,
+    "proposals_per_step": 1,
+}
+
+
+# Where each setting of the flat configuration before `d2c_config_version` 3 lives now: (group, name in the group).
+MOVED_SETTINGS = {
+    "density": ("merge", "density"),
+    "majority_sign_method": ("merge", "majority_sign_method"),
+    "regmean_alpha": ("merge", "regmean_alpha"),
+    "memory_limit": ("merge", "memory_limit"),
+    "rank_allocation": ("merge", "rank_allocation"),
+    "merge_weight": ("merge", "weight"),
+    "svd_rank": ("merge", "svd_rank"),
+    "merge_cache_size": ("merge", "cache_size"),
+    "examples_per_task": ("scoring", "examples_per_task"),
+    "batch_size": ("scoring", "batch_size"),
+    "max_batch_tokens": ("scoring", "max_batch_tokens"),
+    "max_length": ("scoring", "max_length"),
+    "use_chat_template": ("scoring", "use_chat_template"),
+}
+
+
+@dataclass(frozen=True)
+class MergeSettings:
+    """The settings of the merge itself (`D2CMergeConfig.merge`), beyond its `combination_type`.
+
+    Each setting applies to some combination types only (`APPLIES_TO`); a value other than its default with a type
+    it does not apply to is refused (`check_applies_to`), never silently ignored.
+
+    Args:
+        density (`float`, defaults to 0.5):
+            Fraction of values kept by the pruning types (`combination_types.DENSITY_TYPES`: ties, dare,
+            magnitude_prune and their svd forms, knots_ties, core_ties).
+        majority_sign_method (`str`, defaults to `"total"`):
+            Sign election of the TIES types (`combination_types.SIGN_TYPES`): `"total"` or `"frequency"`.
+        regmean_alpha (`float`, defaults to 0.9):
+            `regmean`: the share of the off-diagonal entries of the layer-input Gram matrices kept (RegMean's alpha),
+            in (0, 1): 1 would leave the sum of the (singular) few-shot Grams unregularised.
+        memory_limit (`int` or `str`, *optional*):
+            `regmean`: the most memory (resident set) the process may use once the layer inputs are held, in bytes or
+            as a size (`"16GB"`). A run predicts their size before collecting them and refuses, naming this setting,
+            when the process's memory plus theirs would exceed it. Defaults to the process's memory plus the memory
+            available when the run starts.
+        rank_allocation (`str`, defaults to `"uniform"`):
+            Ranks of the final merged adapters (update-space types): `"uniform"` (`svd_rank` or the largest source
+            rank in every module) or `"spectrum"` (the same total bytes, or all of a byte `storage_budget`, spent on
+            the largest singular values per byte over every merged adapter and module; `engine.merge.rank_budget`).
+        weight (`float`, *optional*):
+            Weight given to every member of a cluster. `None` picks the weight for which merging k identical copies
+            of an adapter gives that adapter back (`engine.merge.merging.merge_weights_for`).
+        svd_rank (`int`, *optional*):
+            Rank of the merged adapter for the `*svd` and update-space types (defaults to the largest source rank).
+        cache_size (`int`, defaults to 8):
+            Number of temporary merged adapters kept alive in the model during the search (an LRU, at least 2); older
+            ones are deleted.
+    """
+
+    density: float = 0.5
+    majority_sign_method: Literal["total", "frequency"] = "total"
+    regmean_alpha: float = 0.9
+    memory_limit: int | str | None = None
+    rank_allocation: Literal["uniform", "spectrum"] = "uniform"
+    weight: float | None = None
+    svd_rank: int | None = None
+    cache_size: int = 8
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "density", check_fraction("density", self.density))  # frozen: set once here
+        check_choice("majority_sign_method", self.majority_sign_method, ("total", "frequency"))
+        # alpha = 1 keeps the off-diagonal Gram entries whole: ten examples' Grams are singular, and so is their sum
+        # where few tokens reach a layer, so the merge's Cholesky would fail mid-run.
+        object.__setattr__(
+            self, "regmean_alpha", check_fraction("regmean_alpha", self.regmean_alpha, include_one=False)
+        )
+        if self.memory_limit is not None:
+            parse_size(self.memory_limit, "memory_limit")
+        check_choice("rank_allocation", self.rank_allocation, ("uniform", "spectrum"))
+        if self.weight is not None:
+            if (
+                isinstance(self.weight, bool)
+                or not isinstance(self.weight, (int, float))
+                or not math.isfinite(self.weight)
+            ):
+                raise ValueError(f"`weight` must be a finite number or None, got {self.weight!r}.")
+            object.__setattr__(self, "weight", float(self.weight))
+        check_int("svd_rank", self.svd_rank, minimum=1, optional=True)
+        check_int("cache_size", self.cache_size, minimum=2)
+
+    def check_applies_to(self, combination_type: str) -> None:
+        """Refuse every setting with a value other than its default that `combination_type` does not use.
+
+        Raises:
+            ValueError: Naming the setting, the types it applies to, and what to do.
+        """
+        defaults = {f.name: f.default for f in fields(MergeSettings)}
+        for name, types in APPLIES_TO.items():
+            value = getattr(self, name)
+            if value != defaults[name] and combination_type not in types:
+                raise ValueError(
+                    f"`merge.{name}={value!r}` does not apply to `combination_type={combination_type!r}` (it applies "
+                    f"to {list(types)}): remove it, or choose one of those types."
+                )
+
+
+# The combination types each setting of `MergeSettings` applies to (`weight` and `cache_size` apply to all).
+APPLIES_TO = {
+    "density": DENSITY_TYPES,
+    "majority_sign_method": SIGN_TYPES,
+    "regmean_alpha": DATA_TYPES,
+    "memory_limit": DATA_TYPES,
+    "rank_allocation": UPDATE_TYPES,
+    "svd_rank": SVD_TYPES + UPDATE_TYPES,
+}
+
+
+@dataclass(frozen=True)
+class ScoringSettings:
+    """How the few-shot examples are scored under a merge (`D2CMergeConfig.scoring`).
+
+    Args:
+        examples_per_task (`int`, defaults to 10):
+            n, the number of examples per task used for clustering; extra examples are ignored.
+        batch_size (`int`, defaults to 32):
+            Rows per forward pass when scoring.
+        max_batch_tokens (`int`, defaults to 16384):
+            Tokens of one scoring forward pass (rows x longest row, padding included): a batch of `batch_size` rows is
+            split further, by the examples alone (1- and N-process runs stay bit-identical), so none runs out of memory.
+        max_length (`int`, *optional*):
+            Truncate prompt + completion to this many tokens (the prompt is cut from the left).
+        use_chat_template (`bool`, defaults to `False`):
+            Wrap each prompt in the tokenizer's chat template before scoring.
+    """
+
+    examples_per_task: int = 10
+    batch_size: int = 32
+    max_batch_tokens: int = 16384
+    max_length: int | None = None
+    use_chat_template: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("examples_per_task", "batch_size", "max_batch_tokens"):
+            check_int(name, getattr(self, name), minimum=1)
+        check_int("max_length", self.max_length, minimum=2, optional=True)
+        check_choice("use_chat_template", self.use_chat_template, (True, False))
+
+
+def _group(cls: type, value: Any, name: str) -> Any:
+    """A settings group from an instance of `cls` or a dict of its fields (unknown keys named)."""
+    if isinstance(value, cls):
+        return value
+    if not isinstance(value, dict):
+        raise TypeError(f"`{name}` must be a {cls.__name__} or a dict of its fields, got {value!r}.")
+    known = [f.name for f in fields(cls)]
+    unknown = sorted(set(value) - set(known))
+    if unknown:
+        raise ValueError(f"Unknown `{name}` setting(s) {unknown}; the settings of `{name}` are {known}.")
+    return cls(**value)
 
 
 @dataclass
@@ -43,6 +208,10 @@ class D2CMergeConfig:
     """Configuration of a D2C run: how many merged adapters to keep, how to find the clusters, how to merge them.
 
     Modelled on PEFT's `LoraConfig`: validated in `__post_init__`, `save_pretrained` / `from_pretrained` as JSON.
+
+    The default search is the paper's Algorithm 1: a balanced random start, random moves, a move kept if the moved
+    task's few-shot loss drops, T = ceil(100 x max(1, N / 16)) moves (only T changes with N; nothing with K).
+    `search="partition"` is the one alternative; `engine.search.plan.SearchPlan` records what a run ran.
 
     Args:
         num_clusters (`int`, *optional*):
@@ -55,86 +224,38 @@ class D2CMergeConfig:
             `"d2c"` (Algorithm 1 of the paper), or a baseline: `"random"`, `"kmeans"` (K-means on the flattened
             full updates B·A·scaling) or `"kmeans_svd"` (K-means on cosine-normalised truncated-SVD embeddings of them).
         init (`str`, *optional*):
-            Starting partition for `method="d2c"`: a balanced `"random"` partition, `"kmeans"`, `"kmeans_svd"`, or
-            `"lowest_loss"`: the random one or the `kmeans_svd` one, whichever has the lower total few-shot loss
-            (2N losses and 2K merges more; the random one on a tie). `None`: `"random"` up to `REFERENCE_N` = 16
-            adapters or with `search="paper"`, `"lowest_loss"` above (see `resolved_for`).
+            Starting partition of the d2c search: a balanced `"random"` partition (`None`, the paper's), `"kmeans"`
+            or `"kmeans_svd"`. `method="d2c"` only (like every search setting below: a baseline refuses them).
         num_iterations (`int`, *optional*):
-            T, the number of proposed moves (of the first phase of `"paper_then_partition"`). `None`: `DEFAULT_STEPS`
-            (`search_defaults`; 100 paper steps, 30 partition steps), times N / 16 above 16 adapters with random
-            proposals, 2N with the others; `max_forward_passes` if set. A result's config holds the T that ran.
+            T, the number of proposed moves. `None`: 100 (`search="partition"`: 30) times max(1, N / 16), rounded up,
+            or `max_forward_passes` if that is set. A result's config holds the T that ran.
         max_forward_passes (`int`, *optional*):
-            A budget of the search's steps in forward passes of scoring (all processes together; Grams and final
-            pass not counted), split between restarts like T: steps stop once it is spent (or at T).
+            A budget of the search's steps in forward passes of scoring (all processes together; the final merges not
+            counted): the steps stop once it is spent (or at T).
         patience (`int`, *optional*):
             Stop early after this many proposals in a row were rejected. `None` runs all `num_iterations`.
-        examples_per_task (`int`, defaults to 10):
-            n, the number of examples per task used for clustering; extra examples are ignored.
-        task_score (`str`, *optional*):
-            What a task's examples score under a merge: `"loss"` (the paper's mean completion-token loss) or `"miss"`
-            (1 - the mean probability of each whole completion, teacher-forced: in [0, 1], flat where a task fails).
-            The first phase of `"paper_then_partition"`, Algorithm 1, scores the loss either way (the same passes).
-            `None`: `"miss"` with `"paper_then_partition"`, else `"loss"` (`search_defaults.default_task_score`).
         combination_type (`str`, defaults to `"regmean"`):
             A rank-r update-space merge of peft-d2c (`UPDATE_TYPES`: `regmean`, which also uses the few-shot examples'
             layer inputs and so needs the tokenizer; `knots_ties` (the default before), `core_ta`, `core_ties`,
             `tsv_m`; rslora, rank / alpha pattern and lora_bias scaling applied exactly, any mix of target modules; the
             rank-r truncation is lossy), or any combination type of PEFT's `add_weighted_adapter` (`ties`, ...; see
             `docs/concepts.md`).
-        density (`float`, defaults to 0.5):
-            Fraction of values kept by the pruning combination types (ties, dare, magnitude_prune).
-        regmean_alpha (`float`, defaults to 0.9):
-            `regmean`: the share of the off-diagonal entries of the layer-input Gram matrices kept (RegMean's α), in
-            (0, 1): 1 would leave the sum of the (singular) few-shot Grams unregularised.
-        memory_limit (`int` or `str`, *optional*):
-            `regmean`: the most memory (resident set) the process may use once the layer inputs are held, in bytes or
-            as a size (`"16GB"`). A run predicts their size before collecting them and refuses, naming this setting,
-            when the process's memory plus theirs would exceed it. Defaults to the process's memory plus the memory
-            available when the run starts.
-        rank_allocation (`str`, defaults to `"uniform"`):
-            Ranks of the final merged adapters (update-space types): `"uniform"` (`svd_rank` or the largest source
-            rank in every module) or `"spectrum"` (the same total bytes, or all of a byte `storage_budget`, spent on
-            the largest singular values per byte over every merged adapter and module; `engine.merge.rank_budget`).
-        merge_weight (`float`, *optional*):
-            Weight given to every member of a cluster. `None` picks the weight for which merging k identical copies
-            of an adapter gives that adapter back (see `merge_weights_for`).
-        svd_rank (`int`, *optional*):
-            Rank of the merged adapter for the `*svd` and `UPDATE_TYPES` merges (defaults to the largest source rank).
-        majority_sign_method (`str`, defaults to `"total"`):
-            Sign election of the ties merges: `"total"` or `"frequency"`.
+        merge (`MergeSettings` or `dict`, *optional*):
+            The merge's own settings (density, RegMean's alpha, ranks, member weights, live merges, ...); each
+            applies to some combination types only, and a value other than its default with a type it does not
+            apply to is refused (`MergeSettings`).
+        scoring (`ScoringSettings` or `dict`, *optional*):
+            How the few-shot examples are scored: how many per task, batch sizes, truncation, chat template
+            (`ScoringSettings`).
         svd_embedding_dim (`int`, defaults to 8):
             Number of SVD components of the `kmeans_svd` features (capped at N - 1).
-        use_chat_template (`bool`, defaults to `False`):
-            Wrap each prompt in the tokenizer's chat template before scoring.
-        max_length (`int`, *optional*):
-            Truncate prompt + completion to this many tokens (the prompt is cut from the left).
-        batch_size (`int`, defaults to 32):
-            Rows per forward pass when scoring.
-        merge_cache_size (`int`, defaults to 8):
-            Number of temporary merged adapters kept alive in the model (an LRU); older ones are deleted. With
-            `proposal="targeted"` / `"misfit"` at least K + 2 (each current cluster's merge, a step's two new ones).
         proposals_per_step (`int`, defaults to 1):
             p, the candidate moves scored per step (1: the paper's). With p > 1 a step scores p candidates in one batch
             (split across `accelerate launch` processes) and applies the one whose task loss drops the most.
         search (`str`, *optional*):
-            Acceptance rule of a move: `"partition"` (the summed loss of every task of the two clusters the move
-            changes, so the total few-shot loss never rises) or `"paper"` (Algorithm 1: the moved task's loss; with
-            `restarts=1`, `final_pass=False` and T = 100 the paper's algorithm exactly). `"paper_then_partition"`: T
-            paper steps, then at most T partition steps within the passes the first T spent (never a higher total
-            `task_score` than the paper's end, at most 2x its passes plus one step; `restarts=1` only). `None`: that up
-            to 16 adapters with more than 4 a cluster (N > 4K), else `"partition"` (`default_search_rule`).
-        proposal (`str`, *optional*):
-            Which move a step proposes (`peft_d2c.engine.search.proposals`): `"random"` (the paper's uniform draws) or
-            `"sweep"` (every adapter in turn, in rounds of a fresh random order, moved or swapped with a member of
-            a random other cluster) or `"targeted"` (as sweep, into the other cluster whose merge gives the task its
-            lowest loss) or `"misfit"` (as targeted, each round the tasks that fit another cluster's merge best first);
-            none with `search="paper"`. `None`: `"misfit"` with `"paper_then_partition"`, else `"random"` up to 16
-            adapters or with `search="paper"`, `"targeted"` above.
-        restarts (`int`, defaults to 1):
-            R starts (the `init` partition, `kmeans_svd`, then random, each its own seed; split between `accelerate
-            launch` processes), T split between them; the lowest total few-shot loss is kept.
-        final_pass (`bool`, defaults to `False`):
-            After the steps, apply improving single moves and singleton relocations until none is left (`polish`).
+            Acceptance rule of a move. `None` is `"paper"`: Algorithm 1, the moved task's few-shot loss (with p = 1
+            the paper's algorithm exactly). `"partition"`: the summed loss of every task of the two clusters the move
+            changes, so the total few-shot loss never rises (it won on neither benchmark collection; docs/benchmark.md).
         checkpoint_every (`int`, defaults to 10):
             With a `checkpoint_dir` given to `merge_adapters_d2c`, save the search state every this many steps.
         seed (`int`, defaults to 0):
@@ -146,13 +267,14 @@ class D2CMergeConfig:
         allow_mixed_base_models (`bool`, defaults to `False`):
             Adapters whose `base_model_name_or_path` name different Hub ids or different folders are refused; set this
             to merge them anyway (with a `D2CWarning`), e.g. when two folders hold the same weights.
-        max_batch_tokens (`int`, defaults to 16384):
-            Tokens of one scoring forward pass (rows x longest row, padding included): a batch of `batch_size` rows is
-            split further, by the examples alone (1- and N-process runs stay bit-identical), so none runs out of memory.
         fit_router (`bool`, defaults to `True`):
             At the end, fit a prompt router on the few-shot prompts (`peft_d2c.engine.serving.prompt_router`, one
             forward pass of the base per 16 prompts) so that `result.route(prompt)` / `result.generate(prompt)` serve
             requests without a task label; needs the tokenizer (skipped without one).
+        legacy_settings (`dict`, *optional*):
+            Only in a config loaded from a run of an older peft-d2c: the search settings it ran that this version no
+            longer has (e.g. `{"search": "paper_then_partition"}`), kept as the record of that run. Such a config
+            loads, and its result can be used, saved and pushed, but `merge_adapters_d2c` refuses to run it.
 
     Example:
         ```python
@@ -170,59 +292,45 @@ class D2CMergeConfig:
     method: Literal["d2c", "random", "kmeans", "kmeans_svd"] = field(
         default="d2c", metadata={"help": f"Clustering method, one of {list(METHODS)}."}
     )
-    init: Literal["random", "kmeans", "kmeans_svd", "lowest_loss"] | None = field(
-        default=None, metadata={"help": f"Start of the d2c search, one of {list(INITS)} (None: by N)."}
+    init: Literal["random", "kmeans", "kmeans_svd"] | None = field(
+        default=None, metadata={"help": f"Start of the d2c search, one of {list(INITS)} (None: random)."}
     )
     num_iterations: int | None = field(
-        default=None, metadata={"help": "T, the number of proposed moves (None: 100 for paper, 30 for partition)."}
+        default=None, metadata={"help": "T, the proposed moves (None: 100 paper, 30 partition, x max(1, N/16))."}
     )
     max_forward_passes: int | None = field(default=None, metadata={"help": "Forward passes the steps may spend."})
     patience: int | None = field(default=None, metadata={"help": "Stop after this many rejections in a row."})
-    examples_per_task: int = field(default=10, metadata={"help": "n, examples per task used for clustering."})
-    task_score: Literal["loss", "miss"] | None = field(
-        default=None, metadata={"help": "loss or miss (None: by N, K)."}
-    )
     combination_type: str = field(
         default="regmean", metadata={"help": "Merge: an update-space type or a PEFT add_weighted_adapter type."}
     )
-    density: float = field(default=0.5, metadata={"help": "Fraction kept by ties / dare / magnitude_prune merges."})
-    regmean_alpha: float = field(
-        default=0.9, metadata={"help": "regmean: share of off-diagonal Gram entries kept, in (0, 1)."}
+    merge: MergeSettings = field(
+        default_factory=lambda: MergeSettings(), metadata={"help": "The merge's own settings (MergeSettings)."}
     )
-    memory_limit: int | str | None = field(
-        default=None, metadata={"help": "regmean: the most bytes its layer inputs may hold (default: free memory)."}
-    )
-    rank_allocation: Literal["uniform", "spectrum"] = field(
-        default="uniform", metadata={"help": "Final ranks: one rank everywhere, or bytes spent by singular values."}
-    )
-    merge_weight: float | None = field(
-        default=None, metadata={"help": "Weight of every cluster member; None = the exact-average weight."}
-    )
-    svd_rank: int | None = field(default=None, metadata={"help": "Rank of *svd merges (default: max source rank)."})
-    majority_sign_method: Literal["total", "frequency"] = field(
-        default="total", metadata={"help": "Sign election of ties merges."}
+    scoring: ScoringSettings = field(
+        default_factory=lambda: ScoringSettings(), metadata={"help": "How examples are scored (ScoringSettings)."}
     )
     svd_embedding_dim: int = field(default=8, metadata={"help": "SVD components of the kmeans_svd features."})
-    use_chat_template: bool = field(default=False, metadata={"help": "Wrap prompts in the chat template."})
-    max_length: int | None = field(default=None, metadata={"help": "Truncate scored sequences to this length."})
-    batch_size: int = field(default=32, metadata={"help": "Rows per forward pass."})
-    merge_cache_size: int = field(default=8, metadata={"help": "Live temporary merged adapters (LRU)."})
     proposals_per_step: int = field(default=1, metadata={"help": "Candidate moves scored per step; 1 = the paper's."})
-    search: Literal["paper", "partition", "paper_then_partition"] | None = field(
-        default=None, metadata={"help": "Move acceptance rule (None: by N and K)."}
+    search: Literal["paper", "partition"] | None = field(
+        default=None, metadata={"help": "Move acceptance rule: paper (None, Algorithm 1) or partition."}
     )
-    proposal: Literal["random", "sweep", "targeted", "misfit"] | None = field(
-        default=None, metadata={"help": "Proposed moves: random (the paper's), sweep, targeted, misfit (None: by N)."}
-    )
-    restarts: int = field(default=1, metadata={"help": "Start partitions searched; the lowest total loss is kept."})
-    final_pass: bool = field(default=False, metadata={"help": "Finish with improving single moves until none left."})
     checkpoint_every: int = field(default=10, metadata={"help": "Steps between two checkpoints of the search."})
     seed: int = field(default=0, metadata={"help": "Seed of every random choice of the run."})
     merged_adapter_prefix: str = field(default="d2c", metadata={"help": "Merged adapters are named {prefix}_{i}."})
     show_progress: bool = field(default=True, metadata={"help": "Show a progress bar."})
     allow_mixed_base_models: bool = field(default=False, metadata={"help": "Merge adapters of other bases (warns)."})
-    max_batch_tokens: int = field(default=16384, metadata={"help": "Most tokens of a scoring pass (rows x length)."})
     fit_router: bool = field(default=True, metadata={"help": "Fit a prompt router on the few-shot prompts."})
+    legacy_settings: dict[str, Any] = field(
+        default_factory=dict, metadata={"help": "A saved run's settings that this version no longer has (a record)."}
+    )
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> D2CMergeConfig:
+        # The settings that moved into `merge` / `scoring` (version 3) get an error that says where they went.
+        moved = {k: MOVED_SETTINGS[k] for k in kwargs if k in MOVED_SETTINGS}
+        if moved:
+            where = ", ".join(f"`{k}` -> `{group}={{'{name}': ...}}`" for k, (group, name) in moved.items())
+            raise TypeError(f"These settings moved into a group of D2CMergeConfig: {where}.")
+        return super().__new__(cls)
 
     def __post_init__(self) -> None:
         if (self.num_clusters is None) == (self.storage_budget is None):
@@ -246,88 +354,68 @@ class D2CMergeConfig:
         check_choice("method", self.method, METHODS)
         check_choice("init", self.init, INITS, optional=True)
         check_choice("combination_type", self.combination_type, COMBINATION_TYPES)
-        check_choice("majority_sign_method", self.majority_sign_method, ("total", "frequency"))
         check_int("num_iterations", self.num_iterations, minimum=0, optional=True)
         check_int("max_forward_passes", self.max_forward_passes, minimum=1, optional=True)
         check_int("patience", self.patience, minimum=1, optional=True)
-        positive = ("examples_per_task", "svd_embedding_dim", "batch_size", "max_batch_tokens", "proposals_per_step")
-        for name in (*positive, "restarts", "checkpoint_every"):
+        positive = ("svd_embedding_dim", "proposals_per_step")
+        for name in (*positive, "checkpoint_every"):
             check_int(name, getattr(self, name), minimum=1)
-        check_choice("task_score", self.task_score, TASK_SCORES, optional=True)
-        check_int("merge_cache_size", self.merge_cache_size, minimum=2)
         check_choice("search", self.search, SEARCHES, optional=True)
-        check_choice("proposal", self.proposal, PROPOSALS, optional=True)
-        if self.proposal not in (None, "random") and self.search == "paper":
-            raise ValueError(f"`proposal={self.proposal!r}` swaps tasks, which only the partition rule can judge.")
-        if self.search == "paper_then_partition" and self.restarts != 1:
-            raise ValueError("`search='paper_then_partition'` searches one start: set `restarts=1`.")
-        check_choice("final_pass", self.final_pass, (True, False))
+        if self.method != "d2c":  # a baseline returns its partition: a search setting would be silently ignored
+            for name, unset in SEARCH_SETTINGS.items():
+                if getattr(self, name) != unset:
+                    raise ValueError(
+                        f"`{name}={getattr(self, name)!r}` applies to the d2c search only, and "
+                        f"`method={self.method!r}` does not search: leave `{name}` at {unset!r} or use `method='d2c'`."
+                    )
         check_choice("fit_router", self.fit_router, (True, False))
+        if not isinstance(self.legacy_settings, dict):
+            raise TypeError(f"`legacy_settings` must be a dict, got {self.legacy_settings!r}.")
         check_int("seed", self.seed, minimum=0)
-        check_int("svd_rank", self.svd_rank, minimum=1, optional=True)
-        check_int("max_length", self.max_length, minimum=2, optional=True)
-        self.density = check_fraction("density", self.density)
-        # alpha = 1 keeps the off-diagonal Gram entries whole: ten examples' Grams are singular, and so is their sum
-        # where few tokens reach a layer, so the merge's Cholesky would fail mid-run.
-        self.regmean_alpha = check_fraction("regmean_alpha", self.regmean_alpha, include_one=False)
-        if self.memory_limit is not None:
-            parse_size(self.memory_limit, "memory_limit")
-        check_choice("rank_allocation", self.rank_allocation, ("uniform", "spectrum"))
-        if self.rank_allocation == "spectrum" and self.combination_type not in UPDATE_TYPES:
-            raise ValueError(f"`rank_allocation='spectrum'` needs one of {list(UPDATE_TYPES)} as `combination_type`.")
-        if self.merge_weight is not None:
-            if not isinstance(self.merge_weight, (int, float)) or not math.isfinite(self.merge_weight):
-                raise ValueError(f"`merge_weight` must be a finite number or None, got {self.merge_weight!r}.")
-            self.merge_weight = float(self.merge_weight)
+        self.merge = _group(MergeSettings, self.merge, "merge")
+        self.scoring = _group(ScoringSettings, self.scoring, "scoring")
+        self.merge.check_applies_to(self.combination_type)
         check_adapter_name(self.merged_adapter_prefix, argument="`merged_adapter_prefix`")
-        if self.method != "d2c" and self.init not in (None, "random"):
-            warnings.warn(f"`init={self.init!r}` is ignored for `method={self.method!r}`.", D2CWarning, stacklevel=3)
 
     @property
     def search_steps(self) -> int | None:
-        """T when it depends on neither N nor K: `num_iterations`, else `DEFAULT_STEPS[search]` (None if both are)."""
+        """T up to 16 adapters: `num_iterations`, else `DEFAULT_STEPS[search]` (None if both are None; a run's T is
+        `peft_d2c.engine.search.plan.SearchPlan.for_run`'s, which its resolved config holds)."""
         if self.num_iterations is not None or self.search is None:
             return self.num_iterations
         return DEFAULT_STEPS[self.search]
 
-    def search_rule_for(self, num_adapters: int, num_clusters: int | None = None) -> str:
-        """`search`, or where it is None `search_defaults.default_search_rule` for N = `num_adapters` and K =
-        `num_clusters` (default: `resolve_num_clusters(num_adapters)`)."""
-        if self.search is not None:
-            return self.search
-        num_clusters = self.resolve_num_clusters(num_adapters) if num_clusters is None else num_clusters
-        return default_search_rule(num_adapters, num_clusters, self.restarts)
+    def resolved_for(self, plan: Any) -> D2CMergeConfig:
+        """This config as a run with `plan` ran it: `search`, `num_iterations` and `init` filled in from the plan, so a
+        result's saved config records what ran. `plan` is the run's `peft_d2c.engine.search.plan.SearchPlan` (from
+        `SearchPlan.for_run(config, N, K)`; the engine sits above the config, so it is not imported here), or None
+        for a baseline, whose config is returned as it is.
 
-    def search_steps_for(self, num_adapters: int, num_clusters: int | None = None) -> int:
-        """T of a search over `num_adapters` adapters: `num_iterations` if set, else `max_forward_passes` if set (a
-        step costs at least one pass unless all its losses are cached), else `search_defaults.default_steps`."""
-        if self.num_iterations is not None:
-            return self.num_iterations
-        if self.max_forward_passes is not None:
-            return self.max_forward_passes
-        search = self.search_rule_for(num_adapters, num_clusters)
-        return default_steps(num_adapters, search, self.search_defaults_for(num_adapters, num_clusters)[1])
+        Example:
+            ```python
+            >>> from peft_d2c.engine.search.plan import SearchPlan
+            >>> config = D2CMergeConfig(num_clusters=4)
+            >>> resolved = config.resolved_for(SearchPlan.for_run(config, 40, 4))
+            >>> resolved.search, resolved.num_iterations, resolved.init
+            ('paper', 250, 'random')
+            ```
+        """
+        if plan is None:
+            return self
+        return replace(self, search=plan.rule, num_iterations=plan.num_iterations, init=plan.init)
 
-    def search_defaults_for(self, num_adapters: int, num_clusters: int | None = None) -> tuple[str, str]:
-        """`(init, proposal)` of a search over `num_adapters` adapters: each field, or where it is None
-        `search_defaults.default_search` for the rule of `search_rule_for`."""
-        init, proposal = default_search(num_adapters, self.search_rule_for(num_adapters, num_clusters))
-        return self.init or init, self.proposal or proposal
+    def check_runnable(self) -> None:
+        """Refuse to run a config that records settings of an older peft-d2c this version no longer has.
 
-    def resolved_for(self, num_adapters: int, num_clusters: int) -> D2CMergeConfig:
-        """This config as a run of `num_adapters` adapters into `num_clusters` uses it: `search`, `init`, `proposal`,
-        `num_iterations` (`search_rule_for`, `search_defaults_for`, `search_steps_for`) and `merge_cache_size`
-        (`search_defaults.merge_cache_size_for`) and `task_score` filled in; a result's config is this."""
-        search = self.search_rule_for(num_adapters, num_clusters)
-        init, proposal = self.search_defaults_for(num_adapters, num_clusters)
-        if self.method != "d2c":  # a baseline has no start to choose: a search's default start would warn as ignored
-            init = self.init or "random"
-        cache = merge_cache_size_for(proposal, num_clusters, self.merge_cache_size)
-        steps = self.search_steps_for(num_adapters, num_clusters)
-        resolved = replace(
-            self, search=search, init=init, proposal=proposal, num_iterations=steps, merge_cache_size=cache
-        )
-        return replace(resolved, task_score=self.task_score or default_task_score(search))
+        Raises:
+            ValueError: If `legacy_settings` is not empty, naming them and what to do.
+        """
+        if self.legacy_settings:
+            raise ValueError(
+                f"This config records a run of an older peft-d2c with settings this version no longer has "
+                f"(`legacy_settings={self.legacy_settings!r}`; docs/benchmark.md says why they were removed). Its "
+                "result stays usable; to run again, drop them: `dataclasses.replace(config, legacy_settings={})`."
+            )
 
     def resolve_num_clusters(self, num_adapters: int) -> int:
         """Number of clusters K for `num_adapters` source adapters.
@@ -379,6 +467,9 @@ class D2CMergeConfig:
             data = {**_V1_DEFAULTS, **data}
             if data.get("num_iterations") is None and data["search"] in _V1_DEFAULT_STEPS:
                 data["num_iterations"] = _V1_DEFAULT_STEPS[data["search"]]
+        data = _nest(data)
+        if version < 3:
+            data = _as_version_3(data)
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -407,6 +498,52 @@ class D2CMergeConfig:
             data = json.load(f)
         _check_version(data.get(CONFIG_VERSION_KEY, 1), path)
         return cls.from_dict({CONFIG_VERSION_KEY: 1, **data})
+
+
+# `__new__` (the moved-settings message) would hide the fields from `inspect.signature`: show `__init__`'s.
+D2CMergeConfig.__signature__ = inspect.signature(D2CMergeConfig.__init__).replace(
+    parameters=list(inspect.signature(D2CMergeConfig.__init__).parameters.values())[1:]
+)
+
+
+def _nest(data: dict[str, Any]) -> dict[str, Any]:
+    """Move the flat settings of before version 3 (`MOVED_SETTINGS`, e.g. `density`) into their groups."""
+    data = dict(data)
+    groups = {group: dict(data.get(group) or {}) for group in ("merge", "scoring")}
+    for key, (group, name) in MOVED_SETTINGS.items():
+        if key in data:
+            if name in groups[group]:
+                raise ValueError(f"`{key}` is given twice: flat and as `{group}.{name}`; keep one.")
+            groups[group][name] = data.pop(key)
+    return {**data, **{group: values for group, values in groups.items() if values or group in data}}
+
+
+def _as_version_3(data: dict[str, Any]) -> dict[str, Any]:
+    """A config of version 1 or 2 as the run it was: the merge settings its combination type ignored, and a
+    baseline's search settings, are dropped (they did nothing); removed search settings that changed the run are kept
+    in `legacy_settings`."""
+    data = dict(data)
+    merge, combination_type = dict(data.get("merge") or {}), data.get("combination_type", "regmean")
+    defaults = {f.name: f.default for f in fields(MergeSettings)}
+    for name, types in APPLIES_TO.items():
+        if name in merge and merge[name] != defaults[name] and combination_type not in types:
+            del merge[name]
+    if "merge" in data:
+        data["merge"] = merge
+    if data.get("method", "d2c") != "d2c":  # a baseline never searched: what older versions filled in did nothing
+        for name in ("init", "search", "num_iterations", "max_forward_passes", "patience", "proposals_per_step"):
+            data.pop(name, None)
+    legacy = dict(data.get("legacy_settings") or {})
+    for name, today in _REMOVED_SETTINGS.items():
+        value = data.pop(name, None)
+        if value is not None and value != today:
+            legacy[name] = value
+    for name, removed in _REMOVED_VALUES.items():
+        if data.get(name) in removed:
+            legacy[name] = data.pop(name)
+    if legacy:
+        data["legacy_settings"] = legacy
+    return data
 
 
 def _check_version(version: Any, source: str) -> int:

@@ -39,9 +39,8 @@ from .engine.runtime.state import ModelState
 from .engine.scoring.layer_inputs import attach_layer_inputs, layer_input_bytes
 from .engine.scoring.loss import LossScorer, UserScoreFn
 from .engine.search.loop import SearchState, d2c_search
-from .engine.search.search_phases import paper_then_partition
-from .engine.search.search_robust import choose_best_start, combine_starts, robust_search
-from .engine.search.starts import restart_starts, start_partition
+from .engine.search.plan import SearchPlan
+from .engine.search.starts import start_partition
 from .engine.serving.prompt_router import fit_prompt_router
 from .result import D2CResult
 
@@ -64,13 +63,12 @@ def merge_adapters_d2c(
 
     With `config.method="d2c"` this is the D2C search of "Data-driven Clustering and Merging of Adapters for
     On-device Large Language Models" (arXiv 2601.17441): starting from a partition, it repeatedly proposes to move one
-    adapter t from its cluster c to another cluster c'. With `config.search="partition"` (T = 30 moves; the default
-    while clusters hold at most 4 adapters on average) the move is kept only if the summed few-shot loss of every task
-    of c and c', each under its cluster's merge, drops, so the total few-shot loss of the partition never rises;
-    `config.restarts` splits the moves over several start partitions and keeps the lowest total, `config.final_pass`
-    then applies the improving single moves left. `search="paper"` is the paper's Algorithm 1 (T = 100): a move is
-    kept if the loss of task t alone drops; `"paper_then_partition"` (the default with larger clusters up to 16
-    adapters) runs those steps, then partition steps within their forward passes. The
+    adapter t from its cluster c to another cluster c'. By default (`search=None` = `"paper"`) this is the paper's
+    Algorithm 1: from a balanced random partition, a move is kept if the few-shot loss of task t alone drops, for
+    T = ceil(100 x max(1, N / 16)) moves. With `config.search="partition"` (T = ceil(30 x max(1, N / 16))) the move is
+    kept only if the summed few-shot loss of every task of c and c', each under its cluster's merge, drops, so the
+    total few-shot loss of the partition never rises. `engine.search.plan.SearchPlan` resolves these settings once
+    and `result.stats["search_plan"]` records them. The
     baselines (`"random"`, `"kmeans"`, `"kmeans_svd"`) return their partition directly. Each final cluster is merged
     into an adapter named `{merged_adapter_prefix}_{i}`, added to `peft_model`: by default with `regmean`, peft-d2c's
     data-aware update-space merge (the update that best reproduces every member's outputs on its own task's few-shot
@@ -91,7 +89,7 @@ def merge_adapters_d2c(
             A model with the N single-task LoRA adapters loaded, named after their tasks.
         task_examples (`Mapping[str, Sequence[dict]]` or `datasets.Dataset`):
             Few-shot examples per task (= adapter name): `{"prompt": str, "completion": str}` dicts, or a dataset
-            with `task`, `prompt` and `completion` columns. Only the first `config.examples_per_task` are used.
+            with `task`, `prompt` and `completion` columns. Only the first `config.scoring.examples_per_task` are used.
         config (`D2CMergeConfig`):
             K (or the storage budget), the method, the merge settings and the seed.
         tokenizer (*optional*):
@@ -157,11 +155,11 @@ def merge_adapters_d2c(
         attach_layer_inputs(merger, scorer)  # the layer inputs of a data-aware merge (`regmean`), before any merge
         rng = np.random.default_rng(config.seed)
         trace: list[list[int]] = []  # [history records, forward passes so far] after every step (any-time view)
-        start, start_kind = start_partition(peft_model, names, run.num_clusters, config, rng, scorer)
-        checkpointer = None
-        if checkpoint_dir is not None and config.method == "d2c":
-            checkpointer = _checkpointer(peft_model, run, scorer, rng, group, checkpoint_dir, weights_digest, score_fn)
-        start, state = _search(peft_model, run, start, scorer, rng, group, checkpointer, trace)
+        checkpointer = _checkpointer(
+            peft_model, run, scorer, rng, group, checkpoint_dir, weights_digest, score_fn, trace
+        )
+        start, start_kind, state = _start(peft_model, run, rng, checkpointer)
+        state = _search(run, state, scorer, rng, group, checkpointer, trace)
         task_losses, fewshot_losses, merged_sizes = _final_merges(peft_model, run, state.clusters, merger, scorer)
         prompt_router, router_passes, router_seconds = _fit_router(peft_model, tokenizer, run)
     except BaseException:
@@ -175,10 +173,11 @@ def merge_adapters_d2c(
         finally:  # the user's model gets its state back even if removing a temporary adapter fails
             snapshot.restore(peft_model)
     stats = {
-        **_work_stats(merger, scorer, group, state, trace, config),
-        "fewshot_loss": sum(fewshot_losses) / len(fewshot_losses),  # the mean loss, whatever `task_score` is
+        **_work_stats(merger, scorer, group, trace),
+        "fewshot_loss": sum(fewshot_losses) / len(fewshot_losses),
         "seconds": time.perf_counter() - started,
-        "start": start_kind,  # how start 1 was made: with init="lowest_loss", the one kept
+        "start": start_kind,  # how the start partition was made
+        **({"search_plan": run.plan.to_dict()} if run.plan is not None else {}),  # what the search ran
         "router_seconds": router_seconds,
         "router_forward_passes": router_passes,  # not in `forward_passes`: the search's and merges' cost
         **({"merged_sizes": merged_sizes} if merged_sizes else {}),
@@ -197,6 +196,7 @@ class _Run:
     data_sources: dict
     num_clusters: int
     merged_names: list[str]
+    plan: SearchPlan | None  # the search that runs (None for a baseline)
 
 
 def _validate(peft_model, task_examples, config, tokenizer, score_fn, adapter_names) -> _Run:
@@ -204,25 +204,30 @@ def _validate(peft_model, task_examples, config, tokenizer, score_fn, adapter_na
     check_peft_model(peft_model)
     if not isinstance(config, D2CMergeConfig):
         raise TypeError(f"`config` must be a D2CMergeConfig, got {type(config).__name__}.")
+    config.check_runnable()
     if score_fn is None and tokenizer is None:
         raise ValueError("Pass the base model's `tokenizer=` (or a custom `score_fn=`) to score the adapters.")
     # `load_task_examples` records where each task's data came from; keep it for the result and the model cards.
     data_sources = dict(getattr(task_examples, "data_sources", None) or {})
     examples = normalize_task_examples(task_examples)
     names = resolve_adapter_names(peft_model, examples, adapter_names)
-    examples = {name: examples[name][: config.examples_per_task] for name in names}
-    # The T, start, proposals and live merges that run, resolved once for these N and K: the result, card and
-    # checkpoint record them.
+    examples = {name: examples[name][: config.scoring.examples_per_task] for name in names}
+    # The search that runs (rule, T, start), planned once for these N and K: the result, card and checkpoint
+    # record it, and the resolved config holds it.
     num_clusters = resolve_num_clusters(peft_model, names, config)
-    config = config.resolved_for(len(names), num_clusters)
+    plan = SearchPlan.for_run(config, len(names), num_clusters) if config.method == "d2c" else None
+    config = config.resolved_for(plan)
     check_source_adapters(peft_model, names, config.combination_type)
     check_base_models(peft_model, names, allow_mixed=config.allow_mixed_base_models)
     merged_names = [f"{config.merged_adapter_prefix}_{i}" for i in range(num_clusters)]
-    return _Run(config, names, examples, data_sources, num_clusters, merged_names)
+    return _Run(config, names, examples, data_sources, num_clusters, merged_names, plan)
 
 
-def _checkpointer(peft_model, run: _Run, scorer, rng, group, checkpoint_dir, weights_digest, score_fn):
-    """The search's checkpoint writer, fingerprinted by everything that decides the run."""
+def _checkpointer(peft_model, run: _Run, scorer, rng, group, checkpoint_dir, weights_digest, score_fn, trace):
+    """The search's checkpoint writer, fingerprinted by everything that decides the run (None without a
+    `checkpoint_dir`, or for a baseline, which has no search to resume)."""
+    if checkpoint_dir is None or run.plan is None:
+        return None
     fingerprint = run_fingerprint(
         run.config,
         run.names,
@@ -232,31 +237,39 @@ def _checkpointer(peft_model, run: _Run, scorer, rng, group, checkpoint_dir, wei
         tokenized=scorer.tokenized,
         model_digest=base_model_digest(peft_model),
     )
-    return SearchCheckpointer(checkpoint_dir, fingerprint, group, scorer, rng, run.config.checkpoint_every)
+    return SearchCheckpointer(checkpoint_dir, fingerprint, group, scorer, rng, run.config.checkpoint_every, trace)
 
 
-def _search(peft_model, run: _Run, start, scorer, rng, group, checkpointer, trace):
-    """Stage 3: the D2C search from `start` (resumed from `checkpointer` when it holds this run), or the baseline's
-    partition as it is. Returns the start (a resumed run's own) and the final state."""
-    state = SearchState(clusters=[list(c) for c in start])
-    if run.config.method != "d2c":
-        return start, state
+def _start(peft_model, run: _Run, rng, checkpointer):
+    """Stage 3, its start: the start partition, how it was made, and the search state to go on from. A run that its
+    checkpoint holds takes all three from it (with the generator, cache, counters and trace): no start is computed."""
+    resumed = checkpointer.resume() if checkpointer is not None else None
+    if resumed is not None:  # a checkpoint older than the start's kind: the plan's `init` made it
+        return resumed.start, resumed.start_kind or run.plan.init, resumed.state
+    start, start_kind = start_partition(peft_model, run.names, run.num_clusters, run.config, rng)
     if checkpointer is not None:
-        start, state = checkpointer.resume(start, state)
-    starts = [start, *restart_starts(peft_model, run.names, run.num_clusters, run.config)]
-    return start, _run_search(state, starts, scorer, rng, run.config, checkpointer, group, trace)
+        checkpointer.begin(start, start_kind)
+    return start, start_kind, SearchState(clusters=[list(c) for c in start])
+
+
+def _search(run: _Run, state, scorer, rng, group, checkpointer, trace):
+    """Stage 3: the D2C search on from `state` (the start's, or a resumed run's), or the baseline's partition as it
+    is. Returns the final state."""
+    if run.plan is None:
+        return state
+    return _run_search(state, run.plan, scorer, rng, run.config, checkpointer, group, trace)
 
 
 def _final_merges(peft_model, run: _Run, clusters, merger, scorer):
-    """Stage 4: every task's few-shot score and loss under the search's merges, then the K merged adapters the result
-    ships (at the allocated ranks with `rank_allocation="spectrum"`, whose own scores are then reported)."""
+    """Stage 4: every task's few-shot loss under the search's merges, then the K merged adapters the result ships
+    (at the allocated ranks with `rank_allocation="spectrum"`, whose own losses are then reported)."""
     config, names, merged_names = run.config, run.names, run.merged_names
     final = [(clusters[_index_of(clusters, n)], n) for n in names]
     task_losses = dict(zip(names, scorer(final), strict=True))
-    fewshot_losses = scorer(final, "loss")  # cached with `task_score` by the same passes
+    fewshot_losses = [task_losses[n] for n in names]
     merger.cleanup()
     check_partition_fits(peft_model, clusters, config)  # `cat` grows with the clusters: check before merging
-    if config.rank_allocation != "spectrum":
+    if config.merge.rank_allocation != "spectrum":
         for name, members in zip(merged_names, clusters, strict=True):
             merger.merge(members, name)
         return task_losses, fewshot_losses, None
@@ -264,8 +277,8 @@ def _final_merges(peft_model, run: _Run, clusters, merger, scorer):
     merged_sizes = merge_with_allocated_ranks(merger, clusters, merged_names, budget)
     # The shipped adapters are not the uniform-rank merges the search scored: their own losses are reported.
     shipped = scorer.scores_under({n: merged_names[_index_of(clusters, n)] for n in names})
-    task_losses = {n: shipped[n][config.task_score] for n in names}
-    return task_losses, [shipped[n]["loss"] for n in names], merged_sizes
+    task_losses = {n: shipped[n] for n in names}
+    return task_losses, [shipped[n] for n in names], merged_sizes
 
 
 def _fit_router(peft_model, tokenizer, run: _Run):
@@ -274,11 +287,11 @@ def _fit_router(peft_model, tokenizer, run: _Run):
     if not run.config.fit_router or tokenizer is None or len(run.names) < 2:
         return None, 0, time.perf_counter() - started
     prompts = {n: [example.prompt for example in run.examples[n]] for n in run.names}
-    router = fit_prompt_router(peft_model, tokenizer, prompts, batch_size=run.config.batch_size)
+    router = fit_prompt_router(peft_model, tokenizer, prompts, batch_size=run.config.scoring.batch_size)
     return router, router.stats["forward_passes"], time.perf_counter() - started
 
 
-def _work_stats(merger, scorer, group, state, trace, config) -> dict[str, Any]:
+def _work_stats(merger, scorer, group, trace) -> dict[str, Any]:
     """The search's and merges' cost, as `D2CResult.stats` reports it."""
     return {
         "num_merges": merger.num_merges,
@@ -290,9 +303,7 @@ def _work_stats(merger, scorer, group, state, trace, config) -> dict[str, Any]:
         "forward_seconds": scorer.forward_seconds,
         "num_processes": group.num_processes,
         "trace": trace,
-        "restarts": [dict(f) for f in state.finished],
         "layer_input_bytes": layer_input_bytes(merger.layer_inputs),  # the `regmean` layer inputs held for the run
-        **_phase_stats(state, config),
     }
 
 
@@ -321,7 +332,7 @@ def _result(peft_model, tokenizer, run: _Run, start, state, task_losses, stats, 
 
 def _run_search(
     state: SearchState,
-    starts: list[list[list[str]]],
+    plan: SearchPlan,
     scorer: LossScorer,
     rng: np.random.Generator,
     config: D2CMergeConfig,
@@ -329,93 +340,40 @@ def _run_search(
     group,
     trace: list[list[int]],
 ) -> SearchState:
+    """The plan's steps of the one D2C loop from `state`; with `plan.rule="paper"` and p = 1 Algorithm 1 exactly, the
+    draws and decisions of `benchmarks/reference_d2c.py`."""
     disable = (
         not config.show_progress
         or not group.is_main_process
         or os.environ.get("TQDM_DISABLE", "").lower() in ("1", "true", "yes")
     )
-    # The steps of both phases of "paper_then_partition" (the second stops early once it spent the first's passes).
-    steps = config.search_steps * (2 if config.search == "paper_then_partition" else 1)
+    steps = plan.num_iterations
     with tqdm(total=steps, initial=state.iteration, desc="D2C search", unit="step", disable=disable) as bar:
 
         def on_step(current: SearchState) -> None:
             bar.update(min(current.iteration, steps) - bar.n)
             trace.append([len(current.history), scorer.forward_passes])
             logger.debug("step %d: %s", current.iteration, current.history[-1])
-            # Only the steps are checkpointed: a final pass is deterministic and re-runs from its cached losses.
-            stepping = current.phase in ("search", "partition")
-            if checkpointer is not None and stepping and current.iteration % checkpointer.every == 0:
+            if checkpointer is not None and current.iteration % checkpointer.every == 0:
                 checkpointer.save(current)
 
-        exact_paper = config.search == "paper" and config.restarts == 1 and not config.final_pass
-        options = {
-            "patience": config.patience,
-            "proposals_per_step": config.proposals_per_step,
-            "proposal": config.proposal,
-            "on_step": on_step,
+        state = d2c_search(
+            state.clusters,
+            scorer,
+            rng,
+            num_iterations=steps,
+            patience=plan.patience,
+            state=state,
+            on_step=on_step,
+            proposals_per_step=plan.proposals_per_step,
+            objective=plan.objective,
             # every process counts every process's passes, so all of them stop at the same step
-            "cost": lambda: scorer.scoring_passes,
-            "max_cost": config.max_forward_passes,
-        }
-        if exact_paper:  # Algorithm 1, the draws and decisions of `benchmarks/reference_d2c.py`
-            state = d2c_search(state.clusters, scorer, rng, num_iterations=config.search_steps, state=state, **options)
-        elif config.search == "paper_then_partition":
-            options.update(num_iterations=config.search_steps, final_pass=config.final_pass)
-            # The first phase is Algorithm 1 on the paper's loss; the second scores `task_score` (both cached).
-            paper_score = scorer.scoring("loss")
-            state = paper_then_partition(
-                state.clusters, scorer, rng, state=state, paper_score_fn=paper_score, **options
-            )
-            bar.total = bar.n  # the second phase ends when its pass budget is spent, mostly well before T steps
-        else:
-            options.update(
-                num_iterations=config.search_steps,
-                objective="task" if config.search == "paper" else "partition",
-                final_pass=config.final_pass,
-                restart_seed=config.seed,
-            )
-            # Apart, a start cannot reuse the losses of the starts before it, so a pass budget would buy other steps.
-            if group.num_processes > 1 and len(starts) > 1 and checkpointer is None and not config.max_forward_passes:
-                state = _search_starts_apart(starts, scorer, rng, group, options)
-            else:
-                state = robust_search(starts, scorer, rng, state=state, **options)
+            cost=lambda: scorer.scoring_passes,
+            max_cost=plan.max_forward_passes,
+        )
     if checkpointer is not None:
         checkpointer.save(state)  # a finished search resumes straight to its final merges
     return state
-
-
-def _phase_stats(state: SearchState, config: D2CMergeConfig) -> dict[str, Any]:
-    """What the second phase of `search="paper_then_partition"` did: its steps, its budget and what it spent."""
-    if config.search != "paper_then_partition":
-        return {}
-    steps = sum(record.get("phase") == "partition" for record in state.history)
-    return {
-        "partition_phase_steps": steps,
-        "partition_phase_budget": state.budget,
-        "partition_phase_spent": state.spent,
-    }
-
-
-def _search_starts_apart(starts, scorer: LossScorer, rng: np.random.Generator, group, options: dict) -> SearchState:
-    """Restarts split across processes: process p searches starts p, p + P, ... on its own (its scoring is not
-    shared), every process gets every start's outcome and every loss computed, and the final pass runs on all of
-    them with the scoring shared again. Each start draws from its own generator (`restart_seed`), so the kept
-    partition is the one a single process searching every start in turn keeps."""
-    mine = list(range(group.process_index, len(starts), group.num_processes))
-    shared, scorer.process_group = scorer.process_group, SingleProcess()
-    try:
-        share = robust_search(starts, scorer, rng, only_starts=mine, **options)
-    finally:
-        scorer.process_group = shared
-    gathered = group.gather((share.to_dict(), scorer.cache_to_list()))
-    cache = {}
-    for _, items in gathered:  # a score computed by several processes: the lowest-ranked one's value, everywhere
-        for members, task, scores in items:
-            cache.setdefault((tuple(members), task), scores)
-    scorer.cache = cache
-    state = combine_starts([SearchState.from_dict(s) for s, _ in gathered], len(starts))
-    choose_best_start(state, final_pass=options["final_pass"])
-    return robust_search(starts, scorer, rng, state=state, **options)
 
 
 def _call_digest(config: D2CMergeConfig, names: list[str], examples: dict, weights_digest: str) -> str:

@@ -24,4 +24,4 @@ class CheckpointMismatchError(ValueError):
 
 
 class MemoryLimitError(ValueError):
-    """A run would hold more memory than `D2CMergeConfig.memory_limit` allows (refused before the work starts)."""
+    """A run would hold more memory than `D2CMergeConfig.merge.memory_limit` allows (refused before the work starts)."""

@@ -119,7 +119,7 @@ def add_adapter(
             f"examples, which a result does not keep: pass `member_examples` for {missing}."
         )
     task_examples = normalize_task_examples({**given, name: list(examples)})
-    task_examples = {task: items[: config.examples_per_task] for task, items in task_examples.items()}
+    task_examples = {task: items[: config.scoring.examples_per_task] for task, items in task_examples.items()}
 
     merger = AdapterMerger(model, config)
     merger.check_names([])
@@ -133,7 +133,7 @@ def add_adapter(
         best = min(range(len(losses)), key=lambda i: (losses[i], i))
         new_clusters = [list(c) for c in result.clusters]
         new_clusters[best] = candidates[best]
-        spectrum = config.rank_allocation == "spectrum"
+        spectrum = config.merge.rank_allocation == "spectrum"
         if not spectrum:  # uniform ranks: every merged adapter has the size of the formula
             check_partition_fits(model, new_clusters, config)
         merger.cleanup()
@@ -157,8 +157,8 @@ def add_adapter(
             else:
                 merger.merge(candidates[best], merged_name)
             _check_stored_bytes(model, result.merged_adapter_names, config, budget)
-            if spectrum:  # the shipped adapter is not the uniform merge scored above: report its own score
-                shipped = scorer.scores_under({name: merged_name})[name][scorer.task_score]
+            if spectrum:  # the shipped adapter is not the uniform merge scored above: report its own loss
+                shipped = scorer.scores_under({name: merged_name})[name]
         except BaseException:
             if merged_name in model.peft_config:
                 model.delete_adapter(merged_name)
@@ -191,7 +191,7 @@ def _total_budget(model, clusters: Sequence[Sequence[str]], config) -> int | Non
     uniform merges of `clusters` take (the run's rule, `rank_budget.merge_with_allocated_ranks`); otherwise None."""
     if is_bytes_budget(config.storage_budget):
         return parse_size(config.storage_budget)
-    if config.rank_allocation == "spectrum":
+    if config.merge.rank_allocation == "spectrum":
         return partition_bytes(model, clusters, config)
     return None
 

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from .combination_types import DENSITY_TYPES
 from .config import CONFIG_NAME, D2CMergeConfig
 from .engine.serving.prompt_router import (
     ROUTER_CONFIG_NAME,
@@ -38,11 +39,11 @@ class D2CResult:
         assignment (`dict[str, int]`): Cluster index of every source adapter.
         merged_adapter_names (`list[str]`): One PEFT adapter per cluster, added to the model.
         routing (`dict[str, str]`): Task (= source adapter name) -> merged adapter serving it.
-        task_losses (`dict[str, float]`): Few-shot score of each task under its merged adapter: its loss, or its miss
-            where `config.task_score` is `"miss"` (`stats["fewshot_loss"]` is the mean loss either way).
+        task_losses (`dict[str, float]`): Few-shot loss of each task under its merged adapter.
         history (`list[dict]`): One record per D2C proposal: `iteration, task, source, target, loss_before,
             loss_after, accepted` (empty for the baselines and for K = 1 or K = N).
-        config (`D2CMergeConfig`): The configuration of the run.
+        config (`D2CMergeConfig`): The configuration of the run (its `search`, `num_iterations` and `init` those the
+            search ran).
         initial_clusters (`list[list[str]]`): The start partition of the search.
         base_model (`str`, *optional*): Name or path of the base model.
         sources (`dict[str, dict]`): Where each source adapter came from (`{"path": ...}` or `{"repo_id": ...,
@@ -50,7 +51,8 @@ class D2CResult:
         data_sources (`dict[str, dict]`): Where each task's examples came from, when known.
         heldout_scores (`dict[str, float]`): Held-out scores per task, when evaluated.
         stats (`dict[str, float]`): Work done: merges, forward passes, cache hits, seconds, the bytes of `regmean`
-            layer inputs held (`layer_input_bytes`); and `fewshot_loss`, the mean few-shot loss of the final partition.
+            layer inputs held (`layer_input_bytes`); `fewshot_loss`, the mean few-shot loss of the final partition;
+            and for `method="d2c"` `search_plan`, the search that ran (`engine.search.plan.SearchPlan.to_dict()`).
         model: The `PeftModel` holding the merged adapters (not saved; `None` after `from_pretrained`).
         tokenizer: The base model's tokenizer of the run (not saved), for `route` and `generate`.
         prompt_router (`PromptRouter`, *optional*): Picks the merged adapter for a prompt without a task label
@@ -130,7 +132,7 @@ class D2CResult:
         Args:
             name (`str`): The new adapter, already loaded in `self.model` under this name (= its task).
             examples (`Sequence[dict]`): Few-shot `{"prompt", "completion"}` examples of the new task (the first
-                `config.examples_per_task` are used).
+                `config.scoring.examples_per_task` are used).
             tokenizer (*optional*): The base model's tokenizer; required unless `score_fn` is given.
             score_fn (`Callable`, *optional*): Custom `score_fn(model, adapter_name, task, examples) -> float`.
             source (`dict`, *optional*): Where the adapter came from (`{"path": ...}` or `{"repo_id": ...}`);
@@ -172,7 +174,7 @@ class D2CResult:
             "num_clusters": self.num_clusters,
             "method": self.config.method,
             "combination_type": self.config.combination_type,
-            "density": self.config.density,
+            "density": self.config.merge.density if self.config.combination_type in DENSITY_TYPES else None,
             "clusters": self.clusters,
             "initial_clusters": self.initial_clusters,
             "merged_adapter_names": self.merged_adapter_names,

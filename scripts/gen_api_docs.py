@@ -11,14 +11,14 @@ from pathlib import Path
 
 # (module, names): the public surface, in reading order.
 PUBLIC = [
-    ("peft_d2c", ["D2CMergeConfig", "merge_adapters_d2c", "D2CResult"]),
+    ("peft_d2c", ["D2CMergeConfig", "MergeSettings", "ScoringSettings", "merge_adapters_d2c", "D2CResult"]),
     ("peft_d2c.data.spec", ["TaskDataSpec", "load_data_spec", "load_task_examples"]),
     ("peft_d2c.hub", ["load_adapters", "push_d2c_folder", "load_d2c_collection", "D2CRouter"]),
     ("peft_d2c.evaluation.heldout", ["evaluate_routing"]),
     ("peft_d2c.embedded", ["load_embedded_base_model", "load_embedded_tasks", "load_embedded_peft_model"]),
     ("peft_d2c.engine.merge.merging", ["merge_weights_for"]),
     ("peft_d2c.engine.search.loop", ["d2c_search", "kmeans_partition"]),
-    ("peft_d2c.engine.search.search_robust", ["robust_search"]),
+    ("peft_d2c.engine.search.plan", ["SearchPlan"]),
     ("peft_d2c.engine.merge.layer_merge", ["peft_helpers_verified"]),
     ("peft_d2c.export", ["export_d2c_folder"]),
     ("peft_d2c.cli", ["main"]),

@@ -1,18 +1,19 @@
 """How the D2C search grows with the number of adapters N: a tiny-model collection whose right clusters are known.
 
 The collection: N noisy copies of the six trained tiny-model adapters (`peft_d2c.testing`, the six task families),
-N/6 per family, each with its own few-shot examples of its family. K = N/8. Each (N, proposal rule) runs in a fresh
+N/6 per family, each with its own few-shot examples of its family. K = N/8. Each (N, acceptance rule) runs in a fresh
 process, so its peak memory is its own. Printed per run: seconds, forward passes, merges, peak resident memory
 (after loading the N adapters, and at the end), how often each adapter was proposed (min / mean / max), and the
 purity (the share of adapters whose cluster's most common family is their own) and the best purity K allows.
 
-    OMP_NUM_THREADS=1 python scripts/scale_search.py --sizes 16 64 256 --proposals sweep random \
+    OMP_NUM_THREADS=1 python scripts/scale_search.py --sizes 16 64 256 --searches paper partition \
         --json .cache/scale/scale.json
-    OMP_NUM_THREADS=1 python scripts/scale_search.py --sizes 64 256 --proposals default --init default  # today's
+    OMP_NUM_THREADS=1 python scripts/scale_search.py --sizes 64 256 --searches default --init kmeans_svd
 
-`default` leaves `proposal` / `init` at None, so the run takes what `D2CMergeConfig` resolves for that N.
+`default` leaves `search` / `init` at None, so the run takes the plan `SearchPlan.for_run` makes for that N (the
+paper's Algorithm 1 from a random start, T = 100 x N / 16).
 
-Results of 2026-12-04 are in docs/performance.md ("How the search grows with N").
+Results of 2026-12-04 (with proposal rules since removed) are in docs/performance.md ("How the search grows with N").
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def run_one(num_adapters: int, proposal: str, seed: int, root: str, noise: float, init: str = "random") -> dict:
+def run_one(num_adapters: int, search: str, seed: int, root: str, noise: float, init: str = "default") -> dict:
     import torch
 
     from peft_d2c import D2CMergeConfig, merge_adapters_d2c
@@ -62,7 +63,7 @@ def run_one(num_adapters: int, proposal: str, seed: int, root: str, noise: float
     examples = {name: tiny.make_examples(name.rsplit("_", 1)[0], 10, seed=1000 + i) for i, name in enumerate(folders)}
     config = D2CMergeConfig(
         num_clusters=num_adapters // 8,
-        proposal=None if proposal == "default" else proposal,
+        search=None if search == "default" else search,
         init=None if init == "default" else init,
         seed=seed,
         show_progress=False,
@@ -70,13 +71,13 @@ def run_one(num_adapters: int, proposal: str, seed: int, root: str, noise: float
     started = time.perf_counter()
     result = merge_adapters_d2c(model, examples, config, tokenizer=tiny.make_tokenizer())
     seconds = time.perf_counter() - started
-    proposed = collections.Counter(r["task"] for r in result.history if "phase" not in r)
+    proposed = collections.Counter(r["task"] for r in result.history)
     counts = [proposed.get(name, 0) for name in folders]
     majority = sum(max(collections.Counter(m.rsplit("_", 1)[0] for m in c).values()) for c in result.clusters)
     return {
         "num_adapters": num_adapters,
         "num_clusters": config.num_clusters,
-        "proposal": result.config.proposal,  # as run: "default" resolved by N
+        "search": result.stats["search_plan"]["rule"],  # as run: "default" resolved
         "init": result.config.init,
         "seed": seed,
         "num_iterations": result.config.num_iterations,
@@ -84,7 +85,6 @@ def run_one(num_adapters: int, proposal: str, seed: int, root: str, noise: float
         "forward_passes": result.stats["forward_passes"],
         "num_merges": result.stats["num_merges"],
         "accepted": sum(r["accepted"] for r in result.history),
-        "swaps_accepted": sum(r["accepted"] and "swapped" in r for r in result.history),
         "proposed_min": min(counts),
         "proposed_mean": sum(counts) / len(counts),
         "proposed_max": max(counts),
@@ -104,20 +104,18 @@ def run_one(num_adapters: int, proposal: str, seed: int, root: str, noise: float
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[16, 64, 256], help="Values of N (multiples of 8).")
-    parser.add_argument(
-        "--proposals", nargs="+", default=["sweep", "random"], choices=["sweep", "targeted", "random", "default"]
-    )
+    parser.add_argument("--searches", nargs="+", default=["default"], choices=["paper", "partition", "default"])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--init",
-        default="random",
-        choices=["random", "kmeans", "kmeans_svd", "lowest_loss", "default"],
+        default="default",
+        choices=["random", "kmeans", "kmeans_svd", "default"],
         help="Start partition.",
     )
     parser.add_argument("--noise", type=float, default=0.5, help="Noise std of a copy, relative to each tensor's.")
     parser.add_argument("--cache-dir", default=os.path.join(".cache", "scale"))
     parser.add_argument("--json", default=None, help="Write every run's measurements here.")
-    parser.add_argument("--one", nargs=2, metavar=("N", "PROPOSAL"), help=argparse.SUPPRESS)
+    parser.add_argument("--one", nargs=2, metavar=("N", "SEARCH"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
         print(json.dumps(run_one(int(args.one[0]), args.one[1], args.seed, args.cache_dir, args.noise, args.init)))
@@ -126,8 +124,8 @@ def main() -> int:
         parser.error("every N must be a multiple of 8, at least 16 (K = N/8 >= 2)")
     runs = []
     for n in args.sizes:
-        for proposal in args.proposals:
-            command = [sys.executable, __file__, "--one", str(n), proposal, "--seed", str(args.seed)]
+        for search in args.searches:
+            command = [sys.executable, __file__, "--one", str(n), search, "--seed", str(args.seed)]
             command += ["--noise", str(args.noise), "--cache-dir", args.cache_dir, "--init", args.init]
             done = subprocess.run(command, capture_output=True, text=True, check=False)
             if done.returncode != 0:
@@ -136,7 +134,7 @@ def main() -> int:
             runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
             row = runs[-1]
             print(
-                f"N={n:4d} K={row['num_clusters']:3d} {row['init']:11s} {row['proposal']:8s} T={row['num_iterations']:4d} "
+                f"N={n:4d} K={row['num_clusters']:3d} {row['init']:11s} {row['search']:9s} T={row['num_iterations']:4d} "
                 f"{row['seconds']:7.1f} s  {row['forward_passes']:6d} passes  {row['num_merges']:5d} merges  "
                 f"proposed {row['proposed_min']}/{row['proposed_mean']:.2f}/{row['proposed_max']} "
                 f"(never {row['never_proposed']})  purity {row['purity']:.3f} of {row['purity_reachable']:.3f}  "

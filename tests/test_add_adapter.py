@@ -143,7 +143,9 @@ def test_a_spectrum_result_re_merges_with_allocated_ranks_within_the_budget(
     against uniform sizes, not the stored ones."""
     model = tiny_peft_model
     names = [n for n in model.peft_config if n != NEW]
-    config = D2CMergeConfig(num_clusters=2, method="random", combination_type="core_ta", rank_allocation="spectrum")
+    config = D2CMergeConfig(
+        num_clusters=2, method="random", combination_type="core_ta", merge={"rank_allocation": "spectrum"}
+    )
     examples = {n: tiny_task_examples[n] for n in names}
     result = merge_adapters_d2c(model, examples, config, tokenizer=tiny_tokenizer, adapter_names=names)
     outcome = result.add_adapter(NEW, tiny_task_examples[NEW], tokenizer=tiny_tokenizer)

@@ -26,7 +26,6 @@ STAGES = [
         "peft_d2c.errors",
         "peft_d2c.io",
         "peft_d2c.names",
-        "peft_d2c.search_defaults",
         "peft_d2c.sizes",
         "peft_d2c.version",
     ),
@@ -52,7 +51,7 @@ ENGINE_IMPORTS = {
     "serving": ("scoring",),
 }
 # The search modules that a test drives with toy score functions: nothing they load may import torch or PEFT.
-PURE_SEARCH = ("loop", "proposals", "search_phases", "search_robust", "weight_search")
+PURE_SEARCH = ("loop", "plan", "weight_search")
 TORCH_LIKE = {"torch", "peft", "transformers", "safetensors", "accelerate", "bitsandbytes"}
 # Third-party modules that may be imported inside a function, with a comment saying why: optional or heavy.
 LAZY_IMPORTS_ALLOWED = {"matplotlib", "accelerate", "sklearn", "datasets", "gguf"}

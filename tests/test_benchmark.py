@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 
 import pytest
@@ -113,7 +114,7 @@ class TestReport:
     def test_paired_against_paper_pairs_the_same_seeds_and_counts_lower_losses(self):
         from peft_d2c.embedded.benchmark_report import format_table, paired_against_paper
 
-        paper = {"method": "d2c", "init": "random", "search": "paper", "restarts": 1, "final_pass": False}
+        paper = {"method": "d2c", "search": "paper"}
         methods = {
             "d2c": {**paper, "search": "partition"},
             "d2c (paper)": paper,
@@ -144,49 +145,41 @@ class TestReport:
         (row,) = paired_against_paper({"model": "m", "methods": methods, "iterations": None, "results": results})
         half = 3.182 * (sum((d - 0.05) ** 2 for d in (-0.1, 0.0, 0.1, 0.2)) / 3) ** 0.5 / 2
         assert row["heldout_diff"] == pytest.approx(0.05) and row["heldout_high"] == pytest.approx(0.05 + half)
-        # A `task_score="miss"` method's few-shot column holds its miss: no loss difference, no seeds lower.
-        miss = {**methods, "d2c": {**methods["d2c"], "task_score": "miss"}}
-        (row,) = paired_against_paper({"model": "m", "methods": miss, "iterations": None, "results": results})
-        assert (row["loss_diff"], row["lower"]) == (None, None) and row["em_diff"] == pytest.approx(0.085)
-        table = format_table({"model": "m", "methods": miss, "iterations": None, "results": results})
-        assert "| d2c | 4 | d2c (paper) | another score (task_score) | - | 2.50x |" in table
-        # The default method resolves its score by N and K: a cell that records the miss is one whatever its settings.
-        for cell in results:
-            cell["task_score"] = "miss" if cell["method"] == "d2c" and cell["seed"] == 2 else "loss"
-        (row,) = paired_against_paper({"model": "m", "methods": methods, "iterations": None, "results": results})
-        assert (row["loss_diff"], row["lower"]) == (None, None) and row["n"] == 4
+        # The default search (`search` left at None) is the paper's: it is what the others are paired against.
+        default = {**methods, "d2c (paper)": {"method": "d2c"}}
+        (row,) = paired_against_paper({"model": "m", "methods": default, "iterations": None, "results": results})
+        assert row["paper"] == "d2c (paper)" and row["n"] == 4
         # A paper mode at another T than the run's is not the paper's algorithm of that run: nothing to pair with.
         other = {**methods, "d2c (paper)": {**paper, "num_iterations": 30}}
         assert paired_against_paper({"model": "m", "methods": other, "iterations": None, "results": results}) == []
 
 
-def test_search_options_add_the_exact_paper_mode_next_to_d2c():
-    from peft_d2c import D2CMergeConfig
+def test_the_default_d2c_is_the_papers_search_and_other_options_add_it_beside():
     from peft_d2c.cli.benchmark import parse_variant
     from peft_d2c.embedded.benchmark import PAPER_SEARCH, cluster_methods
 
-    default = dict(cluster_methods())  # the default D2C search is not the paper's, so the paper's runs beside it
-    assert default["d2c"]["search"] is None and default["d2c (paper)"]["search"] == "paper"
-    assert default["d2c"]["proposal"] is None  # the rule, and so the proposals, are the run's, by K
-    # `--search partition`: the proposals a 16-adapter run resolves to, recorded as such, so the files written while
-    # it was the default (search "partition", proposal "random") stay resumable with it
-    partition = dict(cluster_methods({"search": "partition"}))["d2c"]
-    assert (partition["search"], partition["proposal"]) == ("partition", "random")
-    assert D2CMergeConfig(num_clusters=4, search="partition").search_defaults_for(16)[1] == "random"
-    assert "d2c (paper)" not in dict(cluster_methods(PAPER_SEARCH))
+    default = dict(cluster_methods())  # the default D2C search is the paper's: no second copy of it
+    assert "d2c (paper)" not in default and default["d2c"] == {"method": "d2c"}
+    assert default["d2c (kmeans_svd init)"] == {"method": "d2c", "init": "kmeans_svd"}
+    assert all(default[m] == {"method": m} for m in ("random", "kmeans", "kmeans_svd"))  # no search setting
+    assert dict(cluster_methods(PAPER_SEARCH)) == {**default, "d2c": {"method": "d2c", "search": "paper"},
+                                                   "d2c (kmeans_svd init)": {"method": "d2c", "init": "kmeans_svd",
+                                                                             "search": "paper"}}  # fmt: skip
     methods = dict(
-        cluster_methods({"search": "partition", "restarts": 2}, dict([parse_variant("v: num_iterations=30")]))
+        cluster_methods({"search": "partition", "patience": 5}, dict([parse_variant("v: num_iterations=30")]))
     )
-    assert methods["d2c"]["search"] == "partition" and methods["d2c"]["restarts"] == 2
-    assert {k: methods["d2c (paper)"][k] for k in PAPER_SEARCH} == PAPER_SEARCH
-    assert methods["d2c [v]"]["num_iterations"] == 30 and methods["d2c [v]"]["search"] == "paper"
+    assert methods["d2c"] == {"method": "d2c", "search": "partition", "patience": 5}
+    assert methods["d2c (paper)"] == {"method": "d2c", "search": "paper"}  # the alias runs the paper's explicitly
+    assert methods["d2c [v]"] == {"method": "d2c", "num_iterations": 30}  # over the defaults: the paper's search
+    with pytest.raises(argparse.ArgumentTypeError, match="keys"):
+        parse_variant("old: restarts=2")
 
 
 def test_same_partition_is_evaluated_once_and_anytime_seeds_limit_the_recomputed_curves(tmp_path):
     """Cells whose clusters repeat reuse the held-out scores (checked against a fresh merge and evaluation), and
     paper-rule cells from seed `anytime_seeds` on have no recomputed curve while partition-objective cells do."""
     from peft_d2c import D2CMergeConfig, merge_adapters_d2c
-    from peft_d2c.embedded.benchmark import run_benchmark
+    from peft_d2c.embedded.benchmark import cluster_methods, run_benchmark
     from peft_d2c.embedded.mainjob import load_quick_assets
     from peft_d2c.evaluation.heldout import evaluate_routing
 
@@ -200,11 +193,13 @@ def test_same_partition_is_evaluated_once_and_anytime_seeds_limit_the_recomputed
         show_progress=False,
         methods=["kmeans", "kmeans_svd", "d2c", "d2c (paper)"],
         anytime_seeds=1,
+        search_options={"search": "partition"},
     )
     cells = {(r["method"], r["seed"]): r for r in data["results"] if r["method"] not in REFERENCE_METHODS}
     assert "anytime" in cells[("d2c (paper)", 0)] and "anytime" not in cells[("d2c (paper)", 1)]
     assert all("anytime" in cells[("d2c", s)] for s in (0, 1))
-    order = sorted(cells, key=lambda key: (key[1], [m for m, _ in CLUSTER_METHODS].index(key[0])))
+    labels = [m for m, _ in cluster_methods({"search": "partition"})]
+    order = sorted(cells, key=lambda key: (key[1], labels.index(key[0])))
     seen, reused = {}, 0
     for key in order:  # the run order: the first cell of a partition is evaluated, every later one reuses it
         partition = tuple(sorted(tuple(sorted(c)) for c in cells[key]["clusters"]))

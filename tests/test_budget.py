@@ -60,7 +60,7 @@ def test_adapter_bytes_match_the_saved_safetensors(tiny_assets, tiny_peft_model)
 @pytest.mark.parametrize("combination_type,svd_rank", [("ties", None), ("cat", None), ("svd", 4)])
 def test_merged_adapter_bytes_match_a_real_merge(tmp_path, tiny_peft_model, combination_type, svd_rank):
     members = ["copy", "sort", "shift"]
-    config = D2CMergeConfig(num_clusters=2, combination_type=combination_type, svd_rank=svd_rank)
+    config = D2CMergeConfig(num_clusters=2, combination_type=combination_type, merge={"svd_rank": svd_rank})
     tiny_peft_model.add_weighted_adapter(
         members, [1.0] * 3, "merged", combination_type=combination_type, svd_rank=svd_rank, density=0.5
     )
@@ -152,7 +152,7 @@ def test_saved_merges_of_bias_adapters_never_exceed_a_byte_budget(
     model = tiny.load_peft_model(tiny_assets[0], bias_adapter_dirs)
     budget = budget_of(*_weight_and_bias_bytes(bias_adapter_dirs["copy"]))
     config = D2CMergeConfig(
-        storage_budget=budget, method="random", combination_type="core_ta", rank_allocation=rank_allocation
+        storage_budget=budget, method="random", combination_type="core_ta", merge={"rank_allocation": rank_allocation}
     )
     examples = {task: tiny_task_examples[task] for task in BIAS_TASKS}
     result = merge_adapters_d2c(model, examples, config, tokenizer=tiny_tokenizer)

@@ -13,6 +13,9 @@ import textwrap
 import pytest
 import torch
 
+import peft_d2c.engine.runtime.checkpoint as checkpoint_module
+import peft_d2c.engine.scoring.loss as loss_module
+import peft_d2c.engine.search.starts as starts_module
 from peft_d2c import CheckpointMismatchError, D2CMergeConfig, merge_adapters_d2c
 from peft_d2c import testing as tiny
 from peft_d2c.engine.runtime.checkpoint import CHECKPOINT_NAME
@@ -66,9 +69,54 @@ def assert_same_result(resumed, full):
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+def interrupted_then_resumed(assets, examples, tokenizer, config, directory, monkeypatch, at):
+    """Interrupt a run (Ctrl-C) right after its checkpoint of step `at`, then run it again to resume."""
+    save = checkpoint_module.save_checkpoint
+
+    def save_then_interrupt(path, payload):
+        save(path, payload)
+        if payload["state"]["iteration"] == at:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoint_module, "save_checkpoint", save_then_interrupt)
+    model = tiny.load_peft_model(*assets)
+    before = set(model.peft_config)
+    with pytest.raises(KeyboardInterrupt):
+        merge_adapters_d2c(model, examples, config, tokenizer=tokenizer, checkpoint_dir=directory)
+    assert set(model.peft_config) == before  # cleaned up as on any interruption
+    monkeypatch.setattr(checkpoint_module, "save_checkpoint", save)
+    return run(assets, examples, tokenizer, config, checkpoint_dir=directory)
+
+
+def equal_stats(stats):
+    """What a resumed run reports as the uninterrupted one does: every entry but the seconds, and the merges (a
+    resumed run's merger starts with no merge in the model to reuse or refill; see `SearchCheckpointer`)."""
+    return {k: v for k, v in stats.items() if not k.endswith("seconds") and k not in ("num_merges", "num_refills")}
+
+
+def assert_same_stats(resumed, full, config):
+    """`equal_stats` are equal; a resumed run merges again at most the `merge.cache_size` merges live at the resume."""
+    assert equal_stats(resumed) == equal_stats(full)
+    assert full["num_merges"] <= resumed["num_merges"] <= full["num_merges"] + config.merge.cache_size
+
+
+def count_computed_losses(monkeypatch) -> list[int]:
+    """The losses computed from now on, one entry per scoring batch (what `stats` reports of a resumed run includes
+    the checkpoint's counts, which this does not)."""
+    real = loss_module.LossScorer._score_batch
+    computed: list[int] = []
+
+    def counted(self, keys):
+        computed.append(len(keys))
+        return real(self, keys)
+
+    monkeypatch.setattr(loss_module.LossScorer, "_score_batch", counted)
+    return computed
+
+
 class TestResume:
     def test_killed_run_resumes_to_the_uninterrupted_result(
-        self, tiny_assets, tiny_tokenizer, tiny_task_examples, tmp_path
+        self, tiny_assets, tiny_tokenizer, tiny_task_examples, tmp_path, monkeypatch
     ):
         kwargs = {"num_clusters": 3, "num_iterations": 30, "checkpoint_every": 5, "seed": 2, "show_progress": False}
         script = tmp_path / "child.py"
@@ -91,40 +139,87 @@ class TestResume:
         assert not [f for f in os.listdir(tmp_path / "ckpt") if f.startswith(".tmp")]  # atomic writes only
 
         config = D2CMergeConfig(**kwargs)
+        computed = count_computed_losses(monkeypatch)
         resumed = run(tiny_assets, tiny_task_examples, tiny_tokenizer, config, checkpoint_dir=tmp_path / "ckpt")
+        resumed_computed = sum(computed)
         full = run(tiny_assets, tiny_task_examples, tiny_tokenizer, config)
         assert_same_result(resumed, full)
+        assert_same_stats(resumed[0].stats, full[0].stats, config)
         # The resumed run reused the saved losses instead of recomputing the first 15 steps.
-        assert resumed[0].stats["cache_misses"] < full[0].stats["cache_misses"]
+        assert 0 < resumed_computed < sum(computed) - resumed_computed
 
     def test_interrupted_multi_proposal_run_resumes(
         self, tiny_assets, tiny_tokenizer, tiny_task_examples, tmp_path, monkeypatch
     ):
-        import peft_d2c.engine.runtime.checkpoint as checkpoint_module
-
         config = D2CMergeConfig(num_clusters=2, num_iterations=12, proposals_per_step=3, checkpoint_every=4, seed=4)
+        resumed = interrupted_then_resumed(
+            tiny_assets, tiny_task_examples, tiny_tokenizer, config, tmp_path, monkeypatch, at=8
+        )
+        full = run(tiny_assets, tiny_task_examples, tiny_tokenizer, config)
+        assert_same_result(resumed, full)
+        assert_same_stats(resumed[0].stats, full[0].stats, config)
+
+    @pytest.mark.parametrize("search", ["paper", "partition"])
+    def test_resumed_run_reports_the_uninterrupted_stats(
+        self, tiny_assets, tiny_tokenizer, tiny_task_examples, tmp_path, monkeypatch, search
+    ):
+        """Forward passes, merges, cache hits and misses and the any-time trace used to count from the resume only."""
+        config = D2CMergeConfig(num_clusters=2, num_iterations=12, checkpoint_every=3, seed=5, search=search)
+        resumed = interrupted_then_resumed(
+            tiny_assets, tiny_task_examples, tiny_tokenizer, config, tmp_path, monkeypatch, at=6
+        )
+        full = run(tiny_assets, tiny_task_examples, tiny_tokenizer, config)
+        assert_same_result(resumed, full)
+        stats, expected = resumed[0].stats, dict(full[0].stats)
+        assert len(stats["trace"]) == 12 and stats["trace"][-1][1] <= stats["forward_passes"]
+        # the partition rule's current losses travel in the checkpoint (`SearchState.task_losses`): a resumed search
+        # used to read those N again from the cache (N more hits)
+        assert_same_stats(stats, expected, config)
+
+    def test_resumed_run_does_not_recompute_its_start(
+        self, tiny_assets, tiny_tokenizer, tiny_task_examples, tmp_path, monkeypatch
+    ):
+        """`init="kmeans_svd"` reads every adapter's weights (their Gram matrix) and runs K-means: a resumed run
+        used to do it again before taking the checkpoint's start."""
+        grams = []
+        gram = starts_module.delta_gram_matrix
+        monkeypatch.setattr(starts_module, "delta_gram_matrix", lambda *a, **k: grams.append(1) or gram(*a, **k))
+        config = D2CMergeConfig(num_clusters=2, num_iterations=10, checkpoint_every=2, seed=3, init="kmeans_svd")
+        resumed = interrupted_then_resumed(
+            tiny_assets, tiny_task_examples, tiny_tokenizer, config, tmp_path, monkeypatch, at=4
+        )
+        assert len(grams) == 1  # the interrupted run's; none on resuming
+        full = run(tiny_assets, tiny_task_examples, tiny_tokenizer, config)
+        assert_same_result(resumed, full)
+        assert resumed[0].stats["start"] == "kmeans_svd"
+        assert_same_stats(resumed[0].stats, full[0].stats, config)
+
+    def test_checkpoint_without_counters_still_resumes(
+        self, tiny_assets, tiny_tokenizer, tiny_task_examples, tmp_path, monkeypatch
+    ):
+        """A checkpoint written before it held the counters, the trace and the start's kind: the search resumes to the
+        same result, and the counters count from the resume."""
+        config = D2CMergeConfig(num_clusters=2, num_iterations=12, checkpoint_every=3, seed=5)
         save = checkpoint_module.save_checkpoint
-
-        def save_then_interrupt(directory, payload):
-            save(directory, payload)
-            if payload["state"]["iteration"] == 8:
-                raise KeyboardInterrupt
-
-        monkeypatch.setattr(checkpoint_module, "save_checkpoint", save_then_interrupt)
-        model = tiny.load_peft_model(*tiny_assets)
-        before = set(model.peft_config)
-        with pytest.raises(KeyboardInterrupt):
-            merge_adapters_d2c(model, tiny_task_examples, config, tokenizer=tiny_tokenizer, checkpoint_dir=tmp_path)
-        assert set(model.peft_config) == before  # cleaned up as on any interruption
-        monkeypatch.setattr(checkpoint_module, "save_checkpoint", save)
-        resumed = run(tiny_assets, tiny_task_examples, tiny_tokenizer, config, checkpoint_dir=tmp_path)
-        assert_same_result(resumed, run(tiny_assets, tiny_task_examples, tiny_tokenizer, config))
+        new_keys = ("counters", "trace", "start_kind")
+        monkeypatch.setattr(
+            checkpoint_module,
+            "save_checkpoint",
+            lambda d, p: save(d, {k: v for k, v in p.items() if k not in new_keys}),
+        )
+        resumed = interrupted_then_resumed(
+            tiny_assets, tiny_task_examples, tiny_tokenizer, config, tmp_path, monkeypatch, at=6
+        )
+        full = run(tiny_assets, tiny_task_examples, tiny_tokenizer, config)
+        assert_same_result(resumed, full)
+        a, b = resumed[0].stats, full[0].stats
+        assert a["start"] == b["start"] == "random"
+        assert [h for h, _ in a["trace"]] == [h for h, _ in b["trace"][6:]]  # the steps run after resuming
+        assert a["cache_misses"] < b["cache_misses"] and a["forward_passes"] < b["forward_passes"]
 
     def test_finished_run_is_not_searched_again(
         self, tiny_assets, tiny_tokenizer, tiny_task_examples, tmp_path, monkeypatch
     ):
-        import peft_d2c.engine.runtime.checkpoint as checkpoint_module
-
         saved_at = []
         save = checkpoint_module.save_checkpoint
         monkeypatch.setattr(
@@ -137,11 +232,13 @@ class TestResume:
         assert saved_at == [10, 20, 25]
         # A changed checkpoint_every, show_progress or memory_limit does not make it another run.
         again_config = D2CMergeConfig(
-            num_clusters=3, num_iterations=25, checkpoint_every=3, show_progress=False, memory_limit="1TB"
+            num_clusters=3, num_iterations=25, checkpoint_every=3, show_progress=False, merge={"memory_limit": "1TB"}
         )
+        computed = count_computed_losses(monkeypatch)
         again = run(tiny_assets, tiny_task_examples, tiny_tokenizer, again_config, checkpoint_dir=tmp_path)
         assert_same_result(again, first)
-        assert again[0].stats["cache_misses"] <= len(tiny.TASK_FAMILIES)  # at most the final task losses
+        assert_same_stats(again[0].stats, first[0].stats, first[0].config)
+        assert sum(computed) <= len(tiny.TASK_FAMILIES)  # at most the final task losses
 
 
 MISMATCHES = [

@@ -81,6 +81,13 @@ def test_run_quick_prints_and_saves_the_main_job(tmp_path, capsys, cache_dir):
     assert status == 0
     printed = capsys.readouterr().out
     assert "Clusters:" in printed and "| **average** |" in printed
+    whole = printed.split("Whole-answer EM % (average): ")[1].splitlines()[0]
+    assert [part.rsplit(" ", 1)[0] for part in whole.split(", ")] == ["zero-shot", "single-task LoRA", "merged (D2C)"]
+    columns = json.loads((out / "heldout.json").read_text())["columns"]
+    for part in whole.split(", "):
+        name, printed_mean = part.rsplit(" ", 1)
+        expected = sum(s["whole_match"] for s in columns[name].values()) / len(columns[name])
+        assert float(printed_mean) == round(100 * expected, 1)
     result = D2CResult.from_pretrained(out)
     assert len(result.clusters) == 2 and set(result.heldout_scores) == set(result.routing)
     heldout = json.loads((out / "heldout.json").read_text())
@@ -108,7 +115,10 @@ class TestMerge:
 
     def test_flags_override_the_yaml(self, files, tmp_path):
         out = str(tmp_path / "flags")
-        argv = ["merge", files["run"], "-o", out, "--storage-budget", "0.5", "--method", "random", "--seed", "3"]
+        run = yaml.safe_load(open(files["run"]))
+        run["d2c"].pop("num_iterations")  # a baseline refuses a search setting (a bad case below)
+        path = _write(tmp_path / "baseline.yaml", yaml.safe_dump(run))
+        argv = ["merge", path, "-o", out, "--storage-budget", "0.5", "--method", "random", "--seed", "3"]
         assert main([*argv, "--quiet", "--no-plots"]) == 0
         saved = yaml.safe_load(open(os.path.join(out, "d2c_run.yaml")))["d2c"]
         assert saved["storage_budget"] == 0.5 and saved["num_clusters"] is None
@@ -159,9 +169,13 @@ def test_estimate_prints_evaluations_and_time(files, merged, capsys):
     assert main(["estimate", files["run"], "--probe", "2", "--json", "--quiet"]) == 0
     out = capsys.readouterr().out
     estimate = json.loads(out.strip().splitlines()[-1])
-    # 5 adapters, K = 2, T = 6 partition steps: each scores the 5 tasks of the two clusters after its move, plus
-    # the start's 5 losses
-    assert estimate["num_clusters"] == 2 and estimate["max_evaluations"] == 6 * 5 + 5
+    # 5 adapters, K = 2, T = 6 steps of the paper's rule (the default): each scores the moved task under two merges,
+    # plus the final 5 losses; the plan is the one the run records
+    assert estimate["num_clusters"] == 2 and estimate["max_evaluations"] == 6 * 2 + 5
+    plan = {"rule": "paper", "num_iterations": 6, "init": "random", "proposals_per_step": 1, "patience": None,
+            "max_forward_passes": None}  # fmt: skip
+    assert estimate["search_plan"] == plan == D2CResult.from_pretrained(merged).stats["search_plan"]
+    assert "method=d2c (paper search), T=6" in out
     ran = D2CResult.from_pretrained(merged)  # the same run: the losses it computed stay within the estimate
     assert 0 < ran.stats["cache_misses"] <= estimate["max_evaluations"]
     assert estimate["expected_seconds"] > 0
@@ -231,6 +245,10 @@ def _bad_cases(files, tmp_path) -> dict[str, tuple[list[str], str]]:
         "bad budget unit": (["merge", files["run"], "--storage-budget", "20 parsecs"], "must be a number followed by"),
         "conflicting options": (["merge", files["run"], "-k", "2", "--storage-budget", "0.5"], "not allowed with"),
         "bad method": (["merge", files["run"], "--method", "best"], "`method` must be one of"),
+        "search setting of a baseline": (
+            ["merge", files["run"], "--method", "kmeans"],
+            "`num_iterations=6` applies to the d2c search only, and `method='kmeans'` does not search",
+        ),
         "not a result": (["evaluate", files["root"], "--data", files["heldout"]], "No d2c_result.json"),
         "missing examples": (
             ["add-adapter", files["out"], files["new_adapter"], "--examples", str(tmp_path / "x.json")],
@@ -257,6 +275,7 @@ BAD_CASES = [
     "bad budget unit",
     "conflicting options",
     "bad method",
+    "search setting of a baseline",
     "not a result",
     "missing examples",
     "empty examples",

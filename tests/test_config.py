@@ -21,17 +21,25 @@ BAD_CONFIGS = [
     ({"num_clusters": 2, "method": "spectral"}, ValueError, r"`method` must be one of \['d2c', 'random'"),
     ({"num_clusters": 2, "init": "best"}, ValueError, "`init` must be one of"),
     ({"num_clusters": 2, "combination_type": "mean"}, ValueError, "`combination_type` must be one of"),
-    ({"num_clusters": 2, "density": 0.0}, ValueError, "`density`"),
+    ({"num_clusters": 2, "merge": {"density": 0.0}}, ValueError, "`density`"),
     # alpha = 1 leaves the (singular) Gram sums unregularised: the Cholesky failed mid-run on main at 710cc18.
-    ({"num_clusters": 2, "regmean_alpha": 1.0}, ValueError, r"`regmean_alpha` must be a number in \(0, 1\), got 1.0"),
-    ({"num_clusters": 2, "regmean_alpha": 1}, ValueError, r"`regmean_alpha` must be a number in \(0, 1\)"),
-    ({"num_clusters": 2, "regmean_alpha": 0.0}, ValueError, r"`regmean_alpha` must be a number in \(0, 1\)"),
+    (
+        {"num_clusters": 2, "merge": {"regmean_alpha": 1.0}},
+        ValueError,
+        r"`regmean_alpha` must be a number in \(0, 1\), got 1.0",
+    ),
+    ({"num_clusters": 2, "merge": {"regmean_alpha": 1}}, ValueError, r"`regmean_alpha` must be a number in \(0, 1\)"),
+    (
+        {"num_clusters": 2, "merge": {"regmean_alpha": 0.0}},
+        ValueError,
+        r"`regmean_alpha` must be a number in \(0, 1\)",
+    ),
     ({"num_clusters": 2, "num_iterations": -1}, ValueError, "`num_iterations` must be >= 0"),
-    ({"num_clusters": 2, "examples_per_task": 0}, ValueError, "`examples_per_task`"),
-    ({"num_clusters": 2, "merge_cache_size": 1}, ValueError, "`merge_cache_size` must be >= 2"),
+    ({"num_clusters": 2, "scoring": {"examples_per_task": 0}}, ValueError, "`examples_per_task`"),
+    ({"num_clusters": 2, "merge": {"cache_size": 1}}, ValueError, "`cache_size` must be >= 2"),
     ({"num_clusters": 2, "merged_adapter_prefix": "d2c.v1"}, ValueError, "merged_adapter_prefix"),
     ({"num_clusters": 2, "patience": 0}, ValueError, "`patience` must be >= 1"),
-    ({"num_clusters": 2, "merge_weight": float("nan")}, ValueError, "merge_weight"),
+    ({"num_clusters": 2, "merge": {"weight": float("nan")}}, ValueError, "`weight` must be a finite number"),
 ]
 
 
@@ -50,12 +58,9 @@ class TestD2CMergeConfig:
             D2CMergeConfig(num_clusters=4).resolve_num_clusters(3)
 
     def test_save_and_load_round_trip_exactly(self, tmp_path):
-        config = D2CMergeConfig(
-            num_clusters=3, method="d2c", init="kmeans_svd", combination_type="dare_ties", density=0.7, seed=4,
-            num_iterations=12,
-        )  # fmt: skip
+        config = D2CMergeConfig(num_clusters=3, method="d2c", init="kmeans_svd", combination_type="dare_ties", seed=4, num_iterations=12, merge={"density": 0.7})  # fmt: skip
         path = config.save_pretrained(tmp_path)
-        assert json.loads(open(path).read()) == {**config.to_dict(), "d2c_config_version": 2}
+        assert json.loads(open(path).read()) == {**config.to_dict(), "d2c_config_version": 3}
         assert D2CMergeConfig.from_pretrained(tmp_path) == config
         assert D2CMergeConfig.from_pretrained(path).to_dict() == config.to_dict()
 
@@ -74,98 +79,52 @@ class TestD2CMergeConfig:
         with pytest.warns(D2CWarning, match="future_option"):
             assert D2CMergeConfig.from_dict(data) == D2CMergeConfig(num_clusters=2)
 
-    def test_init_ignored_by_baselines_warns(self):
-        with pytest.warns(D2CWarning, match="ignored"):
-            D2CMergeConfig(num_clusters=2, method="random", init="kmeans")
-
     @pytest.mark.parametrize("method", ["random", "kmeans", "kmeans_svd"])
-    def test_a_baseline_over_many_adapters_warns_about_no_setting_it_was_not_given(self, method):
-        """Above 16 adapters a search starts from `init="lowest_loss"` by default; resolving a baseline's config
-        must not fill that in and then warn that the user's `init` is ignored."""
+    def test_a_baseline_config_is_left_as_it_is_and_warns_about_nothing(self, method):
+        """A baseline does not search: no plan, and resolving its config fills in no search setting (which the
+        config would then refuse)."""
         with warnings.catch_warnings():
             warnings.simplefilter("error", D2CWarning)
-            resolved = D2CMergeConfig(num_clusters=5, method=method).resolved_for(40, 5)
-        assert resolved.init == "random" and resolved.method == method
-        assert D2CMergeConfig(num_clusters=5).resolved_for(40, 5).init == "lowest_loss"  # the search's default stays
+            config = D2CMergeConfig(num_clusters=5, method=method)
+            assert config.resolved_for(None) == config
+        assert (config.init, config.search, config.num_iterations) == (None, None, None)
 
 
 def test_search_steps_default_per_search_and_explicit_t_wins():
-    """T defaults to 30 partition steps and to the paper's 100 steps; an explicit num_iterations is kept. With the
-    rule left to the run (`search=None`) T waits for N and K."""
+    """`search_steps` (the T a saved config records) is 30 partition steps and the paper's 100 steps up to 16
+    adapters; an explicit num_iterations is kept. With `search=None` it waits for the run's plan."""
     assert D2CMergeConfig(num_clusters=2).search is None and D2CMergeConfig(num_clusters=2).search_steps is None
     assert D2CMergeConfig(num_clusters=2, search="partition").search_steps == 30
     assert D2CMergeConfig(num_clusters=2, search="paper").search_steps == 100
     assert D2CMergeConfig(num_clusters=2, search="paper", num_iterations=7).search_steps == 7
     config = D2CMergeConfig(num_clusters=2)
     assert D2CMergeConfig.from_dict({**config.to_dict(), "search": "paper"}).search_steps == 100
-
-
-def test_default_t_grows_with_n_above_16_adapters_and_a_pass_budget_sets_the_cap():
-    """Up to 16 adapters T is the measured default; above, two rounds of targeted proposals (2N), or with random
-    proposals 30 x N / 16 (rounded up), so the proposals per adapter do not shrink with N; `num_iterations` wins."""
-    partition, paper = (
-        D2CMergeConfig(num_clusters=2, search="partition"),
-        D2CMergeConfig(num_clusters=2, search="paper"),
-    )
-    assert [partition.search_steps_for(n) for n in (2, 16, 17, 64, 256)] == [30, 30, 34, 128, 512]
-    random_moves = D2CMergeConfig(num_clusters=2, search="partition", proposal="random")
-    assert [random_moves.search_steps_for(n) for n in (2, 16, 17, 64, 256)] == [30, 30, 32, 120, 480]
-    assert [paper.search_steps_for(n) for n in (16, 24, 256)] == [100, 150, 1600]
-    for n in (16, 64, 256):  # expected proposals per adapter: T / N, never below the N = 16 value
-        assert partition.search_steps_for(n) / n >= 30 / 16 and random_moves.search_steps_for(n) / n >= 30 / 16
-
-
-def test_start_and_proposals_scale_with_n_and_the_result_config_records_them():
-    """None means: the paper's random start and draws up to 16 adapters (and always with `search="paper"`), the
-    lower-loss start and targeted proposals above; a value the user set is kept at every N."""
-    config = D2CMergeConfig(num_clusters=4)  # N / K <= 4 up to 16 adapters: the partition rule
-    assert (config.init, config.proposal) == (None, None)
-    assert [config.search_defaults_for(n) for n in (16, 17)] == [("random", "random"), ("lowest_loss", "targeted")]
-    assert D2CMergeConfig(num_clusters=2, search="paper").search_defaults_for(256) == ("random", "random")
-    explicit = D2CMergeConfig(num_clusters=2, init="random", proposal="sweep")
-    assert explicit.search_defaults_for(256) == ("random", "sweep")
-    resolved = config.resolved_for(64, 8)
-    assert (resolved.init, resolved.proposal, resolved.num_iterations) == ("lowest_loss", "targeted", 128)
-    # targeted steps score under all K current merges plus the step's two new ones: K + 2 = 10 live slots, not 8
-    assert (config.merge_cache_size, resolved.merge_cache_size) == (8, 10)
-    assert config.resolved_for(16, 8).merge_cache_size == 8  # random proposals keep the set size
-    assert resolved.resolved_for(8, 2) == resolved  # a resolved config does not change again
-    loaded = D2CMergeConfig.from_dict(resolved.to_dict())
-    assert loaded == resolved
-    assert D2CMergeConfig(num_clusters=2, proposal="sweep").search_steps_for(256) == 512
-    assert D2CMergeConfig(num_clusters=2, max_forward_passes=900).search_steps_for(16) == 900
-    assert D2CMergeConfig(num_clusters=2, max_forward_passes=900, num_iterations=5).search_steps_for(256) == 5
     with pytest.raises(ValueError, match="max_forward_passes"):
         D2CMergeConfig(num_clusters=2, max_forward_passes=0)
     with pytest.raises(TypeError, match="max_forward_passes"):
         D2CMergeConfig(num_clusters=2, max_forward_passes=2.5)
 
 
-def test_the_card_names_the_search_and_its_default_t():
-    """A result saved with `num_iterations=None` shows the T its search ran (the card reads the saved config)."""
+def test_the_card_names_the_search_the_run_planned():
+    """The card shows the search from the result's recorded plan (`stats["search_plan"]`), or, for a result saved
+    before the plan was recorded, from its config (T = `DEFAULT_STEPS` where None); a baseline shows no search."""
     from peft_d2c.hub.cards import _method_section
 
-    def section(**config):
-        base = {"init": "random", "examples_per_task": 10, "seed": 0, "combination_type": "ties", **config}
-        return _method_section(
-            {"result": {"num_adapters": 4, "num_clusters": 2}, "config": base, "routing": {}, "names": []}
-        )
+    def section(stats=None, method="d2c", **config):
+        base = {"scoring": {"examples_per_task": 10}, "seed": 0, "combination_type": "ties", **config}
+        result = {"num_adapters": 4, "num_clusters": 2, "method": method, "stats": stats or {}}
+        return _method_section({"result": result, "config": base, "routing": {}, "names": []})
 
-    assert "`partition` search, 30 proposed moves" in section(search="partition", num_iterations=None)
+    assert "(start `random`, `partition` search, 30 proposed moves, 10 few-shot" in section(search="partition")
     assert "`paper` search, 100 proposed moves" in section(search="paper", num_iterations=None)
     assert "`paper` search, 12 proposed moves" in section(search="paper", num_iterations=12)
-    kept = _method_section(
-        {
-            "result": {"num_adapters": 40, "num_clusters": 5, "stats": {"start": "kmeans_svd"}},
-            "config": {"init": "lowest_loss", "search": "partition", "num_iterations": 80, "proposal": "targeted"},
-            "routing": {},
-            "names": [],
-        }
-    )
-    assert "(start `lowest_loss`: kept `kmeans_svd`, `partition` search, 80 proposed moves (`targeted`" in kept
-    # the few-shot score the run searched with; a config saved before `task_score` existed scored the loss
-    assert "scored by their few-shot miss" in section(search="partition", num_iterations=None, task_score="miss")
-    assert "scored by their few-shot loss" in section(search="partition", num_iterations=None)
+    plan = {"rule": "paper", "num_iterations": 250, "init": "kmeans_svd", "proposals_per_step": 4, "patience": 9,
+            "max_forward_passes": None}  # fmt: skip
+    planned = section({"search_plan": plan}, search="paper", num_iterations=250, init="kmeans_svd")
+    assert "(start `kmeans_svd`, `paper` search, 250 proposed moves (4 candidate moves a step, patience 9)" in planned
+    assert "scored by their few-shot loss" in planned
+    baseline = section(method="kmeans")
+    assert "search" not in baseline and "(10 few-shot examples per task" in baseline
 
 
 # What an old peft-d2c (before `search`, `restarts`, ... existed: commit 839ff9e) wrote, key for key.
@@ -202,7 +161,7 @@ class TestSavedFormat:
         config = D2CMergeConfig(num_clusters=2, search=search, num_iterations=num_iterations)
         data = json.loads(open(config.save_pretrained(tmp_path)).read())
         assert data["num_iterations"] == saved
-        assert (data["search"], data["combination_type"], data["d2c_config_version"]) == (search, "regmean", 2)
+        assert (data["search"], data["combination_type"], data["d2c_config_version"]) == (search, "regmean", 3)
 
     @pytest.mark.parametrize("content,search,combination_type,steps", OLD_FILES)
     def test_a_version_1_file_loads_as_the_run_it_describes(self, tmp_path, content, search, combination_type, steps):
@@ -212,13 +171,17 @@ class TestSavedFormat:
         path.write_text(json.dumps(content))
         loaded = D2CMergeConfig.from_pretrained(tmp_path)
         assert (loaded.search, loaded.combination_type, loaded.num_iterations) == (search, combination_type, steps)
-        expected = {"init": "random", "proposal": "random", **content}  # the only start and draws of then
-        expected.update(search=search, combination_type=combination_type, num_iterations=steps)
-        assert loaded == D2CMergeConfig(**expected)
+        # the only start and draws of then; the flat merge and scoring settings of then in their groups
+        assert (loaded.init, loaded.legacy_settings, loaded.seed) == ("random", {}, content.get("seed", 0))
+        assert (loaded.merge.density, loaded.merge.cache_size, loaded.scoring.examples_per_task) == (
+            content.get("density", 0.5),
+            content.get("merge_cache_size", 8),
+            content.get("examples_per_task", 10),
+        )
         # saved again, it is the same run in today's format
         resaved = loaded.save_pretrained(tmp_path / "again")
         assert D2CMergeConfig.from_pretrained(resaved) == loaded
-        assert json.loads(open(resaved).read())["d2c_config_version"] == 2
+        assert json.loads(open(resaved).read())["d2c_config_version"] == 3
 
     def test_an_explicit_version_1_key_reads_the_same_as_none(self, tmp_path):
         path = tmp_path / "d2c_config.json"
@@ -229,10 +192,9 @@ class TestSavedFormat:
             combination_type="ties",
             num_iterations=100,
             init="random",
-            proposal="random",
         )
 
-    @pytest.mark.parametrize("version", [3, 99])
+    @pytest.mark.parametrize("version", [4, 99])
     def test_a_file_of_a_newer_version_is_refused(self, tmp_path, version):
         data = {**D2CMergeConfig(num_clusters=2).to_dict(), "d2c_config_version": version}
         (tmp_path / "d2c_config.json").write_text(json.dumps(data))
@@ -258,6 +220,6 @@ class TestSavedFormat:
         (tmp_path / "d2c_config.json").write_text(json.dumps({"num_clusters": 1, "num_iterations": None}))
         config = read_result_folder(tmp_path)["config"]
         assert (config["search"], config["combination_type"], config["num_iterations"]) == ("paper", "ties", 100)
-        (tmp_path / "d2c_config.json").write_text(json.dumps({"num_clusters": 1, "d2c_config_version": 3}))
+        (tmp_path / "d2c_config.json").write_text(json.dumps({"num_clusters": 1, "d2c_config_version": 4}))
         with pytest.raises(ValueError, match="newer peft-d2c"):
             read_result_folder(tmp_path)

@@ -47,7 +47,7 @@ def reference_update(kind, pairs, weights, merger, index):
     """The float64 merged update of one layer's `pairs`: `merge_updates`, or RegMean with the merger's layer inputs."""
     if kind in DATA_TYPES:
         inputs = [merger.layer_inputs[m][index].double() for m in MEMBERS]
-        new_a, new_b = regmean_merge(pairs, inputs, weights, rank=8, alpha=merger.config.regmean_alpha)
+        new_a, new_b = regmean_merge(pairs, inputs, weights, rank=8, alpha=merger.config.merge.regmean_alpha)
     else:
         new_a, new_b = merge_methods.merge_updates(kind, pairs, weights, rank=8, density=0.5)
     return new_b @ new_a
@@ -99,7 +99,7 @@ class TestMergerOnMeta:
         dtype, with the source rank. (PEFT's own `add_weighted_adapter` cannot merge on a `meta` base: it creates
         the new adapter on the CPU, so PEFT's types are checked in bf16 / fp16 below instead.)"""
         model = meta_peft_model(dtype)
-        merger = merger_for(model, D2CMergeConfig(num_clusters=1, combination_type=kind, merge_cache_size=2))
+        merger = merger_for(model, D2CMergeConfig(num_clusters=1, combination_type=kind, merge={"cache_size": 2}))
         first = merger.adapter_for(MEMBERS)
         merger.adapter_for(MEMBERS[:2])
         name = merger.adapter_for(MEMBERS[1:])  # evicts the first merge and refills its slot

@@ -71,7 +71,7 @@ def test_peft_types_merge_embedding_adapters(embedding_model, tiny_tokenizer, ti
             merge_weights_for(combination_type, len(cluster)),
             check,
             combination_type=combination_type,
-            density=config.density,
+            density=config.merge.density,
         )
         for module, layer in lora_layers(embedding_model):
             ours, theirs = lora_factors(layer, name), lora_factors(layer, check)
@@ -86,7 +86,7 @@ def test_update_types_allocate_ranks_on_embedding_adapters(
     module, the embedding included, is the best rank-r approximation of the cluster's merge at its allocated rank
     (`core_ta`: of the mean update, from a dense SVD), and plain PEFT loads the saved adapters."""
     config = D2CMergeConfig(
-        num_clusters=2, method="random", combination_type=combination_type, rank_allocation="spectrum"
+        num_clusters=2, method="random", combination_type=combination_type, merge={"rank_allocation": "spectrum"}
     )
     result = merge_adapters_d2c(embedding_model, examples(tiny_task_examples), config, tokenizer=tiny_tokenizer)
     result.save_pretrained(tmp_path / "out")

@@ -92,7 +92,7 @@ def d2c_run(hub_sources, tiny_assets, tmp_path_factory):
         "tasks": {f"lora-{family}": {"name": family} for family in FAMILIES},
     }  # fmt: skip
     examples = load_task_examples(spec)
-    config = D2CMergeConfig(num_clusters=2, num_iterations=4, examples_per_task=8, show_progress=False)
+    config = D2CMergeConfig(num_clusters=2, num_iterations=4, show_progress=False, scoring={"examples_per_task": 8})
     result = merge_adapters_d2c(model, examples, config, tokenizer=tiny.make_tokenizer())
     result.data_sources = examples.data_sources
     result.heldout_scores = {task: 0.5 for task in result.routing}
@@ -240,14 +240,15 @@ class TestPush:
             tasks = sorted(t for t, a in result.routing.items() if a == name)
             _check_card_metadata(card, model_name=f"{repo_id}/{name}", tasks=tasks, result=result,
                                  dataset_id=hub_sources["dataset"])  # fmt: skip
-            assert f'subfolder="{name}"' in card.text and "density=0.5" in card.text
+            assert f'subfolder="{name}"' in card.text and "`combination_type='regmean'`." in card.text
+            assert "density" not in card.text  # regmean does not prune: the card names no density
             for member in result.clusters[i]:
                 assert f"`{member}`" in card.text
         card = ModelCard.load(repo_id)
         _check_card_metadata(card, model_name=repo_id, tasks=sorted(result.routing), result=result,
                              dataset_id=hub_sources["dataset"])  # fmt: skip
         assert "2 merged adapters stored instead of 4" in card.text
-        assert "`partition` search, 4 proposed moves" in card.text  # the config's search and its T
+        assert "`paper` search, 4 proposed moves" in card.text  # the config's search and its T
 
         with pytest.warns(D2CWarning, match="Names are unreliable"):  # pushed for BASE_ID, loaded from a local path
             model, router = load_d2c_collection(_base(tiny_assets), repo_id)

@@ -61,7 +61,7 @@ def assert_matches_closed_form(model, merged_name, members, weights, rtol=1e-5):
 
 def svd_config(**kwargs) -> D2CMergeConfig:
     # svd_rank = the members' total rank (3 x 8): the rank-r SVD is then exact, so the closed form applies.
-    return D2CMergeConfig(num_clusters=1, combination_type="svd", svd_rank=24, merge_cache_size=2, **kwargs)
+    return D2CMergeConfig(num_clusters=1, combination_type="svd", **kwargs, merge={"svd_rank": 24, "cache_size": 2})
 
 
 class TestInstalledPeft:
@@ -209,7 +209,7 @@ def test_fallback_single_member_merge_loads_and_equals_the_verified_path(tiny_as
     merged = {}
     for trusted in (True, False):
         model = tiny.load_peft_model(*tiny_assets)
-        config = D2CMergeConfig(num_clusters=1, combination_type=combination_type, svd_rank=4)
+        config = D2CMergeConfig(num_clusters=1, combination_type=combination_type, merge={"svd_rank": 4})
         merger = AdapterMerger(model, config)
         merger._trust_peft = trusted
         merger.layer_inputs = tiny.random_layer_inputs(model, ["copy"])  # used by `regmean` only

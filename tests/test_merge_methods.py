@@ -371,7 +371,7 @@ class TestRsloraAndBias:
     def test_core_ta_equals_the_merged_full_updates(self, biased_model, members):
         """rslora, rank/alpha patterns and LoRA biases: the merged adapter's output is the base plus the mean of the
         members' scaled updates and biases, recomputed from the raw factors (total rank 12 = svd_rank: exact)."""
-        config = D2CMergeConfig(num_clusters=1, combination_type="core_ta", svd_rank=12)
+        config = D2CMergeConfig(num_clusters=1, combination_type="core_ta", merge={"svd_rank": 12})
         AdapterMerger(biased_model, config).merge(members, "merged")
         merged_config = biased_model.peft_config["merged"]
         assert (merged_config.r, merged_config.lora_alpha, merged_config.use_rslora) == (12, 12, False)
@@ -396,7 +396,7 @@ class TestRsloraAndBias:
     def test_ties_types_merge_the_scaled_updates(self, biased_model, kind):
         """core_ties / knots_ties of rslora + bias adapters equal the dense TIES computation on s_i·B_i·A_i."""
         members = ["rs", "pat", "plain"]
-        config = D2CMergeConfig(num_clusters=1, combination_type=kind, svd_rank=4, density=0.5)
+        config = D2CMergeConfig(num_clusters=1, combination_type=kind, merge={"svd_rank": 4, "density": 0.5})
         AdapterMerger(biased_model, config).merge(members, "merged")
         reference = dense_core_ties if kind == "core_ties" else dense_knots_ties
         for module in ("up", "down"):
@@ -433,7 +433,7 @@ class TestMergedAdapters:
     @pytest.mark.parametrize("kind", UPDATE_TYPES)
     def test_refill_in_place_equals_a_fresh_merge(self, tiny_peft_model, kind):
         model = tiny_peft_model
-        merger = AdapterMerger(model, D2CMergeConfig(num_clusters=2, combination_type=kind, merge_cache_size=2))
+        merger = AdapterMerger(model, D2CMergeConfig(num_clusters=2, combination_type=kind, merge={"cache_size": 2}))
         merger.layer_inputs = random_layer_inputs(
             model, ["copy", "reverse", "sort", "first"]
         )  # used by `regmean` only
@@ -469,7 +469,7 @@ class TestMergedAdapters:
                 if kind == "core_ta":
                     expected = best_rank(sum(b @ a for b, a in pairs) / len(pairs), 8)
                 else:
-                    expected = dense_knots_ties(pairs, [1.0] * len(pairs), 8, config.density)
+                    expected = dense_knots_ties(pairs, [1.0] * len(pairs), 8, config.merge.density)
                 got = layer.lora_B[name].weight.double() @ layer.lora_A[name].weight.double()
                 assert float(torch.linalg.norm(expected)) > 0.1
                 assert relative(got, expected) < 1e-4, (name, module)
@@ -484,7 +484,7 @@ class TestMergedAdapters:
         so their reported losses are those of the shipped adapters, not of the sources (on main at 898e22c the
         singletons were scored on their sources)."""
         config = D2CMergeConfig(
-            num_clusters=5, num_iterations=2, combination_type="core_ta", svd_rank=1, show_progress=False
+            num_clusters=5, num_iterations=2, combination_type="core_ta", show_progress=False, merge={"svd_rank": 1}
         )
         result = merge_adapters_d2c(tiny_peft_model, tiny_task_examples, config, tokenizer=tiny_tokenizer)
         singletons = [

@@ -10,7 +10,7 @@ from transformers import LlamaForCausalLM
 
 from peft_d2c import D2CMergeConfig, UnsupportedAdapterError
 from peft_d2c import testing as tiny
-from peft_d2c.combination_types import COMBINATION_TYPES
+from peft_d2c.combination_types import COMBINATION_TYPES, DENSITY_TYPES
 from peft_d2c.engine.merge.lora import (
     check_new_adapter_name,
     check_peft_model,
@@ -40,7 +40,8 @@ class TestMergeWeights:
     def test_identical_copies_merge_to_the_adapter(self, tiny_assets, combination_type):
         """The weight table is honest: k identical copies merge back to the adapter (density 1, no pruning)."""
         model = copies_model(tiny_assets)
-        config = D2CMergeConfig(num_clusters=1, combination_type=combination_type, density=1.0)
+        density = {"density": 1.0} if combination_type in DENSITY_TYPES else {}  # only the pruning types take one
+        config = D2CMergeConfig(num_clusters=1, combination_type=combination_type, merge=density)
         merger = AdapterMerger(model, config)
         # `regmean` weighs each copy by its own inputs: three different layer inputs must still give the copy back.
         merger.layer_inputs = tiny.random_layer_inputs(model, ["c0", "c1", "c2"])
@@ -50,7 +51,7 @@ class TestMergeWeights:
     def test_uniform_weights_with_linear_multiply_the_update(self, tiny_assets):
         """Documented PEFT behaviour: `linear` with w = 1/k sums √w·A and √w·B, giving k times the update."""
         model = copies_model(tiny_assets)
-        config = D2CMergeConfig(num_clusters=1, combination_type="linear", merge_weight=1 / 3)
+        config = D2CMergeConfig(num_clusters=1, combination_type="linear", merge={"weight": 1 / 3})
         AdapterMerger(model, config).merge(["c0", "c1", "c2"], "merged")
         for _, layer in lora_layers(model):
             torch.testing.assert_close(layer.get_delta_weight("merged"), 3 * layer.get_delta_weight("c0"))
@@ -70,7 +71,7 @@ class TestMergeWeights:
 
 class TestSeededMerges:
     def test_dare_merge_is_reproducible_and_leaves_global_rng_alone(self, tiny_peft_model):
-        config = D2CMergeConfig(num_clusters=1, combination_type="dare_ties", density=0.5, seed=3)
+        config = D2CMergeConfig(num_clusters=1, combination_type="dare_ties", seed=3, merge={"density": 0.5})
         merger = AdapterMerger(tiny_peft_model, config)
         rng_state = torch.random.get_rng_state()
         merger.merge(["copy", "sort", "shift"], "m1")
@@ -90,7 +91,7 @@ class TestSeededMerges:
 
 class TestLRU:
     def test_live_adapters_stay_bounded_and_are_reused(self, tiny_peft_model):
-        merger = AdapterMerger(tiny_peft_model, D2CMergeConfig(num_clusters=2, merge_cache_size=3))
+        merger = AdapterMerger(tiny_peft_model, D2CMergeConfig(num_clusters=2, merge={"cache_size": 3}))
         names = list(tiny.TASK_FAMILIES)
         merger.layer_inputs = tiny.random_layer_inputs(
             tiny_peft_model, names

@@ -108,7 +108,7 @@ def test_update_space_merge_adapts_the_union_and_reloads_in_plain_peft(
 def test_d2c_search_runs_on_a_mixed_collection(mixed_model, tiny_tokenizer):
     """The search refills temporary slots: a slot is reused only for a cluster whose union of modules is its own."""
     names = sorted(mixed_model.peft_config)
-    config = D2CMergeConfig(num_clusters=3, num_iterations=12, merge_cache_size=2, seed=3)
+    config = D2CMergeConfig(num_clusters=3, num_iterations=12, seed=3, merge={"cache_size": 2})
     result = merge_adapters_d2c(mixed_model, examples_for(names), config, tokenizer=tiny_tokenizer)
     examples = examples_for(names)
     for merged, members in zip(result.merged_adapter_names, result.clusters, strict=True):

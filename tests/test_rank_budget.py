@@ -75,7 +75,9 @@ def test_final_adapters_spend_the_uniform_bytes_where_the_spectrum_is(
     model = tiny_peft_model
     names = sorted(model.peft_config)
     uniform = D2CMergeConfig(num_clusters=2, method="random", seed=2, combination_type=kind)
-    config = D2CMergeConfig(num_clusters=2, method="random", seed=2, combination_type=kind, rank_allocation="spectrum")
+    config = D2CMergeConfig(
+        num_clusters=2, method="random", seed=2, combination_type=kind, merge={"rank_allocation": "spectrum"}
+    )
     result = merge_adapters_d2c(model, tiny_task_examples, config, tokenizer=tiny_tokenizer)
     budget = partition_bytes(model, result.clusters, uniform)
     result.save_pretrained(tmp_path / "out")
@@ -133,13 +135,18 @@ def test_every_update_type_keeps_the_best_truncation_at_its_allocated_ranks(tiny
     model = tiny_peft_model
     clusters = [["copy", "reverse", "sort"], ["first", "last", "shift"]]
     names = ["alloc_0", "alloc_1"]
-    config = D2CMergeConfig(num_clusters=2, combination_type=kind, rank_allocation="spectrum")
+    config = D2CMergeConfig(num_clusters=2, combination_type=kind, merge={"rank_allocation": "spectrum"})
     merger = AdapterMerger(model, config)
     merger.layer_inputs = tiny.random_layer_inputs(model, sorted(model.peft_config))  # used by `regmean` only
     budget = partition_bytes(model, clusters, config)
     sizes = merge_with_allocated_ranks(merger, clusters, names, budget)
     # The full-rank merges (rank 24 = 3 x 8: no truncation), made apart from the allocation.
-    full = AdapterMerger(model, dataclasses.replace(config, svd_rank=24, merged_adapter_prefix="full"))
+    full = AdapterMerger(
+        model,
+        dataclasses.replace(
+            config, merged_adapter_prefix="full", merge=dataclasses.replace(config.merge, svd_rank=24)
+        ),
+    )
     full.layer_inputs = merger.layer_inputs
     spectra, costs, ranks, kept = {}, {}, {}, 0.0
     for name, cluster in zip(names, clusters, strict=True):
@@ -168,7 +175,7 @@ def best_rank(matrix: torch.Tensor, rank: int) -> torch.Tensor:
 
 
 def test_a_byte_budget_is_spent_and_never_exceeded(tiny_peft_model, tiny_tokenizer, tiny_task_examples, tmp_path):
-    config = D2CMergeConfig(storage_budget=70_000, method="random", rank_allocation="spectrum")
+    config = D2CMergeConfig(storage_budget=70_000, method="random", merge={"rank_allocation": "spectrum"})
     result = merge_adapters_d2c(tiny_peft_model, tiny_task_examples, config, tokenizer=tiny_tokenizer)
     result.save_pretrained(tmp_path / "out")
     total = sum(file_bytes(tmp_path / "out" / n) for n in result.merged_adapter_names)
@@ -181,7 +188,7 @@ def test_rank_patterns_export_to_llama_cpp_and_vllm(
 ):
     """Every module's own rank reaches the GGUF file (llama.cpp reads it from lora_b) with the same update, and
     vLLM's `max_lora_rank` covers the largest."""
-    config = D2CMergeConfig(num_clusters=2, method="random", seed=2, rank_allocation="spectrum")
+    config = D2CMergeConfig(num_clusters=2, method="random", seed=2, merge={"rank_allocation": "spectrum"})
     result = merge_adapters_d2c(tiny_peft_model, tiny_task_examples, config, tokenizer=tiny_tokenizer)
     result.save_pretrained(tmp_path / "out")
     export_d2c_folder(tmp_path / "out", tmp_path / "gguf", format="gguf")
@@ -202,7 +209,7 @@ def test_half_precision_adapters_keep_their_dtype_and_the_budget(
     """bf16 / fp16 adapters: the rank-allocated adapters stay in the sources' dtype, and their bytes (half of float32's
     per element) are what the budget counts."""
     model = tiny.load_peft_model(*tiny_assets).to(dtype)
-    config = D2CMergeConfig(num_clusters=2, method="random", rank_allocation="spectrum")
+    config = D2CMergeConfig(num_clusters=2, method="random", merge={"rank_allocation": "spectrum"})
     result = merge_adapters_d2c(model, tiny_task_examples, config, tokenizer=tiny_tokenizer)
     result.save_pretrained(tmp_path / "out")
     budget = partition_bytes(model, result.clusters, D2CMergeConfig(num_clusters=2))

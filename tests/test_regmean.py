@@ -217,7 +217,9 @@ class TestRegMeanEndToEnd:
         self, tiny_peft_model, tiny_tokenizer, tiny_task_examples
     ):
         model = tiny_peft_model
-        config = D2CMergeConfig(num_clusters=2, method="random", combination_type="regmean", regmean_alpha=0.7, seed=1)
+        config = D2CMergeConfig(
+            num_clusters=2, method="random", combination_type="regmean", seed=1, merge={"regmean_alpha": 0.7}
+        )
         result = merge_adapters_d2c(model, tiny_task_examples, config, tokenizer=tiny_tokenizer)
         names = sorted(result.assignment)
         tokenized = {

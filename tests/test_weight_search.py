@@ -55,9 +55,10 @@ def test_explicit_weights_give_the_weighted_sum_of_updates(tiny_peft_model, comb
     neither merge truncates)."""
     model = tiny_peft_model
     members = ["copy", "reverse", "sort"]
-    settings = {"num_clusters": 1, "combination_type": combination_type, "svd_rank": 24}
-    AdapterMerger(model, D2CMergeConfig(merge_weight=0.3, **settings)).merge(members, "by_config")
-    merger = AdapterMerger(model, D2CMergeConfig(merged_adapter_prefix="w", **settings))
+    settings = {"num_clusters": 1, "combination_type": combination_type}
+    by_config = D2CMergeConfig(**settings, merge={"svd_rank": 24, "weight": 0.3})
+    AdapterMerger(model, by_config).merge(members, "by_config")
+    merger = AdapterMerger(model, D2CMergeConfig(merged_adapter_prefix="w", **settings, merge={"svd_rank": 24}))
     merger.merge(members, "explicit")
     explicit = {"copy": 0.7, "reverse": -0.2, "sort": 0.4}
     merger.refill(members, "explicit", explicit)

@@ -87,7 +87,10 @@ def test_wide_layer_inputs_are_token_matrices_of_the_predicted_size(wide_model):
 def test_wide_merge_equals_the_dense_gram_form(wide_model):
     model, tokenizer, examples = wide_model
     result = merge_adapters_d2c(
-        model, examples, D2CMergeConfig(num_clusters=1, method="random", regmean_alpha=0.8), tokenizer=tokenizer
+        model,
+        examples,
+        D2CMergeConfig(num_clusters=1, method="random", merge={"regmean_alpha": 0.8}),
+        tokenizer=tokenizer,
     )
     merged = result.merged_adapter_names[0]
     merger = AdapterMerger(model, D2CMergeConfig(num_clusters=1))
@@ -128,7 +131,7 @@ def test_a_run_that_would_exceed_memory_limit_is_refused_before_any_work(
         2 * shape.num_hidden_layers * min(m, shape.hidden_size) * shape.hidden_size * 4
         for m in (sum(len(r.input_ids) for r in rows) for rows in tokenized.values())
     )
-    config = D2CMergeConfig(num_clusters=2, memory_limit="1MB")
+    config = D2CMergeConfig(num_clusters=2, merge={"memory_limit": "1MB"})
     with pytest.raises(MemoryLimitError, match="memory_limit") as error:
         merge_adapters_d2c(model, tiny_task_examples, config, tokenizer=tiny_tokenizer)
     assert format_size(expected) in str(error.value)
@@ -137,7 +140,7 @@ def test_a_run_that_would_exceed_memory_limit_is_refused_before_any_work(
     result = merge_adapters_d2c(
         model,
         tiny_task_examples,
-        D2CMergeConfig(num_clusters=2, num_iterations=1, memory_limit="1TB"),
+        D2CMergeConfig(num_clusters=2, num_iterations=1, merge={"memory_limit": "1TB"}),
         tokenizer=tiny_tokenizer,
     )
     assert result.stats["layer_input_bytes"] == expected
@@ -145,4 +148,4 @@ def test_a_run_that_would_exceed_memory_limit_is_refused_before_any_work(
 
 def test_memory_limit_must_be_a_size():
     with pytest.raises(ValueError, match="memory_limit"):
-        D2CMergeConfig(num_clusters=2, memory_limit="lots")
+        D2CMergeConfig(num_clusters=2, merge={"memory_limit": "lots"})

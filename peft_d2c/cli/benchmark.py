@@ -1,7 +1,7 @@
 """`peft-d2c benchmark`: the command line of the embedded benchmark (`peft_d2c.embedded.benchmark`).
 
 peft-d2c benchmark --seeds 3 --plot docs/img/benchmark.png
-peft-d2c benchmark --search partition --restarts 2 --final-pass     # a robust D2C next to the paper's
+peft-d2c benchmark --search partition     # the partition rule next to the paper's Algorithm 1
 peft-d2c benchmark --variant "partition T30: search=partition num_iterations=30"    # an extra D2C method
 peft-d2c benchmark --combination-type ties knots_ties --methods random d2c    # the merge axis
 peft-d2c benchmark --report run_ties.json run_knots.json     # the tables of finished runs, combined
@@ -15,21 +15,17 @@ import json
 import os
 
 from ..combination_types import COMBINATION_TYPES
+from ..config import SEARCHES
 from ..embedded.benchmark import run_benchmark
 from ..embedded.merge_report import combine_runs, format_report
-from ..search_defaults import SEARCHES
 
 _VARIANT_KEYS = {
     "search": str,
-    "restarts": int,
-    "final_pass": lambda v: {"true": True, "false": False}[v.lower()],
     "proposals_per_step": int,
     "patience": int,
     "num_iterations": int,
     "max_forward_passes": int,
     "init": str,
-    "task_score": str,
-    "proposal": str,
 }
 
 
@@ -64,7 +60,7 @@ def add_benchmark_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seeds", type=int, default=2, help="Seeds per cell (default: 2; the doc's run used 10).")
     parser.add_argument("--first-seed", type=int, default=0, help="First seed (default: 0).")
     parser.add_argument(
-        "--iterations", type=int, default=None, help="D2C iterations T (default: 100 for paper, 30 for partition)."
+        "--iterations", type=int, default=None, help="D2C iterations T (default: 100 paper, 30 partition, x N/16)."
     )
     parser.add_argument("--json", default="benchmark_results/benchmark.json", help="Results file (written per cell).")
     parser.add_argument("--plot", default=None, help="PNG of score vs storage (+ loss heatmap and any-time curves).")
@@ -72,20 +68,18 @@ def add_benchmark_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cache-dir", default=None, help="Model and adapter cache (default: ~/.cache/peft_d2c).")
     parser.add_argument("--no-fetch", action="store_true", help="Never download the base model.")
     search = parser.add_argument_group("D2C search (the `d2c` methods; default: D2CMergeConfig's)")
-    search.add_argument("--search", choices=list(SEARCHES), default=None, help="Move acceptance rule.")
-    search.add_argument("--restarts", type=int, default=None, help="Start partitions searched (best total kept).")
     search.add_argument(
-        "--final-pass", action=argparse.BooleanOptionalAction, default=None, help="Finish with improving moves."
+        "--search", choices=list(SEARCHES), default=None, help="Move acceptance rule (default: paper)."
     )
     search.add_argument("--proposals-per-step", type=int, default=None, help="Candidate moves scored per step.")
-    search.add_argument("--patience", type=int, default=None, help="Stop a start after this many rejections.")
+    search.add_argument("--patience", type=int, default=None, help="Stop after this many rejections in a row.")
     search.add_argument(
         "--variant",
         type=parse_variant,
         action="append",
         default=[],
-        help="Extra D2C method 'name: key=value ...' (keys: search restarts final_pass proposals_per_step patience "
-        "num_iterations init proposal), from the paper's settings; repeatable.",
+        help="Extra D2C method 'name: key=value ...' (keys: search proposals_per_step patience num_iterations "
+        "max_forward_passes init), over the default settings; repeatable.",
     )
     parser.add_argument(
         "--combination-type",
@@ -123,7 +117,7 @@ def run_benchmark_command(args: argparse.Namespace) -> int:
         return 0
     options = {
         key: getattr(args, key)
-        for key in ("search", "restarts", "final_pass", "proposals_per_step", "patience")
+        for key in ("search", "proposals_per_step", "patience")
         if getattr(args, key) is not None
     }
     data = run_benchmark(

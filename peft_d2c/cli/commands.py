@@ -141,7 +141,7 @@ def _maybe_plot(output: str, result, model, tokenizer, examples) -> None:
         tokenizer,
         {t: examples[t] for t in result.routing},
         result.merged_adapter_names,
-        batch_size=result.config.batch_size,
+        batch_size=result.config.scoring.batch_size,
     )
     written = plot_run(result, output, loss_matrix=matrix)
     _write_run_readme(output, result, [os.path.basename(p) for p in written])

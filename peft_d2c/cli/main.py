@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
         "-t",
         type=int,
         default=None,
-        help="T (default: 100 for the paper search, 30 for partition; 30 with --quick).",
+        help="T of the d2c search (default: 100, the paper's Algorithm 1; 30 with --quick).",
     )
     run.add_argument("--method", default="d2c", help="d2c | random | kmeans | kmeans_svd (default: d2c).")
     run.add_argument("--output", "-o", default="d2c_output", help="Output folder (default: ./d2c_output).")

@@ -28,7 +28,7 @@ from typing import Any
 
 import yaml
 
-from ..config import D2CMergeConfig
+from ..config import MOVED_SETTINGS, D2CMergeConfig
 from ..data.spec import load_data_spec
 from ..io import atomic_write_text
 
@@ -107,15 +107,16 @@ def _data_mapping(data: Any) -> dict[str, Any]:
 
 
 def d2c_config_from_mapping(values: Mapping[str, Any]) -> D2CMergeConfig:
-    """Build a `D2CMergeConfig` from the `d2c` section, naming unknown keys and listing the allowed ones."""
+    """Build a `D2CMergeConfig` from the `d2c` section (groups nested, `merge: {density: 0.7}`, or their settings
+    flat, `density: 0.7`), naming unknown keys and listing the allowed ones."""
     if not isinstance(values, Mapping):
         raise TypeError(f"`d2c` must be a mapping of D2CMergeConfig fields, got {values!r}.")
     allowed = [f.name for f in fields(D2CMergeConfig)]
-    unknown = sorted(set(values) - set(allowed))
+    unknown = sorted(set(values) - set(allowed) - set(MOVED_SETTINGS))
     if unknown:
         raise ValueError(f"Unknown key(s) {unknown} in `d2c`; allowed keys: {allowed}.")
-    try:
-        return D2CMergeConfig(**values)
+    try:  # `from_dict` also takes the flat keys of before the `merge` / `scoring` groups (`density: 0.7`)
+        return D2CMergeConfig.from_dict(dict(values))
     except (ValueError, TypeError) as error:
         raise type(error)(f"In `d2c`: {error}") from None
 

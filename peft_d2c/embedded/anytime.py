@@ -12,7 +12,7 @@ from ..data.examples import normalize_task_examples
 from ..engine.merge.merging import AdapterMerger
 from ..engine.scoring.layer_inputs import attach_layer_inputs
 from ..engine.scoring.loss import LossScorer
-from ..engine.search.proposals import Move, apply_move
+from ..engine.search.loop import Move, apply_move
 from ..result import D2CResult
 
 __all__ = ["AnytimeScorer", "anytime_curve"]
@@ -20,7 +20,7 @@ __all__ = ["AnytimeScorer", "anytime_curve"]
 
 def anytime_curve(result: D2CResult, total_of: Callable[[list[list[str]]], float]) -> list[list[float]]:
     """`[[forward passes, mean few-shot loss], ...]` of a D2C run: the loss of the partition the search would
-    return if stopped then (the best finished start's, or the current partition's if lower), from 0 passes.
+    return if stopped then, from 0 passes.
 
     Records with `total_loss` (the partition objective) give it directly; for the others the partition is rebuilt
     from the moves and scored by `total_of(clusters)` at every tenth step and the last one.
@@ -28,27 +28,12 @@ def anytime_curve(result: D2CResult, total_of: Callable[[list[list[str]]], float
     n = len(result.assignment)
     fp_after = {records: passes for records, passes in result.stats["trace"]}
     history = result.history
-    starts = [result.initial_clusters, *(r["start"] for r in result.stats.get("restarts", [])[1:])]
-    finished = result.stats.get("restarts", [])
-    clusters = [list(c) for c in starts[0]]
+    clusters = [list(c) for c in result.initial_clusters]
     points = [[0, total_of(clusters) / n]]
-    restart, in_final, done_best = 0, False, float("inf")
     every = max(1, len(history) // 10)
     for index, record in enumerate(history):
-        if record.get("phase") == "final" and not in_final:
-            in_final = True
-            done_best = min(f["total_loss"] for f in finished)
-            best = min(range(len(finished)), key=lambda i: (finished[i]["total_loss"], i))
-            clusters = [list(c) for c in finished[best]["clusters"]]
-        elif record.get("phase") != "final" and record.get("restart", 0) != restart:
-            done_best = min(done_best, finished[restart]["total_loss"])
-            restart = record["restart"]
-            clusters = [list(c) for c in starts[restart]]
-        if "relocated" in record:
-            clusters[record["target"]].remove(record["relocated"])
-            clusters[record["joined"]] = sorted([*clusters[record["joined"]], record["relocated"]])
         if record["accepted"]:
-            move = Move(record["source"], record["target"], record["task"], record.get("swapped"))
+            move = Move(record["source"], record["target"], record["task"])
             clusters[move.source], clusters[move.target] = map(list, apply_move(clusters, move))
         if "total_loss" in record:
             current = record["total_loss"]
@@ -57,7 +42,7 @@ def anytime_curve(result: D2CResult, total_of: Callable[[list[list[str]]], float
         else:
             continue
         if index + 1 in fp_after:
-            points.append([fp_after[index + 1], min(done_best, current) / n])
+            points.append([fp_after[index + 1], current / n])
     if points[-1][0] < result.stats["forward_passes"]:  # the end: the returned partition, all passes counted
         points.append([result.stats["forward_passes"], sum(result.task_losses.values()) / n])
     return points
@@ -67,11 +52,9 @@ class AnytimeScorer:
     """Total few-shot loss of a partition, memoised over the whole benchmark run; its passes are not counted."""
 
     def __init__(self, peft_model, tokenizer, fewshot: dict, combination_type: str, prefix: str = "anytime") -> None:
-        config = D2CMergeConfig(
-            num_clusters=1, combination_type=combination_type, merged_adapter_prefix=prefix, task_score="loss"
-        )
+        config = D2CMergeConfig(num_clusters=1, combination_type=combination_type, merged_adapter_prefix=prefix)
         examples = normalize_task_examples(fewshot)
-        examples = {task: items[: config.examples_per_task] for task, items in examples.items()}
+        examples = {task: items[: config.scoring.examples_per_task] for task, items in examples.items()}
         self.model = peft_model
         self.merger = AdapterMerger(peft_model, config)
         self.scorer = LossScorer.for_config(peft_model, tokenizer, examples, self.merger)

@@ -3,7 +3,7 @@ paper's Table 1.
 
     peft-d2c benchmark                          # SmolLM2-135M, 16 tasks, K = 2 and 4, 2 seeds (~40 min)
     peft-d2c benchmark --model tiny             # the same on the tiny random model (a smoke test)
-    peft-d2c benchmark --search partition --restarts 2 --final-pass   # another D2C search, next to the paper's
+    peft-d2c benchmark --search partition       # the partition rule, next to the paper's Algorithm 1
     peft-d2c benchmark --combination-type ties knots_ties core_ta      # the merge axis: every method x merge
     peft-d2c benchmark --collection validation  # the same on the validation collection (embedded.validation)
 
@@ -33,7 +33,6 @@ from ..d2c import merge_adapters_d2c
 from ..evaluation.generation import BASE_ADAPTER
 from ..evaluation.heldout import evaluate_routing, loss_matrix
 from ..io import atomic_write_json
-from ..search_defaults import REFERENCE_N, default_search
 from .anytime import AnytimeScorer, anytime_curve
 from .benchmark_report import (
     BASELINES,
@@ -75,22 +74,23 @@ def cluster_methods(
 ) -> list[tuple[str, dict[str, Any]]]:
     """The merged methods of one benchmark cell, all at the same storage budget K: `(label, config settings)`.
 
-    The baselines; `d2c` with `search_options` (the `D2CMergeConfig` defaults for those not given) from a random
-    start and from the `kmeans_svd` partition; `d2c (paper)`, the exact Algorithm 1, when `d2c` is another search;
-    and one `d2c [name]` per entry of `variants` (extra settings, e.g. `{"search": "partition", "num_iterations": 30}`).
+    The baselines (their `method` alone: a baseline refuses search settings); `d2c` with `search_options` (the
+    `D2CMergeConfig` defaults, the paper's Algorithm 1, for those not given) from a random start and from the
+    `kmeans_svd` partition; `d2c (paper)`, which runs `search="paper"` explicitly, only when `search_options` make
+    `d2c` another search; and one `d2c [name]` per entry of `variants` (settings over the defaults, e.g.
+    `{"search": "partition", "num_iterations": 30}`).
     """
     d2c = {k: (search_options or {}).get(k, _DEFAULTS[k]) for k in SEARCH_OPTIONS}
-    if d2c["proposal"] is None and d2c["search"] is not None:  # at most REFERENCE_N adapters in both collections
-        d2c["proposal"] = default_search(REFERENCE_N, d2c["search"])[1]  # (None: the rule, and so proposals, by K)
+    d2c = {k: v for k, v in d2c.items() if v != _DEFAULTS[k]}  # the defaults are left out: the run resolves them
     methods: list[tuple[str, dict[str, Any]]] = [(m, {"method": m}) for m in BASELINES]
     methods += [
-        ("d2c", {"method": "d2c", "init": "random", **d2c}),
+        ("d2c", {"method": "d2c", **d2c}),
         ("d2c (kmeans_svd init)", {"method": "d2c", "init": "kmeans_svd", **d2c}),
     ]
-    if d2c != PAPER_SEARCH:
-        methods.append(("d2c (paper)", {"method": "d2c", "init": "random", **PAPER_SEARCH}))
+    if {**PAPER_SEARCH, **d2c} != PAPER_SEARCH:
+        methods.append(("d2c (paper)", {"method": "d2c", "search": "paper"}))
     for name, settings in (variants or {}).items():
-        methods.append((f"d2c [{name}]", {"method": "d2c", "init": "random", **PAPER_SEARCH, **settings}))
+        methods.append((f"d2c [{name}]", {"method": "d2c", **settings}))
     return methods
 
 
@@ -113,12 +113,19 @@ def _load(model: str, collection: str, cache_dir: str | None, fetch: bool, show_
     return load_embedded_assets(cache_dir, fetch, show_progress)
 
 
-def _mean_scores(scores: dict[str, dict[str, float]]) -> tuple[float, float]:
+def _mean_scores(scores: dict[str, dict[str, float]]) -> dict[str, float]:
+    """The cell's held-out means over tasks: first-word exact match, whole-answer exact match, completion loss."""
     tasks = list(scores)
-    return (
-        sum(scores[t]["exact_match"] for t in tasks) / len(tasks),
-        sum(scores[t]["loss"] for t in tasks) / len(tasks),
-    )
+
+    def mean(key: str) -> float | None:  # cells of files written before the whole-answer score lack it
+        values = [scores[t][key] for t in tasks if key in scores[t]]
+        return sum(values) / len(values) if len(values) == len(tasks) else None
+
+    return {
+        "heldout_score": mean("exact_match"),
+        "heldout_whole_score": mean("whole_match"),
+        "heldout_loss": mean("loss"),
+    }
 
 
 def run_benchmark(
@@ -149,8 +156,8 @@ def run_benchmark(
             adapters of other recipes; smollm2 only).
         clusters (`Sequence[int]`): The storage budgets K.
         seeds (`int`): Seeds `first_seed .. first_seed + seeds - 1` per (method, merge, K), run seed by seed.
-        iterations (`int`, *optional*): T of the D2C runs (default: `D2CMergeConfig`'s for each search; a variant
-            may set its own `num_iterations`).
+        iterations (`int`, *optional*): T of the D2C runs (default: each run's `SearchPlan`'s; a variant may set
+            its own `num_iterations`).
         json_path (`str`): `{"model": ..., "combination_types": [...], "results": [{"method", "combination_type",
             "num_clusters", "storage_fraction", "seed", "heldout_score", "heldout_loss", "fewshot_loss",
             "forward_passes", "seconds", "anytime", ...}]}`, rewritten after every cell.
@@ -159,8 +166,8 @@ def run_benchmark(
         resume (`bool`): Reuse the finished cells of an existing `json_path` with the same settings (it may hold
             other methods or merges too).
         cache_dir (`str`, *optional*), fetch (`bool`), show_progress (`bool`): As for the main job.
-        search_options (`dict`, *optional*): `search`, `restarts`, `final_pass`, `proposals_per_step`, `patience`
-            of the `d2c` methods (the `D2CMergeConfig` defaults for those not given).
+        search_options (`dict`, *optional*): `search`, `proposals_per_step`, `patience` of the `d2c` methods (the
+            `D2CMergeConfig` defaults, the paper's Algorithm 1, for those not given).
         variants (`dict[str, dict]`, *optional*): Extra D2C methods `d2c [name]` (see `cluster_methods`).
         combination_types (`Sequence[str]`, *optional*): The merge axis: every method runs with each of these
             merges (default: `D2CMergeConfig`'s `combination_type` alone). A baseline's partition does not depend
@@ -262,11 +269,9 @@ def run_benchmark(
 
     def reference(routing):
         scores = evaluate_routing(peft_model, tokenizer, test, routing)
-        score, loss = _mean_scores(scores)
         return {
             "storage_fraction": 0.0 if routing[tasks[0]] == BASE_ADAPTER else 1.0,
-            "heldout_score": score,
-            "heldout_loss": loss,
+            **_mean_scores(scores),
             "per_task": scores,
         }
 
@@ -282,18 +287,20 @@ def run_benchmark(
                     for label, kwargs in table:
 
                         def compute(label=label, kwargs=kwargs, k=k, seed=seed, merge=merge):
-                            config = D2CMergeConfig(
-                                num_clusters=k,
-                                num_iterations=kwargs.get("num_iterations", iterations),
-                                seed=seed,
-                                merged_adapter_prefix=f"bench{k}s{seed}m{labels.index(label)}c{merges.index(merge)}",
-                                show_progress=show_progress,
-                                combination_type=merge,
-                                **{key: value for key, value in kwargs.items() if key != "num_iterations"},
+                            prefix = f"bench{k}s{seed}m{labels.index(label)}c{merges.index(merge)}"
+                            # `from_dict` takes a variant's flat merge / scoring keys too (e.g. `regmean_alpha=0.8`)
+                            config = D2CMergeConfig.from_dict(
+                                {
+                                    **({"num_iterations": iterations} if kwargs.get("method", "d2c") == "d2c" else {}),
+                                    **kwargs,
+                                    "num_clusters": k,
+                                    "seed": seed,
+                                    "merged_adapter_prefix": prefix,
+                                    "show_progress": show_progress,
+                                    "combination_type": merge,
+                                }
                             )
-                            resolved = config.resolved_for(len(tasks), k)  # the rule and score the run takes
-                            curve = anytime_seeds is None or seed < anytime_seeds or resolved.search == "partition"
-                            curve = curve and resolved.task_score == "loss"  # the any-time scorer's losses
+                            curve = anytime_seeds is None or seed < anytime_seeds or config.search == "partition"
                             scorer = anytime_scorers[merge] if curve else None
                             return _cell(peft_model, tokenizer, fewshot, test, config, label, scorer, evaluated)
 
@@ -340,19 +347,16 @@ def _cell(
     finally:
         for name in result.merged_adapter_names:
             peft_model.delete_adapter(name)
-    score, loss = _mean_scores(scores)
     stats = {k: v for k, v in result.stats.items() if k != "trace"}
     cell = {
         "storage_fraction": config.num_clusters / len(tasks),
-        "heldout_score": score,
-        "heldout_loss": loss,
+        **_mean_scores(scores),
         "fewshot_loss": sum(result.task_losses.values()) / len(tasks),
         "forward_passes": result.stats["forward_passes"],
         "clusters": result.clusters,
         "fewshot_losses": result.task_losses,
         "per_task": scores,
         "search_stats": stats,
-        "task_score": result.config.task_score,  # what "fewshot_loss" and "fewshot_losses" hold
         **({"heatmap": heatmap} if heatmap else {}),
         **({"heldout_reused_from": [reused["method"], reused["seed"]]} if reused is not None else {}),
     }

@@ -20,15 +20,9 @@ from ..evaluation.plots import plot_anytime, plot_loss_heatmap, plot_score_vs_st
 
 REFERENCE_METHODS = ["zero-shot", "single-task LoRAs"]
 BASELINES = ["random", "kmeans", "kmeans_svd"]
-# The settings of a D2C search that `--search`, `--restarts`, ... set, with the exact paper mode's values.
-PAPER_SEARCH = {
-    "search": "paper",
-    "restarts": 1,
-    "final_pass": False,
-    "proposals_per_step": 1,
-    "patience": None,
-    "proposal": "random",
-}
+# The settings of a D2C search that `--search`, `--proposals-per-step`, `--patience` set, with the values of the
+# paper's Algorithm 1 (the default search; `search=None` is `"paper"`).
+PAPER_SEARCH = {"search": "paper", "proposals_per_step": 1, "patience": None}
 # Two-sided 95% quantiles of Student's t for 1..30 degrees of freedom (then the normal 1.96).
 _T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131]
 _T975 += [2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042]
@@ -59,8 +53,9 @@ def mean_of(cells: Sequence[dict[str, Any]], key: str) -> float | None:
 
 
 def summarize(data: dict[str, Any]) -> list[dict[str, Any]]:
-    """Mean ± std over seeds of every (method, K): rows `{method, num_clusters, storage, score, std, loss,
-    fewshot_loss, forward_passes, seconds, n}` (references first, then by K)."""
+    """Mean ± std over seeds of every (method, K): rows `{method, num_clusters, storage, score, std, whole_score,
+    loss, fewshot_loss, forward_passes, seconds, n}` (references first, then by K; `score` is the first word's exact
+    match, `whole_score` the whole answer's, None for cells written before it was recorded)."""
     groups: dict[tuple[str, int], list[dict[str, Any]]] = {}
     for r in data["results"]:
         groups.setdefault((r["method"], r["num_clusters"]), []).append(r)
@@ -77,6 +72,7 @@ def summarize(data: dict[str, Any]) -> list[dict[str, Any]]:
                 "storage": cells[0]["storage_fraction"],
                 "score": statistics.mean(scores),
                 "std": statistics.stdev(scores) if len(scores) > 1 else 0.0,
+                "whole_score": mean_of(cells, "heldout_whole_score"),
                 "loss": statistics.mean(c["heldout_loss"] for c in cells),
                 "fewshot_loss": mean_of(cells, "fewshot_loss"),
                 "forward_passes": mean_of(cells, "forward_passes"),
@@ -133,18 +129,19 @@ def paired_differences(data: dict[str, Any]) -> list[dict[str, Any]]:
 
 def _is_paper(settings: dict[str, Any] | None, iterations: int | None) -> bool:
     """Whether a D2C method's settings are the exact Algorithm 1 from a random start at the run's T."""
-    if not settings or settings.get("method") != "d2c" or settings.get("init", "random") != "random":
+    if not settings or settings.get("method") != "d2c" or (settings.get("init") or "random") != "random":
         return False
     steps = settings.get("num_iterations", iterations)
-    return steps == iterations and all(settings.get(k, v) == v for k, v in PAPER_SEARCH.items())
+    paper = {**settings, "search": settings.get("search") or "paper"}
+    return steps == iterations and all(paper.get(k, v) == v for k, v in PAPER_SEARCH.items())
 
 
 def paired_against_paper(data: dict[str, Any]) -> list[dict[str, Any]]:
     """Every other D2C method from a random start minus the exact paper mode, paired by seed (the same start):
     rows `{method, num_clusters, paper, loss_diff, loss_low, loss_high, lower, n, pass_ratio, em_diff, em_low,
-    em_high, heldout_diff, heldout_low, heldout_high}` (`loss_*` in nats of the mean few-shot loss, None for a
-    method whose `task_score` is not the loss, whose cells hold another score; `lower`: seeds where the method ends
-    lower; `pass_ratio`: mean forward passes over the paper's; `heldout_*`: the held-out completion loss)."""
+    em_high, heldout_diff, heldout_low, heldout_high}` (`loss_*` in nats of the mean few-shot loss; `lower`: seeds
+    where the method ends lower; `pass_ratio`: mean forward passes over the paper's; `heldout_*`: the held-out
+    completion loss)."""
     methods = data.get("methods", {})
     paper = next((m for m in methods if _is_paper(methods[m], data.get("iterations"))), None)
     if paper is None:
@@ -154,17 +151,13 @@ def paired_against_paper(data: dict[str, Any]) -> list[dict[str, Any]]:
     for k in sorted({kk for (m, kk, _) in cells if m == paper}):
         for method in method_order(data):
             settings = methods.get(method, {})
-            if method == paper or settings.get("method") != "d2c" or settings.get("init", "random") != "random":
+            if method == paper or settings.get("method") != "d2c" or (settings.get("init") or "random") != "random":
                 continue
             seeds = sorted(s for (m, kk, s) in cells if m == method and kk == k and (paper, k, s) in cells)
             if not seeds:
                 continue
             pairs = [(cells[(method, k, s)], cells[(paper, k, s)]) for s in seeds]
-            # A "miss" cell's few-shot loss is its miss (cells written before 2026-12-06's last change name no score).
-            comparable = all(
-                c.get("task_score", settings.get("task_score", "loss")) == "loss" for pair in pairs for c in pair
-            )
-            loss = t_interval([a["fewshot_loss"] - b["fewshot_loss"] for a, b in pairs]) if comparable else None
+            loss = t_interval([a["fewshot_loss"] - b["fewshot_loss"] for a, b in pairs])
             em = t_interval([a["heldout_score"] - b["heldout_score"] for a, b in pairs])
             heldout = t_interval([a["heldout_loss"] - b["heldout_loss"] for a, b in pairs])
             rows.append(
@@ -172,8 +165,8 @@ def paired_against_paper(data: dict[str, Any]) -> list[dict[str, Any]]:
                     "method": method,
                     "num_clusters": k,
                     "paper": paper,
-                    **dict(zip(("loss_diff", "loss_low", "loss_high"), loss or (None, None, None), strict=True)),
-                    "lower": sum(a["fewshot_loss"] < b["fewshot_loss"] for a, b in pairs) if comparable else None,
+                    **dict(zip(("loss_diff", "loss_low", "loss_high"), loss, strict=True)),
+                    "lower": sum(a["fewshot_loss"] < b["fewshot_loss"] for a, b in pairs),
                     "n": len(pairs),
                     "pass_ratio": statistics.mean(a["forward_passes"] for a, _ in pairs)
                     / statistics.mean(b["forward_passes"] for _, b in pairs),
@@ -193,18 +186,20 @@ def _fmt(value: float | None, spec: str) -> str:
 
 
 def format_table(data: dict[str, Any]) -> str:
-    """Markdown: the table in the shape of the paper's Table 1 (held-out exact match %, mean ± std over seeds, plus
-    the mean few-shot loss reached, forward passes and seconds per cell), then the paired differences."""
+    """Markdown: the table in the shape of the paper's Table 1 (held-out exact match % of the first word, mean ± std
+    over seeds, and of the whole answer, plus the mean few-shot loss reached, forward passes and seconds per cell), then the paired differences."""
     base = data.get("base_model", {}).get("model_id", data["model"])
     lines = [
-        f"| method | K | storage | {base} EM % | held-out loss | few-shot loss | forward passes | s / cell | seeds |",
-        "|---|---|---|---|---|---|---|---|---|",
+        f"| method | K | storage | {base} EM % | whole-answer EM % | held-out loss | few-shot loss | forward passes "
+        "| s / cell | seeds |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in summarize(data):
         k = "-" if row["method"] in REFERENCE_METHODS else str(row["num_clusters"])
         lines.append(
             f"| {row['method']} | {k} | {100 * row['storage']:.1f}% | {100 * row['score']:.1f}"
             + (f" ± {100 * row['std']:.1f}" if row["n"] > 1 else "")
+            + f" | {_fmt(None if row['whole_score'] is None else 100 * row['whole_score'], '.1f')}"
             + f" | {row['loss']:.3f} | {_fmt(row['fewshot_loss'], '.3f')} | "
             f"{_fmt(row['forward_passes'], '.0f')} | {row['seconds']:.0f} | {row['n']} |"
         )
@@ -235,10 +230,8 @@ def format_table(data: dict[str, Any]) -> str:
             "|---|---|---|---|---|---|---|---|",
         ]
         for row in against:
-            loss = "another score (task_score)"
-            if row["loss_diff"] is not None:
-                loss = f"{row['loss_diff']:+.3f} [{row['loss_low']:+.3f}, {row['loss_high']:+.3f}]"
-            lower = "-" if row["lower"] is None else f"{row['lower']} of {row['n']}"
+            loss = f"{row['loss_diff']:+.3f} [{row['loss_low']:+.3f}, {row['loss_high']:+.3f}]"
+            lower = f"{row['lower']} of {row['n']}"
             lines.append(
                 f"| {row['method']} | {row['num_clusters']} | {row['paper']} | {loss} | {lower} | "
                 f"{row['pass_ratio']:.2f}x | {100 * row['em_diff']:+.1f} [{100 * row['em_low']:+.1f}, "
@@ -261,7 +254,7 @@ def value_at(curve: Sequence[Sequence[float]], budget: float) -> float:
 
 def anytime_rows(data: dict[str, Any], budgets: Sequence[int] = ANYTIME_BUDGETS) -> list[dict[str, Any]]:
     """Per D2C method and K, the mean over seeds (those every method of that K has a curve for) of the few-shot
-    loss reached within each forward-pass budget: rows `{method, num_clusters, budgets, losses, final_passes, n}` (budgets up to the longest run's total; a run
+    loss reached within each forward-pass budget: rows `{method, num_clusters, budgets, losses, end_passes, n}` (budgets up to the longest run's total; a run
     that ended earlier keeps its final loss)."""
     groups: dict[tuple[str, int], list[dict[str, Any]]] = {}
     for r in data["results"]:
@@ -285,7 +278,7 @@ def anytime_rows(data: dict[str, Any], budgets: Sequence[int] = ANYTIME_BUDGETS)
                 "num_clusters": k,
                 "budgets": used,
                 "losses": losses,
-                "final_passes": statistics.mean(c["anytime"][-1][0] for c in cells),
+                "end_passes": statistics.mean(c["anytime"][-1][0] for c in cells),
                 "n": len(cells),
             }
         )
@@ -307,7 +300,7 @@ def format_anytime_table(data: dict[str, Any], budgets: Sequence[int] = ANYTIME_
         cells = [f"{by_budget[b]:.3f}" if b in by_budget else "" for b in columns]
         lines.append(
             f"| {r['method']} | {r['num_clusters']} | {r['n']} | " + " | ".join(cells) + f" | {r['losses'][-1]:.3f} "
-            f"({r['final_passes']:.0f}) |"
+            f"({r['end_passes']:.0f}) |"
         )
     return "\n".join(lines)
 

@@ -56,7 +56,8 @@ def load_embedded_assets(
 
 
 def format_heldout_table(rows: Mapping[str, Mapping[str, Mapping[str, float]]], routing: Mapping[str, str]) -> str:
-    """Markdown table: one row per task, exact match % and loss for each column of `rows` (column -> task -> score)."""
+    """Markdown table: one row per task, exact match % of the first word and loss for each column of `rows` (column ->
+    task -> score), then the average whole-answer exact match of each column."""
     columns = list(rows)
     header = "| task | merged adapter | " + " | ".join(f"{c} EM % / loss" for c in columns) + " |"
     lines = [header, "|" + "---|" * (len(columns) + 2)]
@@ -69,6 +70,9 @@ def format_heldout_table(rows: Mapping[str, Mapping[str, Mapping[str, float]]], 
         loss = sum(rows[c][t]["loss"] for t in routing) / len(routing)
         means.append(f"**{100 * em:.1f}** / {loss:.3f}")
     lines.append("| **average** | | " + " | ".join(means) + " |")
+    # EM above is the first word's; a wrong second word fails only the whole answer (normalize_whole_answer).
+    whole = [f"{c} {100 * sum(rows[c][t]['whole_match'] for t in routing) / len(routing):.1f}" for c in columns]
+    lines += ["", "Whole-answer EM % (average): " + ", ".join(whole)]
     return "\n".join(lines)
 
 
@@ -108,7 +112,7 @@ def run_main_job(
     loaded = time.perf_counter()
     config = D2CMergeConfig(
         num_clusters=num_clusters or (2 if quick else 4),
-        num_iterations=num_iterations if num_iterations is not None else (30 if quick else None),
+        num_iterations=num_iterations if num_iterations is not None else (30 if quick and method == "d2c" else None),
         method=method,
         seed=seed,
         show_progress=show_progress,
@@ -174,13 +178,18 @@ def write_embedded_card(output_dir: str | os.PathLike, source_info: Mapping[str,
     return True
 
 
+def _search_text(plan: Mapping[str, Any] | None) -> str:
+    """The search a run ran (its `stats["search_plan"]`), e.g. "paper search, T = 100"; a baseline has none."""
+    return "no search" if not plan else f"{plan['rule']} search, T = {plan['num_iterations']}"
+
+
 def _report(result, source_info: Mapping[str, Any], heldout, output_dir, load_s, search_s, eval_s) -> str:
     config = result.config
     lines = [
         f"Base model: {source_info.get('model_id')} ({source_info.get('source')})",
         f"Adapters: {len(result.routing)}; K = {result.num_clusters} "
         f"({100 * result.num_clusters / len(result.routing):.1f}% storage); method {config.method}, "
-        f"{config.search} search, T = {config.search_steps}, {config.combination_type} merges (density {config.density}), seed {config.seed}",
+        f"{_search_text(result.stats.get('search_plan'))}, {config.combination_type} merges (density {config.merge.density}), seed {config.seed}",
         f"Search: {sum(h['accepted'] for h in result.history)} of {len(result.history)} moves accepted, "
         f"{result.stats['num_merges']} merges, {result.stats['forward_passes']} forward passes",
         "",

@@ -19,7 +19,7 @@ from ..engine.runtime.state import ModelState
 from ..engine.scoring.layer_inputs import attach_layer_inputs, layer_input_bytes
 from ..engine.scoring.loss import LossScorer
 from ..engine.search.loop import balanced_random_partition
-from ..search_defaults import TARGETED_PROPOSALS
+from ..engine.search.plan import SearchPlan
 from ..sizes import format_size
 
 logger = logging.getLogger(__name__)
@@ -28,14 +28,12 @@ logger = logging.getLogger(__name__)
 def estimate_run(peft_model, task_examples, config, *, tokenizer, probe_evaluations: int = 4) -> dict[str, Any]:
     """Time a few merge + loss evaluations and extrapolate to the whole run.
 
-    One evaluation is the merge of a cluster and the loss of one task's examples under it. Per proposal (times
-    `proposals_per_step`) a `search="paper"` step asks for two (the task in its cluster and in the target cluster),
-    a `"partition"` step for every task of the two clusters after the move (2N/K for balanced clusters, at most N),
-    and a `"targeted"` or `"misfit"` proposal for K - 1 more (the task under every other cluster);
-    `"paper_then_partition"` counts as twice the paper's (its second phase spends what the first did, plus at most
-    one step). Repeated requests are cached, so while the clusters stay about balanced the count is an upper bound.
-    The start's (and the final) task losses add N, `init="lowest_loss"` N more; the K final merges are timed
-    separately.
+    The run's search is the one it would plan (`SearchPlan.for_run`, the same rule, T and p). One evaluation is the
+    merge of a cluster and the loss of one task's examples under it. Per proposal (times `proposals_per_step`) a
+    `search="paper"` step asks for two (the task in its cluster and in the target cluster), a `"partition"` step for
+    every task of the two clusters after the move (2N/K for balanced clusters, at most N). Repeated requests are
+    cached, so while the clusters stay about balanced the count is an upper bound. The final task losses add N; the
+    K final merges are timed separately.
 
     Args:
         peft_model (`PeftModel`): The model with the N source adapters.
@@ -45,7 +43,8 @@ def estimate_run(peft_model, task_examples, config, *, tokenizer, probe_evaluati
         probe_evaluations (`int`, defaults to 4): How many evaluations to time.
 
     Returns:
-        `dict`: `num_adapters`, `num_clusters`, `max_evaluations`, `seconds_per_evaluation`, `seconds_per_merge`,
+        `dict`: `num_adapters`, `num_clusters`, `search_plan` (`SearchPlan.to_dict()`, None for a baseline),
+        `max_evaluations`, `seconds_per_evaluation`, `seconds_per_merge`,
         `expected_seconds` (an upper bound), `probe_evaluations`, `layer_input_bytes` (the `regmean` layer inputs the
         run holds from start to end, `engine.scoring.layer_inputs.layer_input_bytes`), `predicted_layer_input_bytes`
         (the same predicted before collecting them, what a run checks against `memory_limit`) and `peak_bytes` (the
@@ -60,9 +59,10 @@ def estimate_run(peft_model, task_examples, config, *, tokenizer, probe_evaluati
     """
     examples = normalize_task_examples(task_examples)
     names = resolve_adapter_names(peft_model, examples, None)
-    examples = {n: examples[n][: config.examples_per_task] for n in names}
+    examples = {n: examples[n][: config.scoring.examples_per_task] for n in names}
     k = resolve_num_clusters(peft_model, names, config)
-    config = config.resolved_for(len(names), k)  # the start, proposals, T and live merges a run would take
+    plan = SearchPlan.for_run(config, len(names), k) if config.method == "d2c" else None  # the run's own search
+    config = config.resolved_for(plan)
     check_source_adapters(peft_model, names, config.combination_type)
     merger = AdapterMerger(peft_model, config)
     merger.check_names([])
@@ -83,7 +83,7 @@ def estimate_run(peft_model, task_examples, config, *, tokenizer, probe_evaluati
         per_merge = merger.merge_seconds / max(1, merger.num_merges)
         # The probe did the run's heaviest work (every layer input held, the largest cluster merged and scored); a
         # run keeps up to `merge_cache_size` merged adapters live on top of that.
-        live_adapters = config.merge_cache_size * max(adapter_bytes(peft_model, n) for n in names)
+        live_adapters = config.merge.cache_size * max(adapter_bytes(peft_model, n) for n in names)
         peak_bytes = peak_rss_bytes() + live_adapters
     finally:
         try:
@@ -91,15 +91,14 @@ def estimate_run(peft_model, task_examples, config, *, tokenizer, probe_evaluati
         finally:  # the model gets its state back even if removing a temporary adapter fails
             snapshot.restore(peft_model)
     n = len(names)
-    steps = config.num_iterations if config.method == "d2c" and 1 < k < n else 0
-    per_proposal = {"paper": 2, "paper_then_partition": 4}.get(config.search, min(n, 2 * math.ceil(n / k)))
-    per_proposal += k - 1 if config.proposal in TARGETED_PROPOSALS else 0
-    starts = 2 if config.method == "d2c" and config.init == "lowest_loss" and 1 < k < n else 1
-    evaluations = steps * config.proposals_per_step * per_proposal + starts * n
+    steps = plan.num_iterations if plan is not None and 1 < k < n else 0
+    per_proposal = 2 if plan is None or plan.rule == "paper" else min(n, 2 * math.ceil(n / k))
+    evaluations = steps * (plan.proposals_per_step if plan else 1) * per_proposal + n
     return {
         "num_adapters": len(names),
         "num_clusters": k,
         "method": config.method,
+        "search_plan": None if plan is None else plan.to_dict(),
         "num_iterations": steps,
         "max_evaluations": evaluations,
         "probe_evaluations": probe_evaluations,
@@ -121,8 +120,9 @@ def peak_rss_bytes() -> int:
 def format_estimate(estimate: dict[str, Any]) -> str:
     """The lines `peft-d2c estimate` prints for an `estimate_run` result."""
     lines = [
-        f"N={estimate['num_adapters']} adapters, K={estimate['num_clusters']}, method={estimate['method']}, "
-        f"T={estimate['num_iterations']}",
+        f"N={estimate['num_adapters']} adapters, K={estimate['num_clusters']}, method={estimate['method']}"
+        + (f" ({estimate['search_plan']['rule']} search)" if estimate.get("search_plan") else "")
+        + f", T={estimate['num_iterations']}",
         f"at most {estimate['max_evaluations']} evaluations (merge + loss), "
         f"{estimate['seconds_per_evaluation']:.3f} s each in the probe",
         f"expected run time: at most {estimate['expected_seconds']:.1f} s",

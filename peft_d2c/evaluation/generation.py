@@ -18,7 +18,14 @@ from ..data.examples import Example
 from ..engine.scoring.loss import completion_loss_sums, pad_token_id_for, tokenize_example
 from ..engine.serving.generation import BASE_ADAPTER, eval_mode, generate_answers, row_adapters
 
-__all__ = ["BASE_ADAPTER", "completion_loss", "exact_match_accuracy", "generate_answers", "normalize_answer"]
+__all__ = [
+    "BASE_ADAPTER",
+    "completion_loss",
+    "exact_match_accuracy",
+    "generate_answers",
+    "normalize_answer",
+    "normalize_whole_answer",
+]
 
 _PUNCTUATION = string.punctuation + "\u2018\u2019\u201c\u201d\u2026"
 
@@ -43,6 +50,31 @@ def normalize_answer(text: str) -> str:
         if word:
             return word
     return ""
+
+
+def normalize_whole_answer(text: str) -> str:
+    """The whole answer of `text`: its first line, lower-cased, words joined by single spaces, punctuation stripped
+    from both ends of the answer (not inside it).
+
+    A greedy answer is compared with its reference this way by the whole-answer exact match: unlike the first word,
+    a wrong second word or a run-on answer fails it.
+
+    Args:
+        text (`str`): A generated answer (generation stops at EOS; what follows the first line break is not part of
+            the answer) or a reference completion.
+
+    Returns:
+        `str`: e.g. `" New  York.\nCountry: USA"` -> `"new york"`; `""` when the first line holds no word.
+
+    Example:
+        ```python
+        >>> normalize_whole_answer(" Red, green and Blue!\nNext:")
+        'red, green and blue'
+        ```
+    """
+    stripped = text.lstrip()
+    line = stripped.splitlines()[0] if stripped else ""
+    return " ".join(line.split()).strip(_PUNCTUATION + " ").lower()
 
 
 def _get(example: Any, key: str) -> str:

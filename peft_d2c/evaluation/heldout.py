@@ -6,7 +6,7 @@ from collections.abc import Mapping, Sequence
 
 from ..data.examples import Example
 from ..engine.scoring.loss import completion_loss_sums, pad_token_id_for, tokenize_example
-from .generation import generate_answers, normalize_answer
+from .generation import generate_answers, normalize_answer, normalize_whole_answer
 
 
 def evaluate_routing(
@@ -18,10 +18,13 @@ def evaluate_routing(
     batch_size: int = 32,
     max_new_tokens: int = 8,
 ) -> dict[str, dict[str, float]]:
-    """Exact match and completion loss of every task under the adapter `routing` names for it.
+    """Exact match (of the first word and of the whole answer) and completion loss of every task under the adapter
+    `routing` names for it.
 
     Rows of all tasks go through PEFT's mixed-adapter batches (`adapter_names=` per row), so a whole routing table
-    costs one pass over the examples. `"__base__"` routes a task to the base model (zero-shot).
+    costs one pass over the examples. `"__base__"` routes a task to the base model (zero-shot). One greedy generation
+    serves both scores: it runs for `max_new_tokens` or, if more, one token past the longest reference (so a whole
+    answer can be complete), and greedy decoding makes its first tokens those of a shorter generation.
 
     Args:
         model (`PeftModel`): Holds every adapter named in `routing`.
@@ -31,7 +34,8 @@ def evaluate_routing(
         batch_size (`int`, defaults to 32), max_new_tokens (`int`, defaults to 8): Generation settings.
 
     Returns:
-        `dict[str, dict[str, float]]`: `{task: {"exact_match": share in [0, 1], "loss": nats per token}}`.
+        `dict[str, dict[str, float]]`: `{task: {"exact_match": share in [0, 1] (first word, `normalize_answer`),
+        "whole_match": share in [0, 1] (whole answer, `normalize_whole_answer`), "loss": nats per token}}`.
 
     Raises:
         KeyError: If a task of `examples` has no entry in `routing`.
@@ -39,20 +43,26 @@ def evaluate_routing(
     missing = sorted(set(examples) - set(routing))
     if missing:
         raise KeyError(f"No adapter routed for tasks {missing}.")
-    tasks, prompts, answers, names, rows = [], [], [], [], []
+    tasks, prompts, references, names, rows = [], [], [], [], []
     for task, items in examples.items():
         for item in items:
             example = Example(item["prompt"], item["completion"])
             tasks.append(task)
             prompts.append(example.prompt)
-            answers.append(normalize_answer(example.completion))
+            references.append(example.completion)
             names.append(routing[task])
             rows.append(tokenize_example(tokenizer, example))
+    longest = max((len(row.input_ids) - row.completion_start for row in rows), default=0)
     was_training = model.training
     model.eval()
     try:
         generated = generate_answers(
-            model, tokenizer, prompts, adapter_names=names, max_new_tokens=max_new_tokens, batch_size=batch_size
+            model,
+            tokenizer,
+            prompts,
+            adapter_names=names,
+            max_new_tokens=max(max_new_tokens, longest + 1),
+            batch_size=batch_size,
         )
         sums, counts, _ = completion_loss_sums(
             model, rows, names, pad_token_id=pad_token_id_for(tokenizer), batch_size=batch_size
@@ -62,9 +72,11 @@ def evaluate_routing(
     scores: dict[str, dict[str, float]] = {}
     for task in examples:
         index = [i for i, t in enumerate(tasks) if t == task]
-        correct = sum(normalize_answer(generated[i]) == answers[i] for i in index)
+        correct = sum(normalize_answer(generated[i]) == normalize_answer(references[i]) for i in index)
+        whole = sum(normalize_whole_answer(generated[i]) == normalize_whole_answer(references[i]) for i in index)
         scores[task] = {
             "exact_match": correct / len(index),
+            "whole_match": whole / len(index),
             "loss": sum(sums[i] for i in index) / max(1, sum(counts[i] for i in index)),
         }
     return scores

@@ -33,8 +33,8 @@ def run_sweep(
 
     Every run uses `config` with `num_clusters=K` (any storage budget is replaced). The score of a run is the mean
     held-out exact match of its routing when `heldout_examples` are given, else the mean few-shot task loss (lower
-    is better; the loss at every K, also for a run whose search scored the miss: `task_score`). Storage is the bytes of the K merged adapters (`peft_d2c.engine.merge.budget.partition_bytes`). The merged
-    adapters of each run are deleted from the model once it is measured.
+    is better). Storage is the bytes of the K merged adapters (`peft_d2c.engine.merge.budget.partition_bytes`). The
+    merged adapters of each run are deleted from the model once it is measured.
 
     Args:
         peft_model (`PeftModel`): The model with the N source adapters.
@@ -78,11 +78,11 @@ def run_sweep(
             storage = partition_bytes(peft_model, result.clusters, run_config)
             if heldout_examples is not None:
                 scores = evaluate_routing(
-                    peft_model, tokenizer, heldout_examples, result.routing, batch_size=config.batch_size
+                    peft_model, tokenizer, heldout_examples, result.routing, batch_size=config.scoring.batch_size
                 )
                 score = sum(s["exact_match"] for s in scores.values()) / len(scores)
             else:
-                score = result.stats["fewshot_loss"]  # the loss at every K, also where the search scored the miss
+                score = result.stats["fewshot_loss"]
         finally:
             for name in result.merged_adapter_names:
                 peft_model.delete_adapter(name)

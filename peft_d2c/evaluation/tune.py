@@ -40,16 +40,16 @@ def tune_cluster_weights(
 
     `adapter_name` must be a merged adapter of `members` made by `merger` (it is refilled for every evaluation and
     left holding the best weights). Returns the search result (weights in the order of sorted `members`) and the
-    forward passes spent (batches of `merger.config.batch_size` rows, per evaluation).
+    forward passes spent (batches of `merger.config.scoring.batch_size` rows, per evaluation).
     """
     members = sorted(members)
-    initial = merge_weights_for(merger.config.combination_type, len(members), merger.config.merge_weight)
+    initial = merge_weights_for(merger.config.combination_type, len(members), merger.config.merge.weight)
 
     def objective(weights: list[float]) -> float:
         merger.refill(members, adapter_name, dict(zip(members, weights, strict=True)))
-        return cluster_loss(peft_model, tokenizer, examples, adapter_name, merger.config.batch_size)
+        return cluster_loss(peft_model, tokenizer, examples, adapter_name, merger.config.scoring.batch_size)
 
     result = search_weights(objective, initial, budget=budget, seed=seed)
     merger.refill(members, adapter_name, dict(zip(members, result.weights, strict=True)))
     rows = sum(len(items) for items in examples.values())
-    return result, result.evaluations * math.ceil(rows / merger.config.batch_size)
+    return result, result.evaluations * math.ceil(rows / merger.config.scoring.batch_size)

@@ -14,10 +14,9 @@ from typing import Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from ..combination_types import UPDATE_TYPES
-from ..config import CONFIG_NAME, D2CMergeConfig
+from ..combination_types import DENSITY_TYPES, UPDATE_TYPES
+from ..config import CONFIG_NAME, DEFAULT_STEPS, D2CMergeConfig
 from ..io import RESULT_NAME, ROUTING_NAME, read_json
-from ..search_defaults import DEFAULT_STEPS
 from .adapters import ADAPTER_CONFIG_NAME, REPO_ID_PATTERN, WEIGHTS_NAMES
 
 __all__ = [
@@ -59,20 +58,11 @@ def is_hub_id(value: Any) -> bool:
     )
 
 
-def _fewshot_score(data: dict[str, Any]) -> tuple[str, str]:
-    """The metric type and name of the run's few-shot score (`D2CMergeConfig.task_score`)."""
-    return (
-        ("miss", "few-shot miss")
-        if (data.get("config") or {}).get("task_score") == "miss"
-        else ("loss", "few-shot loss")
-    )
-
-
 def _eval_results(tasks: Sequence[str], data: dict[str, Any], served_by: Mapping[str, str] | None = None) -> list:
     """One `EvalResult` per task and metric: the few-shot score, and the held-out score when there is one."""
 
     metrics = [
-        (*_fewshot_score(data), data["result"].get("task_losses") or {}),
+        ("loss", "few-shot loss", data["result"].get("task_losses") or {}),
         ("score", "held-out score", data["result"].get("heldout_scores") or {}),
     ]
     sources = data["result"].get("data_sources") or {}
@@ -131,10 +121,27 @@ def _source_text(record: Mapping[str, Any] | None) -> str:
     return f"local folder `{os.path.basename(str(record.get('path', '')).rstrip('/'))}`"
 
 
-def _kept_start(config: Mapping[str, Any], result: Mapping[str, Any]) -> str:
-    """`": kept kmeans_svd"` after an `init="lowest_loss"` start (which of its two partitions the run started from)."""
-    kept = (result.get("stats") or {}).get("start")
-    return f": kept `{kept}`" if config.get("init") == "lowest_loss" and kept else ""
+def _search_text(config: Mapping[str, Any], result: Mapping[str, Any]) -> str:
+    """The search a d2c run ran, from its recorded plan (`stats["search_plan"]`; a result of before it: its config),
+    e.g. "start `random`, `paper` search, 100 proposed moves, "; empty for a baseline, which does not search."""
+    if result.get("method", config.get("method")) not in (None, "d2c"):
+        return ""
+    plan = (result.get("stats") or {}).get("search_plan") or {}
+    search = plan.get("rule") or config.get("search") or "paper"
+    steps = plan.get("num_iterations", config.get("num_iterations"))
+    steps = DEFAULT_STEPS.get(search) if steps is None else steps
+    limits = [
+        text.format(plan[key])
+        for key, text in (
+            ("proposals_per_step", "{} candidate moves a step"),
+            ("patience", "patience {}"),
+            ("max_forward_passes", "at most {} forward passes"),
+        )
+        if plan.get(key) not in (None, 1)
+    ]
+    limits_text = f" ({', '.join(limits)})" if limits else ""
+    init = plan.get("init") or config.get("init") or "random"
+    return f"start `{init}`, `{search}` search, {steps} proposed moves{limits_text}, "
 
 
 def _merge_engine(combination_type: str | None) -> str:
@@ -152,26 +159,14 @@ def _method_section(data: dict[str, Any]) -> str:
         budget_text = f"storage budget {budget:.1%} of the source adapters, "
     else:
         budget_text = f"storage budget {budget}, " if budget else ""
-    density = result.get("density", config.get("density"))
     combination = result.get("combination_type", config.get("combination_type"))
-    search = config.get("search", "paper")
-    steps = config.get("num_iterations")
-    steps = DEFAULT_STEPS.get(search) if steps is None else steps
-    moves = f"{steps} proposed moves"
-    if search == "paper_then_partition":  # the second phase's steps are what its pass budget allowed
-        second = (result.get("stats") or {}).get("partition_phase_steps")
-        moves = f"{steps} paper steps, then {second} partition steps within their forward passes"
+    # the density only where the merge prunes (a result of before 3 recorded it for every type)
+    density = result.get("density", (config.get("merge") or {}).get("density"))
+    density = density if combination in DENSITY_TYPES else None
     lines = [
-        f"- **Clustering**: `{result.get('method', config.get('method'))}` "
-        f"(start `{config.get('init')}`{_kept_start(config, result)}, `{search}` search, {moves}"
-        + (
-            f" (`{config.get('proposal')}`: every adapter in turn, moves and swaps)"
-            if config.get("proposal") in ("sweep", "targeted", "misfit")
-            else ""
-        )
-        + ", "
-        f"{config.get('examples_per_task')} few-shot examples per task scored by their {_fewshot_score(data)[1]}, "
-        f"seed {config.get('seed')}).",
+        f"- **Clustering**: `{result.get('method', config.get('method'))}` ({_search_text(config, result)}"
+        f"{(config.get('scoring') or {}).get('examples_per_task')} few-shot examples per task scored by their "
+        f"few-shot loss, seed {config.get('seed')}).",
         f"- **Merge**: {_merge_engine(combination)}, `combination_type={combination!r}`"
         + (f", `density={density}`" if density is not None else "")
         + ".",
@@ -196,11 +191,9 @@ def _citation_section() -> str:
     return f"## Citation\n\nD2C is the method of [{PAPER_TITLE}]({PAPER_URL}) (ICASSP 2026):\n\n```bibtex\n{CITATION}\n```\n"
 
 
-_SCORE_MEANING = {
-    "loss": "The few-shot loss is the mean token cross-entropy of each task's completions under this merged adapter.",
-    "miss": "The few-shot miss is 1 minus the mean probability (teacher-forced) of each whole completion of the "
-    "task's examples under this merged adapter.",
-}
+_SCORE_MEANING = (
+    "The few-shot loss is the mean token cross-entropy of each task's completions under this merged adapter."
+)
 
 
 def build_adapter_card(
@@ -230,9 +223,9 @@ examples per task, and the adapters of each cluster merged into one. It is clust
 
 ## Merged source adapters
 
-{_table(["task (source adapter)", "source", _fewshot_score(data)[1], "held-out score"], rows)}
+{_table(["task (source adapter)", "source", "few-shot loss", "held-out score"], rows)}
 
-{_SCORE_MEANING[_fewshot_score(data)[0]]}
+{_SCORE_MEANING}
 
 ## How it was made
 

@@ -139,7 +139,7 @@ def merged_adapter_bytes(peft_model: PeftModel, members: Sequence[str], config: 
         ```
     """
     ranks = [adapter_rank(peft_model, m) for m in members]
-    rank = merged_rank(ranks, config.combination_type, config.svd_rank)
+    rank = merged_rank(ranks, config.combination_type, config.merge.svd_rank)
     return _bytes_at_rank(peft_model, members, rank)
 
 

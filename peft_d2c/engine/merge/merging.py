@@ -92,7 +92,7 @@ _PRUNED_TYPES = ("ties", "magnitude_prune")
 class AdapterMerger:
     """Merges clusters of source adapters through PEFT and keeps a bounded LRU of temporary merged adapters.
 
-    At most `config.merge_cache_size` temporary adapters ("slots") exist in the model at any time. An evicted
+    At most `config.merge.cache_size` temporary adapters ("slots") exist in the model at any time. An evicted
     cluster's slot stays in the model and is refilled in place with the next cluster's merge, using PEFT's own
     per-layer merge functions: the values are those `add_weighted_adapter` computes, without rebuilding every LoRA
     module (which dominates the cost of a merge on real models). For `ties` and `magnitude_prune`, each source
@@ -120,7 +120,7 @@ class AdapterMerger:
         self.merge_seconds = 0.0
         self._live: OrderedDict[Members, str] = OrderedDict()
         self._free_slots: list[str] = []  # in the model, holding an evicted merge, ready to be refilled
-        self._unused_names = [self.temporary_name(i) for i in reversed(range(config.merge_cache_size))]
+        self._unused_names = [self.temporary_name(i) for i in reversed(range(config.merge.cache_size))]
         self._pinned: set[Members] = set()
         # The LoRA layers never change during a run (adapters only add entries inside them); walking every module of
         # the model for each refill would cost more than the merge arithmetic of a small adapter.
@@ -139,13 +139,13 @@ class AdapterMerger:
 
     def check_names(self, final_names: Sequence[str]) -> None:
         """Validate every name this merger may create (temporary and final) before any merge."""
-        for name in [*final_names, *(self.temporary_name(i) for i in range(self.config.merge_cache_size))]:
+        for name in [*final_names, *(self.temporary_name(i) for i in range(self.config.merge.cache_size))]:
             check_new_adapter_name(self.peft_model, name)
 
     def _weights(self, members: Sequence[str], weights: Mapping[str, float] | None) -> list[float]:
         """The merge weight of every member of sorted `members`: `weights[m]`, or the config's rule."""
         if weights is None:
-            return merge_weights_for(self.config.combination_type, len(members), self.config.merge_weight)
+            return merge_weights_for(self.config.combination_type, len(members), self.config.merge.weight)
         if set(weights) != set(members):
             raise ValueError(f"`weights` must name exactly the members {list(members)}, got {sorted(weights)}.")
         return [float(weights[m]) for m in members]
@@ -178,9 +178,9 @@ class AdapterMerger:
                         weights,
                         adapter_name,
                         combination_type=config.combination_type,
-                        svd_rank=config.svd_rank,
-                        density=config.density,
-                        majority_sign_method=config.majority_sign_method,
+                        svd_rank=config.merge.svd_rank,
+                        density=config.merge.density,
+                        majority_sign_method=config.merge.majority_sign_method,
                     )
                 # PEFT's rule for its own types: one adapter is merged with `linear`. The update-space types never go
                 # through PEFT's helpers (their layers were written above, at their own rank): nothing to recompute.
@@ -233,7 +233,7 @@ class AdapterMerger:
     def rank_of(self, members: Sequence[str]) -> int:
         """Rank of the adapter PEFT creates for `members` (see `peft_d2c.engine.merge.budget.merged_rank`)."""
         ranks = [adapter_rank(self.peft_model, m) for m in members]
-        return merged_rank(ranks, self.config.combination_type, self.config.svd_rank)
+        return merged_rank(ranks, self.config.combination_type, self.config.merge.svd_rank)
 
     def refill(self, members: Sequence[str], adapter_name: str, weights: Mapping[str, float] | None = None) -> str:
         """Overwrite the weights of the existing merged adapter `adapter_name` with the merge of `members`.
@@ -272,11 +272,15 @@ class AdapterMerger:
         """Compute every layer of the merge of `members` and write it into the adapter `adapter_name`."""
         config = self.config
         lora_model = self.peft_model.base_model
-        settings = {"rank": rank, "density": config.density, "majority_sign_method": config.majority_sign_method}
+        settings = {
+            "rank": rank,
+            "density": config.merge.density,
+            "majority_sign_method": config.merge.majority_sign_method,
+        }
         if combination_type in UPDATE_TYPES:  # every layer at once, batched over layers of the same shapes
             layers = [layer for _, layer in self._layers]
             if combination_type in DATA_TYPES:
-                settings.update(layer_inputs=self._member_inputs(members), regmean_alpha=config.regmean_alpha)
+                settings.update(layer_inputs=self._member_inputs(members), regmean_alpha=config.merge.regmean_alpha)
             update_merge_into(combination_type, members, weights, layers, adapter_name, **settings)
             return
         with torch.no_grad():
@@ -287,7 +291,7 @@ class AdapterMerger:
                 target_a, target_b = target
                 if combination_type == "cat":
                     new_a, new_b = _cat_factors(layer, members, weights, target_a, target_b)
-                elif combination_type in _PRUNED_TYPES and config.density < 1:
+                elif combination_type in _PRUNED_TYPES and config.merge.density < 1:
                     new_a, new_b = self._pruned_factors(layer_index, layer, members, weights)
                 elif self._trust_peft:
                     new_a, new_b = peft_merge_layer(
@@ -330,7 +334,7 @@ class AdapterMerger:
             stacked = torch.stack(factors, dim=0)
             weighted = stacked * reshape_weight_task_tensors(stacked, torch.tensor(factor_weights).to(stacked.device))
             if self.config.combination_type == "ties":
-                sign_mask = calculate_majority_sign_mask(stacked, method=self.config.majority_sign_method)
+                sign_mask = calculate_majority_sign_mask(stacked, method=self.config.merge.majority_sign_method)
                 merged.append(disjoint_merge(weighted, sign_mask).to(dtype))
             else:
                 merged.append(weighted.sum(dim=0).to(dtype))
@@ -343,7 +347,7 @@ class AdapterMerger:
                 tensor = (layer.lora_A if factor == "A" else layer.lora_B)[adapter].weight.data
             else:
                 tensor = (layer.lora_embedding_A if factor == "A" else layer.lora_embedding_B)[adapter].data
-            self._prune_cache[key] = prune(tensor, self.config.density, method="magnitude")
+            self._prune_cache[key] = prune(tensor, self.config.merge.density, method="magnitude")
         return self._prune_cache[key]
 
     def adapter_for(self, members: Sequence[str]) -> str:
@@ -354,16 +358,16 @@ class AdapterMerger:
         rank): then the truncated merge that will ship is what gets scored.
         """
         key = tuple(sorted(members))
-        if len(key) == 1 and self.config.merge_weight is None and not self._truncates(key[0]):
+        if len(key) == 1 and self.config.merge.weight is None and not self._truncates(key[0]):
             return key[0]
         if key in self._live:
             self._live.move_to_end(key)
             return self._live[key]
-        if len(self._live) >= self.config.merge_cache_size:
+        if len(self._live) >= self.config.merge.cache_size:
             evictable = next((k for k in self._live if k not in self._pinned), None)
             if evictable is None:
                 raise RuntimeError(
-                    f"`merge_cache_size`={self.config.merge_cache_size} is too small for one scoring batch; raise it."
+                    f"`merge_cache_size`={self.config.merge.cache_size} is too small for one scoring batch; raise it."
                 )
             self._free_slots.append(self._live.pop(evictable))
         name = self._take_slot(key)

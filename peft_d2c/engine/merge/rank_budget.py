@@ -97,7 +97,9 @@ def merge_with_allocated_ranks(
     spectra, costs, fixed = {}, {}, {}
     for members, name in zip(clusters, names, strict=True):
         full_rank = sum(adapter_rank(model, m) for m in members)
-        full = AdapterMerger(model, dataclasses.replace(config, svd_rank=full_rank))
+        full = AdapterMerger(
+            model, dataclasses.replace(config, merge=dataclasses.replace(config.merge, svd_rank=full_rank))
+        )
         full.layer_inputs = merger.layer_inputs
         full.merge(members, name)  # lossless: the update-space types truncate at rank Σ r_i
         for module, layer in layers:

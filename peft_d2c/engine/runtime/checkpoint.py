@@ -2,13 +2,16 @@
 
 A checkpoint (`d2c_checkpoint.json` in the run's `checkpoint_dir`) holds the partition, the step reached, the
 numpy generator's state, the history, the start partition and every loss computed so far. Restoring all of it makes
-the rest of a resumed run draw, score and decide exactly as the uninterrupted run would have. It also holds a
+the rest of a resumed run draw, score and decide exactly as the uninterrupted run would have; the run's counters and
+any-time trace, restored too, make it report what that run reports. A resumed run takes its start from the
+checkpoint instead of computing it again. It also holds a
 fingerprint of what the losses depend on (the settings, the adapter names and weights, the examples), so a
 checkpoint written for another run is refused instead of silently mixing two searches.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -26,7 +29,10 @@ from ..search.loop import SearchState
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_NAME = "d2c_checkpoint.json"
-CHECKPOINT_FORMAT = 2  # 2: the cache holds both scores of a request (loss and miss)
+# 2: the cache holds a score dict per request (older files' other scores, such as the miss, are dropped on loading).
+# Still 2 with the counters, the trace and the start's kind: optional entries, so older files of format 2 resume (see
+# `SearchCheckpointer`).
+CHECKPOINT_FORMAT = 2
 # Settings that change neither the search nor its losses, so a run may resume with other values.
 _RESUMABLE_SETTINGS = ("show_progress", "checkpoint_every", "memory_limit")
 
@@ -68,6 +74,7 @@ def run_fingerprint(
         `dict`: `config`, `adapters`, `adapter_weights`, `examples`, `tokens`, `base_model` and `score_fn` entries.
     """
     settings = {k: v for k, v in config.to_dict().items() if k not in _RESUMABLE_SETTINGS}
+    settings["merge"] = {k: v for k, v in settings["merge"].items() if k not in _RESUMABLE_SETTINGS}
     rows = {
         task: [e.to_dict() if hasattr(e, "to_dict") else dict(e) for e in items] for task, items in examples.items()
     }
@@ -92,7 +99,8 @@ def checkpoint_path(checkpoint_dir: str | os.PathLike) -> str:
 
 
 def save_checkpoint(checkpoint_dir: str | os.PathLike, payload: dict[str, Any]) -> str:
-    """Write `payload` (fingerprint, state, rng, cache, initial_clusters) atomically; return the file's path."""
+    """Write `payload` (fingerprint, state, rng, cache, initial_clusters, start_kind, counters, trace) atomically;
+    return the file's path."""
     path = checkpoint_path(checkpoint_dir)
     atomic_write_json(path, {"format": CHECKPOINT_FORMAT, **payload})
     return path
@@ -153,29 +161,65 @@ def _differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     return out
 
 
+# What a run reports in `D2CResult.stats`, saved with the search state so that a resumed run reports what the
+# uninterrupted run does. Counted alike by every process (the same requests, the same scoring plan) ...
+SHARED_COUNTERS = ("scoring_passes", "cache_hits", "cache_misses")
+# ... or by each process for itself: saved per process, restored where the run resumes on as many processes.
+# `num_merges` is the one that can still end above the uninterrupted run's: the merges live in the model at the
+# checkpoint are not in it (a file cannot hold them), so those the search asks for again are merged, and counted,
+# again (at most `merge.cache_size`; never with the `"partition"` rule, which scores every task of a merge at once).
+PROCESS_COUNTERS = ("forward_passes", "num_merges")
+# Not saved, as they cannot equal the uninterrupted run's: wall times (`merge_seconds`, `forward_seconds`), and
+# `num_refills`, since a resumed run's merger starts with no merged adapter in the model to refill.
+
+
+@dataclasses.dataclass
+class Resumed:
+    """What a run takes from its checkpoint: its start, how it was made (None in a checkpoint older than that
+    entry), and the search state reached."""
+
+    start: list[list[str]]
+    start_kind: str | None
+    state: SearchState
+
+
 class SearchCheckpointer:
-    """Saves a run's search state, generator and loss cache (main process only) and restores them on every process.
+    """Saves a run's search state, generator, loss cache and counters (main process only) and restores them on every
+    process.
+
+    Besides the search state, a checkpoint holds what the run reports (`SHARED_COUNTERS`, `PROCESS_COUNTERS` and the
+    any-time `trace`) and how the start was made, so a resumed run reports the uninterrupted run's `stats` (but
+    the wall times and merges: see `PROCESS_COUNTERS`). A checkpoint written before it held them still resumes to the
+    same search; its counters and trace then hold this call's work only, and the start's kind is the caller's to
+    fill in.
 
     Args:
         directory (`str` or `os.PathLike`): The run's `checkpoint_dir`.
         fingerprint (`str`): `run_fingerprint` of the run; a checkpoint of another run is refused.
         group (`SingleProcess` or `AccelerateProcesses`): The run's processes.
-        scorer (`LossScorer`): Whose cache is saved and restored.
+        scorer (`LossScorer`): Whose cache and counters (and those of its `merger`) are saved and restored.
         rng (`np.random.Generator`): The run's generator, saved and restored in place.
         every (`int`): Save every this many steps.
+        trace (`list`, *optional*): The run's any-time trace ([history records, forward passes so far] per step),
+            saved and restored in place.
     """
 
-    def __init__(self, directory, fingerprint, group, scorer, rng: np.random.Generator, every: int):
+    def __init__(
+        self, directory, fingerprint, group, scorer, rng: np.random.Generator, every: int, trace: list | None = None
+    ):
         self.directory = os.fspath(directory)
         self.fingerprint = fingerprint
         self.group = group
         self.scorer = scorer
         self.rng = rng
         self.every = every
+        self.trace = trace if trace is not None else []
         self.initial_clusters: list[list[str]] = []
+        self.start_kind: str | None = None
 
-    def resume(self, start: list[list[str]], state: SearchState) -> tuple[list[list[str]], SearchState]:
-        """Load this run's checkpoint if there is one (read on the main process, sent to the others)."""
+    def resume(self) -> Resumed | None:
+        """This run's checkpoint if the folder holds one (read on the main process, sent to the others), with the
+        generator, the cache, the counters and the trace restored in place; None: start afresh (then `begin`)."""
         outcome: tuple[str, Any] = ("none", None)
         if self.group.is_main_process:
             try:
@@ -186,27 +230,54 @@ class SearchCheckpointer:
         kind, value = self.group.broadcast(outcome)
         if kind == "error":
             raise value
-        self.initial_clusters = [list(c) for c in start]
         if kind == "none":
-            return start, state
-        self.initial_clusters = [list(c) for c in value["initial_clusters"]]
+            return None
+        self.begin(value["initial_clusters"], value.get("start_kind"))
         self.rng.bit_generator.state = value["rng"]
         self.scorer.load_cache(value["cache"])
+        self._restore_counters(value.get("counters"))
+        self.trace[:] = [list(point) for point in value.get("trace", [])]
         restored = SearchState.from_dict(value["state"])
         logger.info("Resuming the D2C search from %s at step %d.", self.directory, restored.iteration)
-        return self.initial_clusters, restored
+        return Resumed([list(c) for c in self.initial_clusters], self.start_kind, restored)
+
+    def begin(self, start: list[list[str]], start_kind: str | None) -> None:
+        """Record the start partition and how it was made, for the saves."""
+        self.initial_clusters = [list(c) for c in start]
+        self.start_kind = start_kind
 
     def save(self, state: SearchState) -> None:
-        """Write the state, generator and cache atomically (main process only)."""
+        """Write the state, generator, cache, counters and trace atomically (main process only; every process calls
+        it, as each sends its own counters)."""
+        per_process = self.group.gather({name: getattr(self._owner(name), name) for name in PROCESS_COUNTERS})
         if not self.group.is_main_process:
             return
+        counters = {name: getattr(self.scorer, name) for name in SHARED_COUNTERS}
         save_checkpoint(
             self.directory,
             {
                 "fingerprint": self.fingerprint,
                 "initial_clusters": self.initial_clusters,
+                "start_kind": self.start_kind,
                 "state": state.to_dict(),
                 "rng": self.rng.bit_generator.state,
                 "cache": self.scorer.cache_to_list(),
+                "counters": {**counters, "per_process": per_process},
+                "trace": self.trace,
             },
         )
+
+    def _owner(self, counter: str):
+        return self.scorer.merger if counter == "num_merges" else self.scorer
+
+    def _restore_counters(self, counters: dict[str, Any] | None) -> None:
+        """Set the counters to the checkpoint's (replacing this call's own count of the same work before the
+        search); the per-process ones only where the run resumes on as many processes as it was saved from."""
+        if not counters:
+            return
+        for name in SHARED_COUNTERS:
+            setattr(self.scorer, name, int(counters[name]))
+        per_process = counters.get("per_process", [])
+        if len(per_process) == self.group.num_processes:
+            for name, value in per_process[self.group.process_index].items():
+                setattr(self._owner(name), name, int(value))

@@ -5,8 +5,7 @@ draws the same proposals. Only the scoring work is split: the losses not yet cac
 whose composition never depends on the number of processes, the batches are dealt out with
 `PartialState.split_between_processes`, each process merges and scores its share, and `gather_object` hands every
 loss to every process. All processes therefore cache the same losses, take the same decisions, and end with the
-clusters a single-process run finds with the same seed. With restarts, the starts are dealt out instead (each
-process searches its own, `peft_d2c.d2c` gathers their outcomes with `gather`). Only the main process writes files.
+clusters a single-process run finds with the same seed. Only the main process writes files.
 
 On a machine without CUDA the state is created with `PartialState(cpu=True)`: under torchrun a plain
 `PartialState()` silently stays single-process when no GPU is found, and `accelerate launch --cpu` starts a single

@@ -168,7 +168,7 @@ def predict_layer_input_bytes(
 
 
 def check_memory_limit(layer_input_bytes: int, memory_limit: int | str | None) -> None:
-    """Refuse a run whose process would use more than `memory_limit` (`D2CMergeConfig.memory_limit`; default: the
+    """Refuse a run whose process would use more than `memory_limit` (`D2CMergeConfig.merge.memory_limit`; default: the
     process's memory plus the memory available now) once `layer_input_bytes` more are held.
 
     Raises:
@@ -223,7 +223,7 @@ def attach_layer_inputs(merger: AdapterMerger, scorer: LossScorer) -> int:
     stats = {"forward_passes": 0}
     try:
         predicted = predict_layer_input_bytes(scorer.model, missing, stats=stats)
-        check_memory_limit(predicted, merger.config.memory_limit)
+        check_memory_limit(predicted, merger.config.merge.memory_limit)
         factors = input_factors(
             scorer.model,
             missing,

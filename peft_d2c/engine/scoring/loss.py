@@ -8,13 +8,12 @@ Several merged adapters are scored in one forward pass through PEFT's mixed-adap
 Which requests share a forward pass (`plan_batches`) depends only on the requests, never on the processes: pure
 Python, so a loss is computed in exactly the same batch (the same floating-point result) by one process or by many
 (`LossScorer` deals the planned batches out to an Accelerate process group, `peft_d2c.engine.runtime.distributed`).
-May import `peft_d2c.data`, `peft_d2c.errors`, `peft_d2c.search_defaults`, the scoring module `tokenization`, the
+May import `peft_d2c.data`, `peft_d2c.errors`, the scoring module `tokenization`, the
 merger (`engine.merge.merging`) and the process groups (`engine.runtime.distributed`).
 """
 
 from __future__ import annotations
 
-import functools
 import inspect
 import logging
 import math
@@ -28,7 +27,6 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 
 from ...data.examples import Example
 from ...errors import NonFiniteLossError
-from ...search_defaults import TASK_SCORES
 from ..merge.merging import AdapterMerger
 from ..runtime.distributed import SingleProcess
 from .tokenization import TokenizedExample, check_token_ids, pad_token_id_for, padded_batch, tokenize_example
@@ -211,9 +209,7 @@ def plan_batches(
 class LossScorer:
     """The `score_fn` of the D2C search: loss of task t under the merge of a cluster, memoised per run.
 
-    Each call computes only the `(members, task)` scores not seen before in this run. One forward pass gives both
-    scores (`TASK_SCORES`: the loss and the miss), and both are cached, so a search that asks for the other one later (the
-    second phase of `search="paper_then_partition"` with `task_score="miss"`) gets it for free. Requests are grouped by
+    Each call computes only the `(members, task)` losses not seen before in this run. Requests are grouped by
     `plan_batches`; each batch needs one forward pass in which every row runs under its own merged adapter (PEFT's
     mixed-adapter batches). Under a multi-process launch the batches are shared out by `process_group` and every
     process receives every loss.
@@ -225,16 +221,12 @@ class LossScorer:
         merger (`AdapterMerger`): Provides live merged adapters for clusters.
         batch_size (`int`): Rows per forward pass.
         use_chat_template (`bool`), max_length (`int`, *optional*): Tokenisation settings (see `tokenize_example`).
-        task_score (`str`, defaults to `"loss"`): The score a call returns unless it names another: `"loss"` (pooled
-            completion-token loss) or `"miss"` (1 - the mean teacher-forced probability of each whole completion), as
-            `D2CMergeConfig.task_score`.
-        user_score_fn (*optional*): `score_fn(model, adapter_name, task, examples) -> float` replacing both scores.
+        user_score_fn (*optional*): `score_fn(model, adapter_name, task, examples) -> float` replacing the loss.
         process_group (*optional*): A `peft_d2c.engine.runtime.distributed` process group; defaults to a single
         process.
 
     Attributes:
-        cache (`dict`): `(sorted members, task) -> {score name: value}` for every request computed in this run (by
-            any process).
+        cache (`dict`): `(sorted members, task) -> loss` for every request computed in this run (by any process).
         cache_hits, cache_misses (`int`): Requests answered from the cache, and distinct losses computed.
         forward_passes (`int`): Forward passes run by this process.
         scoring_passes (`int`): Forward passes of the scoring batches of all processes together (a custom
@@ -261,11 +253,10 @@ class LossScorer:
             tokenizer,
             examples,
             merger,
-            batch_size=config.batch_size,
-            max_batch_tokens=config.max_batch_tokens,
-            use_chat_template=config.use_chat_template,
-            max_length=config.max_length,
-            task_score=config.task_score,
+            batch_size=config.scoring.batch_size,
+            max_batch_tokens=config.scoring.max_batch_tokens,
+            use_chat_template=config.scoring.use_chat_template,
+            max_length=config.scoring.max_length,
             user_score_fn=user_score_fn,
             process_group=process_group,
         )
@@ -281,19 +272,17 @@ class LossScorer:
         max_batch_tokens: int | None = None,
         use_chat_template: bool = False,
         max_length: int | None = None,
-        task_score: str = "loss",
         user_score_fn: UserScoreFn | None = None,
         process_group=None,
     ) -> None:
         self.model = model
-        self.task_score = task_score
         self.merger = merger
         self.examples = {task: list(items) for task, items in examples.items()}
         self.batch_size = batch_size
         self.max_batch_tokens = max_batch_tokens
         self.user_score_fn = user_score_fn
         self.process_group = process_group if process_group is not None else SingleProcess()
-        self.cache: dict[tuple[Members, str], dict[str, float]] = {}
+        self.cache: dict[tuple[Members, str], float] = {}
         self.cache_hits = 0
         self.cache_misses = 0
         self.forward_passes = 0
@@ -314,11 +303,10 @@ class LossScorer:
             }
             check_token_ids(model, self.tokenized)
 
-    def __call__(self, requests: Sequence[tuple[Sequence[str], str]], score: str | None = None) -> list[float]:
-        """The `score` (`task_score` if None) of `(members, task)` requests, computing only those not seen before."""
-        score = score or self.task_score
+    def __call__(self, requests: Sequence[tuple[Sequence[str], str]]) -> list[float]:
+        """The loss of `(members, task)` requests, computing only those not seen before."""
         keys = [(tuple(sorted(members)), task) for members, task in requests]
-        missing = list(dict.fromkeys(k for k in keys if score not in self.cache.get(k, {})))
+        missing = list(dict.fromkeys(k for k in keys if k not in self.cache))
         self.cache_hits += len(keys) - len(missing)
         self.cache_misses += len(missing)
         if missing:
@@ -326,28 +314,24 @@ class LossScorer:
                 [len(self.examples[task]) for _, task in missing],
                 [members for members, _ in missing],
                 batch_size=self.batch_size,
-                max_clusters=self.merger.config.merge_cache_size,
+                max_clusters=self.merger.config.merge.cache_size,
             )
             batch_keys = [[missing[i] for i in batch] for batch in batches]
             for chunk, (batch_scores, passes) in zip(
                 batch_keys, self.process_group.map(self._score_batch, batch_keys), strict=True
             ):
                 self.scoring_passes += passes
-                for key, scores in zip(chunk, batch_scores, strict=True):
-                    if not all(math.isfinite(value) for value in scores.values()):
+                for key, loss in zip(chunk, batch_scores, strict=True):
+                    if not math.isfinite(loss):
                         raise NonFiniteLossError(
-                            f"The loss of task {key[1]!r} under the merge of {list(key[0])} is {scores['loss']}; "
+                            f"The loss of task {key[1]!r} under the merge of {list(key[0])} is {loss}; "
                             "check the adapters' weights for NaN/inf and the model dtype."
                         )
-                    self.cache[key] = scores
-        return [self.cache[k][score] for k in keys]
+                    self.cache[key] = loss
+        return [self.cache[k] for k in keys]
 
-    def scoring(self, score: str) -> Callable[[Sequence[tuple[Sequence[str], str]]], list[float]]:
-        """A `score_fn` for the search that returns `score` (one of `TASK_SCORES`), sharing this scorer's cache."""
-        return functools.partial(self, score=score)
-
-    def _score_batch(self, keys: Sequence[tuple[Members, str]]) -> tuple[list[dict[str, float]], int]:
-        """The scores of one scoring batch and the forward passes they took (one per request for a custom score)."""
+    def _score_batch(self, keys: Sequence[tuple[Members, str]]) -> tuple[list[float], int]:
+        """The losses of one scoring batch and the forward passes they took (one per request for a custom score)."""
         self.merger.pin([members for members, _ in keys])
         try:
             adapter_names = [self.merger.adapter_for(members) for members, _ in keys]
@@ -360,24 +344,25 @@ class LossScorer:
                     float(self.user_score_fn(self.model, name, task, [e.to_dict() for e in self.examples[task]]))
                     for name, (_, task) in zip(adapter_names, keys, strict=True)
                 ]
-                return [dict.fromkeys(TASK_SCORES, value) for value in values], len(values)
+                return values, len(values)
             scores = self._scores([(name, task) for name, (_, task) in zip(adapter_names, keys, strict=True)])
             return scores, self.forward_passes - passes
         finally:
             self.forward_seconds += time.perf_counter() - started
 
-    def scores_under(self, routing: Mapping[str, str]) -> dict[str, dict[str, float]]:
-        """Both scores (`TASK_SCORES`) of every task of `routing` (task -> the name of an adapter in the model), not
-        memoised: for adapters that are not merges of a cluster the merger made (e.g. the rank-allocated final ones)."""
+    def scores_under(self, routing: Mapping[str, str]) -> dict[str, float]:
+        """The loss of every task of `routing` (task -> the name of an adapter in the model), not memoised: for
+        adapters that are not merges of a cluster the merger made (e.g. the rank-allocated final ones)."""
         tasks = list(routing)
         if self.user_score_fn is not None:
             examples = {t: [e.to_dict() for e in self.examples[t]] for t in tasks}
             values = [float(self.user_score_fn(self.model, routing[t], t, examples[t])) for t in tasks]
-            return {t: dict.fromkeys(TASK_SCORES, value) for t, value in zip(tasks, values, strict=True)}
+            return dict(zip(tasks, values, strict=True))
         return dict(zip(tasks, self._scores([(routing[t], t) for t in tasks]), strict=True))
 
-    def _scores(self, requests: Sequence[tuple[str, str]]) -> list[dict[str, float]]:
-        """Both scores (`TASK_SCORES`) of every `(adapter name, task)` request, in mixed-adapter forward passes."""
+    def _scores(self, requests: Sequence[tuple[str, str]]) -> list[float]:
+        """The loss of every `(adapter name, task)` request, in mixed-adapter forward passes: the mean completion-token
+        loss, pooled over the task's examples."""
         rows, row_adapters, owners = [], [], []
         for index, (name, task) in enumerate(requests):
             for tokenized in self.tokenized[task]:
@@ -394,20 +379,15 @@ class LossScorer:
         )
         self.forward_passes += passes
         total, tokens = [0.0] * len(requests), [0] * len(requests)
-        misses: list[list[float]] = [[] for _ in requests]
         for owner, row_sum, row_count in zip(owners, sums, counts, strict=True):
             total[owner] += row_sum
             tokens[owner] += row_count
-            misses[owner].append(-math.expm1(-row_sum))  # 1 - P(completion | prompt) = 1 - exp(-summed token loss)
-        return [
-            {"loss": t / max(n, 1), "miss": sum(m) / max(len(m), 1)}
-            for t, n, m in zip(total, tokens, misses, strict=True)
-        ]
+        return [t / max(n, 1) for t, n in zip(total, tokens, strict=True)]
 
     def cache_to_list(self) -> list[list]:
-        """The cache as JSON-serialisable `[members, task, {score name: value}]` triples (for checkpoints)."""
-        return [[list(members), task, dict(scores)] for (members, task), scores in self.cache.items()]
+        """The cache as JSON-serialisable `[members, task, {"loss": loss}]` triples (for checkpoints)."""
+        return [[list(members), task, {"loss": loss}] for (members, task), loss in self.cache.items()]
 
     def load_cache(self, items: Sequence[Sequence]) -> None:
-        """Restore a cache written by `cache_to_list`."""
-        self.cache = {(tuple(m), task): {k: float(v) for k, v in scores.items()} for m, task, scores in items}
+        """Restore a cache written by `cache_to_list` (an older one's other scores, such as the miss, are dropped)."""
+        self.cache = {(tuple(m), task): float(scores["loss"]) for m, task, scores in items}

@@ -1,4 +1,8 @@
-"""The D2C search (Algorithm 1 of arXiv 2601.17441) and the random start partition.
+"""The D2C search (Algorithm 1 of arXiv 2601.17441), its moves, the random start partition, the K-means baselines.
+
+The one search loop of peft-d2c (`d2c_search`), with two acceptance rules: the paper's (`objective="task"`, the moved
+task's loss) and the whole-partition one (`objective="partition"`, the summed loss of every task of the two clusters a
+move changes). `peft_d2c.engine.search.plan.SearchPlan` says which a run takes and for how many steps.
 
 Pure: this module knows nothing about torch, PEFT or the Hub. It sees the adapters only by name and asks a
 `score_fn` for the loss of a task under the merge of a set of adapters, so a test can drive it with a toy function.
@@ -24,15 +28,38 @@ from typing import Any
 
 import numpy as np
 
-from ...search_defaults import PROPOSALS
-from .proposals import Move, apply_move, draw_move
-
 Members = tuple[str, ...]
 # Scores a batch of (cluster members, task) requests at once; lower is better. Batching lets the caller evaluate the
 # two merges of one proposal in a single forward pass.
 BatchScoreFn = Callable[[Sequence[tuple[Members, str]]], Sequence[float]]
 # Acceptance objectives: the paper's moved-task loss, or the total loss of every task whose merge a move changes.
 OBJECTIVES = ("task", "partition")
+
+
+@dataclass(frozen=True)
+class Move:
+    """`task` goes from cluster `source` to cluster `target`."""
+
+    source: int
+    target: int
+    task: str
+
+
+def draw_move(clusters: Sequence[Sequence[str]], rng: np.random.Generator) -> Move:
+    """One proposal of Algorithm 1: a source cluster with >= 2 members, another target cluster and a task of the
+    source, each drawn uniformly (three `rng.integers` draws, in that order)."""
+    eligible = [i for i, c in enumerate(clusters) if len(c) >= 2]
+    source = int(eligible[rng.integers(len(eligible))])
+    others = [i for i in range(len(clusters)) if i != source]
+    target = int(others[rng.integers(len(others))])
+    members = clusters[source]
+    return Move(source, target, members[int(rng.integers(len(members)))])
+
+
+def apply_move(clusters: Sequence[Sequence[str]], move: Move) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The members of `move.source` and `move.target` after the move (sorted); the other clusters do not change."""
+    source = tuple(sorted(m for m in clusters[move.source] if m != move.task))
+    return source, tuple(sorted([*clusters[move.target], move.task]))
 
 
 def canonical_partition(clusters: Sequence[Sequence[str]]) -> list[list[str]]:
@@ -93,18 +120,11 @@ class SearchState:
     iteration: int = 0
     rejections_in_a_row: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
-    # Used by the restarts and the final pass of `peft_d2c.engine.search.search_robust` only: the start being searched,
-    # the phase of that start ("search", "final", "done") and one summary per finished start.
-    restart: int = 0
-    phase: str = "search"
-    finished: list[dict[str, Any]] = field(default_factory=list)
-    # The adapters of the current `"sweep"` / `"targeted"` round not proposed yet (see
-    # `peft_d2c.engine.search.proposals`).
-    queue: list[str] = field(default_factory=list)
-    # What the steps of the current start have cost so far, in the caller's `cost` units (forward passes).
+    # What the steps have cost so far, in the caller's `cost` units (forward passes), for `max_cost`.
     spent: float = 0.0
-    # What the current phase may spend (the paper's steps' cost, `peft_d2c.engine.search.search_phases`); None: no limit.
-    budget: float | None = None
+    # `objective="partition"`: every task's loss under its current cluster, kept across a checkpoint so that a
+    # resumed search asks the scorer for nothing an uninterrupted one would not (the same cache hits).
+    task_losses: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable copy (used by checkpoints)."""
@@ -113,28 +133,21 @@ class SearchState:
             "iteration": self.iteration,
             "rejections_in_a_row": self.rejections_in_a_row,
             "history": [dict(h) for h in self.history],
-            "restart": self.restart,
-            "phase": self.phase,
-            "finished": [dict(f) for f in self.finished],
-            "queue": list(self.queue),
             "spent": self.spent,
-            "budget": self.budget,
+            "task_losses": dict(self.task_losses),
         }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SearchState:
-        """Inverse of `to_dict`."""
+        """Inverse of `to_dict`; the keys of older searches (`restart`, `phase`, `finished`, `queue`, `budget`) are
+        ignored."""
         return cls(
             clusters=[list(c) for c in data["clusters"]],
             iteration=int(data["iteration"]),
             rejections_in_a_row=int(data["rejections_in_a_row"]),
             history=[dict(h) for h in data["history"]],
-            restart=int(data.get("restart", 0)),
-            phase=str(data.get("phase", "search")),
-            finished=[dict(f) for f in data.get("finished", [])],
-            queue=[str(m) for m in data.get("queue", [])],
             spent=float(data.get("spent", 0.0)),
-            budget=None if data.get("budget") is None else float(data["budget"]),
+            task_losses={str(t): float(x) for t, x in data.get("task_losses", {}).items()},
         )
 
 
@@ -149,7 +162,6 @@ def d2c_search(
     on_step: Callable[[SearchState], None] | None = None,
     proposals_per_step: int = 1,
     objective: str = "task",
-    proposal: str = "random",
     cost: Callable[[], float] | None = None,
     max_cost: float | None = None,
 ) -> SearchState:
@@ -184,10 +196,6 @@ def d2c_search(
             cluster's merge) with the summed losses of every task of c - t and c' + t after it: the change of the
             total few-shot loss of the partition, which an accepted move therefore always lowers. Its records
             also carry `total_loss`, the total over all tasks after the step.
-        proposal (`str`, defaults to `"random"`):
-            `"random"` (the paper's draws), `"sweep"` (every adapter in turn, moves and swaps), `"targeted"` (as
-            sweep, into the cluster that gives the task its lowest loss) or `"misfit"` (as targeted, the worst-fitting
-            tasks first); all but random only with `objective="partition"`. See `peft_d2c.engine.search.proposals`.
         cost (`Callable[[], float]`, *optional*):
             A counter that only grows (the scorer's forward passes); what each step adds to it is added to
             `state.spent`.
@@ -198,12 +206,11 @@ def d2c_search(
         `SearchState`: the final partition (cluster order kept from the start) and one history record per step
         with keys `iteration, task, source, target, loss_before, loss_after, accepted` (for p > 1, the best
         candidate's, plus `candidates` = p and `improving` = how many candidates lowered their loss; with
-        `objective="partition"` the losses are the sums over the two clusters' tasks, plus `total_loss`; a swap's
-        record also has `swapped`, the member of the target that went to the source).
+        `objective="partition"` the losses are the sums over the two clusters' tasks, plus `total_loss`).
 
     Raises:
-        ValueError: If a cluster is empty, an adapter appears twice, `proposals_per_step` < 1, `objective` or
-            `proposal` is unknown, or a proposal other than `"random"` is asked with `objective="task"`.
+        ValueError: If a cluster is empty, an adapter appears twice, `proposals_per_step` < 1 or `objective` is
+            unknown.
 
     Example:
         ```python
@@ -220,10 +227,6 @@ def d2c_search(
         raise ValueError(f"`proposals_per_step` must be an int >= 1, got {proposals_per_step!r}.")
     if objective not in OBJECTIVES:
         raise ValueError(f"`objective` must be one of {list(OBJECTIVES)}, got {objective!r}.")
-    if proposal not in PROPOSALS:
-        raise ValueError(f"`proposal` must be one of {list(PROPOSALS)}, got {proposal!r}.")
-    if proposal != "random" and objective != "partition":
-        raise ValueError(f"`proposal={proposal!r}` swaps tasks, which only the partition objective can judge.")
     if state is None:
         state = SearchState(clusters=[sorted(c) for c in clusters])
     _check_partition(state.clusters)
@@ -231,7 +234,7 @@ def d2c_search(
     if num_clusters < 2 or all(len(c) == 1 for c in state.clusters):
         return state  # K = 1 or K = N: a single possible partition, nothing to search.
 
-    current: dict[str, float] = {}
+    current = state.task_losses  # updated in place: the state carries it into a checkpoint
     while state.iteration < num_iterations:
         if patience is not None and state.rejections_in_a_row >= patience:
             break
@@ -239,16 +242,13 @@ def d2c_search(
             break
         cost_before = cost() if cost is not None else 0.0
         # Draw every candidate before scoring any: the random draws then never depend on this step's scores, so a
-        # distributed caller can split the batch freely and every process keeps the same random stream (a targeted
-        # draw reads only losses every process holds).
-        candidates = [
-            draw_move(proposal, state.clusters, rng, state.queue, score_fn) for _ in range(proposals_per_step)
-        ]
+        # distributed caller can split the batch freely and every process keeps the same random stream.
+        candidates = [draw_move(state.clusters, rng) for _ in range(proposals_per_step)]
         if objective == "task":
             groups = [_task_requests(state.clusters, move) for move in candidates]
         else:
             if not current:  # every task's loss under its cluster (memoised by the caller's scorer)
-                current = partition_losses(state.clusters, score_fn)
+                current.update(partition_losses(state.clusters, score_fn))
             groups = [_partition_requests(state.clusters, move) for move in candidates]
         requests = [r for before, after in groups for r in (*before, *after)]
         losses = [float(x) for x in score_fn(requests)]
@@ -287,8 +287,6 @@ def d2c_search(
             "loss_after": loss_after,
             "accepted": accepted,
         }
-        if move.swapped is not None:
-            record["swapped"] = move.swapped
         if proposals_per_step > 1:
             record["candidates"] = proposals_per_step
             record["improving"] = sum(after < before for before, after in sums)
@@ -323,7 +321,7 @@ def _task_requests(clusters: Sequence[Sequence[str]], move: Move):
 
 def _partition_requests(clusters: Sequence[Sequence[str]], move: Move):
     """Every task of c and c' under their merges now, and every task of both clusters under theirs after the move
-    (c - t and c' + t, or for a swap with u: c - t + u and c' - u + t)."""
+    (c - t and c' + t)."""
     before = [(tuple(sorted(clusters[i])), m) for i in (move.source, move.target) for m in sorted(clusters[i])]
     shrunk, grown = apply_move(clusters, move)
     return before, [(shrunk, m) for m in shrunk] + [(grown, m) for m in grown]
