@@ -11,8 +11,9 @@ fits it. Measured on the held-out split of the collection:
   merged again (`--combination-type`, no search) and every held-out prompt is answered twice, by the adapter its task
   is routed to (oracle) and by the adapter the router picks; adapter accuracy, both exact matches, and their paired
   difference over the cells with a 95% t-interval;
-- prompts of no known task: the other collection's held-out prompts, the share the router flags as unknown and their
-  mean confidence, against the share of known-task prompts it flags;
+- prompts of no known task: the other collection's held-out prompts (tasks the router never saw), random text and
+  short questions in other languages; per set the share the router accepts as known (false accept) and the mean
+  confidence, against the share of known-task held-out prompts it refuses (false reject; the fit targets 5%);
 - cost per request: seconds of the router's features per prompt (batched) next to seconds of answering.
 """
 
@@ -54,6 +55,45 @@ def centroid_accuracy(train: torch.Tensor, labels: np.ndarray, test: torch.Tenso
     )
     predicted = (features(test, mean) @ centroids.T).argmax(1).numpy()
     return float((predicted == test_labels).mean())
+
+
+# Prompts of no known task written for this benchmark: everyday questions and requests in six other languages.
+OTHER_LANGUAGES = [
+    "Quelle heure est-il à Paris en ce moment ?",
+    "Peux-tu me recommander un bon livre pour l'été ?",
+    "Comment prépare-t-on une tarte aux pommes ?",
+    "Traduis cette phrase en anglais, s'il te plaît.",
+    "Wie wird das Wetter morgen in Berlin?",
+    "Kannst du mir erklären, wie ein Motor funktioniert?",
+    "Ich suche ein gutes Restaurant in der Nähe.",
+    "Schreibe mir bitte ein kurzes Gedicht über den Herbst.",
+    "¿Cuál es la mejor manera de aprender a programar?",
+    "¿Dónde puedo comprar billetes de tren baratos?",
+    "Explícame por qué el cielo es azul.",
+    "Necesito una receta de paella para seis personas.",
+    "Qual è il modo migliore per imparare una lingua?",
+    "Mi puoi consigliare un film da vedere stasera?",
+    "Come si coltivano i pomodori sul balcone?",
+    "Quanto costa un biglietto per il museo?",
+    "Qual é a capital do estado de Minas Gerais?",
+    "Como faço para abrir uma conta no banco?",
+    "Pode me ajudar a escrever um e-mail formal?",
+    "Wat is de snelste route naar het station?",
+    "Hoe lang moet ik een ei koken?",
+    "Kun je me helpen met mijn huiswerk wiskunde?",
+    "Waarom vallen de bladeren in de herfst?",
+    "Welke talen worden er in België gesproken?",
+]
+
+
+def random_text(count: int, seed: int = 0) -> list[str]:
+    """Prompts of random lowercase "words" (2-9 letters, 3-12 words): text of no task at all."""
+    rng = np.random.default_rng(seed)
+    letters = list("abcdefghijklmnopqrstuvwxyz")
+    return [
+        " ".join("".join(rng.choice(letters, size=int(rng.integers(2, 10)))) for _ in range(int(rng.integers(3, 13))))
+        for _ in range(count)
+    ]
 
 
 def main() -> None:
@@ -138,10 +178,21 @@ def main() -> None:
         }  # fmt: skip
         del llm
 
-    other_prompts = [e["prompt"] for items in others.values() for e in items]
-    other_routes = router.route_features(prompt_features(model, tokenizer, other_prompts), identity)
-    out["unknown_share_of_other_collection"] = float(np.mean([not r.known for r in other_routes]))
-    out["mean_confidence_other_collection"] = float(np.mean([r.confidence for r in other_routes]))
+    out["false_reject_of_known_tasks"] = 1 - out["known_share_of_known_tasks"]
+    out["leave_one_out_false_reject"] = router.stats["leave_one_out_false_reject"]
+    unknown_sets = {
+        "other collection": [e["prompt"] for items in others.values() for e in items],
+        "random text": random_text(100),
+        "other languages": OTHER_LANGUAGES,
+    }
+    out["unknown"] = {}
+    for name, prompts in unknown_sets.items():
+        unknown_routes = router.route_features(prompt_features(model, tokenizer, prompts), identity)
+        out["unknown"][name] = {
+            "prompts": len(prompts),
+            "false_accept": float(np.mean([r.known for r in unknown_routes])),
+            "mean_confidence": float(np.mean([r.confidence for r in unknown_routes])),
+        }
     print(json.dumps({k: v for k, v in out.items() if k != "confusions"}, indent=1), flush=True)
     print("confusions:", out["confusions"][:12], flush=True)
 

@@ -287,7 +287,10 @@ def _fit_router(peft_model, tokenizer, run: _Run):
     if not run.config.fit_router or tokenizer is None or len(run.names) < 2:
         return None, 0, time.perf_counter() - started
     prompts = {n: [example.prompt for example in run.examples[n]] for n in run.names}
-    router = fit_prompt_router(peft_model, tokenizer, prompts, batch_size=run.config.scoring.batch_size)
+    scoring = run.config.scoring
+    router = fit_prompt_router(
+        peft_model, tokenizer, prompts, batch_size=scoring.batch_size, use_chat_template=scoring.use_chat_template
+    )
     return router, router.stats["forward_passes"], time.perf_counter() - started
 
 

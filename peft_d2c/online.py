@@ -139,7 +139,9 @@ def add_adapter(
         merger.cleanup()
         router = result.prompt_router
         if router is not None:  # the new task's centroid, before anything of the result changes
-            router = router.with_task(name, prompt_features(model, tokenizer, [e.prompt for e in task_examples[name]]))
+            prompts = [e.prompt for e in task_examples[name]]
+            features = prompt_features(model, tokenizer, prompts, use_chat_template=router.use_chat_template)
+            router = router.with_task(name, features)
         merged_name = result.merged_adapter_names[best]
         others = [n for n in result.merged_adapter_names if n != merged_name]
         budget = _total_budget(model, new_clusters, config)

@@ -54,7 +54,7 @@ ENGINE_IMPORTS = {
 PURE_SEARCH = ("loop", "plan", "weight_search")
 TORCH_LIKE = {"torch", "peft", "transformers", "safetensors", "accelerate", "bitsandbytes"}
 # Third-party modules that may be imported inside a function, with a comment saying why: optional or heavy.
-LAZY_IMPORTS_ALLOWED = {"matplotlib", "accelerate", "sklearn", "datasets", "gguf"}
+LAZY_IMPORTS_ALLOWED = {"matplotlib", "accelerate", "sklearn", "datasets", "gguf", "llama_cpp"}
 PEFT_PRIVATE_HELPERS = {
     "_generalized_task_arithmetic_weighted_adapter",
     "_svd_generalized_task_arithmetic_weighted_adapter",

@@ -1,4 +1,5 @@
-"""Subcommands of `peft-d2c` built on the public API: merge, evaluate, push, export, add-adapter, estimate, sweep.
+"""Subcommands of `peft-d2c` built on the public API: merge, evaluate, push, export, serve, add-adapter, estimate,
+sweep.
 
 Part of the command-line layer (with `main.py`): these handlers print; the library modules they call only log.
 """
@@ -17,11 +18,13 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from ..combination_types import DATA_TYPES
 from ..d2c import merge_adapters_d2c
 from ..data.spec import load_task_examples
+from ..engine.serving.prompt_router import FALLBACKS
 from ..evaluation.estimate import estimate_run, format_estimate
 from ..evaluation.heldout import evaluate_routing, loss_matrix
 from ..evaluation.plots import plot_run
 from ..evaluation.sweep import run_sweep, save_sweep
 from ..export.folder import EXPORT_FORMATS, MANIFEST_NAME, export_d2c_folder
+from ..export.server import RoutedLlamaCpp, make_server
 from ..hub.adapters import load_adapters
 from ..hub.push import push_d2c_folder
 from ..io import RESULT_NAME, atomic_write_json, atomic_write_text
@@ -157,7 +160,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         )
     model = attach_model(result, args.directory, base_model=args.base_model)
     tokenizer = AutoTokenizer.from_pretrained(args.base_model or result.base_model)
-    scores = evaluate_routing(model, tokenizer, examples, {t: result.routing[t] for t in examples})
+    routing = {t: result.routing[t] for t in examples}
+    scores = evaluate_routing(
+        model, tokenizer, examples, routing, use_chat_template=result.config.scoring.use_chat_template
+    )
     result.heldout_scores = {t: s["exact_match"] for t, s in scores.items()}
     atomic_write_json(os.path.join(args.directory, RESULT_NAME), result.to_dict())
     atomic_write_json(os.path.join(args.directory, "heldout.json"), scores)
@@ -201,6 +207,21 @@ def cmd_export(args: argparse.Namespace) -> int:
     if "vllm" in manifest:
         print(f"Serve: {manifest['vllm']['serve']}")
     print(f"Manifest: {os.path.join(output, MANIFEST_NAME)}")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    routed = RoutedLlamaCpp(args.directory, args.base_gguf, fallback=args.fallback, n_threads=args.threads)
+    server = make_server(routed, args.host, args.port)
+    host, port = server.server_address[:2]
+    print(f"Serving {len(routed.adapters)} merged adapters for {len(routed.routing)} tasks on http://{host}:{port}")
+    print('POST /v1/completions {"prompt": ...} (routed), or with "model": a task or adapter; GET /v1/models')
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
     return 0
 
 
@@ -284,7 +305,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def add_subcommands(commands, add_common) -> None:
-    """Register merge, evaluate, push, export, add-adapter, estimate and sweep on the `peft-d2c` subparsers."""
+    """Register merge, evaluate, push, export, serve, add-adapter, estimate and sweep on the `peft-d2c` subparsers."""
     merge = commands.add_parser(
         "merge",
         help="Cluster and merge adapters from a YAML run config (or flags); save, optionally push.",
@@ -345,6 +366,25 @@ def add_subcommands(commands, add_common) -> None:
     export.add_argument("--output", "-o", metavar="DIR", help="Output folder (default: RESULT_DIR/export-FORMAT).")
     add_common(export)
     export.set_defaults(handler=cmd_export)
+
+    serve = commands.add_parser(
+        "serve",
+        help="Serve a GGUF export with llama.cpp; requests without a task label are routed (the llamacpp extra).",
+        description=(
+            "Load EXPORT_DIR (`peft-d2c export --format gguf`) into llama.cpp (llama-cpp-python) and answer "
+            "OpenAI-compatible POST /v1/completions: the prompt router picks the merged adapter of a request without "
+            "`model`; `model` may name a task or a merged adapter."
+        ),
+    )
+    serve.add_argument("directory", metavar="EXPORT_DIR", help="Folder of a GGUF export with its router.")
+    serve.add_argument("--base-gguf", metavar="FILE", required=True, help="The base GGUF the export was made for.")
+    serve.add_argument("--host", default="127.0.0.1", help="Address to listen on (default: 127.0.0.1).")
+    serve.add_argument("--port", type=int, default=8080, help="Port (default: 8080; 0 picks a free one).")
+    serve.add_argument("--fallback", choices=FALLBACKS, default="nearest", help="Prompts of no known task go to the "
+                       "nearest task's adapter or to the base model (default: nearest).")  # fmt: skip
+    serve.add_argument("--threads", type=int, default=None, help="llama.cpp threads (default: llama.cpp's).")
+    add_common(serve)
+    serve.set_defaults(handler=cmd_serve)
 
     add = commands.add_parser(
         "add-adapter",

@@ -17,6 +17,7 @@ def evaluate_routing(
     *,
     batch_size: int = 32,
     max_new_tokens: int = 8,
+    use_chat_template: bool = False,
 ) -> dict[str, dict[str, float]]:
     """Exact match (of the first word and of the whole answer) and completion loss of every task under the adapter
     `routing` names for it.
@@ -32,6 +33,8 @@ def evaluate_routing(
         examples (`Mapping[str, Sequence[dict]]`): Held-out `{"prompt", "completion"}` examples per task.
         routing (`Mapping[str, str]`): Task -> adapter name (a source, merged or `"__base__"` adapter).
         batch_size (`int`, defaults to 32), max_new_tokens (`int`, defaults to 8): Generation settings.
+        use_chat_template (`bool`, defaults to `False`): Wrap the prompts in the chat template, for the answers and
+            the loss alike (pass the run's `scoring.use_chat_template`).
 
     Returns:
         `dict[str, dict[str, float]]`: `{task: {"exact_match": share in [0, 1] (first word, `normalize_answer`),
@@ -51,7 +54,7 @@ def evaluate_routing(
             prompts.append(example.prompt)
             references.append(example.completion)
             names.append(routing[task])
-            rows.append(tokenize_example(tokenizer, example))
+            rows.append(tokenize_example(tokenizer, example, use_chat_template=use_chat_template))
     longest = max((len(row.input_ids) - row.completion_start for row in rows), default=0)
     was_training = model.training
     model.eval()
@@ -63,6 +66,7 @@ def evaluate_routing(
             adapter_names=names,
             max_new_tokens=max(max_new_tokens, longest + 1),
             batch_size=batch_size,
+            use_chat_template=use_chat_template,
         )
         sums, counts, _ = completion_loss_sums(
             model, rows, names, pad_token_id=pad_token_id_for(tokenizer), batch_size=batch_size

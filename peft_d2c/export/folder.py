@@ -239,12 +239,18 @@ def _router_entry(format: str) -> dict[str, Any]:
         f"tokens (the last {MAX_FEATURE_TOKENS}); divide by its L2 norm, subtract `mean` ({ROUTER_WEIGHTS_NAME}), "
         "divide by the L2 norm again; the "
         f"task is the row of `centroids` with the largest dot product ({ROUTER_CONFIG_NAME} `tasks`, in row order), "
-        "unknown below `threshold`; `tasks` below gives its adapter."
+        "of no known task below that task's entry of `thresholds`; `tasks` below gives its adapter. With "
+        "`use_chat_template`, wrap the prompt in the tokenizer's chat template (one user turn, generation prompt) "
+        "before embedding and answering it."
     )
     entry: dict[str, Any] = {"files": [ROUTER_CONFIG_NAME, ROUTER_WEIGHTS_NAME], "how": how}
     if format == "gguf":
         entry["llama_server"] = (
             "a second llama-server with `--embedding --pooling mean` on the base GGUF gives the embedding "
             "(POST /v1/embeddings); then POST /completion with the task's `server_request`"
+        )
+        entry["serve"] = (
+            "or, in one process: `peft-d2c serve THIS_FOLDER --base-gguf BASE.gguf` (llama-cpp-python, "
+            "OpenAI-compatible POST /v1/completions; a request without `model` is routed)"
         )
     return entry

@@ -380,10 +380,26 @@ def _prompt_router_section(data: dict[str, Any], base_model_id: str) -> str:
     stats = data["result"].get("prompt_router") or {}
     accuracy = stats.get("leave_one_out_accuracy")
     measured = "" if accuracy is None else f" (task accuracy {accuracy:.1%} on the few-shot prompts, leave-one-out)"
+    calibration = stats.get("calibration")
+    unknown = ""
+    if calibration is not None:
+        unknown = (
+            f" A prompt less similar to its nearest task than that task's threshold is of no known task "
+            f'(`route.known` is False; `fallback="base"` answers it with the base model); the thresholds are set so '
+            f"that about {calibration['false_reject']:.0%} of a known task's prompts are refused."
+        )
+    warning = ""
+    if stats.get("above_chance") is False:
+        chance = stats.get("chance_accuracy")
+        warning = (
+            f"\n**The router tells these tasks apart no better than chance** (leave-one-out accuracy {accuracy:.1%}, "
+            f"chance {chance:.1%}): the prompts do not say which task they are. Label requests with their task "
+            "(`router.task(...)` above) rather than routing them by content.\n"
+        )
     return f"""
 A request without a task label: the prompt router (`d2c_router.json`, `d2c_router.safetensors`) picks the adapter
-from the base model's embedding of the prompt{measured}:
-
+from the base model's embedding of the prompt{measured}.{unknown}
+{warning}
 ```python
 from transformers import AutoTokenizer
 answer, route = router.generate("PROMPT", AutoTokenizer.from_pretrained("{base_model_id}"))

@@ -22,6 +22,21 @@ class TokenizedExample:
     completion_start: int
 
 
+def prompt_token_ids(tokenizer, prompt: str, *, use_chat_template: bool = False) -> list[int]:
+    """The tokens of a prompt as every part of peft-d2c sees it: the scorer, the prompt router and generation.
+
+    Without the chat template, the tokenizer's special tokens are added (e.g. BOS). With it, the prompt is the
+    content of one user turn followed by the generation prompt, and the template itself supplies the special
+    tokens (none are added a second time).
+    """
+    if use_chat_template:
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        )
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return list(tokenizer(prompt)["input_ids"])
+
+
 def tokenize_example(
     tokenizer,
     example: Example,
@@ -42,14 +57,7 @@ def tokenize_example(
             and the tokenizer has neither a BOS nor an EOS token.
     """
     where = f"task {task!r}" if task is not None else "an example"
-    prompt = example.prompt
-    if use_chat_template:
-        prompt = tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
-        )
-        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    else:
-        prompt_ids = tokenizer(prompt)["input_ids"]
+    prompt_ids = prompt_token_ids(tokenizer, example.prompt, use_chat_template=use_chat_template)
     completion_ids = tokenizer(example.completion, add_special_tokens=False)["input_ids"]
     if tokenizer.eos_token_id is not None:
         completion_ids = [*completion_ids, tokenizer.eos_token_id]

@@ -16,7 +16,7 @@ import torch
 from peft import PeftModel
 
 from ..scoring.loss import input_device
-from ..scoring.tokenization import pad_token_id_for, padded_batch
+from ..scoring.tokenization import pad_token_id_for, padded_batch, prompt_token_ids
 
 BASE_ADAPTER = "__base__"  # PEFT's name for "no adapter" in mixed-adapter batches
 
@@ -72,6 +72,7 @@ def generate_answers(
     adapter_names: Sequence[str] | None = None,
     max_new_tokens: int = 8,
     batch_size: int = 32,
+    use_chat_template: bool = False,
     **generate_kwargs: Any,
 ) -> list[str]:
     """Greedy answers to `prompts`, batched with left padding.
@@ -79,11 +80,13 @@ def generate_answers(
     Args:
         model (`PreTrainedModel` or `PeftModel`): The model; left in the training mode it was in.
         tokenizer: Its tokenizer (not modified; padding is done here).
-        prompts (`list[str]`): The prompts, used as they are (no chat template).
+        prompts (`list[str]`): The prompts.
         adapter_names (`list[str]`, *optional*): One adapter per prompt (PEFT mixed-adapter batch); `"__base__"` is
             the base model. Defaults to the base model for a `PeftModel`, and to the model itself otherwise.
         max_new_tokens (`int`, *optional*, defaults to 8): Tokens generated per prompt at most.
         batch_size (`int`, *optional*, defaults to 32): Prompts per `generate` call.
+        use_chat_template (`bool`, *optional*, defaults to `False`): Wrap each prompt in the tokenizer's chat
+            template as one user turn (`prompt_token_ids`), as the scorer does with `scoring.use_chat_template`.
         generate_kwargs: More arguments of `model.generate` (e.g. `repetition_penalty`).
 
     Returns:
@@ -99,7 +102,7 @@ def generate_answers(
         ```
     """
     rows = row_adapters(model, adapter_names, len(prompts))
-    encoded = [list(tokenizer(prompt)["input_ids"]) for prompt in prompts]
+    encoded = [prompt_token_ids(tokenizer, prompt, use_chat_template=use_chat_template) for prompt in prompts]
     pad_id, device = pad_token_id_for(tokenizer), input_device(model)
     answers = [""] * len(prompts)
     with eval_mode(model):

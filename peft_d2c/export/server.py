@@ -1,0 +1,218 @@
+"""Serve an exported GGUF folder with llama.cpp, routing requests that carry no task label (the `llamacpp` extra).
+
+`peft-d2c export --format gguf` writes one llama.cpp LoRA file per merged adapter, the routing table and the prompt
+router. `RoutedLlamaCpp` serves that folder in one process with llama-cpp-python:
+
+- one llama.cpp context on the base GGUF embeds each prompt (mean pooling over its tokens of the last hidden state,
+  after the final norm: the router's features, docs/routing.md shows llama.cpp's equal transformers');
+- the prompt router picks the task, and so the merged adapter; a prompt of no known task goes to the nearest task's
+  adapter (`fallback="nearest"`) or to the base model (`fallback="base"`);
+- one llama.cpp context per merged adapter (the base GGUF with that LoRA file) answers greedily.
+
+A request may also name its task or merged adapter in `model` (a labelled request): then it is served with that
+adapter and not routed. `make_server` puts an OpenAI-compatible HTTP front on it (stdlib `http.server`):
+`POST /v1/completions` (`prompt`, `max_tokens`, `stop`, optional `model`) answers in the OpenAI completion shape
+plus a `d2c_route` entry saying where the prompt went; `GET /v1/models` lists the tasks and adapters.
+
+llama.cpp contexts are not thread-safe: one lock serialises the requests of a `RoutedLlamaCpp`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import asdict
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import torch
+
+from ..engine.serving.generation import BASE_ADAPTER
+from ..engine.serving.prompt_router import FALLBACKS, PromptRouter, Route
+from ..io import read_json
+from .folder import MANIFEST_NAME, file_sha256
+
+__all__ = ["RoutedLlamaCpp", "make_server"]
+
+
+class RoutedLlamaCpp:
+    """An exported GGUF folder served by llama.cpp, with the prompt router in front (see the module).
+
+    Args:
+        export_dir (`str` or `os.PathLike`): The output of `export_d2c_folder(..., format="gguf")`, with its router.
+        base_gguf (`str` or `os.PathLike`): The base model GGUF file the adapters were exported for.
+        fallback (`str`, defaults to `"nearest"`): Where a prompt of no known task goes: `"nearest"` (the nearest
+            task's adapter) or `"base"` (the base model).
+        n_ctx (`int`, defaults to 2048): Context length of every llama.cpp context.
+        n_threads (`int`, *optional*): llama.cpp threads (default: llama.cpp's choice).
+
+    Raises:
+        ImportError: Without llama-cpp-python (`pip install "peft-d2c[llamacpp]"`).
+        FileNotFoundError: If `export_dir` has no manifest, no router or an adapter file is missing.
+        ValueError: If the export is not a GGUF export, `base_gguf` is not the file it was exported for (its
+            SHA-256 differs from the manifest's), the router was fitted on chat-templated prompts, or `fallback` is
+            unknown.
+    """
+
+    def __init__(
+        self,
+        export_dir: str | os.PathLike,
+        base_gguf: str | os.PathLike,
+        *,
+        fallback: str = "nearest",
+        n_ctx: int = 2048,
+        n_threads: int | None = None,
+    ):
+        import llama_cpp  # the optional `llamacpp` extra, needed only to serve
+
+        export_dir, base_gguf = os.fspath(export_dir), os.fspath(base_gguf)
+        manifest_path = os.path.join(export_dir, MANIFEST_NAME)
+        if not os.path.isfile(manifest_path):
+            raise FileNotFoundError(
+                f"No {MANIFEST_NAME} in {export_dir!r}: export the result first (`peft-d2c export`)."
+            )
+        manifest = read_json(manifest_path)
+        if manifest.get("format") != "gguf":
+            raise ValueError(f"{export_dir!r} is a {manifest.get('format')!r} export; serve a `--format gguf` one.")
+        if fallback not in FALLBACKS:
+            raise ValueError(f"`fallback` must be one of {list(FALLBACKS)}, got {fallback!r}.")
+        expected = manifest["base_model"].get("gguf_sha256")
+        if expected is not None and file_sha256(base_gguf) != expected:
+            raise ValueError(
+                f"{base_gguf!r} is not the base GGUF the adapters were exported for (SHA-256 differs from the "
+                f"manifest's {expected[:12]}...); pass that file."
+            )
+        if "router" not in manifest:
+            raise FileNotFoundError(
+                f"{export_dir!r} has no prompt router: export a result fitted with `fit_router=True`."
+            )
+        self.router = PromptRouter.from_pretrained(export_dir)
+        if self.router.use_chat_template:
+            raise ValueError(
+                "The router was fitted on chat-templated prompts (`scoring.use_chat_template=True`); this server "
+                "answers raw prompts, so it would route and answer prompts in another form than was scored."
+            )
+        self.routing = {task: entry["adapter"] for task, entry in manifest["tasks"].items()}
+        self.fallback = fallback
+        self.manifest = manifest
+        common = {"model_path": base_gguf, "n_ctx": n_ctx, "verbose": False}
+        if n_threads is not None:
+            common.update(n_threads=n_threads, n_threads_batch=n_threads)
+        self._embedder = llama_cpp.Llama(embedding=True, pooling_type=llama_cpp.LLAMA_POOLING_TYPE_MEAN, **common)
+        self._answerers = {BASE_ADAPTER: llama_cpp.Llama(**common)}
+        for name, adapter in manifest["adapters"].items():
+            path = os.path.join(export_dir, adapter["file"])
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"The manifest names {path!r}, which is missing.")
+            self._answerers[name] = llama_cpp.Llama(lora_path=path, **common)
+        self._lock = threading.Lock()
+
+    @property
+    def adapters(self) -> list[str]:
+        """The merged adapters served (in the manifest's order)."""
+        return list(self.manifest["adapters"])
+
+    def route(self, prompt: str) -> Route:
+        """The `Route` of `prompt`: llama.cpp's embedding of it through the prompt router."""
+        with self._lock:
+            embedding = self._embedder.embed(prompt)
+        features = torch.tensor([embedding], dtype=torch.float32)
+        return self.router.route_features(features, self.routing, fallback=self.fallback)[0]
+
+    def complete(
+        self,
+        prompt: str,
+        *,
+        model: str | None = None,
+        max_tokens: int = 16,
+        stop: Sequence[str] | None = None,
+    ) -> dict[str, Any]:
+        """Answer `prompt` greedily with the adapter of its task: named by `model` (a task or a merged adapter), or
+        routed when `model` is None.
+
+        Returns:
+            `dict`: An OpenAI completion object (`choices[0]["text"]`; `model` is the adapter that answered) with
+            `d2c_route`: the route (`task`, `adapter`, `confidence`, `similarity`, `known`), or `{"task", "adapter",
+            "labelled": True}` for a labelled request.
+
+        Raises:
+            KeyError: If `model` names neither a task nor a merged adapter.
+        """
+        if model is None:
+            route = self.route(prompt)
+            adapter, where = route.adapter, {**asdict(route), "labelled": False}
+        elif model in self.routing:
+            adapter, where = self.routing[model], {"task": model, "adapter": self.routing[model], "labelled": True}
+        elif model in self.manifest["adapters"]:
+            adapter, where = model, {"task": None, "adapter": model, "labelled": True}
+        else:
+            raise KeyError(f"`model` {model!r} is neither a task nor a merged adapter; known: {self.models()}.")
+        with self._lock:
+            out = self._answerers[adapter].create_completion(
+                prompt, max_tokens=max_tokens, temperature=0.0, stop=list(stop) if stop else None
+            )
+        out["model"] = adapter
+        out["d2c_route"] = where
+        return out
+
+    def models(self) -> list[str]:
+        """What `model` may name: every task, then every merged adapter."""
+        return sorted(self.routing) + self.adapters
+
+
+def make_server(routed: RoutedLlamaCpp, host: str = "127.0.0.1", port: int = 8080) -> ThreadingHTTPServer:
+    """An OpenAI-compatible HTTP front for `routed` (not started: call `serve_forever()`, or run it in a thread).
+
+    `POST /v1/completions` takes `{"prompt": str, "max_tokens"?: int, "stop"?: [str], "model"?: task or adapter}`;
+    a request without `model` is routed. `GET /v1/models` lists the tasks and adapters. Errors answer 400 (a bad
+    request) or 404 (an unknown path or model) with `{"error": {"message"}}`. `port=0` picks a free port
+    (`server.server_address[1]`).
+    """
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, format: str, *args: Any) -> None:  # quiet: the caller logs what it needs
+            pass
+
+        def _send(self, status: int, body: dict[str, Any]) -> None:
+            data = json.dumps(body).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def do_GET(self) -> None:
+            if self.path.rstrip("/") != "/v1/models":
+                self._send(404, {"error": {"message": f"No route {self.path}; use /v1/models or /v1/completions."}})
+                return
+            models = [{"id": m, "object": "model", "owned_by": "peft-d2c"} for m in routed.models()]
+            self._send(200, {"object": "list", "data": models})
+
+        def do_POST(self) -> None:
+            if self.path.rstrip("/") != "/v1/completions":
+                self._send(404, {"error": {"message": f"No route {self.path}; POST to /v1/completions."}})
+                return
+            try:
+                request = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
+                prompt = request.get("prompt")
+                if not isinstance(prompt, str) or not prompt:
+                    raise ValueError("`prompt` must be a non-empty string (one prompt per request).")
+                max_tokens = int(request.get("max_tokens", 16))
+                stop = request.get("stop")
+                stop = [stop] if isinstance(stop, str) else stop
+            except (ValueError, TypeError) as error:
+                self._send(400, {"error": {"message": str(error)}})
+                return
+            started = time.perf_counter()
+            try:
+                out = routed.complete(prompt, model=request.get("model"), max_tokens=max_tokens, stop=stop)
+            except KeyError as error:
+                self._send(404, {"error": {"message": str(error.args[0])}})
+                return
+            out["d2c_seconds"] = time.perf_counter() - started
+            self._send(200, out)
+
+    return ThreadingHTTPServer((host, port), Handler)

@@ -1,0 +1,112 @@
+"""Requests without a task label answered by a real llama.cpp (issue 37): `peft-d2c serve` on a GGUF export.
+
+A D2C run on four embedded tasks (SmolLM2-135M, K = 2) is saved, exported to GGUF and served by `RoutedLlamaCpp`
+behind its HTTP front on a free local port. Held-out prompts are sent over real HTTP with no task label. What is
+expected comes from elsewhere: the adapter from the prompt's task label and the run's routing table, the answer from a
+separate llama.cpp instance of the base GGUF with that adapter's file, called directly.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import urllib.error
+import urllib.request
+
+import pytest
+from test_export_llamacpp import TASKS, base_gguf_file
+
+from peft_d2c import D2CMergeConfig, merge_adapters_d2c
+from peft_d2c.embedded import load_embedded_peft_model, load_embedded_tasks
+from peft_d2c.export import RoutedLlamaCpp, export_d2c_folder, make_server
+
+llama_cpp = pytest.importorskip("llama_cpp", reason="needs the `llamacpp` extra (llama-cpp-python)")
+
+pytestmark = [pytest.mark.llamacpp, pytest.mark.slow]
+
+MAX_TOKENS = 6
+PROMPTS_PER_TASK = 3
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    model, tokenizer, _, _ = load_embedded_peft_model(tasks=TASKS, show_progress=False)
+    fewshot = load_embedded_tasks("fewshot", tasks=TASKS)
+    config = D2CMergeConfig(num_clusters=2, num_iterations=4, seed=0, show_progress=False)
+    result = merge_adapters_d2c(model, fewshot, config, tokenizer=tokenizer)
+    root = tmp_path_factory.mktemp("serve")
+    folder = result.save_pretrained(root / "result")
+    export_dir = root / "gguf"
+    manifest = export_d2c_folder(folder, export_dir, format="gguf", base_gguf=base_gguf_file())
+    routed = RoutedLlamaCpp(export_dir, base_gguf_file(), n_threads=1)
+    server = make_server(routed, port=0)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield {"url": f"http://127.0.0.1:{server.server_address[1]}", "routing": result.routing, "manifest": manifest,
+           "export_dir": export_dir, "routed": routed}  # fmt: skip
+    server.shutdown()
+    server.server_close()
+
+
+def post(url: str, body: dict) -> tuple[int, dict]:
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+def direct_answer(export_dir, adapter_file: str, prompt: str) -> str:
+    """The greedy answer of a fresh llama.cpp instance: the base GGUF with one adapter file, no server, no router."""
+    llm = llama_cpp.Llama(model_path=base_gguf_file(), lora_path=str(export_dir / adapter_file), n_ctx=2048,
+                          n_threads=1, n_threads_batch=1, verbose=False)  # fmt: skip
+    return llm.create_completion(prompt, max_tokens=MAX_TOKENS, temperature=0.0)["choices"][0]["text"]
+
+
+def test_a_request_without_a_task_label_is_answered_by_its_tasks_merged_adapter(served):
+    test = load_embedded_tasks("test", tasks=TASKS)
+    for task in TASKS:
+        adapter = served["routing"][task]  # from the task label and the run's routing table
+        adapter_file = served["manifest"]["adapters"][adapter]["file"]
+        for example in test[task][:PROMPTS_PER_TASK]:
+            status, body = post(
+                f"{served['url']}/v1/completions", {"prompt": example["prompt"], "max_tokens": MAX_TOKENS}
+            )
+            assert status == 200, body
+            route = body["d2c_route"]
+            assert (route["task"], route["adapter"], route["known"], route["labelled"]) == (task, adapter, True, False)
+            assert body["model"] == adapter
+            assert body["choices"][0]["text"] == direct_answer(served["export_dir"], adapter_file, example["prompt"])
+
+
+def test_a_labelled_request_is_served_with_the_adapter_it_names(served):
+    prompt = load_embedded_tasks("test", tasks=["plural"])["plural"][0]["prompt"]
+    other = next(t for t in TASKS if served["routing"][t] != served["routing"]["plural"])
+    adapter = served["routing"][other]  # on purpose the adapter of another task than the prompt's
+    status, body = post(
+        f"{served['url']}/v1/completions", {"prompt": prompt, "model": other, "max_tokens": MAX_TOKENS}
+    )
+    assert status == 200 and body["d2c_route"] == {"task": other, "adapter": adapter, "labelled": True}
+    file = served["manifest"]["adapters"][adapter]["file"]
+    assert body["choices"][0]["text"] == direct_answer(served["export_dir"], file, prompt)
+
+
+def test_prompts_of_no_known_task_and_bad_requests(served):
+    status, body = post(f"{served['url']}/v1/completions", {"prompt": "Wie wird das Wetter morgen in Berlin?"})
+    assert status == 200 and body["d2c_route"]["known"] is False
+    status, body = post(f"{served['url']}/v1/completions", {"prompt": "a", "model": "no_such_task"})
+    assert status == 404 and "neither a task nor a merged adapter" in body["error"]["message"]
+    assert post(f"{served['url']}/v1/completions", {"max_tokens": 3})[0] == 400
+    with urllib.request.urlopen(f"{served['url']}/v1/models", timeout=30) as response:
+        ids = [m["id"] for m in json.loads(response.read())["data"]]
+    assert ids == sorted(TASKS) + list(served["manifest"]["adapters"])
+
+
+def test_the_server_refuses_another_base_file_and_an_export_without_gguf(served, tmp_path):
+    other = tmp_path / "other.gguf"
+    other.write_bytes(b"GGUF not the base")
+    with pytest.raises(ValueError, match="not the base GGUF"):
+        RoutedLlamaCpp(served["export_dir"], other)
+    with pytest.raises(FileNotFoundError, match="export the result first"):
+        RoutedLlamaCpp(tmp_path, base_gguf_file())
