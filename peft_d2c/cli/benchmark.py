@@ -16,7 +16,7 @@ import os
 
 from ..combination_types import COMBINATION_TYPES
 from ..config import SEARCHES
-from ..embedded.benchmark import run_benchmark
+from ..embedded.benchmark import COLLECTIONS, run_benchmark
 from ..embedded.merge_report import combine_runs, format_report
 
 _VARIANT_KEYS = {
@@ -52,9 +52,10 @@ def add_benchmark_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--collection",
-        choices=["embedded", "validation"],
+        choices=COLLECTIONS,
         default="embedded",
-        help="Task collection: the embedded 16, or the validation 12 (other tasks and recipes; default: embedded).",
+        help="Task collection: the embedded 16, the validation 12 (other tasks and recipes), or the conflict 16 "
+        "(pairs of tasks with the same inputs and different outputs; default: embedded).",
     )
     parser.add_argument("--clusters", type=int, nargs="+", default=[2, 4], help="Values of K (default: 2 4).")
     parser.add_argument("--seeds", type=int, default=2, help="Seeds per cell (default: 2; the doc's run used 10).")

@@ -14,7 +14,7 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,7 +29,7 @@ from ..engine.runtime.state import preserved_state
 from ..engine.scoring.loss import TokenizedExample, input_device, pad_token_id_for, tokenize_example
 from ..io import atomic_write_json
 from .base_model import default_cache_dir, load_embedded_base_model, staging_dir
-from .tasks import check_tasks, load_embedded_tasks
+from .tasks import check_tasks, load_embedded_tasks, load_task_folder
 
 logger = logging.getLogger(__name__)
 
@@ -379,3 +379,47 @@ def load_embedded_peft_model(
         peft_model.load_adapter(adapter_dirs[task], adapter_name=task)
     peft_model.eval()
     return peft_model, tokenizer, source_info, adapter_dirs
+
+
+def load_collection_assets(
+    collection: str,
+    tasks_dir: str,
+    all_names: Sequence[str],
+    recipe_for: Callable[[str], AdapterRecipe],
+    *,
+    tasks: Sequence[str] | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    fetch: bool = True,
+    show_progress: bool = True,
+) -> tuple[Any, Any, dict, dict, dict]:
+    """A task collection other than the embedded one on the embedded base model: `(peft_model, tokenizer,
+    source_info, fewshot, test)`, its adapters (one per task of `tasks`, default `all_names`, trained with
+    `recipe_for(task)` on the folder's `train` split) trained on the first call and cached after;
+    `source_info["collection"]` names it.
+
+    Raises:
+        ValueError: If `tasks` names a task that is not in `all_names`.
+    """
+    names = list(tasks or all_names)
+    unknown = sorted(set(names) - set(all_names))
+    if unknown:
+        raise ValueError(f"`tasks` has unknown names {unknown}; choose from {list(all_names)}.")
+    model, tokenizer, source_info = load_embedded_base_model(
+        fetch=fetch, cache_dir=cache_dir, torch_dtype=torch.float32
+    )
+    train = load_task_folder(tasks_dir, names, "train")
+    dirs = build_task_adapters(
+        model,
+        tokenizer,
+        source_info,
+        train,
+        {task: recipe_for(task) for task in names},
+        cache_dir=cache_dir,
+        show_progress=show_progress,
+    )
+    peft_model = PeftModel.from_pretrained(model, dirs[names[0]], adapter_name=names[0])
+    for task in names[1:]:
+        peft_model.load_adapter(dirs[task], adapter_name=task)
+    peft_model.eval()
+    fewshot, test = load_task_folder(tasks_dir, names, "fewshot"), load_task_folder(tasks_dir, names, "test")
+    return peft_model, tokenizer, {**source_info, "collection": collection}, fewshot, test

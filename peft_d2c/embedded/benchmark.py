@@ -44,6 +44,7 @@ from .benchmark_report import (
     plot_benchmark,
     summarize,
 )
+from .conflict import load_conflict_assets
 from .mainjob import load_embedded_assets, load_quick_assets
 from .merge_report import format_report, plot_report, with_merge_labels
 from .validation import load_validation_assets
@@ -98,7 +99,7 @@ def cluster_methods(
 CLUSTER_METHODS = cluster_methods()
 
 
-COLLECTIONS = ("embedded", "validation")
+COLLECTIONS = ("embedded", "validation", "conflict")
 
 
 def _load(model: str, collection: str, cache_dir: str | None, fetch: bool, show_progress: bool):
@@ -106,10 +107,12 @@ def _load(model: str, collection: str, cache_dir: str | None, fetch: bool, show_
         raise ValueError(f"`collection` must be one of {list(COLLECTIONS)}, got {collection!r}.")
     if model == "tiny":
         if collection != "embedded":
-            raise ValueError("The tiny model has no validation collection; use `--model smollm2`.")
+            raise ValueError(f"The tiny model has no {collection} collection; use `--model smollm2`.")
         return load_quick_assets(cache_dir)
     if collection == "validation":
         return load_validation_assets(cache_dir, fetch, show_progress)
+    if collection == "conflict":
+        return load_conflict_assets(cache_dir, fetch, show_progress)
     return load_embedded_assets(cache_dir, fetch, show_progress)
 
 
@@ -152,8 +155,9 @@ def run_benchmark(
 
     Args:
         model (`str`): `"smollm2"` (the embedded default) or `"tiny"`.
-        collection (`str`): `"embedded"` (the 16 tasks) or `"validation"` (`embedded.validation`: 12 other tasks,
-            adapters of other recipes; smollm2 only).
+        collection (`str`): `"embedded"` (the 16 tasks), `"validation"` (`embedded.validation`: 12 other tasks,
+            adapters of other recipes; smollm2 only) or `"conflict"` (`embedded.conflict`: 16 tasks in pairs that
+            share their inputs and want different outputs; smollm2 only).
         clusters (`Sequence[int]`): The storage budgets K.
         seeds (`int`): Seeds `first_seed .. first_seed + seeds - 1` per (method, merge, K), run seed by seed.
         iterations (`int`, *optional*): T of the D2C runs (default: each run's `SearchPlan`'s; a variant may set

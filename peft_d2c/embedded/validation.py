@@ -16,11 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
-from peft import PeftModel
-
-from .adapters import AdapterRecipe, build_task_adapters
-from .base_model import load_embedded_base_model
+from .adapters import AdapterRecipe, load_collection_assets
 from .tasks import load_task_folder
 
 VALIDATION_TASKS_DIR = str(Path(__file__).resolve().parent / "validation_data")
@@ -77,27 +73,7 @@ def load_validation_assets(
         cache_dir (`str` or `os.PathLike`, *optional*), fetch (`bool`), show_progress (`bool`): As for the main job.
         tasks (`Sequence[str]`, *optional*): A subset of `VALIDATION_TASK_NAMES` (default: all twelve).
     """
-    names = list(tasks or VALIDATION_TASK_NAMES)
-    unknown = sorted(set(names) - set(VALIDATION_TASK_NAMES))
-    if unknown:
-        raise ValueError(f"`tasks` has unknown names {unknown}; choose from {list(VALIDATION_TASK_NAMES)}.")
-    model, tokenizer, source_info = load_embedded_base_model(
-        fetch=fetch, cache_dir=cache_dir, torch_dtype=torch.float32
-    )
-    train = {task: examples for task, examples in load_validation_tasks("train").items() if task in names}
-    recipes = {task: validation_recipe(task) for task in names}
-    dirs = build_task_adapters(
-        model, tokenizer, source_info, train, recipes, cache_dir=cache_dir, show_progress=show_progress
-    )
-    peft_model = PeftModel.from_pretrained(model, dirs[names[0]], adapter_name=names[0])
-    for task in names[1:]:
-        peft_model.load_adapter(dirs[task], adapter_name=task)
-    peft_model.eval()
-    fewshot, test = load_validation_tasks("fewshot"), load_validation_tasks("test")
-    return (
-        peft_model,
-        tokenizer,
-        {**source_info, "collection": "validation"},
-        {t: fewshot[t] for t in names},
-        {t: test[t] for t in names},
-    )
+    return load_collection_assets(
+        "validation", VALIDATION_TASKS_DIR, VALIDATION_TASK_NAMES, validation_recipe,
+        tasks=tasks, cache_dir=cache_dir, fetch=fetch, show_progress=show_progress,
+    )  # fmt: skip
