@@ -70,8 +70,9 @@ def test_benchmark_tiny_writes_results_and_resumes(tmp_path, capsys):
     assert json.loads(json_path.read_text()) == again  # the file is as it was
 
 
-def _cell(method, k, seed, score, fewshot=None, anytime=None):
+def _cell(method, k, seed, score, fewshot=None, anytime=None, whole=None):
     return {
+        **({"heldout_whole_score": whole} if whole is not None else {}),
         "method": method,
         "num_clusters": k,
         "seed": seed,
@@ -97,6 +98,21 @@ class TestReport:
         # t(0.975, df=2) = 4.303, std of (0.02, 0.04, 0.03) = 0.01
         assert (row["low"], row["high"]) == pytest.approx((0.03 - 4.303 * 0.01 / 3**0.5, 0.03 + 4.303 * 0.01 / 3**0.5))
         assert t_interval([0.5]) == (0.5, 0.5, 0.5)
+        assert row["whole_diff"] is None  # cells written before the whole-answer score: no column value
+
+    def test_paired_difference_of_the_whole_answer_next_to_the_first_word(self):
+        from peft_d2c.embedded.benchmark_report import format_table, paired_differences
+
+        # the first word favours d2c by 0.10 on both seeds, the whole answer by 0.05 and -0.01
+        results = [_cell("random", 2, s, 0.5, 1.0, whole=0.3) for s in range(2)]
+        results += [_cell("d2c", 2, 0, 0.6, 0.9, whole=0.35), _cell("d2c", 2, 1, 0.6, 0.9, whole=0.29)]
+        data = {"model": "m", "results": results}
+        (row,) = paired_differences(data)
+        assert row["diff"] == pytest.approx(0.10) and row["whole_diff"] == pytest.approx(0.02)
+        half = 12.706 * 0.06 / 2**0.5 / 2**0.5  # t(0.975, 1) x std(0.05, -0.01) / sqrt(2)
+        assert (row["whole_low"], row["whole_high"]) == pytest.approx((0.02 - half, 0.02 + half))
+        line = next(x for x in format_table(data).splitlines() if x.startswith("| d2c | 2 | random"))
+        assert line.endswith(f"| +2.0 [{100 * (0.02 - half):+.1f}, {100 * (0.02 + half):+.1f}] |")
 
     def test_anytime_rows_carry_the_final_loss_of_a_finished_run(self):
         from peft_d2c.embedded.benchmark_report import anytime_rows, value_at

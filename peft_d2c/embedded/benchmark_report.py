@@ -85,7 +85,9 @@ def summarize(data: dict[str, Any]) -> list[dict[str, Any]]:
 
 def paired_differences(data: dict[str, Any]) -> list[dict[str, Any]]:
     """Every D2C method minus the best baseline of its K, paired by seed: rows `{method, num_clusters, baseline,
-    diff, low, high, wins, n, fewshot_diff}` (exact match as a fraction; `fewshot_diff` in nats)."""
+    diff, low, high, wins, n, fewshot_diff, whole_diff, whole_low, whole_high}` (first-word exact match as a fraction,
+    which also picks the best baseline; `whole_*` the same for the whole-answer exact match, None where a cell
+    predates it; `fewshot_diff` in nats)."""
     cells = {(r["method"], r["num_clusters"], r["seed"]): r for r in data["results"]}
     rows = []
     for k in sorted({r["num_clusters"] for r in data["results"] if r["method"] not in REFERENCE_METHODS}):
@@ -111,6 +113,11 @@ def paired_differences(data: dict[str, Any]) -> list[dict[str, Any]]:
                 and cells[(baseline, k, s)].get("fewshot_loss") is not None
             ]
             mean, low, high = t_interval(diffs)
+            pairs = [(cells[(method, k, s)].get("heldout_whole_score"), cells[(baseline, k, s)].get("heldout_whole_score"))
+                     for s in seeds]  # fmt: skip
+            whole = (None, None, None)
+            if all(a is not None and b is not None for a, b in pairs):
+                whole = t_interval([a - b for a, b in pairs])
             rows.append(
                 {
                     "method": method,
@@ -122,6 +129,7 @@ def paired_differences(data: dict[str, Any]) -> list[dict[str, Any]]:
                     "wins": sum(d > 0 for d in diffs),
                     "n": len(diffs),
                     "fewshot_diff": statistics.mean(fewshot) if fewshot else None,
+                    **dict(zip(("whole_diff", "whole_low", "whole_high"), whole, strict=True)),
                 }
             )
     return rows
@@ -185,6 +193,12 @@ def _fmt(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
+def _points(diff: float, low: float, high: float, n: int) -> str:
+    """A paired difference of two shares in points, with its interval where there is more than one seed."""
+    interval = f"[{100 * low:+.1f}, {100 * high:+.1f}]" if n > 1 else "(one seed: no interval)"
+    return f"{100 * diff:+.1f} {interval}"
+
+
 def format_table(data: dict[str, Any]) -> str:
     """Markdown: the table in the shape of the paper's Table 1 (held-out exact match % of the first word, mean ± std
     over seeds, and of the whole answer, plus the mean few-shot loss reached, forward passes and seconds per cell), then the paired differences."""
@@ -207,19 +221,21 @@ def format_table(data: dict[str, Any]) -> str:
     if paired:
         lines += [
             "",
-            "| method | K | minus best baseline | EM points (95% t interval) | seeds better | few-shot loss diff |",
-            "|---|---|---|---|---|---|",
+            "| method | K | minus best baseline | EM points (95% t interval) | seeds better | few-shot loss diff "
+            "| whole-answer EM points (95% t interval) |",
+            "|---|---|---|---|---|---|---|",
         ]
         for row in paired:
             lines.append(
-                f"| {row['method']} | {row['num_clusters']} | {row['baseline']} | {100 * row['diff']:+.1f} "
+                f"| {row['method']} | {row['num_clusters']} | {row['baseline']} | "
+                + _points(row["diff"], row["low"], row["high"], row["n"])
+                + f" | {row['wins']} of {row['n']} | {_fmt(row['fewshot_diff'], '+.3f')} | "
                 + (
-                    f"[{100 * row['low']:+.1f}, {100 * row['high']:+.1f}]"
-                    if row["n"] > 1
-                    else "(one seed: no interval)"
+                    "-"
+                    if row["whole_diff"] is None
+                    else _points(row["whole_diff"], row["whole_low"], row["whole_high"], row["n"])
                 )
-                + f" | {row['wins']} of {row['n']} | "
-                f"{_fmt(row['fewshot_diff'], '+.3f')} |"
+                + " |"
             )
     against = paired_against_paper(data)
     if against:
