@@ -175,6 +175,12 @@ class ScoringSettings:
             Truncate prompt + completion to this many tokens (the prompt is cut from the left).
         use_chat_template (`bool`, defaults to `False`):
             Wrap each prompt in the tokenizer's chat template before scoring.
+        cross_fit_folds (`int`, *optional*):
+            F, for a merge fitted to the few-shot examples' layer inputs (`regmean`): each example is scored under
+            the cluster's merge fitted to the other folds' examples (example i of a task in fold i mod F), F merges
+            per cluster, so the search's objective is measured on examples the merge was not fitted to. 1 (`None`) is
+            the paper's loss: the merge fitted to all the examples, scored on the same ones. The shipped merges are
+            always fitted to all examples.
     """
 
     examples_per_task: int = 10
@@ -182,12 +188,14 @@ class ScoringSettings:
     max_batch_tokens: int = 16384
     max_length: int | None = None
     use_chat_template: bool = False
+    cross_fit_folds: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("examples_per_task", "batch_size", "max_batch_tokens"):
             check_int(name, getattr(self, name), minimum=1)
         check_int("max_length", self.max_length, minimum=2, optional=True)
         check_choice("use_chat_template", self.use_chat_template, (True, False))
+        check_int("cross_fit_folds", self.cross_fit_folds, minimum=1, optional=True)
 
 
 def _group(cls: type, value: Any, name: str) -> Any:
@@ -375,7 +383,29 @@ class D2CMergeConfig:
         self.merge = _group(MergeSettings, self.merge, "merge")
         self.scoring = _group(ScoringSettings, self.scoring, "scoring")
         self.merge.check_applies_to(self.combination_type)
+        self._check_cross_fit()
         check_adapter_name(self.merged_adapter_prefix, argument="`merged_adapter_prefix`")
+
+    def _check_cross_fit(self) -> None:
+        """Refuse `cross_fit_folds` > 1 where it cannot change the loss or cannot run."""
+        folds = self.scoring.cross_fit_folds
+        if folds is None or folds == 1:
+            return
+        if self.combination_type not in DATA_TYPES:
+            raise ValueError(
+                f"`scoring.cross_fit_folds={folds}` changes only the loss of a merge fitted to the few-shot examples "
+                f"({list(DATA_TYPES)}); `combination_type={self.combination_type!r}` is not: leave it at None."
+            )
+        if folds > self.scoring.examples_per_task:
+            raise ValueError(
+                f"`scoring.cross_fit_folds={folds}` needs at least {folds} examples per task, and `scoring.examples_per_task` "
+                f"is {self.scoring.examples_per_task}: lower the folds or raise the examples."
+            )
+        if folds > self.merge.cache_size:
+            raise ValueError(
+                f"`scoring.cross_fit_folds={folds}` keeps {folds} merges of every scored cluster live: raise `merge.cache_size` "
+                f"(now {self.merge.cache_size}) to at least {folds}."
+            )
 
     @property
     def search_steps(self) -> int | None:
@@ -386,8 +416,8 @@ class D2CMergeConfig:
         return DEFAULT_STEPS[self.search]
 
     def resolved_for(self, plan: Any) -> D2CMergeConfig:
-        """This config as a run with `plan` ran it: `search`, `num_iterations` and `init` filled in from the plan, so a
-        result's saved config records what ran. `plan` is the run's `peft_d2c.engine.search.plan.SearchPlan` (from
+        """This config as a run with `plan` ran it: `search`, `num_iterations`, `init` and `scoring.cross_fit_folds`
+        filled in from the plan, so a result's saved config records what ran. `plan` is the run's `peft_d2c.engine.search.plan.SearchPlan` (from
         `SearchPlan.for_run(config, N, K)`; the engine sits above the config, so it is not imported here), or None
         for a baseline, whose config is returned as it is.
 
@@ -402,7 +432,13 @@ class D2CMergeConfig:
         """
         if plan is None:
             return self
-        return replace(self, search=plan.rule, num_iterations=plan.num_iterations, init=plan.init)
+        return replace(
+            self,
+            search=plan.rule,
+            num_iterations=plan.num_iterations,
+            init=plan.init,
+            scoring=replace(self.scoring, cross_fit_folds=plan.cross_fit_folds),
+        )
 
     def check_runnable(self) -> None:
         """Refuse to run a config that records settings of an older peft-d2c this version no longer has.

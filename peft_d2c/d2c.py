@@ -306,7 +306,9 @@ def _work_stats(merger, scorer, group, trace) -> dict[str, Any]:
         "forward_seconds": scorer.forward_seconds,
         "num_processes": group.num_processes,
         "trace": trace,
-        "layer_input_bytes": layer_input_bytes(merger.layer_inputs),  # the `regmean` layer inputs held for the run
+        "layer_input_bytes": layer_input_bytes(
+            merger.layer_inputs, *merger.fold_inputs.values()
+        ),  # the `regmean` layer inputs held for the run
     }
 
 

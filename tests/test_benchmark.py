@@ -189,6 +189,12 @@ def test_the_default_d2c_is_the_papers_search_and_other_options_add_it_beside():
     assert methods["d2c [v]"] == {"method": "d2c", "num_iterations": 30}  # over the defaults: the paper's search
     with pytest.raises(argparse.ArgumentTypeError, match="keys"):
         parse_variant("old: restarts=2")
+    # a scoring setting goes into its group, and makes the method another search than the paper's
+    from peft_d2c.embedded.benchmark_report import _is_paper
+
+    name, cross_fit = parse_variant("cf2: cross_fit_folds=2 init=random")
+    assert (name, cross_fit) == ("cf2", {"scoring": {"cross_fit_folds": 2}, "init": "random"})
+    assert not _is_paper({"method": "d2c", **cross_fit}, None) and _is_paper({"method": "d2c", "init": "random"}, None)
 
 
 def test_same_partition_is_evaluated_once_and_anytime_seeds_limit_the_recomputed_curves(tmp_path):

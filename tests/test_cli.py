@@ -173,7 +173,7 @@ def test_estimate_prints_evaluations_and_time(files, merged, capsys):
     # plus the final 5 losses; the plan is the one the run records
     assert estimate["num_clusters"] == 2 and estimate["max_evaluations"] == 6 * 2 + 5
     plan = {"rule": "paper", "num_iterations": 6, "init": "random", "proposals_per_step": 1, "patience": None,
-            "max_forward_passes": None}  # fmt: skip
+            "max_forward_passes": None, "cross_fit_folds": 1}  # fmt: skip
     assert estimate["search_plan"] == plan == D2CResult.from_pretrained(merged).stats["search_plan"]
     assert "method=d2c (paper search), T=6" in out
     ran = D2CResult.from_pretrained(merged)  # the same run: the losses it computed stay within the estimate

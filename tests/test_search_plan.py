@@ -71,7 +71,7 @@ class TestSetPlan:
     def test_the_plan_is_frozen_and_serialisable(self):
         default = plan(40)
         assert default.to_dict() == {"rule": "paper", "num_iterations": 250, "init": "random", "proposals_per_step": 1,
-                                     "patience": None, "max_forward_passes": None}  # fmt: skip
+                                     "patience": None, "max_forward_passes": None, "cross_fit_folds": 1}  # fmt: skip
         assert SearchPlan(**default.to_dict()) == default
         with pytest.raises(dataclasses.FrozenInstanceError):
             default.rule = "partition"  # type: ignore[misc]
@@ -84,8 +84,8 @@ class TestSetPlan:
             SearchPlan.for_run(D2CMergeConfig(num_clusters=2, method=method), 16, 2)
 
     def test_the_resolved_config_records_the_plan_and_plans_the_same_again(self):
-        """`resolved_for` fills `search`, `num_iterations` and `init` from the plan: the saved config of a result
-        records what ran, and planning it again (at any N) gives the same plan."""
+        """`resolved_for` fills `search`, `num_iterations`, `init` and `scoring.cross_fit_folds` from the plan: the
+        saved config of a result records what ran, and planning it again (at any N) gives the same plan."""
         config = D2CMergeConfig(num_clusters=4, patience=20)
         default = SearchPlan.for_run(config, 40, 4)
         resolved = config.resolved_for(default)
@@ -95,7 +95,9 @@ class TestSetPlan:
             "random",
             20,
         )
-        assert dataclasses.replace(resolved, search=None, num_iterations=None, init=None) == config
+        assert resolved.scoring.cross_fit_folds == 1  # the paper's loss
+        unset = dataclasses.replace(resolved.scoring, cross_fit_folds=None)
+        assert dataclasses.replace(resolved, search=None, num_iterations=None, init=None, scoring=unset) == config
         assert SearchPlan.for_run(resolved, 40, 4) == default == SearchPlan.for_run(resolved, 8, 2)
         assert D2CMergeConfig.from_dict(resolved.to_dict()) == resolved
 

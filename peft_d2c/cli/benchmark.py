@@ -26,7 +26,9 @@ _VARIANT_KEYS = {
     "num_iterations": int,
     "max_forward_passes": int,
     "init": str,
+    "cross_fit_folds": int,
 }
+_SCORING_KEYS = ("cross_fit_folds",)
 
 
 def parse_variant(text: str) -> tuple[str, dict]:
@@ -39,7 +41,10 @@ def parse_variant(text: str) -> tuple[str, dict]:
             raise argparse.ArgumentTypeError(
                 f"`--variant` settings must be key=value with keys {sorted(_VARIANT_KEYS)}, got {item!r}."
             )
-        settings[key] = _VARIANT_KEYS[key](value)
+        if key in _SCORING_KEYS:  # a `ScoringSettings` field
+            settings.setdefault("scoring", {})[key] = _VARIANT_KEYS[key](value)
+        else:
+            settings[key] = _VARIANT_KEYS[key](value)
     if not name.strip():
         raise argparse.ArgumentTypeError(f"`--variant` must start with a name and ':', got {text!r}.")
     return name.strip(), settings
@@ -80,7 +85,7 @@ def add_benchmark_arguments(parser: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         help="Extra D2C method 'name: key=value ...' (keys: search proposals_per_step patience num_iterations "
-        "max_forward_passes init), over the default settings; repeatable.",
+        "max_forward_passes init cross_fit_folds), over the default settings; repeatable.",
     )
     parser.add_argument(
         "--combination-type",

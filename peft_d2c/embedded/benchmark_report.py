@@ -141,6 +141,8 @@ def _is_paper(settings: dict[str, Any] | None, iterations: int | None) -> bool:
         return False
     steps = settings.get("num_iterations", iterations)
     paper = {**settings, "search": settings.get("search") or "paper"}
+    if ((settings.get("scoring") or {}).get("cross_fit_folds") or 1) != 1:  # a cross-fitted objective
+        return False
     return steps == iterations and all(paper.get(k, v) == v for k, v in PAPER_SEARCH.items())
 
 

@@ -33,7 +33,8 @@ def estimate_run(peft_model, task_examples, config, *, tokenizer, probe_evaluati
     `search="paper"` step asks for two (the task in its cluster and in the target cluster), a `"partition"` step for
     every task of the two clusters after the move (2N/K for balanced clusters, at most N). Repeated requests are
     cached, so while the clusters stay about balanced the count is an upper bound. The final task losses add N; the
-    K final merges are timed separately.
+    K final merges are timed separately. A cross-fitted run (`scoring.cross_fit_folds` F) merges a cluster F times per
+    evaluation, which the probe's timing includes.
 
     Args:
         peft_model (`PeftModel`): The model with the N source adapters.
@@ -105,7 +106,9 @@ def estimate_run(peft_model, task_examples, config, *, tokenizer, probe_evaluati
         "seconds_per_evaluation": per_evaluation,
         "seconds_per_merge": per_merge,
         "expected_seconds": evaluations * per_evaluation + k * per_merge,
-        "layer_input_bytes": layer_input_bytes(merger.layer_inputs),  # held for the whole run (0 unless `regmean`)
+        "layer_input_bytes": layer_input_bytes(
+            merger.layer_inputs, *merger.fold_inputs.values()
+        ),  # held for the whole run (0 unless `regmean`)
         "predicted_layer_input_bytes": predicted_input_bytes,  # what a run checks against `memory_limit`
         "peak_bytes": peak_bytes,
     }

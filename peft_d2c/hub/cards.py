@@ -163,10 +163,12 @@ def _method_section(data: dict[str, Any]) -> str:
     # the density only where the merge prunes (a result of before 3 recorded it for every type)
     density = result.get("density", (config.get("merge") or {}).get("density"))
     density = density if combination in DENSITY_TYPES else None
+    folds = (config.get("scoring") or {}).get("cross_fit_folds") or 1
+    loss_text = "few-shot loss" if folds == 1 else f"few-shot loss cross-fitted over {folds} folds"
     lines = [
         f"- **Clustering**: `{result.get('method', config.get('method'))}` ({_search_text(config, result)}"
         f"{(config.get('scoring') or {}).get('examples_per_task')} few-shot examples per task scored by their "
-        f"few-shot loss, seed {config.get('seed')}).",
+        f"{loss_text}, seed {config.get('seed')}).",
         f"- **Merge**: {_merge_engine(combination)}, `combination_type={combination!r}`"
         + (f", `density={density}`" if density is not None else "")
         + ".",

@@ -34,6 +34,8 @@ from .update_layers import merged_lora_config, update_merge_into
 logger = logging.getLogger(__name__)
 
 Members = tuple[str, ...]
+# A live merge: its members and the cross-fitting fold whose layer inputs it was fitted to (None: all examples').
+MergeKey = tuple[Members, int | None]
 
 
 # Types whose members all get weight 1 (a disjoint mean after pruning, or TSV-M's sum of orthogonalised directions).
@@ -118,10 +120,10 @@ class AdapterMerger:
         self.num_merges = 0
         self.num_refills = 0
         self.merge_seconds = 0.0
-        self._live: OrderedDict[Members, str] = OrderedDict()
+        self._live: OrderedDict[MergeKey, str] = OrderedDict()
         self._free_slots: list[str] = []  # in the model, holding an evicted merge, ready to be refilled
         self._unused_names = [self.temporary_name(i) for i in reversed(range(config.merge.cache_size))]
-        self._pinned: set[Members] = set()
+        self._pinned: set[MergeKey] = set()
         # The LoRA layers never change during a run (adapters only add entries inside them); walking every module of
         # the model for each refill would cost more than the merge arithmetic of a small adapter.
         self._layers = list(lora_layers(peft_model))
@@ -130,6 +132,9 @@ class AdapterMerger:
         self._modules_cache: dict[tuple[str, ...], frozenset[str]] = {}
         # adapter -> per LoRA layer, its inputs on its task's examples (`layer_inputs.input_factors`).
         self.layer_inputs: dict[str, list[torch.Tensor]] = {}
+        # Cross-fitted scoring (`LossScorer(folds=)`): fold -> adapter -> per LoRA layer, its inputs on its task's
+        # examples outside that fold, so a merge scored on a fold's examples was not fitted to them.
+        self.fold_inputs: dict[int, dict[str, list[torch.Tensor]]] = {}
         self._can_refill = config.combination_type not in RANDOM_TYPES  # DARE masks depend on the module build
         # PEFT's private per-layer helpers, checked once per process against the closed-form update.
         self._trust_peft = peft_helpers_verified()
@@ -150,12 +155,20 @@ class AdapterMerger:
             raise ValueError(f"`weights` must name exactly the members {list(members)}, got {sorted(weights)}.")
         return [float(weights[m]) for m in members]
 
-    def merge(self, members: Sequence[str], adapter_name: str, weights: Mapping[str, float] | None = None) -> str:
+    def merge(
+        self,
+        members: Sequence[str],
+        adapter_name: str,
+        weights: Mapping[str, float] | None = None,
+        *,
+        fold: int | None = None,
+    ) -> str:
         """Merge `members` into a new adapter `adapter_name` with PEFT's `add_weighted_adapter`.
 
         The merge runs inside `torch.random.fork_rng()` seeded from (config seed, sorted members), so `dare_*`
         masks are the same every time the same cluster is merged, and torch's global generator is left untouched.
-        `weights` (member -> weight) replaces the weights of `merge_weights_for` (e.g. tuned ones).
+        `weights` (member -> weight) replaces the weights of `merge_weights_for` (e.g. tuned ones). A data-aware
+        type merges with the layer inputs of `fold` (`fold_inputs`) when one is given, else with all examples'.
         """
         members = sorted(members)
         check_new_adapter_name(self.peft_model, adapter_name)
@@ -171,7 +184,9 @@ class AdapterMerger:
                     targets = union_target_modules(self.peft_model, members)
                     new_config = merged_lora_config(configs, self.rank_of(members), targets)
                     self.peft_model.add_adapter(adapter_name, new_config)
-                    self._write_layers(members, adapter_name, config.combination_type, weights, self.rank_of(members))
+                    self._write_layers(
+                        members, adapter_name, config.combination_type, weights, self.rank_of(members), fold
+                    )
                 else:
                     self.peft_model.add_weighted_adapter(
                         members,
@@ -235,12 +250,19 @@ class AdapterMerger:
         ranks = [adapter_rank(self.peft_model, m) for m in members]
         return merged_rank(ranks, self.config.combination_type, self.config.merge.svd_rank)
 
-    def refill(self, members: Sequence[str], adapter_name: str, weights: Mapping[str, float] | None = None) -> str:
+    def refill(
+        self,
+        members: Sequence[str],
+        adapter_name: str,
+        weights: Mapping[str, float] | None = None,
+        *,
+        fold: int | None = None,
+    ) -> str:
         """Overwrite the weights of the existing merged adapter `adapter_name` with the merge of `members`.
 
         Runs the same per-layer computations as `add_weighted_adapter` (PEFT's own functions, with the same weights
         and settings), so the result equals a fresh merge of `members`; only the module construction is skipped.
-        `weights` (member -> weight) replaces the weights of `merge_weights_for`, as in `merge`.
+        `weights` and `fold` as in `merge`.
 
         Raises:
             ValueError: If `adapter_name` has another rank than the merge of `members`, or uses a random type.
@@ -260,14 +282,20 @@ class AdapterMerger:
             combination_type = "linear"  # PEFT's rule
         weights = self._weights(members, weights)
         started = time.perf_counter()
-        self._write_layers(members, adapter_name, combination_type, weights, new_rank)
+        self._write_layers(members, adapter_name, combination_type, weights, new_rank, fold)
         self.merge_seconds += time.perf_counter() - started
         self.num_merges += 1
         self.num_refills += 1
         return adapter_name
 
     def _write_layers(
-        self, members: Sequence[str], adapter_name: str, combination_type: str, weights: Sequence[float], rank: int
+        self,
+        members: Sequence[str],
+        adapter_name: str,
+        combination_type: str,
+        weights: Sequence[float],
+        rank: int,
+        fold: int | None = None,
     ) -> None:
         """Compute every layer of the merge of `members` and write it into the adapter `adapter_name`."""
         config = self.config
@@ -280,7 +308,9 @@ class AdapterMerger:
         if combination_type in UPDATE_TYPES:  # every layer at once, batched over layers of the same shapes
             layers = [layer for _, layer in self._layers]
             if combination_type in DATA_TYPES:
-                settings.update(layer_inputs=self._member_inputs(members), regmean_alpha=config.merge.regmean_alpha)
+                settings.update(
+                    layer_inputs=self._member_inputs(members, fold), regmean_alpha=config.merge.regmean_alpha
+                )
             update_merge_into(combination_type, members, weights, layers, adapter_name, **settings)
             return
         with torch.no_grad():
@@ -301,15 +331,17 @@ class AdapterMerger:
                     new_a, new_b = own_merge_layer(combination_type, members, weights, layer, **settings)
                 target_a.data, target_b.data = new_a.to(target_a.dtype), new_b.to(target_b.dtype)
 
-    def _member_inputs(self, members: Sequence[str]) -> dict[LoraLayer, list[torch.Tensor]]:
-        """Per LoRA layer, every member's layer-input factor (`layer_inputs`), in the order of `members`."""
-        missing = [m for m in members if m not in self.layer_inputs]
+    def _member_inputs(self, members: Sequence[str], fold: int | None = None) -> dict[LoraLayer, list[torch.Tensor]]:
+        """Per LoRA layer, every member's layer-input factor (`layer_inputs`, or `fold_inputs[fold]`), in the order
+        of `members`."""
+        inputs = self.layer_inputs if fold is None else self.fold_inputs.get(fold, {})
+        missing = [m for m in members if m not in inputs]
         if missing:
             raise ValueError(
                 f"combination_type={self.config.combination_type!r} needs the layer inputs of {missing} on their "
                 "tasks' examples; `merge_adapters_d2c` collects them when it gets a `tokenizer`."
             )
-        return {layer: [self.layer_inputs[m][i] for m in members] for i, (_, layer) in enumerate(self._layers)}
+        return {layer: [inputs[m][i] for m in members] for i, (_, layer) in enumerate(self._layers)}
 
     def _pruned_factors(self, layer_index: int, layer: LoraLayer, members: Sequence[str], weights: Sequence[float]):
         """`ties` / `magnitude_prune` of one layer's A and B factors, as PEFT computes them, with pruning memoised.
@@ -350,16 +382,18 @@ class AdapterMerger:
             self._prune_cache[key] = prune(tensor, self.config.merge.density, method="magnitude")
         return self._prune_cache[key]
 
-    def adapter_for(self, members: Sequence[str]) -> str:
+    def adapter_for(self, members: Sequence[str], fold: int | None = None) -> str:
         """Name of a live adapter equal to the merge of `members`, merging (and evicting the oldest) when needed.
 
         A single member is served by the source adapter itself: PEFT's merge of one adapter copies it (to float
-        precision), unless `merge_weight` rescales it, or an update-space type truncates it (`svd_rank` below its
-        rank): then the truncated merge that will ship is what gets scored.
+        precision; RegMean of one member is the member whatever its inputs), unless `merge_weight` rescales it, or an
+        update-space type truncates it (`svd_rank` below its rank): then the truncated merge that will ship is what
+        gets scored. With `fold`, the merge is fitted to that fold's layer inputs (`merge`).
         """
-        key = tuple(sorted(members))
-        if len(key) == 1 and self.config.merge.weight is None and not self._truncates(key[0]):
-            return key[0]
+        members = tuple(sorted(members))
+        if len(members) == 1 and self.config.merge.weight is None and not self._truncates(members[0]):
+            return members[0]
+        key = (members, fold)
         if key in self._live:
             self._live.move_to_end(key)
             return self._live[key]
@@ -376,7 +410,7 @@ class AdapterMerger:
                 self._delete_slot(self._free_slots.pop(0))
             name = self._unused_names.pop()
             try:
-                self.merge(key, name)
+                self.merge(members, name, fold=fold)
             except BaseException:
                 self._unused_names.append(name)
                 raise
@@ -390,10 +424,11 @@ class AdapterMerger:
             self.peft_model, adapter
         )
 
-    def _take_slot(self, key: Members) -> str | None:
+    def _take_slot(self, key: MergeKey) -> str | None:
         """Refill a free slot of the right rank with the merge of `key`, or return None if there is none."""
         if not self._can_refill or not self._free_slots:
             return None
+        key, fold = key
         rank = self.rank_of(key)
         bias = any(self.peft_model.peft_config[m].lora_bias for m in key)  # a slot holds a LoRA bias or not
         modules = self._modules_of(key)  # and adapts one set of modules (the union of its cluster's)
@@ -402,7 +437,7 @@ class AdapterMerger:
             if config.r == rank and config.lora_bias == bias and self._modules_of((name,)) == modules:
                 del self._free_slots[index]
                 try:
-                    return self.refill(key, name)
+                    return self.refill(key, name, fold=fold)
                 except BaseException:
                     self._delete_slot(name)  # half-refilled: never serve it
                     raise
@@ -417,9 +452,10 @@ class AdapterMerger:
             )
         return self._modules_cache[key]
 
-    def pin(self, keys: Sequence[Members]) -> None:
-        """Protect these clusters' adapters from eviction until `unpin` (they are scored in one batch)."""
-        self._pinned = {tuple(sorted(k)) for k in keys}
+    def pin(self, keys: Sequence[MergeKey]) -> None:
+        """Protect these merges, `(members, fold)` pairs (fold None: fitted to all examples), from eviction until
+        `unpin` (they are scored in one batch)."""
+        self._pinned = {(tuple(sorted(members)), fold) for members, fold in keys}
 
     def unpin(self) -> None:
         self._pinned = set()

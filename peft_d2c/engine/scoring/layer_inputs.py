@@ -188,18 +188,21 @@ def check_memory_limit(layer_input_bytes: int, memory_limit: int | str | None) -
     )
 
 
-def layer_input_bytes(layer_inputs: Mapping[str, Sequence[torch.Tensor]]) -> int:
-    """Bytes the factors of `layer_inputs` (adapter -> per layer, as `input_factors` returns) hold, each shared
-    tensor counted once: the memory a `regmean` run keeps for its whole length, N times one adapter's."""
-    distinct = {id(factor): factor for factors in layer_inputs.values() for factor in factors}
+def layer_input_bytes(*layer_inputs: Mapping[str, Sequence[torch.Tensor]]) -> int:
+    """Bytes the factors of `layer_inputs` (each adapter -> per layer, as `input_factors` returns; several: all
+    examples' and every cross-fitting fold's) hold, each shared tensor counted once: the memory a `regmean` run keeps
+    for its whole length."""
+    distinct = {id(factor): factor for inputs in layer_inputs for factors in inputs.values() for factor in factors}
     return sum(factor.numel() * factor.element_size() for factor in distinct.values())
 
 
 def attach_layer_inputs(merger: AdapterMerger, scorer: LossScorer) -> int:
     """Give `merger` the layer inputs its data-aware combination type merges with (`combination_types.DATA_TYPES`),
     from the scorer's tokenised few-shot examples; nothing for the other types. Adapters that already have theirs are
-    skipped. Their size is predicted first (`predict_layer_input_bytes`) and checked against `memory_limit`
-    (`check_memory_limit`); the forward passes run are added to the scorer's `forward_passes`.
+    skipped. A cross-fitted scorer (`scorer.folds` > 1) also gets every fold's (`AdapterMerger.fold_inputs`: the
+    inputs of the examples outside the fold; the all-examples inputs are the shipped merges'). Their size is predicted
+    first (`predict_layer_input_bytes`) and checked against `memory_limit` (`check_memory_limit`); the forward passes
+    run are added to the scorer's `forward_passes`.
 
     Returns:
         `int`: the predicted bytes of the layer inputs collected here (0 when none were).
@@ -215,25 +218,30 @@ def attach_layer_inputs(merger: AdapterMerger, scorer: LossScorer) -> int:
             "examples: pass the base model's `tokenizer=` (also with a custom `score_fn`), or choose another "
             "`combination_type`."
         )
-    missing = {task: rows for task, rows in scorer.tokenized.items() if task not in merger.layer_inputs}
-    if not missing:
+    # (fold or None for all examples, the merger's inputs of it, the tokenised rows of the adapters that lack them)
+    wanted = [(None, merger.layer_inputs, scorer.tokenized)]
+    if scorer.folds > 1:
+        wanted += [
+            (fold, merger.fold_inputs.setdefault(fold, {}), scorer.fit_rows(fold)) for fold in range(scorer.folds)
+        ]
+    wanted = [
+        (fold, held, {t: rows for t, rows in tokenized.items() if t not in held}) for fold, held, tokenized in wanted
+    ]
+    wanted = [(fold, held, missing) for fold, held, missing in wanted if missing]
+    if not wanted:
         return 0
     was_training = scorer.model.training
     scorer.model.eval()  # PEFT's `adapter_names=` needs eval mode
     stats = {"forward_passes": 0}
+    settings = {"pad_token_id": scorer.pad_token_id, "batch_size": scorer.batch_size}
     try:
-        predicted = predict_layer_input_bytes(scorer.model, missing, stats=stats)
+        predicted = sum(predict_layer_input_bytes(scorer.model, missing, stats=stats) for _, _, missing in wanted)
         check_memory_limit(predicted, merger.config.merge.memory_limit)
-        factors = input_factors(
-            scorer.model,
-            missing,
-            pad_token_id=scorer.pad_token_id,
-            batch_size=scorer.batch_size,
-            max_batch_tokens=scorer.max_batch_tokens,
-            stats=stats,
-        )
+        for _, held, missing in wanted:
+            held.update(
+                input_factors(scorer.model, missing, **settings, max_batch_tokens=scorer.max_batch_tokens, stats=stats)
+            )
     finally:
         scorer.model.train(was_training)
-    merger.layer_inputs.update(factors)
     scorer.forward_passes += stats["forward_passes"]  # the run's cost counts them (about one pass per task)
     return predicted

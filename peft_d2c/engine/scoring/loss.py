@@ -1,7 +1,9 @@
 """Loss of a merged adapter on a task's few-shot examples: tokenised once (`tokenization`), batched, memoised.
 
 The loss is the mean token cross-entropy of the completions given their prompts, pooled over the task's examples
-(prompt and padding tokens masked). Prompt and completion are tokenised separately and concatenated, with EOS
+(prompt and padding tokens masked). Cross-fitted (`folds` > 1, for a merge fitted to the few-shot examples' layer
+inputs, `regmean`): example i of a task is in fold i mod F, and is scored under the cluster's merge fitted to the layer
+inputs of the other folds' examples, so the loss measures how the merge does on examples it was not fitted to. Prompt and completion are tokenised separately and concatenated, with EOS
 appended to the completion, so the boundary between them never depends on how a tokenizer merges the two strings.
 Several merged adapters are scored in one forward pass through PEFT's mixed-adapter batches (`adapter_names=`).
 
@@ -224,6 +226,10 @@ class LossScorer:
         user_score_fn (*optional*): `score_fn(model, adapter_name, task, examples) -> float` replacing the loss.
         process_group (*optional*): A `peft_d2c.engine.runtime.distributed` process group; defaults to a single
         process.
+        folds (`int`, defaults to 1): F, the cross-fitting folds (`ScoringSettings.cross_fit_folds`): 1 scores the merge
+            fitted to all examples (the paper's loss); F > 1 scores every example under the merge fitted to the
+            layer inputs of the other folds (`AdapterMerger.fold_inputs`, which `layer_inputs.attach_layer_inputs`
+            collects), F merges per cluster.
 
     Attributes:
         cache (`dict`): `(sorted members, task) -> loss` for every request computed in this run (by any process).
@@ -246,7 +252,8 @@ class LossScorer:
         user_score_fn: UserScoreFn | None = None,
         process_group=None,
     ) -> LossScorer:
-        """A scorer with the scoring settings of `merger.config` (batch size, chat template, max length)."""
+        """A scorer with the scoring settings of `merger.config` (batch size, chat template, max length) and its
+        cross-fitting folds (`scoring.cross_fit_folds`; None is 1)."""
         config = merger.config
         return cls(
             model,
@@ -259,6 +266,7 @@ class LossScorer:
             max_length=config.scoring.max_length,
             user_score_fn=user_score_fn,
             process_group=process_group,
+            folds=config.scoring.cross_fit_folds or 1,
         )
 
     def __init__(
@@ -274,7 +282,19 @@ class LossScorer:
         max_length: int | None = None,
         user_score_fn: UserScoreFn | None = None,
         process_group=None,
+        folds: int = 1,
     ) -> None:
+        if folds > 1 and user_score_fn is not None:
+            raise ValueError(
+                "A custom `score_fn` cannot be cross-fitted: leave `scoring.cross_fit_folds` at None or 1."
+            )
+        fewest = min((len(items) for items in examples.values()), default=folds)
+        if folds > 1 and fewest < folds:
+            raise ValueError(
+                f"`scoring.cross_fit_folds`={folds} needs at least {folds} few-shot examples per task, and a task has {fewest}: "
+                "give more examples or fewer folds."
+            )
+        self.folds = folds
         self.model = model
         self.merger = merger
         self.examples = {task: list(items) for task, items in examples.items()}
@@ -314,7 +334,7 @@ class LossScorer:
                 [len(self.examples[task]) for _, task in missing],
                 [members for members, _ in missing],
                 batch_size=self.batch_size,
-                max_clusters=self.merger.config.merge.cache_size,
+                max_clusters=max(1, self.merger.config.merge.cache_size // self.folds),  # F live merges per cluster
             )
             batch_keys = [[missing[i] for i in batch] for batch in batches]
             for chunk, (batch_scores, passes) in zip(
@@ -332,23 +352,49 @@ class LossScorer:
 
     def _score_batch(self, keys: Sequence[tuple[Members, str]]) -> tuple[list[float], int]:
         """The losses of one scoring batch and the forward passes they took (one per request for a custom score)."""
-        self.merger.pin([members for members, _ in keys])
+        folds = [None] if self.folds == 1 else list(range(self.folds))
+        merges = list(dict.fromkeys((members, fold) for members, _ in keys for fold in folds))
+        self.merger.pin(merges)
         try:
-            adapter_names = [self.merger.adapter_for(members) for members, _ in keys]
+            adapter_names = {merge: self.merger.adapter_for(*merge) for merge in merges}
         finally:
             self.merger.unpin()
         started, passes = time.perf_counter(), self.forward_passes
         try:
             if self.user_score_fn is not None:
                 values = [
-                    float(self.user_score_fn(self.model, name, task, [e.to_dict() for e in self.examples[task]]))
-                    for name, (_, task) in zip(adapter_names, keys, strict=True)
+                    float(
+                        self.user_score_fn(
+                            self.model, adapter_names[members, None], task, [e.to_dict() for e in self.examples[task]]
+                        )
+                    )
+                    for members, task in keys
                 ]
                 return values, len(values)
-            scores = self._scores([(name, task) for name, (_, task) in zip(adapter_names, keys, strict=True)])
+            # One request per fold: the fold's examples of the task under the merge fitted without them.
+            requests = [
+                (adapter_names[members, fold], self._fold_rows(task, fold)) for members, task in keys for fold in folds
+            ]
+            sums = self._loss_sums(requests)
+            scores = []
+            for index in range(len(keys)):
+                parts = sums[index * len(folds) : (index + 1) * len(folds)]
+                scores.append(sum(total for total, _ in parts) / max(sum(count for _, count in parts), 1))
             return scores, self.forward_passes - passes
         finally:
             self.forward_seconds += time.perf_counter() - started
+
+    def _fold_rows(self, task: str, fold: int | None) -> list[TokenizedExample]:
+        """The task's tokenised examples in `fold` (example i is in fold i mod F), or all of them for None."""
+        rows = self.tokenized[task]
+        return list(rows) if fold is None else [row for i, row in enumerate(rows) if i % self.folds == fold]
+
+    def fit_rows(self, fold: int) -> dict[str, list[TokenizedExample]]:
+        """Per task, the tokenised examples outside `fold`: those whose layer inputs the fold's merges are fitted to."""
+        return {
+            task: [row for i, row in enumerate(rows) if i % self.folds != fold]
+            for task, rows in self.tokenized.items()
+        }
 
     def scores_under(self, routing: Mapping[str, str]) -> dict[str, float]:
         """The loss of every task of `routing` (task -> the name of an adapter in the model), not memoised: for
@@ -358,14 +404,15 @@ class LossScorer:
             examples = {t: [e.to_dict() for e in self.examples[t]] for t in tasks}
             values = [float(self.user_score_fn(self.model, routing[t], t, examples[t])) for t in tasks]
             return dict(zip(tasks, values, strict=True))
-        return dict(zip(tasks, self._scores([(routing[t], t) for t in tasks]), strict=True))
+        sums = self._loss_sums([(routing[t], self.tokenized[t]) for t in tasks])
+        return {t: total / max(count, 1) for t, (total, count) in zip(tasks, sums, strict=True)}
 
-    def _scores(self, requests: Sequence[tuple[str, str]]) -> list[float]:
-        """The loss of every `(adapter name, task)` request, in mixed-adapter forward passes: the mean completion-token
-        loss, pooled over the task's examples."""
+    def _loss_sums(self, requests: Sequence[tuple[str, Sequence[TokenizedExample]]]) -> list[tuple[float, int]]:
+        """The summed completion-token loss and token count of every `(adapter name, rows)` request, in mixed-adapter
+        forward passes."""
         rows, row_adapters, owners = [], [], []
-        for index, (name, task) in enumerate(requests):
-            for tokenized in self.tokenized[task]:
+        for index, (name, request_rows) in enumerate(requests):
+            for tokenized in request_rows:
                 rows.append(tokenized)
                 row_adapters.append(name)
                 owners.append(index)
@@ -382,7 +429,7 @@ class LossScorer:
         for owner, row_sum, row_count in zip(owners, sums, counts, strict=True):
             total[owner] += row_sum
             tokens[owner] += row_count
-        return [t / max(n, 1) for t, n in zip(total, tokens, strict=True)]
+        return list(zip(total, tokens, strict=True))
 
     def cache_to_list(self) -> list[list]:
         """The cache as JSON-serialisable `[members, task, {"loss": loss}]` triples (for checkpoints)."""

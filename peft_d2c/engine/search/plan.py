@@ -49,6 +49,8 @@ class SearchPlan:
         proposals_per_step (`int`): p, the candidate moves scored per step (1: the paper's).
         patience (`int`, *optional*): Stop after this many rejected steps in a row.
         max_forward_passes (`int`, *optional*): Stop before a step once the steps spent this many scoring passes.
+        cross_fit_folds (`int`): F, the folds of the cross-fitted loss (`ScoringSettings.cross_fit_folds`); 1 is the
+            paper's loss.
     """
 
     rule: str
@@ -57,6 +59,7 @@ class SearchPlan:
     proposals_per_step: int = 1
     patience: int | None = None
     max_forward_passes: int | None = None
+    cross_fit_folds: int = 1
 
     def __post_init__(self) -> None:
         if self.rule not in SEARCHES:
@@ -82,7 +85,7 @@ class SearchPlan:
             ```python
             >>> from peft_d2c import D2CMergeConfig
             >>> SearchPlan.for_run(D2CMergeConfig(num_clusters=4), 40, 4)
-            SearchPlan(rule='paper', num_iterations=250, init='random', proposals_per_step=1, patience=None, max_forward_passes=None)
+            SearchPlan(rule='paper', num_iterations=250, init='random', proposals_per_step=1, patience=None, max_forward_passes=None, cross_fit_folds=1)
             ```
         """
         if config.method != "d2c":
@@ -101,6 +104,7 @@ class SearchPlan:
             proposals_per_step=config.proposals_per_step,
             patience=config.patience,
             max_forward_passes=config.max_forward_passes,
+            cross_fit_folds=config.scoring.cross_fit_folds or 1,
         )
 
     def to_dict(self) -> dict[str, Any]:
