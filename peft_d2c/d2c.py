@@ -20,11 +20,19 @@ import numpy as np
 from peft import PeftModel
 from tqdm.auto import tqdm
 
-from .config import D2CMergeConfig
+from .combination_types import DATA_TYPES
+from .config import AUTO_RANK, D2CMergeConfig
 from .data.examples import normalize_task_examples
-from .engine.merge.budget import check_partition_fits, is_bytes_budget, parse_size, resolve_num_clusters
+from .engine.merge.budget import (
+    check_partition_fits,
+    is_bytes_budget,
+    parse_size,
+    partition_bytes,
+    resolve_num_clusters,
+)
 from .engine.merge.lora import (
     adapter_digest,
+    adapter_rank,
     base_model_digest,
     check_base_models,
     check_peft_model,
@@ -137,53 +145,59 @@ def merge_adapters_d2c(
         ```
     """
     started = time.perf_counter()
-    run = _validate(peft_model, task_examples, config, tokenizer, score_fn, adapter_names)
-    config, names, merged_names = run.config, run.names, run.merged_names
-    merger = AdapterMerger(peft_model, config)
-    merger.check_names(merged_names)
+    shapes = _validate(peft_model, task_examples, config, tokenizer, score_fn, adapter_names)
+    if len(shapes) > 1 and checkpoint_dir is not None:
+        raise ValueError(
+            "`merge.svd_rank='auto'` searches several shapes: a `checkpoint_dir` is not supported with it."
+        )
+    names = shapes[0].names
+    mergers = [AdapterMerger(peft_model, run.config) for run in shapes]
+    mergers[0].check_names(max((run.merged_names for run in shapes), key=len))
     group = process_group if process_group is not None else get_process_group()
     # The adapters' weights digest, computed once: the processes compare it, and the checkpoint records it.
     weights_digest = adapter_digest(peft_model, names) if group.num_processes > 1 or checkpoint_dir else None
     if group.num_processes > 1:
-        group.check_same_run(_call_digest(config, names, run.examples, weights_digest))
+        group.check_same_run(_call_digest(shapes[0].config, names, shapes[0].examples, weights_digest))
     snapshot = ModelState.capture(peft_model)
+    searched: list[_Searched] = []
     try:
         peft_model.eval()
-        scorer = LossScorer.for_config(
-            peft_model, tokenizer, run.examples, merger, user_score_fn=score_fn, process_group=group
-        )
-        attach_layer_inputs(merger, scorer)  # the layer inputs of a data-aware merge (`regmean`), before any merge
-        rng = np.random.default_rng(config.seed)
-        trace: list[list[int]] = []  # [history records, forward passes so far] after every step (any-time view)
-        checkpointer = _checkpointer(
-            peft_model, run, scorer, rng, group, checkpoint_dir, weights_digest, score_fn, trace
-        )
-        start, start_kind, state = _start(peft_model, run, rng, checkpointer)
-        state = _search(run, state, scorer, rng, group, checkpointer, trace)
+        for run, merger in zip(shapes, mergers, strict=True):
+            if searched:  # the same examples' layer inputs serve every shape
+                merger.layer_inputs, merger.fold_inputs = mergers[0].layer_inputs, mergers[0].fold_inputs
+            scorer = LossScorer.for_config(
+                peft_model, tokenizer, run.examples, merger, user_score_fn=score_fn, process_group=group
+            )
+            checkpoint = (checkpoint_dir, weights_digest, score_fn)
+            searched.append(_search_shape(peft_model, run, merger, scorer, group, checkpoint, compare=len(shapes) > 1))
+        best = min(searched, key=lambda shape: shape.objective or 0.0)  # one shape, or the lowest objective
+        run, merger, scorer, state = best.run, best.merger, best.scorer, best.state
         task_losses, fewshot_losses, merged_sizes = _final_merges(peft_model, run, state.clusters, merger, scorer)
         prompt_router, router_passes, router_seconds = _fit_router(peft_model, tokenizer, run)
     except BaseException:
-        for name in merged_names:  # none existed before (`check_names`): whatever is there now was made here
+        for name in max((run.merged_names for run in shapes), key=len):  # none existed before (`check_names`)
             if name in peft_model.peft_config:
                 peft_model.delete_adapter(name)
         raise
     finally:
         try:
-            merger.cleanup()
+            for merger_of_shape in mergers:
+                merger_of_shape.cleanup()
         finally:  # the user's model gets its state back even if removing a temporary adapter fails
             snapshot.restore(peft_model)
     stats = {
-        **_work_stats(merger, scorer, group, trace),
+        **_work_stats(merger, scorer, group, best.trace),
         "fewshot_loss": sum(fewshot_losses) / len(fewshot_losses),
         "seconds": time.perf_counter() - started,
-        "start": start_kind,  # how the start partition was made
+        "start": best.start_kind,  # how the start partition was made
         **({"search_plan": run.plan.to_dict()} if run.plan is not None else {}),  # what the search ran
         "router_seconds": router_seconds,
         "router_forward_passes": router_passes,  # not in `forward_passes`: the search's and merges' cost
         **({"merged_sizes": merged_sizes} if merged_sizes else {}),
+        **({"shapes": _shape_stats(peft_model, searched)} if len(shapes) > 1 else {}),
     }
     sources = adapter_sources if adapter_sources is not None else getattr(peft_model, "d2c_adapter_sources", {})
-    return _result(peft_model, tokenizer, run, start, state, task_losses, stats, sources, prompt_router)
+    return _result(peft_model, tokenizer, run, best.start, state, task_losses, stats, sources, prompt_router)
 
 
 @dataclasses.dataclass
@@ -199,8 +213,9 @@ class _Run:
     plan: SearchPlan | None  # the search that runs (None for a baseline)
 
 
-def _validate(peft_model, task_examples, config, tokenizer, score_fn, adapter_names) -> _Run:
-    """Stage 1: refuse bad input before any work, resolve K and the config's defaults for these N and K."""
+def _validate(peft_model, task_examples, config, tokenizer, score_fn, adapter_names) -> list[_Run]:
+    """Stage 1: refuse bad input before any work, resolve K and the config's defaults for these N and K. One run,
+    or with `merge.svd_rank="auto"` one per shape the byte budget allows (`_shape_configs`)."""
     check_peft_model(peft_model)
     if not isinstance(config, D2CMergeConfig):
         raise TypeError(f"`config` must be a D2CMergeConfig, got {type(config).__name__}.")
@@ -212,15 +227,106 @@ def _validate(peft_model, task_examples, config, tokenizer, score_fn, adapter_na
     examples = normalize_task_examples(task_examples)
     names = resolve_adapter_names(peft_model, examples, adapter_names)
     examples = {name: examples[name][: config.scoring.examples_per_task] for name in names}
-    # The search that runs (rule, T, start), planned once for these N and K: the result, card and checkpoint
-    # record it, and the resolved config holds it.
-    num_clusters = resolve_num_clusters(peft_model, names, config)
-    plan = SearchPlan.for_run(config, len(names), num_clusters) if config.method == "d2c" else None
-    config = config.resolved_for(plan)
     check_source_adapters(peft_model, names, config.combination_type)
     check_base_models(peft_model, names, allow_mixed=config.allow_mixed_base_models)
-    merged_names = [f"{config.merged_adapter_prefix}_{i}" for i in range(num_clusters)]
-    return _Run(config, names, examples, data_sources, num_clusters, merged_names, plan)
+    runs = []
+    for shape in _shape_configs(peft_model, names, config):
+        # The search that runs (rule, T, start), planned once for these N and K: the result, card and checkpoint
+        # record it, and the resolved config holds it.
+        num_clusters = resolve_num_clusters(peft_model, names, shape)
+        plan = SearchPlan.for_run(shape, len(names), num_clusters) if shape.method == "d2c" else None
+        shape = shape.resolved_for(plan)
+        merged_names = [f"{shape.merged_adapter_prefix}_{i}" for i in range(num_clusters)]
+        runs.append(_Run(shape, names, examples, data_sources, num_clusters, merged_names, plan))
+    return runs
+
+
+# The ranks `merge.svd_rank="auto"` tries: powers of two up to this many times the largest source rank.
+AUTO_RANK_GROWTH = 4
+
+
+def _shape_configs(peft_model, names: list[str], config: D2CMergeConfig) -> list[D2CMergeConfig]:
+    """`config` itself, or for `merge.svd_rank="auto"` one config per shape the byte budget allows: for every rank r
+    a power of two up to `AUTO_RANK_GROWTH` x the largest source rank, the K merged adapters of rank r that fit
+    (`budget.resolve_num_clusters`), the highest rank kept for each K; a data-aware merge's search then scores the
+    cross-fitted loss (F = 2 unless `scoring.cross_fit_folds` is set), so that shapes compare on examples their merges
+    were not fitted to.
+
+    Raises:
+        ValueError: If the budget holds no merged adapter even at rank 1.
+    """
+    if config.merge.svd_rank != AUTO_RANK:
+        return [config]
+    folds = config.scoring.cross_fit_folds or (2 if config.combination_type in DATA_TYPES else 1)
+    largest = max(adapter_rank(peft_model, n) for n in names)
+    by_clusters: dict[int, D2CMergeConfig] = {}
+    rank = 1
+    while rank <= AUTO_RANK_GROWTH * largest:
+        shape = dataclasses.replace(
+            config,
+            merge=dataclasses.replace(config.merge, svd_rank=rank),
+            scoring=dataclasses.replace(config.scoring, cross_fit_folds=folds),
+        )
+        try:
+            by_clusters[resolve_num_clusters(peft_model, names, shape)] = shape  # ranks rise: the highest per K stays
+        except ValueError:  # not even one merged adapter of this rank fits
+            break
+        rank *= 2
+    if not by_clusters:
+        raise ValueError(
+            f"`storage_budget`={config.storage_budget!r} holds no merged adapter of these adapters' modules even at "
+            "rank 1; raise the budget."
+        )
+    return [by_clusters[k] for k in sorted(by_clusters)]
+
+
+def _shape_stats(peft_model, searched: list[_Searched]) -> list[dict[str, Any]]:
+    """What `merge.svd_rank="auto"` compared: per shape its K, rank, bytes, final clusters, objective and cost."""
+    return [
+        {
+            "num_clusters": shape.run.num_clusters,
+            "rank": shape.run.config.merge.svd_rank,
+            "bytes": partition_bytes(peft_model, shape.state.clusters, shape.run.config),
+            "clusters": [list(c) for c in shape.state.clusters],
+            "objective": shape.objective,
+            "forward_passes": shape.scorer.forward_passes,
+            "seconds": shape.seconds,
+        }
+        for shape in searched
+    ]
+
+
+@dataclasses.dataclass
+class _Searched:
+    """One shape's run after its search: what the final stages of the chosen one need, and what it scored."""
+
+    run: _Run
+    merger: AdapterMerger
+    scorer: LossScorer
+    start: list[list[str]]
+    start_kind: str
+    state: SearchState
+    trace: list[list[int]]
+    objective: float | None  # the mean loss of its final merges, when shapes are compared
+    seconds: float
+
+
+def _search_shape(peft_model, run: _Run, merger, scorer, group, checkpoint, *, compare: bool) -> _Searched:
+    """Stages 2-3 for one shape: the layer inputs, the start and the search; with `compare`, the mean loss of the
+    final merges too (the shapes' objective), and the temporary merges removed (every shape uses the same names)."""
+    started = time.perf_counter()
+    checkpoint_dir, weights_digest, score_fn = checkpoint
+    attach_layer_inputs(merger, scorer)  # a data-aware merge's (`regmean`) layer inputs, before any merge
+    rng = np.random.default_rng(run.config.seed)
+    trace: list[list[int]] = []  # [history records, forward passes so far] after every step (any-time view)
+    checkpointer = _checkpointer(peft_model, run, scorer, rng, group, checkpoint_dir, weights_digest, score_fn, trace)
+    start, start_kind, state = _start(peft_model, run, rng, checkpointer)
+    state = _search(run, state, scorer, rng, group, checkpointer, trace)
+    objective = None
+    if compare:
+        objective = float(np.mean(scorer([(tuple(sorted(c)), t) for c in state.clusters for t in c])))
+        merger.cleanup()
+    return _Searched(run, merger, scorer, start, start_kind, state, trace, objective, time.perf_counter() - started)
 
 
 def _checkpointer(peft_model, run: _Run, scorer, rng, group, checkpoint_dir, weights_digest, score_fn, trace):

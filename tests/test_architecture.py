@@ -29,7 +29,7 @@ STAGES = [
         "peft_d2c.sizes",
         "peft_d2c.version",
     ),
-    ("peft_d2c.config",),
+    ("peft_d2c.config", "peft_d2c.settings"),
     ("peft_d2c.data",),
     ("peft_d2c.engine",),
     ("peft_d2c.hub", "peft_d2c.export"),

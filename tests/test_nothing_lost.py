@@ -175,10 +175,10 @@ class TestOnlineAdditionFailure:
         routing = dict(result.routing)
         real_merge = AdapterMerger.merge
 
-        def merge_fails_for_final_names(self, members, adapter_name):
+        def merge_fails_for_final_names(self, members, adapter_name, **kwargs):
             if adapter_name in result.merged_adapter_names:
                 raise RuntimeError("disk full")
-            return real_merge(self, members, adapter_name)
+            return real_merge(self, members, adapter_name, **kwargs)
 
         monkeypatch.setattr(AdapterMerger, "merge", merge_fails_for_final_names)
         with pytest.raises(RuntimeError, match="disk full"):

@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from ..config import AUTO_RANK
 from ..data.examples import normalize_task_examples
 from ..engine.merge.budget import adapter_bytes, resolve_num_clusters
 from ..engine.merge.lora import check_source_adapters, resolve_adapter_names
@@ -58,6 +59,11 @@ def estimate_run(peft_model, task_examples, config, *, tokenizer, probe_evaluati
         812.4
         ```
     """
+    if config.merge.svd_rank == AUTO_RANK:
+        raise ValueError(
+            "`merge.svd_rank='auto'` runs one search per shape the budget allows: estimate one shape at a time "
+            "(`merge.svd_rank` set to a rank); the run costs about the sum of its shapes."
+        )
     examples = normalize_task_examples(task_examples)
     names = resolve_adapter_names(peft_model, examples, None)
     examples = {n: examples[n][: config.scoring.examples_per_task] for n in names}

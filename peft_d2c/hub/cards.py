@@ -178,6 +178,14 @@ def _method_section(data: dict[str, Any]) -> str:
     if sizes:  # rank_allocation="spectrum": ranks differ per adapter and module (`rank_pattern`)
         each = ", ".join(f"`{name}` r <= {s['r']}, {s['bytes']:,} bytes" for name, s in sizes.items())
         lines.append(f"- **Ranks**: the byte budget spent by singular values over every adapter and module: {each}.")
+    shapes = (result.get("stats") or {}).get("shapes")
+    if shapes:  # merge.svd_rank="auto": the byte budget chose K and the rank
+        each = ", ".join(f"K = {s['num_clusters']} x rank {s['rank']}: {s['objective']:.3f}" for s in shapes)
+        chosen = min(shapes, key=lambda s: s["objective"])
+        lines.append(
+            f"- **Shape**: the byte budget chose K = {chosen['num_clusters']} merged adapters of rank {chosen['rank']}, "
+            f"the lowest cross-fitted few-shot loss of the shapes that fit ({each})."
+        )
     return "\n".join(lines)
 
 

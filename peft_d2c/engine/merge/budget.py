@@ -183,7 +183,9 @@ def resolve_num_clusters(peft_model: PeftModel, adapter_names: Sequence[str], co
                 f"adapters stores {format_size(total)}; raise the budget or use another `combination_type`."
             )
         return n
-    per_adapter = max(merged_adapter_bytes(peft_model, names, config), *(adapter_bytes(peft_model, m) for m in names))
+    per_adapter = merged_adapter_bytes(peft_model, names, config)  # every cluster's modules are among all of them
+    if config.combination_type not in UPDATE_TYPES:  # PEFT copies a one-member cluster at its own rank
+        per_adapter = max(per_adapter, *(adapter_bytes(peft_model, m) for m in names))
     k = min(n, budget // per_adapter)
     if k < 1:
         raise ValueError(
