@@ -10,8 +10,11 @@ import pytest
 import torch
 
 from peft_d2c import D2CMergeConfig, merge_adapters_d2c
+from peft_d2c import testing as tiny
+from peft_d2c.cli.commands import _parse_budgets
 from peft_d2c.engine.merge.lora import lora_factors, lora_layers
 from peft_d2c.evaluation.estimate import estimate_run
+from peft_d2c.evaluation.sweep import run_sweep, save_sweep
 
 
 def bytes_per_rank(model, adapter: str) -> int:
@@ -107,3 +110,46 @@ class TestAutoShape:
         config = D2CMergeConfig(storage_budget="1MB", merge={"svd_rank": "auto"})
         with pytest.raises(ValueError, match="one shape at a time"):
             estimate_run(tiny_peft_model, tiny_task_examples, config, tokenizer=tiny_tokenizer)
+
+
+class TestBudgetSweep:
+    def test_each_byte_budget_decides_the_shape_next_to_the_best_single_merge(
+        self, tiny_peft_model, tiny_tokenizer, tiny_task_examples, tmp_path
+    ):
+        model = tiny_peft_model
+        before = sorted(model.peft_config)
+        per_rank = bytes_per_rank(model, "copy")
+        sources = 6 * 8 * per_rank
+        heldout = {family: tiny.make_examples(family, 4, seed=11) for family in tiny_task_examples}
+        config = D2CMergeConfig(num_clusters=1, num_iterations=2)
+        sweep = run_sweep(
+            model,
+            tiny_task_examples,
+            config,
+            tokenizer=tiny_tokenizer,
+            heldout_examples=heldout,
+            budgets=[1 / 6, 1 / 3],
+        )
+        assert sweep["source_bytes"] == sources
+        for point, fraction, single_rank in zip(sweep["points"], (1 / 6, 1 / 3), (8, 16), strict=True):
+            budget = int(fraction * sources)
+            assert point["budget_fraction"] == fraction
+            assert point["storage_bytes"] == point["k"] * point["rank"] * per_rank <= budget
+            assert (point["k"], point["rank"]) in {(s["num_clusters"], s["rank"]) for s in point["shapes"]}
+            assert 0 <= point["whole_score"] <= point["score"] <= 1  # a whole answer right has its first word right
+            # the best single merge: K = 1 at the highest power-of-two rank the budget holds
+            assert point["single"]["rank"] == single_rank
+            assert point["single"]["storage_bytes"] == single_rank * per_rank <= budget
+        assert sorted(model.peft_config) == before  # every run's merged adapters were deleted once measured
+        with pytest.raises(ValueError, match="not both"):
+            run_sweep(model, tiny_task_examples, config, tokenizer=tiny_tokenizer, num_clusters=[1], budgets=[0.5])
+        with pytest.raises(ValueError, match="fractions in"):
+            run_sweep(model, tiny_task_examples, config, tokenizer=tiny_tokenizer, budgets=[1.5])
+        written = save_sweep(sweep, tmp_path)
+        assert any(path.endswith(".png") for path in written) and any(path.endswith(".json") for path in written)
+
+    def test_the_command_line_reads_budgets_as_fractions(self):
+        assert _parse_budgets("1/64, 1/8,0.25") == [1 / 64, 1 / 8, 0.25]
+        assert _parse_budgets(None) is None
+        with pytest.raises(ValueError, match="--budgets"):
+            _parse_budgets("1/0")

@@ -11,6 +11,7 @@ import importlib.util
 import json
 import logging
 import os
+from fractions import Fraction
 from typing import Any
 
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -286,19 +287,42 @@ def _parse_ks(text: str | None) -> list[int] | None:
         raise ValueError(f"`--k` must be a comma-separated list of integers such as '1,2,4', got {text!r}.") from None
 
 
+def _parse_budgets(text: str | None) -> list[float] | None:
+    """`--budgets 1/64,1/16,0.25` -> fractions of the sources' bytes."""
+    if text is None:
+        return None
+    try:
+        return [float(Fraction(part.strip())) for part in text.split(",") if part.strip()]
+    except (ValueError, ZeroDivisionError):
+        raise ValueError(
+            f"`--budgets` must be comma-separated fractions such as '1/64,1/16,0.25', got {text!r}."
+        ) from None
+
+
 def cmd_sweep(args: argparse.Namespace) -> int:
-    ks = _parse_ks(args.k)
+    ks, budgets = _parse_ks(args.k), _parse_budgets(args.budgets)
     run = _run_from_args(args)
     heldout = load_task_examples(args.heldout) if args.heldout else None
     model, tokenizer, examples = _load_inputs(run)
-    sweep = run_sweep(model, examples, run.d2c, tokenizer=tokenizer, num_clusters=ks, heldout_examples=heldout)
+    sweep = run_sweep(
+        model, examples, run.d2c, tokenizer=tokenizer, num_clusters=ks, heldout_examples=heldout, budgets=budgets
+    )
     written = save_sweep(sweep, run.output, plot=args.plots)
-    print(f"| K | storage | storage % | {sweep['metric']} |")
-    print("|---|---|---|---|")
+    if budgets is None:
+        print(f"| K | storage | storage % | {sweep['metric']} |")
+        print("|---|---|---|---|")
+    else:
+        print(f"| budget | K x rank | storage | storage % | {sweep['metric']} | one merge (K = 1): rank, score |")
+        print("|---|---|---|---|---|---|")
     for point in sweep["points"]:
+        shape = (
+            str(point["k"]) if budgets is None else f"{point['budget_fraction']:.4g} | {point['k']} x {point['rank']}"
+        )
+        single = point.get("single")
+        extra = "" if budgets is None else (f" {single['rank']}, {single['score']:.4f} |" if single else " - |")
         print(
-            f"| {point['k']} | {point['storage_bytes']} B | {100 * point['storage_fraction']:.1f} | "
-            f"{point['score']:.4f} |"
+            f"| {shape} | {point['storage_bytes']} B | {100 * point['storage_fraction']:.1f} | "
+            f"{point['score']:.4f} |{extra}"
         )
     print(f"Wrote {', '.join(written)}")
     return 0
@@ -417,7 +441,7 @@ def add_subcommands(commands, add_common) -> None:
 
     sweep = commands.add_parser(
         "sweep",
-        help="Run K = 1..N (or --k 1,2,4) and write the score-vs-storage curve (JSON and PNG).",
+        help="Run K = 1..N (or --k 1,2,4, or --budgets 1/64,1/16 of the bytes) and write the score-vs-storage curve.",
         description=(
             "One D2C run per K on the same model and data; each run's score (held-out exact match with --heldout, "
             "else the mean few-shot loss) against the bytes of its merged adapters, written to d2c_sweep.json and "
@@ -426,6 +450,11 @@ def add_subcommands(commands, add_common) -> None:
     )
     add_run_arguments(sweep)
     sweep.add_argument("--k", help="Comma-separated K values (default: 1..N).")
+    sweep.add_argument(
+        "--budgets",
+        help="Instead of --k: comma-separated fractions of the sources' bytes (e.g. 1/64,1/32,1/16,1/8,1/4,1/2); each "
+        "byte budget decides K and the rank (merge.svd_rank='auto'), next to the best single merge of those bytes.",
+    )
     sweep.add_argument("--heldout", help="YAML data spec of held-out examples to score each run.")
     sweep.add_argument("--no-plots", dest="plots", action="store_false", help="Do not write the PNG.")
     add_common(sweep)

@@ -184,10 +184,15 @@ def plot_anytime(
 
 
 def plot_sweep(sweep: Mapping[str, Any], path: str) -> str:
-    """The score-vs-storage curve of `peft_d2c.evaluation.sweep.run_sweep`, each point labelled with its K."""
-    points = [(100 * p["storage_fraction"], p["score"]) for p in sweep["points"]]
+    """The score-vs-storage curve of `peft_d2c.evaluation.sweep.run_sweep`; a sweep over byte budgets adds the best
+    single merge (K = 1) of each budget as a second curve."""
+    method = (sweep.get("config") or {}).get("method", "d2c")
+    series = {method: [(100 * p["storage_fraction"], p["score"]) for p in sweep["points"]]}
+    singles = [p["single"] for p in sweep["points"] if p.get("single")]
+    if singles:
+        series["one merge (K = 1)"] = [(100 * s["storage_fraction"], s["score"]) for s in singles]
     path = plot_score_vs_storage(
-        {"D2C": points},
+        series,
         path,
         xlabel="storage (% of the source adapters' bytes)",
         ylabel=sweep["metric"] + (" (higher is better)" if sweep["higher_is_better"] else " (lower is better)"),
