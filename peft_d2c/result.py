@@ -49,7 +49,8 @@ class D2CResult:
         sources (`dict[str, dict]`): Where each source adapter came from (`{"path": ...}` or `{"repo_id": ...,
             "revision": ..., "subfolder": ...}`), empty when unknown.
         data_sources (`dict[str, dict]`): Where each task's examples came from, when known.
-        heldout_scores (`dict[str, float]`): Held-out scores per task, when evaluated.
+        heldout_scores (`dict[str, float]`): Held-out exact match of the answer's first word per task, when evaluated.
+        heldout_whole_scores (`dict[str, float]`): Held-out exact match of the whole answer per task, when evaluated.
         stats (`dict[str, float]`): Work done: merges, forward passes, cache hits, seconds, the bytes of `regmean`
             layer inputs held (`layer_input_bytes`); `fewshot_loss`, the mean few-shot loss of the final partition;
             and for `method="d2c"` `search_plan`, the search that ran (`engine.search.plan.SearchPlan.to_dict()`).
@@ -71,6 +72,7 @@ class D2CResult:
     sources: dict[str, dict[str, Any]] = field(default_factory=dict)
     data_sources: dict[str, dict[str, Any]] = field(default_factory=dict)
     heldout_scores: dict[str, float] = field(default_factory=dict)
+    heldout_whole_scores: dict[str, float] = field(default_factory=dict)
     stats: dict[str, float] = field(default_factory=dict)
     model: Any = field(default=None, repr=False, compare=False)
     tokenizer: Any = field(default=None, repr=False, compare=False)
@@ -181,6 +183,7 @@ class D2CResult:
             "routing": self.routing,
             "task_losses": self.task_losses,
             "heldout_scores": self.heldout_scores,
+            "heldout_whole_scores": self.heldout_whole_scores,
             "sources": self.sources,
             "data_sources": self.data_sources,
             "stats": self.stats,
@@ -323,6 +326,7 @@ class D2CResult:
             sources=data.get("sources", {}),
             data_sources=data.get("data_sources", {}),
             heldout_scores=data.get("heldout_scores", {}),
+            heldout_whole_scores=data.get("heldout_whole_scores", {}),
             stats=data.get("stats", {}),
             prompt_router=PromptRouter.from_pretrained(directory)
             if ROUTER_CONFIG_NAME in data.get("files", [])

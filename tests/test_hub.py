@@ -96,6 +96,7 @@ def d2c_run(hub_sources, tiny_assets, tmp_path_factory):
     result = merge_adapters_d2c(model, examples, config, tokenizer=tiny.make_tokenizer())
     result.data_sources = examples.data_sources
     result.heldout_scores = {task: 0.5 for task in result.routing}
+    result.heldout_whole_scores = {task: 0.25 for task in result.routing}
     folder = str(tmp_path_factory.mktemp("d2c") / "result")
     result.save_pretrained(folder)
     return result, folder
@@ -211,8 +212,11 @@ def _check_card_metadata(card: ModelCard, *, model_name: str, tasks: list[str], 
     assert data.model_name == model_name
     losses = {r.dataset_name: r.metric_value for r in data.eval_results if r.metric_type == "loss"}
     assert losses == pytest.approx({t: result.task_losses[t] for t in tasks}, abs=1e-5)
-    heldout = {r.dataset_name for r in data.eval_results if r.metric_type == "score"}
-    assert heldout == set(tasks)
+    heldout = {
+        (r.dataset_name, r.metric_name, r.metric_value) for r in data.eval_results if r.metric_type == "exact_match"
+    }
+    first, whole = "held-out exact match (first word)", "held-out exact match (whole answer)"
+    assert heldout == {(t, first, 0.5) for t in tasks} | {(t, whole, 0.25) for t in tasks}  # the card says which
     assert {r.dataset_type for r in data.eval_results} == {dataset_id}
     assert {r.dataset_config for r in data.eval_results} == {t.removeprefix("lora-") for t in tasks}
     assert "2601.17441" in card.text and "@inproceedings" in card.text

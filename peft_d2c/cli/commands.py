@@ -166,6 +166,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         model, tokenizer, examples, routing, use_chat_template=result.config.scoring.use_chat_template
     )
     result.heldout_scores = {t: s["exact_match"] for t, s in scores.items()}
+    result.heldout_whole_scores = {t: s["whole_match"] for t, s in scores.items()}
     atomic_write_json(os.path.join(args.directory, RESULT_NAME), result.to_dict())
     atomic_write_json(os.path.join(args.directory, "heldout.json"), scores)
     print("| task | merged adapter | exact match % | loss |")

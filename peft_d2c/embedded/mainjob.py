@@ -129,6 +129,7 @@ def run_main_job(
     heldout = {name: evaluate_routing(model, tokenizer, test, routing) for name, routing in columns.items()}
     merged_column = list(columns)[-1]
     result.heldout_scores = {t: heldout[merged_column][t]["exact_match"] for t in tasks}
+    result.heldout_whole_scores = {t: heldout[merged_column][t]["whole_match"] for t in tasks}
     result.save_pretrained(output_dir)
     write_embedded_card(output_dir, source_info)
     atomic_write_json(

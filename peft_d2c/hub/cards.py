@@ -63,7 +63,8 @@ def _eval_results(tasks: Sequence[str], data: dict[str, Any], served_by: Mapping
 
     metrics = [
         ("loss", "few-shot loss", data["result"].get("task_losses") or {}),
-        ("score", "held-out score", data["result"].get("heldout_scores") or {}),
+        ("exact_match", "held-out exact match (first word)", data["result"].get("heldout_scores") or {}),
+        ("exact_match", "held-out exact match (whole answer)", data["result"].get("heldout_whole_scores") or {}),
     ]
     sources = data["result"].get("data_sources") or {}
     out = []
@@ -216,10 +217,10 @@ def build_adapter_card(
     members = (result.get("clusters") or [[t for t, a in data["routing"].items() if a == name]])[index]
     served = sorted(t for t, a in data["routing"].items() if a == name)
     sources, losses = result.get("sources") or {}, result.get("task_losses") or {}
-    heldout = result.get("heldout_scores") or {}
+    heldout, whole = result.get("heldout_scores") or {}, result.get("heldout_whole_scores") or {}
     rows = [
         (f"`{m}`", _source_text(sources.get(m)), f"{losses[m]:.4f}" if m in losses else "–",
-         f"{heldout[m]:.4f}" if m in heldout else "–")
+         f"{heldout[m]:.4f}" if m in heldout else "–", f"{whole[m]:.4f}" if m in whole else "–")
         for m in members
     ]  # fmt: skip
     sub_arg = f', subfolder="{subfolder}"' if subfolder else ""
@@ -233,7 +234,7 @@ examples per task, and the adapters of each cluster merged into one. It is clust
 
 ## Merged source adapters
 
-{_table(["task (source adapter)", "source", "few-shot loss", "held-out score"], rows)}
+{_table(["task (source adapter)", "source", "few-shot loss", "held-out EM (first word)", "held-out EM (whole answer)"], rows)}
 
 {_SCORE_MEANING}
 
