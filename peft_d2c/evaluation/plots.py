@@ -138,7 +138,13 @@ def _finish_series_plot(fig, ax, path: str, *, xlabel: str, ylabel: str, title: 
 
 
 def plot_score_vs_storage(
-    series: Mapping[str, Sequence[Sequence[float]]], path: str, *, xlabel: str, ylabel: str, title: str = ""
+    series: Mapping[str, Sequence[Sequence[float]]],
+    path: str,
+    *,
+    xlabel: str,
+    ylabel: str,
+    title: str = "",
+    log_x: bool = False,
 ) -> str:
     """Score against storage, one line per series.
 
@@ -146,6 +152,7 @@ def plot_score_vs_storage(
         series (`Mapping[str, Sequence]`): label -> points `(storage, score)` or `(storage, score, error)`.
         path (`str`): The PNG to write.
         xlabel, ylabel, title (`str`): Axis labels and title.
+        log_x (`bool`): A logarithmic storage axis (budgets that halve from point to point).
 
     Returns:
         `str`: `path`.
@@ -158,6 +165,10 @@ def plot_score_vs_storage(
         errors = [p[2] for p in points] if all(len(p) > 2 for p in points) else None
         style = {"marker": "o", "capsize": 3} if len(points) > 1 else {"marker": "s", "ls": "none"}
         ax.errorbar(xs, ys, yerr=errors, label=label, **style)
+    if log_x:  # ticks at the points themselves, in plain percent
+        ax.set_xscale("log", base=2)
+        ticks = sorted({p[0] for points in series.values() for p in points})
+        ax.set_xticks(ticks, [f"{t:.3g}" for t in ticks])
     return _finish_series_plot(fig, ax, path, xlabel=xlabel, ylabel=ylabel, title=title, legend=len(series) > 1)
 
 
@@ -187,16 +198,22 @@ def plot_sweep(sweep: Mapping[str, Any], path: str) -> str:
     """The score-vs-storage curve of `peft_d2c.evaluation.sweep.run_sweep`; a sweep over byte budgets adds the best
     single merge (K = 1) of each budget as a second curve."""
     method = (sweep.get("config") or {}).get("method", "d2c")
-    series = {method: [(100 * p["storage_fraction"], p["score"]) for p in sweep["points"]]}
-    singles = [p["single"] for p in sweep["points"] if p.get("single")]
+    points = sweep["points"]
+    # The whole answer where every point has it (the stricter score), else the sweep's metric.
+    key = "whole_score" if points and all("whole_score" in p for p in points) else "score"
+    metric = "held-out whole-answer exact match" if key == "whole_score" else sweep["metric"]
+    singles = [p["single"] for p in points if p.get("single")]
+    label = f"{method}, the bytes decide K x rank" if singles else method
+    series = {label: [(100 * p["storage_fraction"], p[key]) for p in points]}
     if singles:
-        series["one merge (K = 1)"] = [(100 * s["storage_fraction"], s["score"]) for s in singles]
+        series["one merge (K = 1)"] = [(100 * s["storage_fraction"], s[key]) for s in singles]
     path = plot_score_vs_storage(
         series,
         path,
         xlabel="storage (% of the source adapters' bytes)",
-        ylabel=sweep["metric"] + (" (higher is better)" if sweep["higher_is_better"] else " (lower is better)"),
+        ylabel=metric + (" (higher is better)" if sweep["higher_is_better"] else " (lower is better)"),
         title=f"Budget sweep over {sweep['num_adapters']} adapters",
+        log_x=bool(singles),
     )
     return path
 
