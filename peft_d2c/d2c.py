@@ -146,7 +146,7 @@ def merge_adapters_d2c(
     """
     started = time.perf_counter()
     shapes = _validate(peft_model, task_examples, config, tokenizer, score_fn, adapter_names)
-    if len(shapes) > 1 and checkpoint_dir is not None:
+    if config.merge.svd_rank == AUTO_RANK and checkpoint_dir is not None:
         raise ValueError(
             "`merge.svd_rank='auto'` searches several shapes: a `checkpoint_dir` is not supported with it."
         )
@@ -169,7 +169,8 @@ def merge_adapters_d2c(
                 peft_model, tokenizer, run.examples, merger, user_score_fn=score_fn, process_group=group
             )
             checkpoint = (checkpoint_dir, weights_digest, score_fn)
-            searched.append(_search_shape(peft_model, run, merger, scorer, group, checkpoint, compare=len(shapes) > 1))
+            compare = config.merge.svd_rank == AUTO_RANK  # the byte budget chooses the shape (even among one)
+            searched.append(_search_shape(peft_model, run, merger, scorer, group, checkpoint, compare=compare))
         best = min(searched, key=lambda shape: shape.objective or 0.0)  # one shape, or the lowest objective
         run, merger, scorer, state = best.run, best.merger, best.scorer, best.state
         task_losses, fewshot_losses, merged_sizes = _final_merges(peft_model, run, state.clusters, merger, scorer)
@@ -194,7 +195,7 @@ def merge_adapters_d2c(
         "router_seconds": router_seconds,
         "router_forward_passes": router_passes,  # not in `forward_passes`: the search's and merges' cost
         **({"merged_sizes": merged_sizes} if merged_sizes else {}),
-        **({"shapes": _shape_stats(peft_model, searched)} if len(shapes) > 1 else {}),
+        **({"shapes": _shape_stats(peft_model, searched)} if config.merge.svd_rank == AUTO_RANK else {}),
     }
     sources = adapter_sources if adapter_sources is not None else getattr(peft_model, "d2c_adapter_sources", {})
     return _result(peft_model, tokenizer, run, best.start, state, task_losses, stats, sources, prompt_router)

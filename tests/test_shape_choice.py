@@ -100,6 +100,12 @@ class TestAutoShape:
         config = D2CMergeConfig(storage_budget=4 * per_rank, merge={"svd_rank": "auto"})
         with pytest.raises(ValueError, match="checkpoint_dir"):
             merge_adapters_d2c(model, tiny_task_examples, config, tokenizer=tiny_tokenizer, checkpoint_dir=tmp_path)
+        one = D2CMergeConfig(storage_budget=per_rank, merge={"svd_rank": "auto"}, num_iterations=1)
+        result = merge_adapters_d2c(model, tiny_task_examples, one, tokenizer=tiny_tokenizer)
+        [shape] = result.stats["shapes"]  # one adapter of rank 1 is all that fits: one shape, still recorded
+        assert (shape["num_clusters"], shape["rank"], shape["bytes"]) == (1, 1, per_rank)
+        for name in result.merged_adapter_names:
+            model.delete_adapter(name)
         tiny = D2CMergeConfig(storage_budget=per_rank - 1, merge={"svd_rank": "auto"})
         with pytest.raises(ValueError, match="even at rank 1"):
             merge_adapters_d2c(model, tiny_task_examples, tiny, tokenizer=tiny_tokenizer)
