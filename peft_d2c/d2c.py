@@ -152,7 +152,8 @@ def merge_adapters_d2c(
         )
     names = shapes[0].names
     mergers = [AdapterMerger(peft_model, run.config) for run in shapes]
-    mergers[0].check_names(max((run.merged_names for run in shapes), key=len))
+    final_names = max((run.merged_names for run in shapes), key=len)  # every shape's final names are among these
+    mergers[0].check_names(final_names)
     group = process_group if process_group is not None else get_process_group()
     # The adapters' weights digest, computed once: the processes compare it, and the checkpoint records it.
     weights_digest = adapter_digest(peft_model, names) if group.num_processes > 1 or checkpoint_dir else None
@@ -162,21 +163,21 @@ def merge_adapters_d2c(
     searched: list[_Searched] = []
     try:
         peft_model.eval()
+        checkpoint = (checkpoint_dir, weights_digest, score_fn)
+        compare = config.merge.svd_rank == AUTO_RANK  # the byte budget chooses the shape (even among one)
         for run, merger in zip(shapes, mergers, strict=True):
             if searched:  # the same examples' layer inputs serve every shape
                 merger.layer_inputs, merger.fold_inputs = mergers[0].layer_inputs, mergers[0].fold_inputs
             scorer = LossScorer.for_config(
                 peft_model, tokenizer, run.examples, merger, user_score_fn=score_fn, process_group=group
             )
-            checkpoint = (checkpoint_dir, weights_digest, score_fn)
-            compare = config.merge.svd_rank == AUTO_RANK  # the byte budget chooses the shape (even among one)
             searched.append(_search_shape(peft_model, run, merger, scorer, group, checkpoint, compare=compare))
         best = min(searched, key=lambda shape: shape.objective or 0.0)  # one shape, or the lowest objective
         run, merger, scorer, state = best.run, best.merger, best.scorer, best.state
         task_losses, fewshot_losses, merged_sizes = _final_merges(peft_model, run, state.clusters, merger, scorer)
         prompt_router, router_passes, router_seconds = _fit_router(peft_model, tokenizer, run)
     except BaseException:
-        for name in max((run.merged_names for run in shapes), key=len):  # none existed before (`check_names`)
+        for name in final_names:  # none existed before (`check_names`): whatever is there now was made here
             if name in peft_model.peft_config:
                 peft_model.delete_adapter(name)
         raise
@@ -195,7 +196,7 @@ def merge_adapters_d2c(
         "router_seconds": router_seconds,
         "router_forward_passes": router_passes,  # not in `forward_passes`: the search's and merges' cost
         **({"merged_sizes": merged_sizes} if merged_sizes else {}),
-        **({"shapes": _shape_stats(peft_model, searched)} if config.merge.svd_rank == AUTO_RANK else {}),
+        **({"shapes": _shape_stats(peft_model, searched)} if compare else {}),
     }
     sources = adapter_sources if adapter_sources is not None else getattr(peft_model, "d2c_adapter_sources", {})
     return _result(peft_model, tokenizer, run, best.start, state, task_losses, stats, sources, prompt_router)

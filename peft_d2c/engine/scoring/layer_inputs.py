@@ -218,16 +218,12 @@ def attach_layer_inputs(merger: AdapterMerger, scorer: LossScorer) -> int:
             "examples: pass the base model's `tokenizer=` (also with a custom `score_fn`), or choose another "
             "`combination_type`."
         )
-    # (fold or None for all examples, the merger's inputs of it, the tokenised rows of the adapters that lack them)
-    wanted = [(None, merger.layer_inputs, scorer.tokenized)]
+    # (the merger's inputs of all examples or of one fold, the tokenised rows they are collected from)
+    sources = [(merger.layer_inputs, scorer.tokenized)]
     if scorer.folds > 1:
-        wanted += [
-            (fold, merger.fold_inputs.setdefault(fold, {}), scorer.fit_rows(fold)) for fold in range(scorer.folds)
-        ]
-    wanted = [
-        (fold, held, {t: rows for t, rows in tokenized.items() if t not in held}) for fold, held, tokenized in wanted
-    ]
-    wanted = [(fold, held, missing) for fold, held, missing in wanted if missing]
+        sources += [(merger.fold_inputs.setdefault(f, {}), scorer.fit_rows(f)) for f in range(scorer.folds)]
+    wanted = [(held, {t: rows for t, rows in tokenized.items() if t not in held}) for held, tokenized in sources]
+    wanted = [(held, missing) for held, missing in wanted if missing]
     if not wanted:
         return 0
     was_training = scorer.model.training
@@ -235,9 +231,9 @@ def attach_layer_inputs(merger: AdapterMerger, scorer: LossScorer) -> int:
     stats = {"forward_passes": 0}
     settings = {"pad_token_id": scorer.pad_token_id, "batch_size": scorer.batch_size}
     try:
-        predicted = sum(predict_layer_input_bytes(scorer.model, missing, stats=stats) for _, _, missing in wanted)
+        predicted = sum(predict_layer_input_bytes(scorer.model, missing, stats=stats) for _, missing in wanted)
         check_memory_limit(predicted, merger.config.merge.memory_limit)
-        for _, held, missing in wanted:
+        for held, missing in wanted:
             held.update(
                 input_factors(scorer.model, missing, **settings, max_batch_tokens=scorer.max_batch_tokens, stats=stats)
             )

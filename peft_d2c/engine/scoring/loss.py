@@ -3,7 +3,8 @@
 The loss is the mean token cross-entropy of the completions given their prompts, pooled over the task's examples
 (prompt and padding tokens masked). Cross-fitted (`folds` > 1, for a merge fitted to the few-shot examples' layer
 inputs, `regmean`): example i of a task is in fold i mod F, and is scored under the cluster's merge fitted to the layer
-inputs of the other folds' examples, so the loss measures how the merge does on examples it was not fitted to. Prompt and completion are tokenised separately and concatenated, with EOS
+inputs of the other folds' examples, so the loss measures how the merge does on examples it was not fitted to.
+Prompt and completion are tokenised separately and concatenated, with EOS
 appended to the completion, so the boundary between them never depends on how a tokenizer merges the two strings.
 Several merged adapters are scored in one forward pass through PEFT's mixed-adapter batches (`adapter_names=`).
 
