@@ -241,6 +241,7 @@ class D2CMergeConfig:
         self.merge.check_applies_to(self.combination_type)
         self._check_cross_fit()
         self._check_auto_rank()
+        self._check_task_cores()
         check_adapter_name(self.merged_adapter_prefix, argument="`merged_adapter_prefix`")
 
     def _check_cross_fit(self) -> None:
@@ -281,6 +282,19 @@ class D2CMergeConfig:
         if self.merge.rank_allocation != "uniform":
             raise ValueError(
                 "`merge.svd_rank='auto'` chooses one rank per shape: leave `merge.rank_allocation` at 'uniform'."
+            )
+        if self.merge.task_cores:
+            raise ValueError(
+                "`merge.svd_rank='auto'` compares shapes by their merged adapters' loss, not their task cores': give "
+                "`merge.svd_rank` a number with `merge.task_cores=True`."
+            )
+
+    def _check_task_cores(self) -> None:
+        """Refuse `merge.task_cores` where the cores cannot be fitted or counted."""
+        if self.merge.task_cores and self.merge.rank_allocation != "uniform":
+            raise ValueError(
+                "`merge.task_cores=True` spends part of the bytes on the cores: leave `merge.rank_allocation` at "
+                "'uniform' (the 'spectrum' allocation spends the whole budget on the merged adapters)."
             )
 
     @property

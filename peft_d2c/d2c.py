@@ -41,6 +41,7 @@ from .engine.merge.lora import (
 )
 from .engine.merge.merging import AdapterMerger
 from .engine.merge.rank_budget import merge_with_allocated_ranks
+from .engine.merge.task_cores import TaskCores, add_task_adapters, fit_task_cores
 from .engine.runtime.checkpoint import SearchCheckpointer, run_fingerprint
 from .engine.runtime.distributed import SingleProcess, get_process_group
 from .engine.runtime.state import ModelState
@@ -153,6 +154,8 @@ def merge_adapters_d2c(
     names = shapes[0].names
     mergers = [AdapterMerger(peft_model, run.config) for run in shapes]
     final_names = max((run.merged_names for run in shapes), key=len)  # every shape's final names are among these
+    task_adapter_names = _task_adapter_names(shapes[0])
+    final_names = [*final_names, *task_adapter_names.values()]
     mergers[0].check_names(final_names)
     group = process_group if process_group is not None else get_process_group()
     # The adapters' weights digest, computed once: the processes compare it, and the checkpoint records it.
@@ -175,6 +178,10 @@ def merge_adapters_d2c(
         best = min(searched, key=lambda shape: shape.objective or 0.0)  # one shape, or the lowest objective
         run, merger, scorer, state = best.run, best.merger, best.scorer, best.state
         task_losses, fewshot_losses, merged_sizes = _final_merges(peft_model, run, state.clusters, merger, scorer)
+        task_cores: TaskCores = {}
+        if task_adapter_names:
+            task_cores, task_losses = _task_cores(peft_model, run, state.clusters, scorer, task_adapter_names)
+            fewshot_losses = [task_losses[n] for n in run.names]
         prompt_router, router_passes, router_seconds = _fit_router(peft_model, tokenizer, run)
     except BaseException:
         for name in final_names:  # none existed before (`check_names`): whatever is there now was made here
@@ -199,7 +206,8 @@ def merge_adapters_d2c(
         **({"shapes": _shape_stats(peft_model, searched)} if compare else {}),
     }
     sources = adapter_sources if adapter_sources is not None else getattr(peft_model, "d2c_adapter_sources", {})
-    return _result(peft_model, tokenizer, run, best.start, state, task_losses, stats, sources, prompt_router)
+    result = _result(peft_model, tokenizer, run, best.start, state, task_losses, stats, sources, prompt_router)
+    return dataclasses.replace(result, task_cores=task_cores, task_adapters=task_adapter_names)
 
 
 @dataclasses.dataclass
@@ -387,6 +395,22 @@ def _final_merges(peft_model, run: _Run, clusters, merger, scorer):
     shipped = scorer.scores_under({n: merged_names[_index_of(clusters, n)] for n in names})
     task_losses = {n: shipped[n] for n in names}
     return task_losses, [shipped[n] for n in names], merged_sizes
+
+
+def _task_adapter_names(run: _Run) -> dict[str, str]:
+    """The name of every task's own adapter with `merge.task_cores` (none without)."""
+    if not run.config.merge.task_cores:
+        return {}
+    return {name: f"{run.config.merged_adapter_prefix}_task_{name}" for name in run.names}
+
+
+def _task_cores(peft_model, run: _Run, clusters, scorer, task_adapter_names: dict[str, str]):
+    """Stage 4b (`merge.task_cores`): the merged adapters rewritten in their members' shared basis, every task's core
+    and its adapter (`engine.merge.task_cores`), and every task's few-shot loss under its own adapter."""
+    cores = fit_task_cores(peft_model, clusters, run.merged_names)
+    routing = {name: run.merged_names[_index_of(clusters, name)] for name in run.names}
+    add_task_adapters(peft_model, cores, task_adapter_names, routing)
+    return cores, scorer.scores_under(task_adapter_names)
 
 
 def _fit_router(peft_model, tokenizer, run: _Run):

@@ -18,6 +18,7 @@ from typing import Any
 # adapter); the Hub push and the CLI read them by these names.
 RESULT_NAME = "d2c_result.json"
 ROUTING_NAME = "d2c_routing.json"
+TASK_CORES_NAME = "d2c_task_cores.safetensors"
 
 logger = logging.getLogger(__name__)
 

@@ -32,6 +32,7 @@ from .engine.merge.budget import (
 from .engine.merge.lora import check_source_adapters
 from .engine.merge.merging import AdapterMerger
 from .engine.merge.rank_budget import merge_with_allocated_ranks
+from .engine.merge.task_cores import add_task_adapters
 from .engine.runtime.state import ModelState
 from .engine.scoring.layer_inputs import attach_layer_inputs
 from .engine.scoring.loss import LossScorer
@@ -74,6 +75,7 @@ def attach_model(result, directory: str | os.PathLike, *, base_model=None, token
         if not os.path.isfile(os.path.join(folder, "adapter_config.json")):
             raise FileNotFoundError(f"Merged adapter folder {folder!r} is missing or incomplete.")
         model.load_adapter(folder, adapter_name=merged)
+    add_task_adapters(model, result.task_cores, result.task_adapters, result.routing)
     result.model = model.eval()
     return result.model
 
@@ -100,6 +102,11 @@ def add_adapter(
         )
     if name in result.assignment:
         raise ValueError(f"Adapter {name!r} is already clustered (in cluster {result.assignment[name]}).")
+    if result.task_adapters:
+        raise ValueError(
+            "This result has task cores (`merge.task_cores`): a new member would change its cluster's shared basis and "
+            "every member's core; run `merge_adapters_d2c` again with the new adapter."
+        )
     if name not in model.peft_config:
         raise ValueError(
             f"Adapter {name!r} is not loaded in the model; load it first (e.g. `peft_d2c.hub.load_adapters("

@@ -12,6 +12,7 @@ from typing import Any
 
 from .combination_types import DENSITY_TYPES
 from .config import CONFIG_NAME, D2CMergeConfig
+from .engine.merge.task_cores import load_task_cores, save_task_cores
 from .engine.serving.prompt_router import (
     ROUTER_CONFIG_NAME,
     ROUTER_WEIGHTS_NAME,
@@ -23,7 +24,16 @@ from .engine.serving.prompt_router import (
 from .export.folder import export_d2c_folder
 from .hub.cards import build_result_card
 from .hub.push import push_d2c_folder
-from .io import RESULT_NAME, ROUTING_NAME, atomic_write_json, make_ordinary, read_json, replace_folder, resolve_target
+from .io import (
+    RESULT_NAME,
+    ROUTING_NAME,
+    TASK_CORES_NAME,
+    atomic_write_json,
+    make_ordinary,
+    read_json,
+    replace_folder,
+    resolve_target,
+)
 from .online import add_adapter
 from .version import __version__ as PEFT_D2C_VERSION
 
@@ -58,6 +68,11 @@ class D2CResult:
         tokenizer: The base model's tokenizer of the run (not saved), for `route` and `generate`.
         prompt_router (`PromptRouter`, *optional*): Picks the merged adapter for a prompt without a task label
             (`config.fit_router`; saved as `d2c_router.json` + `d2c_router.safetensors`).
+        task_adapters (`dict[str, str]`): With `merge.task_cores`, task -> its own adapter in `model` (the merged
+            adapter's basis with the task's core, `engine.merge.task_cores`); `task_losses` are then under these.
+            Empty without task cores.
+        task_cores (`dict[str, dict[str, torch.Tensor]]`): The task cores the task adapters are built from (saved
+            as `d2c_task_cores.safetensors`).
     """
 
     clusters: list[list[str]]
@@ -77,20 +92,28 @@ class D2CResult:
     model: Any = field(default=None, repr=False, compare=False)
     tokenizer: Any = field(default=None, repr=False, compare=False)
     prompt_router: PromptRouter | None = field(default=None, repr=False, compare=False)
+    task_adapters: dict[str, str] = field(default_factory=dict)
+    task_cores: dict[str, dict[str, Any]] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def num_clusters(self) -> int:
         return len(self.clusters)
 
+    @property
+    def serving_routing(self) -> dict[str, str]:
+        """Task -> the adapter that answers it: the task's own adapter with task cores (`task_adapters`), else the
+        merged adapter of its cluster (`routing`)."""
+        return {task: self.task_adapters.get(task, merged) for task, merged in self.routing.items()}
+
     def adapter_for(self, task: str) -> str:
-        """Name of the merged adapter that serves `task`.
+        """Name of the adapter that serves `task`: its cluster's merged adapter, or with task cores its own adapter.
 
         Raises:
             KeyError: If `task` was not clustered; the message lists the known tasks.
         """
         if task not in self.routing:
             raise KeyError(f"Unknown task {task!r}; known tasks: {sorted(self.routing)}.")
-        return self.routing[task]
+        return self.serving_routing[task]
 
     def route(self, prompts: str | Sequence[str], *, tokenizer=None, fallback: str = "nearest") -> Route | list[Route]:
         """Which merged adapter should answer each prompt (no task label needed): one `Route` (task, adapter,
@@ -98,13 +121,13 @@ class D2CResult:
         `fallback` for a prompt of no known task: `"nearest"` (the nearest task's adapter) or `"base"` (`"__base__"`).
         """
         batch = [prompts] if isinstance(prompts, str) else list(prompts)
-        routes = route_prompts(*self._serving(tokenizer), self.routing, batch, fallback=fallback)
+        routes = route_prompts(*self._serving(tokenizer), self.serving_routing, batch, fallback=fallback)
         return routes[0] if isinstance(prompts, str) else routes
 
     def generate(self, prompt: str, *, tokenizer=None, fallback: str = "nearest", **kwargs) -> tuple[str, Route]:
         """Route `prompt` and answer it with the chosen merged adapter (greedy; `kwargs` go to `model.generate`,
         e.g. `max_new_tokens`): returns the answer and the `Route` taken."""
-        return generate_routed(*self._serving(tokenizer), self.routing, prompt, fallback=fallback, **kwargs)
+        return generate_routed(*self._serving(tokenizer), self.serving_routing, prompt, fallback=fallback, **kwargs)
 
     def _serving(self, tokenizer) -> tuple[Any, Any, PromptRouter]:
         if self.prompt_router is None or self.model is None or (tokenizer or self.tokenizer) is None:
@@ -181,6 +204,7 @@ class D2CResult:
             "initial_clusters": self.initial_clusters,
             "merged_adapter_names": self.merged_adapter_names,
             "routing": self.routing,
+            "task_adapters": self.task_adapters,
             "task_losses": self.task_losses,
             "heldout_scores": self.heldout_scores,
             "heldout_whole_scores": self.heldout_whole_scores,
@@ -195,7 +219,9 @@ class D2CResult:
         """Write the merged adapters (PEFT format, one subfolder each), routing, config and results.
 
         Layout: `dir/<merged name>/adapter_config.json` + `adapter_model.safetensors` per cluster, `d2c_routing.json`,
-        `d2c_config.json`, `d2c_result.json`, the prompt router (`d2c_router.json` + `.safetensors`) and the model card
+        `d2c_config.json`, `d2c_result.json`, the prompt router (`d2c_router.json` + `.safetensors`), the task cores
+        (`d2c_task_cores.safetensors`, with `merge.task_cores`; `load_d2c_collection` builds the task adapters from
+        them) and the model card
         `README.md` a push writes (a README of the user's is kept). Written into a temporary folder next to `dir`,
         then exchanged with `dir` in one atomic step (an interrupted save leaves the previous folder as it was). A
         previous result's files are replaced, any other file is kept; a symlinked `dir` stays one. Files get the
@@ -248,6 +274,8 @@ class D2CResult:
             atomic_write_json(os.path.join(staging, ROUTING_NAME), self.routing)
             if self.prompt_router is not None:
                 self.prompt_router.save_pretrained(staging)
+            if self.task_cores:
+                save_task_cores(self.task_cores, os.path.join(staging, TASK_CORES_NAME))
             self.config.save_pretrained(staging)
             atomic_write_json(os.path.join(staging, RESULT_NAME), {**self.to_dict(), "files": sorted(files)})
             if with_card:
@@ -331,6 +359,10 @@ class D2CResult:
             prompt_router=PromptRouter.from_pretrained(directory)
             if ROUTER_CONFIG_NAME in data.get("files", [])
             else None,
+            task_adapters=data.get("task_adapters", {}),
+            task_cores=load_task_cores(os.path.join(directory, TASK_CORES_NAME))
+            if TASK_CORES_NAME in data.get("files", [])
+            else {},
         )
 
     def export(
@@ -394,7 +426,8 @@ CARD_NAME = "README.md"
 def _result_files(result: D2CResult) -> list[str]:
     """The entries of a result folder that belong to the result (what a later save may replace)."""
     router = [ROUTER_CONFIG_NAME, ROUTER_WEIGHTS_NAME] if result.prompt_router is not None else []
-    return sorted([*result.merged_adapter_names, ROUTING_NAME, CONFIG_NAME, RESULT_NAME, *router])
+    cores = [TASK_CORES_NAME] if result.task_cores else []
+    return sorted([*result.merged_adapter_names, ROUTING_NAME, CONFIG_NAME, RESULT_NAME, *router, *cores])
 
 
 def _previous_result_files(directory: str) -> set[str]:

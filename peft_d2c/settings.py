@@ -48,6 +48,12 @@ class MergeSettings:
             from the few-shot objective: every shape (K merged adapters of rank r, r a power of two up to 4x the
             largest source rank, K the most that fit) is searched, and the one whose final merges have the lowest
             cross-fitted few-shot loss ships (`d2c.merge_adapters_d2c`; `result.stats["shapes"]` lists them all).
+        task_cores (`bool`, defaults to `False`):
+            Update-space types: also give every task its own r x r core in its cluster's shared rank-r basis
+            (`engine.merge.task_cores`): the merged adapter is rewritten as its projection onto the basis its members'
+            updates share, and task t is served by the plain LoRA `result.task_adapter(t)` builds from the merged
+            adapter and the task's core, the closest update to the task's own in that basis. The cores cost r x r
+            float32 numbers per module and task, counted in a byte `storage_budget`.
         cache_size (`int`, defaults to 8):
             Number of temporary merged adapters kept alive in the model during the search (an LRU, at least 2); older
             ones are deleted.
@@ -60,6 +66,7 @@ class MergeSettings:
     rank_allocation: Literal["uniform", "spectrum"] = "uniform"
     weight: float | None = None
     svd_rank: int | Literal["auto"] | None = None
+    task_cores: bool = False
     cache_size: int = 8
 
     def __post_init__(self) -> None:
@@ -83,6 +90,7 @@ class MergeSettings:
             object.__setattr__(self, "weight", float(self.weight))
         if self.svd_rank != AUTO_RANK:
             check_int("svd_rank", self.svd_rank, minimum=1, optional=True)
+        check_choice("task_cores", self.task_cores, (True, False))
         check_int("cache_size", self.cache_size, minimum=2)
 
     def check_applies_to(self, combination_type: str) -> None:
@@ -112,6 +120,7 @@ APPLIES_TO = {
     "memory_limit": DATA_TYPES,
     "rank_allocation": UPDATE_TYPES,
     "svd_rank": SVD_TYPES + UPDATE_TYPES,
+    "task_cores": UPDATE_TYPES,
 }
 
 

@@ -161,7 +161,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         )
     model = attach_model(result, args.directory, base_model=args.base_model)
     tokenizer = AutoTokenizer.from_pretrained(args.base_model or result.base_model)
-    routing = {t: result.routing[t] for t in examples}
+    routing = {t: result.serving_routing[t] for t in examples}
     scores = evaluate_routing(
         model, tokenizer, examples, routing, use_chat_template=result.config.scoring.use_chat_template
     )

@@ -340,7 +340,7 @@ def _cell(
         if reused is not None:
             scores = reused["per_task"]
         else:
-            scores = evaluate_routing(peft_model, tokenizer, test, result.routing)
+            scores = evaluate_routing(peft_model, tokenizer, test, result.serving_routing)
         heatmap = None
         if label == "d2c" and config.seed == 0:  # one task x cluster loss matrix per K, for the plot
             heatmap = {

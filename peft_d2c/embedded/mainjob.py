@@ -124,7 +124,7 @@ def run_main_job(
     columns = {
         "zero-shot": {t: BASE_ADAPTER for t in tasks},
         "single-task LoRA": {t: t for t in tasks},
-        "merged (D2C)" if method == "d2c" else f"merged ({method})": dict(result.routing),
+        "merged (D2C)" if method == "d2c" else f"merged ({method})": dict(result.serving_routing),
     }
     heldout = {name: evaluate_routing(model, tokenizer, test, routing) for name, routing in columns.items()}
     merged_column = list(columns)[-1]

@@ -105,7 +105,11 @@ def _measured_run(peft_model, task_examples, run_config, tokenizer, names, sourc
         point = {"storage_bytes": storage, "storage_fraction": storage / source_bytes, "clusters": result.clusters}
         if heldout_examples is not None:
             scores = evaluate_routing(
-                peft_model, tokenizer, heldout_examples, result.routing, batch_size=run_config.scoring.batch_size
+                peft_model,
+                tokenizer,
+                heldout_examples,
+                result.serving_routing,
+                batch_size=run_config.scoring.batch_size,
             )
             point["score"] = sum(s["exact_match"] for s in scores.values()) / len(scores)
             point["whole_score"] = sum(s["whole_match"] for s in scores.values()) / len(scores)

@@ -19,9 +19,10 @@ import shutil
 import tempfile
 from typing import Any
 
+from ..engine.merge.task_cores import load_task_cores, write_task_adapter
 from ..engine.serving.prompt_router import MAX_FEATURE_TOKENS, ROUTER_CONFIG_NAME, ROUTER_WEIGHTS_NAME
 from ..hub.cards import read_result_folder
-from ..io import ROUTING_NAME, atomic_write_json, atomic_write_text, read_json
+from ..io import ROUTING_NAME, TASK_CORES_NAME, atomic_write_json, atomic_write_text, read_json
 from .llamacpp import base_info_from_config, base_info_from_gguf, convert_peft_adapter, write_gguf_lora
 from .vllm import read_vllm_adapter, vllm_max_lora_rank, write_vllm_adapter
 
@@ -33,6 +34,7 @@ EXPORT_FORMATS = ("gguf", "vllm", "peft")
 MANIFEST_NAME = "d2c_export.json"
 LM_EVAL_NAME = "lm_eval_commands.sh"
 VLLM_MODULES_NAME = "vllm_lora_modules.json"
+TASK_PEFT_DIR = "peft_task_adapters"  # a GGUF export of task adapters: their PEFT folders, for the lm_eval commands
 
 
 def file_sha256(path: str | os.PathLike) -> str:
@@ -76,6 +78,10 @@ def export_d2c_folder(
 ) -> dict[str, Any]:
     """Export the merged adapters of a saved result folder for llama.cpp, vLLM or PEFT, with a manifest.
 
+    A result with task cores (`merge.task_cores`) exports one plain LoRA per task instead, each built from its
+    cluster's merged adapter and the task's core (`engine.merge.task_cores.write_task_adapter`): N adapters of the
+    merged rank, what servers that take whole LoRAs need (the stored result stays K adapters and the cores).
+
     Args:
         folder (`str` or `os.PathLike`): A folder written by `D2CResult.save_pretrained`.
         output_dir (`str` or `os.PathLike`): Where the export goes (created; files of the same names are replaced).
@@ -113,6 +119,23 @@ def export_d2c_folder(
     folder, output_dir = os.fspath(folder), os.fspath(output_dir)
     data = read_result_folder(folder)
     routing, names = data["routing"], data["names"]
+    with tempfile.TemporaryDirectory(prefix="d2c-task-adapters-") as task_folder:
+        task_adapters = data["result"].get("task_adapters") or {}
+        if TASK_CORES_NAME in data["result"].get("files", []) and task_adapters:
+            # Servers take whole LoRAs: every task's adapter is materialised from its cluster's adapter and core.
+            cores = load_task_cores(os.path.join(folder, TASK_CORES_NAME))
+            for task, name in task_adapters.items():
+                write_task_adapter(os.path.join(folder, routing[task]), cores[task], os.path.join(task_folder, name))
+            folder, names = task_folder, [task_adapters[t] for t in sorted(task_adapters)]
+            routing = {task: task_adapters.get(task, merged) for task, merged in routing.items()}
+        return _export(folder, output_dir, data, routing, names, format, base_gguf, base_model_id, base_config,
+                       permute_qk, materialised=folder == task_folder)  # fmt: skip
+
+
+def _export(folder, output_dir, data, routing, names, format, base_gguf, base_model_id, base_config, permute_qk,
+            *, materialised: bool) -> dict[str, Any]:  # fmt: skip
+    """`export_d2c_folder` for the adapters `names` of `folder` (the saved merged adapters, or the materialised
+    task adapters of a result with task cores) and their `routing`."""
     base = base_model_id or data["result"].get("base_model") or "BASE_MODEL"
     if base_gguf is not None and not os.path.isfile(base_gguf):
         raise FileNotFoundError(f"`base_gguf` {os.fspath(base_gguf)!r} does not exist.")
@@ -145,6 +168,10 @@ def export_d2c_folder(
     staging = tempfile.mkdtemp(prefix=".d2c-export-", dir=parent)
     try:
         adapters = _write_adapters(format, folder, staging, output_dir, names, converted, routing, base)
+        if materialised and format == "gguf":  # the lm_eval commands' PEFT folders outlive the temporary ones
+            for name, record in adapters.items():
+                shutil.copytree(os.path.join(folder, name), os.path.join(staging, TASK_PEFT_DIR, name))
+                record["peft_path"] = os.path.join(os.path.abspath(output_dir), TASK_PEFT_DIR, name)
         manifest = _manifest(format, base_record, adapters, routing, names, output_dir, base_gguf)
         if format == "vllm":
             atomic_write_json(os.path.join(staging, VLLM_MODULES_NAME), manifest["vllm"]["lora_modules"])

@@ -187,6 +187,13 @@ def _method_section(data: dict[str, Any]) -> str:
             f"- **Shape**: the byte budget chose K = {chosen['num_clusters']} merged adapters of rank {chosen['rank']}, "
             f"the lowest cross-fitted few-shot loss of the shapes that fit ({each})."
         )
+    if result.get("task_adapters"):  # merge.task_cores: every task answered in its cluster's basis by its own core
+        lines.append(
+            f"- **Task cores**: each merged adapter is its cluster's shared rank-r basis; every task has its own r x r "
+            f"core in it (`d2c_task_cores.safetensors`, {n} cores). `load_d2c_collection` builds each task's adapter "
+            "from its cluster's adapter and core, and a task label or the prompt router selects it; the merged "
+            "adapter alone (its cluster's merge projected into the basis) is what a task without a core gets."
+        )
     return "\n".join(lines)
 
 

@@ -16,6 +16,7 @@ from typing import Any
 from huggingface_hub import hf_hub_download
 from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError
 
+from ..engine.merge.task_cores import add_task_adapters, load_task_cores
 from ..engine.runtime.state import ModelState
 from ..engine.serving.prompt_router import (
     ROUTER_CONFIG_NAME,
@@ -25,7 +26,7 @@ from ..engine.serving.prompt_router import (
     generate_routed,
     route_prompts,
 )
-from ..io import RESULT_NAME, ROUTING_NAME, read_json
+from ..io import RESULT_NAME, ROUTING_NAME, TASK_CORES_NAME, read_json
 from .adapters import AdapterSource, hub_api, load_adapters
 from .push import HUB_NAME
 
@@ -244,4 +245,28 @@ def load_d2c_collection(
     api = hub_api(token)
     sources, names, routing, prompt_router = _collection_plan(repo_id_or_path, api, token, revision)
     model = load_adapters(base_model, sources, names=names, strict_base_model=strict_base_model, token=token)
+    cores, task_adapters = _saved_task_cores(repo_id_or_path, sources, token)
+    if task_adapters:  # every task is served by its own adapter, built from its cluster's merged adapter and core
+        add_task_adapters(model, cores, task_adapters, routing)
+        routing = {task: task_adapters.get(task, merged) for task, merged in routing.items()}
     return model, D2CRouter(model, routing, prompt_router)
+
+
+def _saved_task_cores(target, sources: Sequence[AdapterSource], token) -> tuple[dict, dict[str, str]]:
+    """(task cores, task -> task adapter name) of a collection saved or pushed with `merge.task_cores` (both empty
+    otherwise): from the folder, or from the commit of the first adapter's repo (every repo of `layout="repos"` holds
+    the result's files)."""
+    first = sources[0]
+    if first.path is not None:
+        folder = os.fspath(target)
+        result_path = os.path.join(folder, RESULT_NAME)
+        saved = read_json(result_path) if os.path.isfile(result_path) else {}
+        cores_path = os.path.join(folder, TASK_CORES_NAME)
+    else:
+        saved = _download_json(first.repo_id, RESULT_NAME, first.revision, token) or {}
+        cores_path = None
+    if TASK_CORES_NAME not in saved.get("files", []) or not saved.get("task_adapters"):
+        return {}, {}
+    if cores_path is None:
+        cores_path = hf_hub_download(first.repo_id, TASK_CORES_NAME, revision=first.revision, token=token)
+    return load_task_cores(cores_path), dict(saved["task_adapters"])

@@ -22,7 +22,7 @@ from huggingface_hub.utils import validate_repo_id
 
 from ..config import CONFIG_NAME
 from ..engine.serving.prompt_router import ROUTER_CONFIG_NAME, ROUTER_WEIGHTS_NAME
-from ..io import RESULT_NAME, ROUTING_NAME, read_json
+from ..io import RESULT_NAME, ROUTING_NAME, TASK_CORES_NAME, read_json
 from .adapters import ADAPTER_CONFIG_NAME, REPO_ID_PATTERN, WEIGHTS_NAMES, hub_api
 from .cards import build_adapter_card, build_collection_card, is_hub_id, read_result_folder
 
@@ -98,7 +98,7 @@ def _stage_adapter(src: str, dst: str, base_model_id: str) -> None:
 
 
 def _stage_metadata(folder: str, dst: str, data: dict[str, Any], base_model_id: str, hub: dict[str, Any]) -> None:
-    for filename in (ROUTING_NAME, CONFIG_NAME, ROUTER_CONFIG_NAME, ROUTER_WEIGHTS_NAME):
+    for filename in (ROUTING_NAME, CONFIG_NAME, ROUTER_CONFIG_NAME, ROUTER_WEIGHTS_NAME, TASK_CORES_NAME):
         if filename in (ROUTING_NAME, CONFIG_NAME) or filename in data["result"].get("files", []):
             shutil.copy2(os.path.join(folder, filename), os.path.join(dst, filename))
     result = {**data["result"], "base_model": base_model_id}

@@ -26,6 +26,7 @@ from ...combination_types import SVD_TYPES, UPDATE_TYPES
 from ...config import D2CMergeConfig
 from ...sizes import format_size, is_bytes_budget, parse_size
 from .lora import adapter_rank, lora_factors, lora_layers
+from .task_cores import core_bytes
 
 __all__ = [
     "adapter_bytes",
@@ -38,6 +39,7 @@ __all__ = [
     "partition_bytes",
     "resolve_num_clusters",
     "stored_bytes",
+    "task_cores_bytes",
 ]
 
 
@@ -138,14 +140,29 @@ def merged_adapter_bytes(peft_model: PeftModel, members: Sequence[str], config: 
         49152
         ```
     """
+    return _bytes_at_rank(peft_model, members, _merged_rank_of(peft_model, members, config))
+
+
+def _merged_rank_of(peft_model: PeftModel, members: Sequence[str], config: D2CMergeConfig) -> int:
     ranks = [adapter_rank(peft_model, m) for m in members]
-    rank = merged_rank(ranks, config.combination_type, config.merge.svd_rank)
-    return _bytes_at_rank(peft_model, members, rank)
+    return merged_rank(ranks, config.combination_type, config.merge.svd_rank)
+
+
+def task_cores_bytes(peft_model: PeftModel, members: Sequence[str], config: D2CMergeConfig) -> int:
+    """Bytes of the task cores of a cluster of `members` (`merge.task_cores`; 0 without): one r x r float32 core per
+    member in every module the cluster's merged adapter adapts (`engine.merge.task_cores`)."""
+    if not config.merge.task_cores:
+        return 0
+    rank = _merged_rank_of(peft_model, members, config)
+    return len(members) * core_bytes([rank] * len(_per_rank_costs(peft_model, members)))
 
 
 def partition_bytes(peft_model: PeftModel, clusters: Sequence[Sequence[str]], config: D2CMergeConfig) -> int:
-    """Total bytes of the merged adapters of a partition."""
-    return sum(merged_adapter_bytes(peft_model, members, config) for members in clusters)
+    """Total bytes of the merged adapters of a partition, with their task cores (`merge.task_cores`)."""
+    return sum(
+        merged_adapter_bytes(peft_model, members, config) + task_cores_bytes(peft_model, members, config)
+        for members in clusters
+    )
 
 
 def resolve_num_clusters(peft_model: PeftModel, adapter_names: Sequence[str], config: D2CMergeConfig) -> int:
@@ -186,12 +203,14 @@ def resolve_num_clusters(peft_model: PeftModel, adapter_names: Sequence[str], co
     per_adapter = merged_adapter_bytes(peft_model, names, config)  # every cluster's modules are among all of them
     if config.combination_type not in UPDATE_TYPES:  # PEFT copies a one-member cluster at its own rank
         per_adapter = max(per_adapter, *(adapter_bytes(peft_model, m) for m in names))
-    k = min(n, budget // per_adapter)
+    cores = task_cores_bytes(peft_model, names, config)  # every task's core, on at most every module
+    k = min(n, max(0, budget - cores) // per_adapter)
     if k < 1:
+        with_cores = f" and the {n} task cores ({format_size(cores)})" if cores else ""
         raise ValueError(
             f"`storage_budget`={config.storage_budget!r} ({format_size(budget)}) is too small for one merged adapter "
-            f"({format_size(per_adapter)} with combination_type={config.combination_type!r}); give at least "
-            f"{per_adapter} bytes."
+            f"({format_size(per_adapter)} with combination_type={config.combination_type!r}){with_cores}; give at "
+            f"least {per_adapter + cores} bytes."
         )
     return int(k)
 

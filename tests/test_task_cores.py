@@ -1,0 +1,203 @@
+"""Per-task cores (issue 38, part 5): every task served in its cluster's shared rank-r basis by its own r x r core.
+
+The references are the test's own dense maths: the basis is the top-r eigenvectors of the members' summed
+ΔW·ΔW^T (left) and ΔW^T·ΔW (right), built as out x in matrices with `torch.linalg.eigh`; a task's adapter must be
+the projection P_U·ΔW_t·P_V, and the rewritten merged adapter the projection of the merge the same run makes without
+cores. Bytes are counted from the saved files and the module shapes, not from the budget module.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from peft import PeftModel
+from recompute import task_loss
+from safetensors.torch import load_file
+from transformers import LlamaForCausalLM
+
+from peft_d2c import D2CMergeConfig, D2CResult, merge_adapters_d2c
+from peft_d2c.engine.merge.budget import partition_bytes
+from peft_d2c.engine.merge.lora import lora_factors, lora_layers
+from peft_d2c.errors import D2CWarning
+from peft_d2c.hub import load_d2c_collection, push_d2c_folder
+
+RANK = 4
+
+
+def _config(**merge) -> D2CMergeConfig:
+    return D2CMergeConfig(num_clusters=2, method="random", seed=3, fit_router=False, merge={"svd_rank": RANK, **merge})
+
+
+def _update(layer, adapter) -> torch.Tensor | None:
+    factors = lora_factors(layer, adapter)
+    if factors is None:
+        return None
+    a, b = factors
+    return layer.scaling[adapter] * b.double() @ a.double()
+
+
+def _projectors(updates: list[torch.Tensor], rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dense projectors onto the top-`rank` left / right singular subspaces the updates share."""
+    left = sum(w @ w.T for w in updates)
+    right = sum(w.T @ w for w in updates)
+    u = torch.linalg.eigh(left).eigenvectors[:, -rank:]
+    v = torch.linalg.eigh(right).eigenvectors[:, -rank:]
+    return u @ u.T, v @ v.T
+
+
+@pytest.fixture
+def with_cores(tiny_peft_model, tiny_task_examples, tiny_tokenizer):
+    before = {k: v.clone() for k, v in tiny_peft_model.state_dict().items()}
+    plain = merge_adapters_d2c(tiny_peft_model, tiny_task_examples, _config(), tokenizer=tiny_tokenizer)
+    plain_updates = {
+        (module, merged): _update(layer, merged)
+        for module, layer in lora_layers(tiny_peft_model)
+        for merged in plain.merged_adapter_names
+    }
+    for name in plain.merged_adapter_names:
+        tiny_peft_model.delete_adapter(name)
+    result = merge_adapters_d2c(
+        tiny_peft_model, tiny_task_examples, _config(task_cores=True), tokenizer=tiny_tokenizer
+    )
+    return tiny_peft_model, result, plain, plain_updates, before
+
+
+def test_task_adapters_are_the_projections_onto_the_shared_basis(with_cores):
+    model, result, plain, plain_updates, before = with_cores
+    assert result.clusters == plain.clusters  # the same seed: the same partition, the cores come on top
+    assert set(result.task_adapters) == set(result.routing)
+    checked = 0
+    for module, layer in lora_layers(model):
+        for members, merged in zip(result.clusters, result.merged_adapter_names, strict=True):
+            updates = {t: _update(layer, t) for t in members}
+            present = [w for w in updates.values() if w is not None]
+            if not present:
+                continue
+            p_u, p_v = _projectors(present, RANK)
+            # the merged adapter: the same run's merge without cores, projected into the basis
+            expected_merge = p_u @ plain_updates[(module, merged)] @ p_v
+            assert torch.allclose(_update(layer, merged), expected_merge, atol=1e-4 * expected_merge.abs().max())
+            for task in members:
+                got = _update(layer, result.task_adapters[task])
+                if updates[task] is None:
+                    assert got.abs().max() == 0
+                    continue
+                expected = p_u @ updates[task] @ p_v
+                assert torch.allclose(got, expected, atol=1e-4 * expected.abs().max() + 1e-7)
+                # the closest update in the basis: never farther from the task's own than the merge is
+                assert torch.linalg.norm(got - updates[task]) <= torch.linalg.norm(
+                    _update(layer, merged) - updates[task]
+                )
+                checked += 1
+    assert checked >= len(result.routing)
+    after = model.state_dict()
+    for key, value in before.items():  # the user's adapters and the base model, bit for bit
+        assert torch.equal(after[key], value), key
+
+
+def test_results_serve_each_task_with_its_own_adapter(with_cores, tiny_task_examples, tiny_tokenizer):
+    model, result, _, _, _ = with_cores
+    for task in result.routing:
+        assert result.adapter_for(task) == result.task_adapters[task] == f"d2c_task_{task}"
+        assert result.serving_routing[task] == result.task_adapters[task]
+    # task losses are those of the task adapters, as the model's own `labels=` loss gives them
+    for task in sorted(result.routing)[:2]:
+        expected = task_loss(model, result.task_adapters[task], tiny_tokenizer, tiny_task_examples[task])
+        assert result.task_losses[task] == pytest.approx(expected, rel=1e-4)
+        merged = task_loss(model, result.routing[task], tiny_tokenizer, tiny_task_examples[task])
+        assert result.task_losses[task] != pytest.approx(merged, rel=1e-4)
+
+
+def test_bytes_count_one_core_per_task_and_module(with_cores, tmp_path):
+    model, result, plain, _, _ = with_cores
+    modules = sum(1 for _, layer in lora_layers(model) if lora_factors(layer, result.merged_adapter_names[0]))
+    cores_bytes = len(result.routing) * modules * RANK * RANK * 4
+    assert partition_bytes(model, result.clusters, result.config) == (
+        partition_bytes(model, plain.clusters, plain.config) + cores_bytes
+    )
+    folder = result.save_pretrained(tmp_path / "out")
+    saved = load_file(os.path.join(folder, "d2c_task_cores.safetensors"))
+    assert sum(t.numel() * t.element_size() for t in saved.values()) == cores_bytes
+    assert all(t.dtype == torch.float32 and t.shape == (RANK, RANK) for t in saved.values())
+
+
+def test_saved_cores_rebuild_the_same_task_adapters(with_cores, tiny_assets, tmp_path):
+    model, result, _, _, _ = with_cores
+    folder = result.save_pretrained(tmp_path / "out")
+    base_dir, _ = tiny_assets
+    loaded, router = load_d2c_collection(LlamaForCausalLM.from_pretrained(base_dir).eval(), folder)
+    ids = torch.tensor([[5, 9, 12, 7, 3]])
+    model.eval()
+    for task in sorted(result.routing)[:3]:
+        name = router.adapter_for(task)
+        assert name == result.task_adapters[task]
+        with torch.no_grad():
+            want = model(input_ids=ids, adapter_names=[name]).logits
+            got = loaded(input_ids=ids, adapter_names=[name]).logits
+        assert torch.allclose(got, want, atol=1e-5)
+    reread = D2CResult.from_pretrained(folder)
+    assert reread.task_adapters == result.task_adapters
+    for task, cores in result.task_cores.items():
+        assert reread.task_cores[task].keys() == cores.keys()
+        assert all(torch.equal(reread.task_cores[task][m], cores[m]) for m in cores)
+
+
+@pytest.mark.parametrize(
+    "kwargs, needle",
+    [
+        ({"combination_type": "ties", "merge": {"task_cores": True}}, "task_cores"),
+        ({"storage_budget": "1MB", "merge": {"task_cores": True, "svd_rank": "auto"}}, "task_cores"),
+        ({"num_clusters": 2, "merge": {"task_cores": True, "rank_allocation": "spectrum"}}, "rank_allocation"),
+    ],
+)
+def test_refused_where_cores_cannot_be_fitted_or_counted(kwargs, needle):
+    with pytest.raises(ValueError, match=needle):
+        D2CMergeConfig(**{"num_clusters": 2, **kwargs} if "storage_budget" not in kwargs else kwargs)
+
+
+def test_a_result_with_cores_takes_no_new_adapter(with_cores, tiny_task_examples, tiny_tokenizer):
+    model, result, _, _, _ = with_cores
+    with pytest.raises(ValueError, match="task cores"):
+        result.add_adapter("extra", tiny_task_examples["copy"], tokenizer=tiny_tokenizer)
+
+
+def test_exports_carry_one_plain_lora_per_task(with_cores, tiny_assets, tmp_path):
+    model, result, _, _, _ = with_cores
+    manifest = result.export(tmp_path / "peft", format="peft")
+    assert sorted(manifest["adapters"]) == sorted(result.task_adapters.values())
+    ids = torch.tensor([[4, 8, 11, 6, 2]])
+    model.eval()
+    for task in sorted(result.routing)[:2]:
+        entry = manifest["tasks"][task]
+        assert entry["adapter"] == result.task_adapters[task]
+        # PEFT itself loads the exported folder, with no peft-d2c code in between
+        base = LlamaForCausalLM.from_pretrained(tiny_assets[0]).eval()
+        exported = PeftModel.from_pretrained(base, str(tmp_path / "peft" / entry["file"])).eval()
+        with torch.no_grad():
+            want = model(input_ids=ids, adapter_names=[result.task_adapters[task]]).logits
+            assert torch.allclose(exported(input_ids=ids).logits, want, atol=1e-5)
+    gguf = result.export(tmp_path / "gguf", format="gguf")
+    assert {entry["file"] for entry in gguf["tasks"].values()} == {f"{n}.gguf" for n in result.task_adapters.values()}
+    for record in gguf["adapters"].values():
+        assert os.path.isfile(os.path.join(record["peft_path"], "adapter_model.safetensors"))
+
+
+def test_the_hub_round_trip_brings_the_cores(with_cores, tiny_assets, hub_server, tmp_path):
+    model, result, _, _, _ = with_cores
+    folder = result.save_pretrained(tmp_path / "out")
+    ids = torch.tensor([[3, 7, 9, 5, 2]])
+    model.eval()
+    for layout in ("subfolders", "repos"):
+        repo_id = f"cores-org/tiny-d2c-{layout}-{os.getpid()}"
+        push_d2c_folder(folder, repo_id, base_model_id="tiny-org/tiny-llama", layout=layout)
+        with pytest.warns(D2CWarning):  # pushed for a Hub id, loaded with a local base model
+            loaded, router = load_d2c_collection(LlamaForCausalLM.from_pretrained(tiny_assets[0]).eval(), repo_id)
+        for task in sorted(result.routing):
+            assert router.adapter_for(task) == result.task_adapters[task]
+        task = sorted(result.routing)[-1]
+        with torch.no_grad():
+            want = model(input_ids=ids, adapter_names=[result.task_adapters[task]]).logits
+            with router.task(task):
+                assert torch.allclose(loaded(input_ids=ids).logits, want, atol=1e-5)
