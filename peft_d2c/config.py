@@ -283,11 +283,6 @@ class D2CMergeConfig:
             raise ValueError(
                 "`merge.svd_rank='auto'` chooses one rank per shape: leave `merge.rank_allocation` at 'uniform'."
             )
-        if self.merge.task_cores:
-            raise ValueError(
-                "`merge.svd_rank='auto'` compares shapes by their merged adapters' loss, not their task cores': give "
-                "`merge.svd_rank` a number with `merge.task_cores=True`."
-            )
 
     def _check_task_cores(self) -> None:
         """Refuse `merge.task_cores` where the cores cannot be fitted or counted."""

@@ -257,10 +257,10 @@ AUTO_RANK_GROWTH = 4
 
 def _shape_configs(peft_model, names: list[str], config: D2CMergeConfig) -> list[D2CMergeConfig]:
     """`config` itself, or for `merge.svd_rank="auto"` one config per shape the byte budget allows: for every rank r
-    a power of two up to `AUTO_RANK_GROWTH` x the largest source rank, the K merged adapters of rank r that fit
-    (`budget.resolve_num_clusters`), the highest rank kept for each K; a data-aware merge's search then scores the
-    cross-fitted loss (F = 2 unless `scoring.cross_fit_folds` is set), so that shapes compare on examples their merges
-    were not fitted to.
+    up to `AUTO_RANK_GROWTH` x the largest source rank (the powers of two; every rank with `merge.task_cores`, whose
+    bytes grow with r² too), the K merged adapters of rank r that fit (`budget.resolve_num_clusters`), the highest rank
+    kept for each K; a data-aware merge's search then scores the cross-fitted loss (F = 2 unless
+    `scoring.cross_fit_folds` is set), so that shapes compare on examples their merges were not fitted to.
 
     Raises:
         ValueError: If the budget holds no merged adapter even at rank 1.
@@ -281,7 +281,7 @@ def _shape_configs(peft_model, names: list[str], config: D2CMergeConfig) -> list
             by_clusters[resolve_num_clusters(peft_model, names, shape)] = shape  # ranks rise: the highest per K stays
         except ValueError:  # not even one merged adapter of this rank fits
             break
-        rank *= 2
+        rank = rank + 1 if config.merge.task_cores else 2 * rank
     if not by_clusters:
         raise ValueError(
             f"`storage_budget`={config.storage_budget!r} holds no merged adapter of these adapters' modules even at "
@@ -333,10 +333,29 @@ def _search_shape(peft_model, run: _Run, merger, scorer, group, checkpoint, *, c
     start, start_kind, state = _start(peft_model, run, rng, checkpointer)
     state = _search(run, state, scorer, rng, group, checkpointer, trace)
     objective = None
-    if compare:
+    if compare and run.config.merge.task_cores:
+        objective = _cores_objective(peft_model, run, state.clusters, merger, scorer)
+    elif compare:
         objective = float(np.mean(scorer([(tuple(sorted(c)), t) for c in state.clusters for t in c])))
         merger.cleanup()
     return _Searched(run, merger, scorer, start, start_kind, state, trace, objective, time.perf_counter() - started)
+
+
+def _cores_objective(peft_model, run: _Run, clusters, merger, scorer) -> float:
+    """A shape's objective with `merge.task_cores`: the mean few-shot loss of the task adapters it would ship (its
+    final merges and cores, built under the final names and removed again). The cores are not fitted to the
+    examples, so this is no in-sample loss."""
+    merger.cleanup()
+    task_adapter_names = _task_adapter_names(run)
+    try:
+        for name, members in zip(run.merged_names, clusters, strict=True):
+            merger.merge(members, name)
+        _, losses = _task_cores(peft_model, run, clusters, scorer, task_adapter_names)
+    finally:
+        for name in [*run.merged_names, *task_adapter_names.values()]:
+            if name in peft_model.peft_config:
+                peft_model.delete_adapter(name)
+    return float(np.mean([losses[n] for n in run.names]))
 
 
 def _checkpointer(peft_model, run: _Run, scorer, rng, group, checkpoint_dir, weights_digest, score_fn, trace):

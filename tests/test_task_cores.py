@@ -148,13 +148,12 @@ def test_saved_cores_rebuild_the_same_task_adapters(with_cores, tiny_assets, tmp
     "kwargs, needle",
     [
         ({"combination_type": "ties", "merge": {"task_cores": True}}, "task_cores"),
-        ({"storage_budget": "1MB", "merge": {"task_cores": True, "svd_rank": "auto"}}, "task_cores"),
         ({"num_clusters": 2, "merge": {"task_cores": True, "rank_allocation": "spectrum"}}, "rank_allocation"),
     ],
 )
 def test_refused_where_cores_cannot_be_fitted_or_counted(kwargs, needle):
     with pytest.raises(ValueError, match=needle):
-        D2CMergeConfig(**{"num_clusters": 2, **kwargs} if "storage_budget" not in kwargs else kwargs)
+        D2CMergeConfig(**{"num_clusters": 2, **kwargs})
 
 
 def test_a_result_with_cores_takes_no_new_adapter(with_cores, tiny_task_examples, tiny_tokenizer):
@@ -201,3 +200,36 @@ def test_the_hub_round_trip_brings_the_cores(with_cores, tiny_assets, hub_server
             want = model(input_ids=ids, adapter_names=[result.task_adapters[task]]).logits
             with router.task(task):
                 assert torch.allclose(loaded(input_ids=ids).logits, want, atol=1e-5)
+
+
+def _bytes(model, names, k: int, rank: int) -> int:
+    """K merged adapters of rank r on every module the sources adapt, and one r x r float32 core per task and
+    module, from the modules' shapes (the tiny adapters are float32)."""
+    widths = [sum(lora_factors(layer, names[0])[0].shape[1:]) + lora_factors(layer, names[0])[1].shape[0]
+              for _, layer in lora_layers(model) if lora_factors(layer, names[0]) is not None]  # fmt: skip
+    return 4 * (k * rank * sum(widths) + len(names) * len(widths) * rank * rank)
+
+
+def test_the_bytes_choose_k_and_any_rank_by_the_task_adapters_loss(
+    tiny_peft_model, tiny_task_examples, tiny_tokenizer
+):
+    names = sorted(tiny_task_examples)
+    budget = _bytes(tiny_peft_model, names, 1, 12)  # room for one adapter of rank 12 and its cores, or more of less
+    config = D2CMergeConfig(
+        storage_budget=budget, method="random", seed=1, fit_router=False,
+        merge={"svd_rank": "auto", "task_cores": True},
+    )  # fmt: skip
+    result = merge_adapters_d2c(tiny_peft_model, tiny_task_examples, config, tokenizer=tiny_tokenizer)
+    shapes = result.stats["shapes"]
+    for shape in shapes:  # every K with the highest rank (any integer) whose bytes fit
+        k, rank = shape["num_clusters"], shape["rank"]
+        assert shape["bytes"] == _bytes(tiny_peft_model, names, k, rank) <= budget
+        assert _bytes(tiny_peft_model, names, k, rank + 1) > budget
+    assert [s["num_clusters"] for s in shapes] == sorted({s["num_clusters"] for s in shapes})
+    assert any(s["rank"] & (s["rank"] - 1) for s in shapes)  # a rank that is no power of two
+    chosen = min(shapes, key=lambda s: s["objective"])
+    assert (len(result.clusters), result.config.merge.svd_rank) == (chosen["num_clusters"], chosen["rank"])
+    # the objective of the shipped shape is the mean loss of the task adapters it ships
+    assert chosen["objective"] == pytest.approx(sum(result.task_losses.values()) / len(names), rel=1e-6)
+    expected = task_loss(tiny_peft_model, result.task_adapters[names[0]], tiny_tokenizer, tiny_task_examples[names[0]])
+    assert result.task_losses[names[0]] == pytest.approx(expected, rel=1e-4)

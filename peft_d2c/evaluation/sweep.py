@@ -116,7 +116,7 @@ def _measured_run(peft_model, task_examples, run_config, tokenizer, names, sourc
         else:
             point["score"] = result.stats["fewshot_loss"]
     finally:
-        for name in result.merged_adapter_names:
+        for name in [*result.merged_adapter_names, *result.task_adapters.values()]:
             peft_model.delete_adapter(name)
     return {**point, "result": result}
 

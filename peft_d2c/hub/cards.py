@@ -183,9 +183,12 @@ def _method_section(data: dict[str, Any]) -> str:
     if shapes:  # merge.svd_rank="auto": the byte budget chose K and the rank
         each = ", ".join(f"K = {s['num_clusters']} x rank {s['rank']}: {s['objective']:.3f}" for s in shapes)
         chosen = min(shapes, key=lambda s: s["objective"])
+        objective = (
+            "few-shot loss of its task adapters" if result.get("task_adapters") else "cross-fitted few-shot loss"
+        )
         lines.append(
             f"- **Shape**: the byte budget chose K = {chosen['num_clusters']} merged adapters of rank {chosen['rank']}, "
-            f"the lowest cross-fitted few-shot loss of the shapes that fit ({each})."
+            f"the lowest {objective} of the shapes that fit ({each})."
         )
     if result.get("task_adapters"):  # merge.task_cores: every task answered in its cluster's basis by its own core
         lines.append(
