@@ -8,7 +8,8 @@ embedded, validation or conflict collection: per budget (a fraction of the N sou
 `storage_budget` = those bytes and `merge.svd_rank="auto"` (every shape K x rank that fits is searched, `--method`
 `d2c` or `random` partitions, and the lowest cross-fitted few-shot loss ships), and the best single merge of the same
 bytes (K = 1 at the highest rank that fits). Held-out first-word and whole-answer exact match of both, every shape's
-objective, the JSON and the plot (`--plot`).
+objective, the JSON and the plot (`--plot`). `--task-cores` adds a core per task (`merge.task_cores`, part 5): every
+rank is then a shape, and "one merge" is one basis with its cores.
 """
 
 from __future__ import annotations
@@ -32,19 +33,31 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", default="benchmark_results/frontier.json")
     parser.add_argument("--plot", default=None)
+    parser.add_argument("--task-cores", action="store_true", help="merge.task_cores: a core per task (part 5)")
     args = parser.parse_args()
     started = time.perf_counter()
     peft_model, tokenizer, _, fewshot, test = _load("smollm2", args.collection, None, True, False)
-    config = D2CMergeConfig(num_clusters=1, method=args.method, seed=args.seed, fit_router=False, show_progress=False)
+    config = D2CMergeConfig(
+        num_clusters=1,
+        method=args.method,
+        seed=args.seed,
+        fit_router=False,
+        show_progress=False,
+        merge={"task_cores": args.task_cores},
+    )
     sweep = run_sweep(
         peft_model, fewshot, config, tokenizer=tokenizer, heldout_examples=test, budgets=_parse_budgets(args.budgets)
     )
-    sweep = {**sweep, "collection": args.collection, "seconds": time.perf_counter() - started}
+    sweep = {**sweep, "collection": args.collection, "task_cores": args.task_cores}
+    sweep["seconds"] = time.perf_counter() - started
     with open(args.json, "w", encoding="utf-8") as f:
         json.dump(sweep, f, indent=1)
     if args.plot:
         plot_sweep(sweep, args.plot)
-    print(f"{args.collection}, method {args.method}, seed {args.seed}: held-out EM % (first word / whole answer)")
+    cores = ", a core per task" if args.task_cores else ""
+    print(
+        f"{args.collection}, method {args.method}{cores}, seed {args.seed}: held-out EM % (first word / whole answer)"
+    )
     print(
         "| budget | chosen K x rank | storage % | EM | whole EM | one merge: rank, EM, whole EM | shapes: objective |"
     )

@@ -15,11 +15,14 @@ import torch
 from peft import PeftModel
 from recompute import task_loss
 from safetensors.torch import load_file
+from test_devices import MEMBERS, half_model, meta_peft_model
 from transformers import LlamaForCausalLM
 
 from peft_d2c import D2CMergeConfig, D2CResult, merge_adapters_d2c
 from peft_d2c.engine.merge.budget import partition_bytes
 from peft_d2c.engine.merge.lora import lora_factors, lora_layers
+from peft_d2c.engine.merge.merging import AdapterMerger
+from peft_d2c.engine.merge.task_cores import add_task_adapter, fit_task_cores
 from peft_d2c.errors import D2CWarning
 from peft_d2c.hub import load_d2c_collection, push_d2c_folder
 
@@ -233,3 +236,39 @@ def test_the_bytes_choose_k_and_any_rank_by_the_task_adapters_loss(
     assert chosen["objective"] == pytest.approx(sum(result.task_losses.values()) / len(names), rel=1e-6)
     expected = task_loss(tiny_peft_model, result.task_adapters[names[0]], tiny_tokenizer, tiny_task_examples[names[0]])
     assert result.task_losses[names[0]] == pytest.approx(expected, rel=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cores_are_fitted_where_the_adapters_live(dtype):
+    """On `meta` (what a model off the CPU looks like to code that makes tensors on the CPU): the rewritten merged
+    adapter, the cores and a task adapter stay on `meta`, in the sources' dtype and shapes."""
+    model = meta_peft_model(dtype)
+    merger = AdapterMerger(model, D2CMergeConfig(num_clusters=1, combination_type="core_ta", merge={"cache_size": 2}))
+    merged = merger.merge(MEMBERS, "merged")
+    cores = fit_task_cores(model, [MEMBERS], [merged])
+    add_task_adapter(model, merged, cores[MEMBERS[0]], "task")
+    for module, layer in lora_layers(model):
+        source_a, source_b = lora_factors(layer, MEMBERS[0])
+        for name in (merged, "task"):
+            for new, source in zip(lora_factors(layer, name), (source_a, source_b), strict=True):
+                assert (new.device.type, new.dtype, new.shape) == ("meta", dtype, source.shape)
+        core = cores[MEMBERS[1]][module]
+        assert (core.device.type, core.dtype, core.shape) == ("meta", torch.float32, (source_a.shape[0],) * 2)
+
+
+def test_half_precision_task_adapters_keep_the_dtype_and_the_projection(
+    tiny_assets, tiny_task_examples, tiny_tokenizer
+):
+    model = half_model(tiny_assets, torch.bfloat16)
+    config = D2CMergeConfig(num_clusters=1, method="random", fit_router=False, merge={"task_cores": True})
+    result = merge_adapters_d2c(model, tiny_task_examples, config, tokenizer=tiny_tokenizer)
+    task = sorted(result.routing)[0]
+    for _, layer in lora_layers(model):
+        members = [t for t in result.clusters[0] if lora_factors(layer, t) is not None]
+        a, b = lora_factors(layer, result.task_adapters[task])
+        assert a.dtype == b.dtype == torch.bfloat16
+        rank = a.shape[0]
+        p_u, p_v = _projectors([_update(layer, t) for t in members], rank)
+        expected = p_u @ _update(layer, task) @ p_v
+        error = torch.linalg.norm(_update(layer, result.task_adapters[task]) - expected) / torch.linalg.norm(expected)
+        assert error < 0.03  # bf16 factors: about 8 bits of mantissa

@@ -39,7 +39,7 @@ SINGULAR_VALUE_FLOOR = 1e-3
 
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"  # PEFT's file names
 
-TaskCores = dict[str, dict[str, torch.Tensor]]  # task -> {LoRA module name: K_t (r x r, float32, CPU)}
+TaskCores = dict[str, dict[str, torch.Tensor]]  # task -> {LoRA module name: K_t (r x r, float32)}
 
 
 def joint_basis(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]], rank: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -78,9 +78,9 @@ def fit_task_cores(peft_model: PeftModel, clusters: Sequence[Sequence[str]], mer
         merged_names (`Sequence[str]`): The merged adapter of each cluster.
 
     Returns:
-        `TaskCores`: per task, per LoRA module the merged adapter adapts, K_t (r x r float32 on the CPU), so that the
-        task's adapter is (B_merge·K_t, A_merge) with the merged adapter's scaling (zero where the task does not
-        adapt the module).
+        `TaskCores`: per task, per LoRA module the merged adapter adapts, K_t (r x r float32, on the device of the
+        maths), so that the task's adapter is (B_merge·K_t, A_merge) with the merged adapter's scaling (zero where the
+        task does not adapt the module).
     """
     cores: TaskCores = {task: {} for members in clusters for task in members}
     for members, merged in zip(clusters, merged_names, strict=True):
@@ -95,15 +95,16 @@ def fit_task_cores(peft_model: PeftModel, clusters: Sequence[Sequence[str]], mer
             scaled_b, merged_a = _scaled_pair(layer, merged)
             p, s, qh = torch.linalg.svd((u.T @ scaled_b) @ (merged_a @ v))  # the merge projected into the basis
             u, v = u @ p, v @ qh.T  # the same basis, rotated to the projected merge's singular vectors
-            s = s.clamp(min=SINGULAR_VALUE_FLOOR * max(float(s[0]), torch.finfo(s.dtype).tiny))
+            # tensors only, no `.item()`: the maths also runs on `meta`, where no value can be read
+            s = torch.maximum(s, (SINGULAR_VALUE_FLOOR * s[:1]).clamp(min=torch.finfo(s.dtype).tiny))
             scaling = layer.scaling[merged]
-            set_factors(layer, merged, v.T.to(a_m.dtype), (u * (s / scaling)).to(b_m.dtype))
+            set_factors(layer, merged, v.T.to(a_m), (u * (s / scaling)).to(b_m))
             for t in members:
-                core = torch.zeros(rank, rank, dtype=torch.float64, device=u.device)
+                core = u.new_zeros(rank, rank)
                 if t in pairs:
                     b_t, a_t = pairs[t]
                     core = ((u.T @ b_t) @ (a_t @ v)) / s[:, None]
-                cores[t][module] = core.to(device="cpu", dtype=torch.float32)
+                cores[t][module] = core.float()
     return cores
 
 
@@ -159,7 +160,7 @@ def save_task_cores(cores: TaskCores, path: str) -> None:
     """Write `cores` to the safetensors file `path` (tensors `core_<i>`, their (task, module) in the metadata, so
     any task or module name is kept as it is)."""
     entries = [(task, module) for task in sorted(cores) for module in sorted(cores[task])]
-    tensors = {f"core_{i}": cores[task][module].contiguous() for i, (task, module) in enumerate(entries)}
+    tensors = {f"core_{i}": cores[task][module].cpu().contiguous() for i, (task, module) in enumerate(entries)}
     save_file(tensors, path, metadata={"entries": json.dumps(entries)})
 
 
