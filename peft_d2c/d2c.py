@@ -180,7 +180,9 @@ def merge_adapters_d2c(
         task_losses, fewshot_losses, merged_sizes = _final_merges(peft_model, run, state.clusters, merger, scorer)
         task_cores: TaskCores = {}
         if task_adapter_names:
-            task_cores, task_losses = _task_cores(peft_model, run, state.clusters, scorer, task_adapter_names)
+            task_cores, task_adapter_names, task_losses = _task_cores(
+                peft_model, run, state.clusters, scorer, task_adapter_names
+            )
             fewshot_losses = [task_losses[n] for n in run.names]
         prompt_router, router_passes, router_seconds = _fit_router(peft_model, tokenizer, run)
     except BaseException:
@@ -350,7 +352,7 @@ def _cores_objective(peft_model, run: _Run, clusters, merger, scorer) -> float:
     try:
         for name, members in zip(run.merged_names, clusters, strict=True):
             merger.merge(members, name)
-        _, losses = _task_cores(peft_model, run, clusters, scorer, task_adapter_names)
+        _, _, losses = _task_cores(peft_model, run, clusters, scorer, task_adapter_names)
     finally:
         for name in [*run.merged_names, *task_adapter_names.values()]:
             if name in peft_model.peft_config:
@@ -424,12 +426,14 @@ def _task_adapter_names(run: _Run) -> dict[str, str]:
 
 
 def _task_cores(peft_model, run: _Run, clusters, scorer, task_adapter_names: dict[str, str]):
-    """Stage 4b (`merge.task_cores`): the merged adapters rewritten in their members' shared basis, every task's core
-    and its adapter (`engine.merge.task_cores`), and every task's few-shot loss under its own adapter."""
+    """Stage 4b (`merge.task_cores`): the merged adapters rewritten in their members' shared basis, the cores and
+    adapters of the tasks of clusters of two or more (`engine.merge.task_cores`), and every task's few-shot loss under
+    the adapter that serves it. Returns (cores, task -> its adapter, task -> loss)."""
     cores = fit_task_cores(peft_model, clusters, run.merged_names)
     routing = {name: run.merged_names[_index_of(clusters, name)] for name in run.names}
-    add_task_adapters(peft_model, cores, task_adapter_names, routing)
-    return cores, scorer.scores_under(task_adapter_names)
+    served = {task: name for task, name in task_adapter_names.items() if task in cores}
+    add_task_adapters(peft_model, cores, served, routing)
+    return cores, served, scorer.scores_under({task: served.get(task, routing[task]) for task in run.names})
 
 
 def _fit_router(peft_model, tokenizer, run: _Run):

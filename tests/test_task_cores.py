@@ -205,12 +205,13 @@ def test_the_hub_round_trip_brings_the_cores(with_cores, tiny_assets, hub_server
                 assert torch.allclose(loaded(input_ids=ids).logits, want, atol=1e-5)
 
 
-def _bytes(model, names, k: int, rank: int) -> int:
-    """K merged adapters of rank r on every module the sources adapt, and one r x r float32 core per task and
-    module, from the modules' shapes (the tiny adapters are float32)."""
+def _bytes(model, names, k: int, rank: int, cored: int | None = None) -> int:
+    """K merged adapters of rank r on every module the sources adapt, and one r x r float32 core per task (of the
+    `cored` tasks in clusters of two or more; all by default) and module, from the modules' shapes (float32)."""
     widths = [sum(lora_factors(layer, names[0])[0].shape[1:]) + lora_factors(layer, names[0])[1].shape[0]
               for _, layer in lora_layers(model) if lora_factors(layer, names[0]) is not None]  # fmt: skip
-    return 4 * (k * rank * sum(widths) + len(names) * len(widths) * rank * rank)
+    cored = len(names) if cored is None else cored
+    return 4 * (k * rank * sum(widths) + cored * len(widths) * rank * rank)
 
 
 def test_the_bytes_choose_k_and_any_rank_by_the_task_adapters_loss(
@@ -224,9 +225,15 @@ def test_the_bytes_choose_k_and_any_rank_by_the_task_adapters_loss(
     )  # fmt: skip
     result = merge_adapters_d2c(tiny_peft_model, tiny_task_examples, config, tokenizer=tiny_tokenizer)
     shapes = result.stats["shapes"]
-    for shape in shapes:  # every K with the highest rank (any integer) whose bytes fit
+    for shape in shapes:  # every K with the highest rank (any integer) whose bytes fit, every task's core counted
         k, rank = shape["num_clusters"], shape["rank"]
-        assert shape["bytes"] == _bytes(tiny_peft_model, names, k, rank) <= budget
+        cored = sum(len(c) for c in shape["clusters"] if len(c) > 1)  # one-member clusters have no core
+        assert (
+            shape["bytes"]
+            == _bytes(tiny_peft_model, names, k, rank, cored)
+            <= _bytes(tiny_peft_model, names, k, rank)
+            <= budget
+        )
         assert _bytes(tiny_peft_model, names, k, rank + 1) > budget
     assert [s["num_clusters"] for s in shapes] == sorted({s["num_clusters"] for s in shapes})
     assert any(s["rank"] & (s["rank"] - 1) for s in shapes)  # a rank that is no power of two
@@ -272,3 +279,23 @@ def test_half_precision_task_adapters_keep_the_dtype_and_the_projection(
         expected = p_u @ _update(layer, task) @ p_v
         error = torch.linalg.norm(_update(layer, result.task_adapters[task]) - expected) / torch.linalg.norm(expected)
         assert error < 0.03  # bf16 factors: about 8 bits of mantissa
+
+
+def test_a_task_alone_in_its_cluster_is_served_by_its_merge_without_a_core(
+    tiny_peft_model, tiny_task_examples, tiny_tokenizer
+):
+    config = D2CMergeConfig(
+        num_clusters=5, method="random", fit_router=False, merge={"svd_rank": 2, "task_cores": True}
+    )
+    result = merge_adapters_d2c(tiny_peft_model, tiny_task_examples, config, tokenizer=tiny_tokenizer)
+    (pair,) = [c for c in result.clusters if len(c) == 2]
+    assert sorted(result.task_adapters) == sorted(pair) == sorted(result.task_cores)
+    for task, merged in result.routing.items():
+        assert result.adapter_for(task) == (result.task_adapters[task] if task in pair else merged)
+    for _, layer in lora_layers(tiny_peft_model):  # a one-member merge: the source's best rank-2 update, untouched
+        for members, merged in zip(result.clusters, result.merged_adapter_names, strict=True):
+            if len(members) == 1 and lora_factors(layer, members[0]) is not None:
+                u, s, vh = torch.linalg.svd(_update(layer, members[0]))
+                expected = u[:, :2] @ torch.diag(s[:2]) @ vh[:2]
+                error = torch.linalg.norm(_update(layer, merged) - expected) / torch.linalg.norm(expected)
+                assert error < 1e-4, error  # float32 factors and RegMean's float32 solve

@@ -149,9 +149,9 @@ def _merged_rank_of(peft_model: PeftModel, members: Sequence[str], config: D2CMe
 
 
 def task_cores_bytes(peft_model: PeftModel, members: Sequence[str], config: D2CMergeConfig) -> int:
-    """Bytes of the task cores of a cluster of `members` (`merge.task_cores`; 0 without): one r x r float32 core per
-    member in every module the cluster's merged adapter adapts (`engine.merge.task_cores`)."""
-    if not config.merge.task_cores:
+    """Bytes of the task cores of a cluster of `members` (`merge.task_cores`; 0 without, and for one member): one
+    r x r float32 core per member in every module the cluster's merged adapter adapts (`engine.merge.task_cores`)."""
+    if not config.merge.task_cores or len(members) < 2:
         return 0
     rank = _merged_rank_of(peft_model, members, config)
     return len(members) * core_bytes([rank] * len(_per_rank_costs(peft_model, members)))
@@ -205,6 +205,8 @@ def resolve_num_clusters(peft_model: PeftModel, adapter_names: Sequence[str], co
         per_adapter = max(per_adapter, *(adapter_bytes(peft_model, m) for m in names))
     cores = task_cores_bytes(peft_model, names, config)  # every task's core, on at most every module
     k = min(n, max(0, budget - cores) // per_adapter)
+    if cores and n * per_adapter <= budget:  # every adapter alone: one-member clusters have no core
+        k = n
     if k < 1:
         with_cores = f" and the {n} task cores ({format_size(cores)})" if cores else ""
         raise ValueError(

@@ -77,13 +77,18 @@ def fit_task_cores(peft_model: PeftModel, clusters: Sequence[Sequence[str]], mer
         clusters (`Sequence[Sequence[str]]`): Source adapter names per cluster.
         merged_names (`Sequence[str]`): The merged adapter of each cluster.
 
+    A one-member cluster is left as it is, without a core: its merged adapter is its task's own update truncated to
+    rank r, which is what the task's core in its own basis would give.
+
     Returns:
-        `TaskCores`: per task, per LoRA module the merged adapter adapts, K_t (r x r float32, on the device of the
+        `TaskCores`: per task of a cluster of two or more, per LoRA module the merged adapter adapts, K_t (r x r float32, on the device of the
         maths), so that the task's adapter is (B_merge·K_t, A_merge) with the merged adapter's scaling (zero where the
         task does not adapt the module).
     """
-    cores: TaskCores = {task: {} for members in clusters for task in members}
+    cores: TaskCores = {task: {} for members in clusters if len(members) > 1 for task in members}
     for members, merged in zip(clusters, merged_names, strict=True):
+        if len(members) == 1:  # the merge of one member is already its best rank-r update in its own basis
+            continue
         for module, layer in lora_layers(peft_model):
             factors = lora_factors(layer, merged)
             if factors is None:
