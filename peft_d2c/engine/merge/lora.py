@@ -209,7 +209,7 @@ def check_new_adapter_name(peft_model: PeftModel, name: str) -> None:
     check_adapter_name(name, taken=peft_model.peft_config, reserved=reserved_adapter_names(peft_model))
 
 
-def _float64(tensor: torch.Tensor) -> torch.Tensor:
+def to_float64(tensor: torch.Tensor) -> torch.Tensor:
     """`tensor` in float64 on its own device (bf16 / fp16 adapters included), or on the CPU for Apple's `mps`,
     which has no float64."""
     device = "cpu" if tensor.device.type == "mps" else tensor.device
@@ -234,7 +234,7 @@ def delta_gram_matrix(peft_model: PeftModel, adapter_names: Sequence[str]) -> np
                     continue
                 a, b = pair
                 scaling = float(layer.scaling[name])
-                factors.append((_float64(a).flatten(1), _float64(b).flatten(1), scaling))
+                factors.append((to_float64(a).flatten(1), to_float64(b).flatten(1), scaling))
             for i in range(n):
                 if factors[i] is None:
                     continue
