@@ -154,8 +154,7 @@ def merge_adapters_d2c(
     names = shapes[0].names
     mergers = [AdapterMerger(peft_model, run.config) for run in shapes]
     final_names = max((run.merged_names for run in shapes), key=len)  # every shape's final names are among these
-    task_adapter_names = _task_adapter_names(shapes[0])
-    final_names = [*final_names, *task_adapter_names.values()]
+    final_names = [*final_names, *_task_adapter_names(config, names).values()]
     mergers[0].check_names(final_names)
     group = process_group if process_group is not None else get_process_group()
     # The adapters' weights digest, computed once: the processes compare it, and the checkpoint records it.
@@ -179,7 +178,8 @@ def merge_adapters_d2c(
         run, merger, scorer, state = best.run, best.merger, best.scorer, best.state
         task_losses, fewshot_losses, merged_sizes = _final_merges(peft_model, run, state.clusters, merger, scorer)
         task_cores: TaskCores = {}
-        if task_adapter_names:
+        task_adapter_names = _task_adapter_names(run.config, names)
+        if task_adapter_names:  # the shape that ships has task cores
             task_cores, task_adapter_names, task_losses = _task_cores(
                 peft_model, run, state.clusters, scorer, task_adapter_names
             )
@@ -258,11 +258,13 @@ AUTO_RANK_GROWTH = 4
 
 
 def _shape_configs(peft_model, names: list[str], config: D2CMergeConfig) -> list[D2CMergeConfig]:
-    """`config` itself, or for `merge.svd_rank="auto"` one config per shape the byte budget allows: for every rank r
-    up to `AUTO_RANK_GROWTH` x the largest source rank (the powers of two; every rank with `merge.task_cores`, whose
-    bytes grow with r² too), the K merged adapters of rank r that fit (`budget.resolve_num_clusters`), the highest rank
-    kept for each K; a data-aware merge's search then scores the cross-fitted loss (F = 2 unless
-    `scoring.cross_fit_folds` is set), so that shapes compare on examples their merges were not fitted to.
+    """`config` itself, or for `merge.svd_rank="auto"` one config per shape the byte budget allows: for every rank r a
+    power of two up to `AUTO_RANK_GROWTH` x the largest source rank, the K merged adapters of rank r that fit
+    (`budget.resolve_num_clusters`), the highest rank kept for each K; a data-aware merge's search then scores the
+    cross-fitted loss (F = 2 unless `scoring.cross_fit_folds` is set), so that shapes compare on examples their merges
+    were not fitted to. With `merge.task_cores`, the shapes with a core per task are added: every rank r (their bytes
+    grow with r² too), the highest per K, each judged by the loss of the task adapters it would ship; the shapes
+    without cores stay candidates (where the cores' bytes cost a whole rank, one more rank can be worth more).
 
     Raises:
         ValueError: If the budget holds no merged adapter even at rank 1.
@@ -271,25 +273,29 @@ def _shape_configs(peft_model, names: list[str], config: D2CMergeConfig) -> list
         return [config]
     folds = config.scoring.cross_fit_folds or (2 if config.combination_type in DATA_TYPES else 1)
     largest = max(adapter_rank(peft_model, n) for n in names)
-    by_clusters: dict[int, D2CMergeConfig] = {}
-    rank = 1
-    while rank <= AUTO_RANK_GROWTH * largest:
-        shape = dataclasses.replace(
-            config,
-            merge=dataclasses.replace(config.merge, svd_rank=rank),
-            scoring=dataclasses.replace(config.scoring, cross_fit_folds=folds),
-        )
-        try:
-            by_clusters[resolve_num_clusters(peft_model, names, shape)] = shape  # ranks rise: the highest per K stays
-        except ValueError:  # not even one merged adapter of this rank fits
-            break
-        rank = rank + 1 if config.merge.task_cores else 2 * rank
-    if not by_clusters:
+    shapes: list[D2CMergeConfig] = []
+    for cores in (False, True) if config.merge.task_cores else (False,):
+        by_clusters: dict[int, D2CMergeConfig] = {}
+        rank = 1
+        while rank <= AUTO_RANK_GROWTH * largest:
+            shape = dataclasses.replace(
+                config,
+                merge=dataclasses.replace(config.merge, svd_rank=rank, task_cores=cores),
+                scoring=dataclasses.replace(config.scoring, cross_fit_folds=folds),
+            )
+            try:
+                by_clusters[resolve_num_clusters(peft_model, names, shape)] = shape  # ranks rise: the highest per K
+            except ValueError:  # not even one merged adapter of this rank fits
+                break
+            rank = rank + 1 if cores else 2 * rank
+        taken = {(len(names), shape.merge.svd_rank) for shape in shapes}  # K = N has no cores: the same adapters
+        shapes += [by_clusters[k] for k in sorted(by_clusters) if (k, by_clusters[k].merge.svd_rank) not in taken]
+    if not shapes:
         raise ValueError(
             f"`storage_budget`={config.storage_budget!r} holds no merged adapter of these adapters' modules even at "
             "rank 1; raise the budget."
         )
-    return [by_clusters[k] for k in sorted(by_clusters)]
+    return shapes
 
 
 def _shape_stats(peft_model, searched: list[_Searched]) -> list[dict[str, Any]]:
@@ -298,6 +304,7 @@ def _shape_stats(peft_model, searched: list[_Searched]) -> list[dict[str, Any]]:
         {
             "num_clusters": shape.run.num_clusters,
             "rank": shape.run.config.merge.svd_rank,
+            "task_cores": shape.run.config.merge.task_cores,
             "bytes": partition_bytes(peft_model, shape.state.clusters, shape.run.config),
             "clusters": [list(c) for c in shape.state.clusters],
             "objective": shape.objective,
@@ -348,7 +355,7 @@ def _cores_objective(peft_model, run: _Run, clusters, merger, scorer) -> float:
     final merges and cores, built under the final names and removed again). The cores are not fitted to the
     examples, so this is no in-sample loss."""
     merger.cleanup()
-    task_adapter_names = _task_adapter_names(run)
+    task_adapter_names = _task_adapter_names(run.config, run.names)
     try:
         for name, members in zip(run.merged_names, clusters, strict=True):
             merger.merge(members, name)
@@ -418,11 +425,11 @@ def _final_merges(peft_model, run: _Run, clusters, merger, scorer):
     return task_losses, [shipped[n] for n in names], merged_sizes
 
 
-def _task_adapter_names(run: _Run) -> dict[str, str]:
+def _task_adapter_names(config: D2CMergeConfig, names: Sequence[str]) -> dict[str, str]:
     """The name of every task's own adapter with `merge.task_cores` (none without)."""
-    if not run.config.merge.task_cores:
+    if not config.merge.task_cores:
         return {}
-    return {name: f"{run.config.merged_adapter_prefix}_task_{name}" for name in run.names}
+    return {name: f"{config.merged_adapter_prefix}_task_{name}" for name in names}
 
 
 def _task_cores(peft_model, run: _Run, clusters, scorer, task_adapter_names: dict[str, str]):

@@ -53,8 +53,9 @@ class MergeSettings:
             (`engine.merge.task_cores`): the merged adapter is rewritten as its projection onto the basis its members'
             updates share, and task t is served by the plain LoRA `result.task_adapter(t)` builds from the merged
             adapter and the task's core, the closest update to the task's own in that basis. The cores cost r x r
-            float32 numbers per module and task, counted in a byte `storage_budget`. With `svd_rank="auto"` every
-            rank (not only the powers of two) is a shape, compared by the few-shot loss of its task adapters.
+            float32 numbers per module and task, counted in a byte `storage_budget`. With `svd_rank="auto"` the shapes
+            with cores (every rank, not only the powers of two, each judged by the few-shot loss of its task
+            adapters) join those without, and the lowest objective ships either kind.
         cache_size (`int`, defaults to 8):
             Number of temporary merged adapters kept alive in the model during the search (an LRU, at least 2); older
             ones are deleted.

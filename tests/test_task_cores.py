@@ -8,6 +8,7 @@ cores. Bytes are counted from the saved files and the module shapes, not from th
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import pytest
@@ -214,7 +215,7 @@ def _bytes(model, names, k: int, rank: int, cored: int | None = None) -> int:
     return 4 * (k * rank * sum(widths) + cored * len(widths) * rank * rank)
 
 
-def test_the_bytes_choose_k_and_any_rank_by_the_task_adapters_loss(
+def test_the_bytes_choose_k_rank_and_cores_by_the_shipped_adapters_loss(
     tiny_peft_model, tiny_task_examples, tiny_tokenizer
 ):
     names = sorted(tiny_task_examples)
@@ -225,24 +226,33 @@ def test_the_bytes_choose_k_and_any_rank_by_the_task_adapters_loss(
     )  # fmt: skip
     result = merge_adapters_d2c(tiny_peft_model, tiny_task_examples, config, tokenizer=tiny_tokenizer)
     shapes = result.stats["shapes"]
-    for shape in shapes:  # every K with the highest rank (any integer) whose bytes fit, every task's core counted
+    cored = [s for s in shapes if s["task_cores"]]
+    plain = [s for s in shapes if not s["task_cores"]]
+    assert plain and cored  # the shapes without cores stay candidates
+    for shape in cored:  # every K with the highest rank (any integer) whose bytes fit, every task's core counted
         k, rank = shape["num_clusters"], shape["rank"]
-        cored = sum(len(c) for c in shape["clusters"] if len(c) > 1)  # one-member clusters have no core
-        assert (
-            shape["bytes"]
-            == _bytes(tiny_peft_model, names, k, rank, cored)
-            <= _bytes(tiny_peft_model, names, k, rank)
-            <= budget
-        )
-        assert _bytes(tiny_peft_model, names, k, rank + 1) > budget
-    assert [s["num_clusters"] for s in shapes] == sorted({s["num_clusters"] for s in shapes})
-    assert any(s["rank"] & (s["rank"] - 1) for s in shapes)  # a rank that is no power of two
+        with_cores = sum(len(c) for c in shape["clusters"] if len(c) > 1)  # one-member clusters have no core
+        assert shape["bytes"] == _bytes(tiny_peft_model, names, k, rank, with_cores) <= budget
+        assert _bytes(tiny_peft_model, names, k, rank) <= budget < _bytes(tiny_peft_model, names, k, rank + 1)
+    for shape in plain:  # powers of two, no cores
+        k, rank = shape["num_clusters"], shape["rank"]
+        assert rank & (rank - 1) == 0
+        assert shape["bytes"] == _bytes(tiny_peft_model, names, k, rank, 0) <= budget
+    assert any(s["rank"] & (s["rank"] - 1) for s in cored)  # a rank that is no power of two
     chosen = min(shapes, key=lambda s: s["objective"])
-    assert (len(result.clusters), result.config.merge.svd_rank) == (chosen["num_clusters"], chosen["rank"])
-    # the objective of the shipped shape is the mean loss of the task adapters it ships
-    assert chosen["objective"] == pytest.approx(sum(result.task_losses.values()) / len(names), rel=1e-6)
-    expected = task_loss(tiny_peft_model, result.task_adapters[names[0]], tiny_tokenizer, tiny_task_examples[names[0]])
-    assert result.task_losses[names[0]] == pytest.approx(expected, rel=1e-4)
+    shipped = (len(result.clusters), result.config.merge.svd_rank, result.config.merge.task_cores)
+    assert shipped == (chosen["num_clusters"], chosen["rank"], chosen["task_cores"])
+    # the objective of a shape with cores is the mean loss of the task adapters it ships, recomputed by the model
+    best_cored = min(cored, key=lambda s: s["objective"])
+    again = merge_adapters_d2c(
+        tiny_peft_model, tiny_task_examples,
+        dataclasses.replace(config, storage_budget=None, num_clusters=best_cored["num_clusters"],
+                            merge={"svd_rank": best_cored["rank"], "task_cores": True}, merged_adapter_prefix="again"),
+        tokenizer=tiny_tokenizer,
+    )  # fmt: skip
+    assert again.clusters == best_cored["clusters"]
+    losses = [task_loss(tiny_peft_model, again.adapter_for(t), tiny_tokenizer, tiny_task_examples[t]) for t in names]
+    assert best_cored["objective"] == pytest.approx(sum(losses) / len(names), rel=1e-4)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
