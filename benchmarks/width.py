@@ -45,6 +45,7 @@ from peft_d2c.data.examples import normalize_task_examples
 from peft_d2c.engine.merge.lora import lora_layers
 from peft_d2c.engine.merge.merging import AdapterMerger
 from peft_d2c.engine.merge.regmean import RegMeanSystem
+from peft_d2c.engine.merge.task_cores import add_task_adapters, fit_task_cores
 from peft_d2c.engine.scoring.layer_inputs import attach_layer_inputs, layer_input_bytes
 from peft_d2c.engine.scoring.loss import LossScorer
 from peft_d2c.engine.search.loop import balanced_random_partition
@@ -146,6 +147,7 @@ def main(argv: list[str] | None = None) -> dict:
         help="measure: layer inputs, merges and (--steps) a search; estimate: `estimate_run` only; run: the D2C run "
         "only (compare the peaks of an `estimate` and a `run` process)",
     )
+    parser.add_argument("--task-cores", action="store_true", help="also time `merge.task_cores` on the merges")
     parser.add_argument("--out")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -206,7 +208,11 @@ def main(argv: list[str] | None = None) -> dict:
         merger.merge(members, f"width_bench_{index}")
         synchronize(args.device)  # wait for a GPU's work (a no-op on the CPU)
         seconds.append(time.perf_counter() - started)
-        model.delete_adapter(f"width_bench_{index}")
+    merged_names = [f"width_bench_{index}" for index in range(len(clusters))]
+    if args.task_cores:  # a core per task in its cluster's basis (issue 38 part 5), on these merges
+        report["task_cores"] = time_task_cores(model, clusters, merged_names, args)
+    for name in merged_names:
+        model.delete_adapter(name)
     first = [merger.layer_inputs[m][0] for m in clusters[0]]
     gram_seconds = gram_form_seconds(first, config.merge.regmean_alpha, args.device)
     system_started = time.perf_counter()
@@ -249,6 +255,31 @@ def main(argv: list[str] | None = None) -> dict:
             "forward_seconds_per_step": stats["forward_seconds"] / args.steps,
         }
     return finish(report, args.out)
+
+
+def time_task_cores(model, clusters, merged_names, args) -> dict:
+    """Seconds to fit every task's core (`fit_task_cores`: the clusters' bases, the merges rewritten) and to add the
+    task adapters, and the bytes of one task's cores; the task adapters are removed again."""
+    started = time.perf_counter()
+    cores = fit_task_cores(model, clusters, merged_names)
+    synchronize(args.device)
+    fit_seconds = time.perf_counter() - started
+    names = {task: f"width_task_{i}" for i, task in enumerate(cores)}
+    routing = {task: merged_names[i] for i, members in enumerate(clusters) for task in members}
+    started = time.perf_counter()
+    add_task_adapters(model, cores, names, routing)
+    synchronize(args.device)
+    add_seconds = time.perf_counter() - started
+    for name in names.values():
+        model.delete_adapter(name)
+    one = next(iter(cores.values()))
+    return {
+        "fit_seconds": fit_seconds,
+        "fit_seconds_per_cluster_layer": fit_seconds / (len(clusters) * args.layers),
+        "extrapolated_32_layers_fit_seconds": fit_seconds / args.layers * FULL_LAYERS,
+        "add_task_adapters_seconds": add_seconds,
+        "core_bytes_per_task": sum(core.numel() * core.element_size() for core in one.values()),
+    }
 
 
 def finish(report: dict, out: str | None) -> dict:
