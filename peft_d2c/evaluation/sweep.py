@@ -144,7 +144,8 @@ def _budget_sweep(peft_model, task_examples, config, tokenizer, names, source_by
         point = _measured_run(peft_model, task_examples, auto, tokenizer, names, source_bytes, heldout_examples)
         result = point.pop("result")
         shapes = result.stats["shapes"]
-        single_rank = next((s["rank"] for s in shapes if s["num_clusters"] == 1), None)
+        # the best single merge: one adapter, no cores (with `merge.task_cores` the auto run weighed both kinds)
+        single_rank = next((s["rank"] for s in shapes if s["num_clusters"] == 1 and not s.get("task_cores")), None)
         single = None
         if single_rank is not None:  # the budget holds one merged adapter: the best single merge, no search
             one = replace(
@@ -152,7 +153,7 @@ def _budget_sweep(peft_model, task_examples, config, tokenizer, names, source_by
                 method="random",
                 num_clusters=1,
                 storage_budget=None,
-                merge=replace(config.merge, svd_rank=single_rank),
+                merge=replace(config.merge, svd_rank=single_rank, task_cores=False),
                 scoring=replace(config.scoring, cross_fit_folds=None),
                 merged_adapter_prefix=f"{prefix}single",
                 **{name: unset for name, unset in SEARCH_SETTINGS.items()},
