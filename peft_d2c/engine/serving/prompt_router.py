@@ -344,8 +344,9 @@ def fit_prompt_router(
     if not above_chance:
         warnings.warn(
             f"The prompt router tells the tasks apart no better than chance on their few-shot prompts (leave-one-out "
-            f"accuracy {correct / len(labels):.0%}, chance {1 / len(tasks):.0%}): their prompts do not say which "
-            "task they are, so `route()` would pick adapters about at random. Label requests with their task "
+            f"accuracy {correct / len(labels):.0%} of {len(labels)} prompts, chance {1 / len(tasks):.0%}: not "
+            f"significantly above it, p >= {_CHANCE_P_VALUE}): their prompts do not say which task they are, or too "
+            "few say it, so `route()` may pick adapters about at random. Label requests with their task "
             "(`load_d2c_collection(...).task(...)`) instead.",
             D2CWarning,
             stacklevel=2,
