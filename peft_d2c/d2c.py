@@ -83,7 +83,8 @@ def merge_adapters_d2c(
     data-aware update-space merge (the update that best reproduces every member's outputs on its own task's few-shot
     layer inputs), into a plain LoRA with the rank of one source adapter (each source's scaling is applied exactly, but
     the rank-r truncation is not lossless); PEFT's `add_weighted_adapter` computes the merge for its own combination
-    types (e.g. `ties`).
+    types (e.g. `ties`). With `merge={"task_cores": True}` each merged adapter becomes its cluster's shared rank-r
+    basis and every task gets its own adapter in it (`result.task_adapters`, `engine.merge.task_cores`).
 
     The user's adapters are never modified; temporary merged adapters are removed (also on error or Ctrl-C), and the
     active adapter, train/eval mode and every parameter's `requires_grad` are restored.
