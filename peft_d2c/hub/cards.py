@@ -192,10 +192,11 @@ def _method_section(data: dict[str, Any]) -> str:
         )
     if result.get("task_adapters"):  # merge.task_cores: every task answered in its cluster's basis by its own core
         lines.append(
-            f"- **Task cores**: each merged adapter is its cluster's shared rank-r basis; every task has its own r x r "
-            f"core in it (`d2c_task_cores.safetensors`, {n} cores). `load_d2c_collection` builds each task's adapter "
-            "from its cluster's adapter and core, and a task label or the prompt router selects it; the merged "
-            "adapter alone (its cluster's merge projected into the basis) is what a task without a core gets."
+            f"- **Task cores**: each merged adapter of two or more tasks is its cluster's shared rank-r basis, and each "
+            f"of its tasks has its own r x r core in it (`d2c_task_cores.safetensors`, "
+            f"{len(result['task_adapters'])} cores). `load_d2c_collection` builds each task's adapter from its "
+            "cluster's adapter and core, and a task label or the prompt router selects it. Such a merged adapter "
+            "alone is its cluster's merge projected into the basis: serve prompts by their task, not with it."
         )
     return "\n".join(lines)
 
