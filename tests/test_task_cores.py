@@ -130,6 +130,8 @@ def test_bytes_count_one_core_per_task_and_module(with_cores, tmp_path):
 def test_saved_cores_rebuild_the_same_task_adapters(with_cores, tiny_assets, tmp_path):
     model, result, _, _, _ = with_cores
     folder = result.save_pretrained(tmp_path / "out")
+    card = open(os.path.join(folder, "README.md"), encoding="utf-8").read()
+    assert f"`d2c_task_cores.safetensors`, {len(result.routing)} cores" in card
     base_dir, _ = tiny_assets
     loaded, router = load_d2c_collection(LlamaForCausalLM.from_pretrained(base_dir).eval(), folder)
     ids = torch.tensor([[5, 9, 12, 7, 3]])
