@@ -13,6 +13,10 @@ The rule (also in `docs/concepts.md`):
   the sources fits, and the final partition is checked again (`check_partition_fits`) before anything is merged or
   saved.
 
+With `merge.task_cores` the task cores count too (r x r float32 per module for every task of a cluster of two or
+more): K is the largest whose merged adapters fit next to the cores of all N tasks, or N when the N adapters alone
+fit (one-member clusters have no core), and the final partition is checked with its exact cores.
+
 A budget too small for a single merged adapter is an error.
 """
 
