@@ -17,6 +17,8 @@ from peft import PeftModel
 from recompute import task_loss
 from safetensors.torch import load_file
 from test_devices import MEMBERS, half_model, meta_peft_model
+from test_embedding_lora import EMBEDDING, embedding_adapter_dirs, embedding_model  # noqa: F401 (fixtures)
+from test_embedding_lora import TASKS as EMBEDDING_TASKS
 from transformers import LlamaForCausalLM
 
 from peft_d2c import D2CMergeConfig, D2CResult, merge_adapters_d2c
@@ -311,3 +313,21 @@ def test_a_task_alone_in_its_cluster_is_served_by_its_merge_without_a_core(
                 expected = u[:, :2] @ torch.diag(s[:2]) @ vh[:2]
                 error = torch.linalg.norm(_update(layer, merged) - expected) / torch.linalg.norm(expected)
                 assert error < 1e-4, error  # float32 factors and RegMean's float32 solve
+
+
+def test_embedding_loras_get_cores_too(embedding_model, tiny_task_examples, tiny_tokenizer):  # noqa: F811
+    """LoRA on `embed_tokens` (factors in `lora_embedding_A` / `_B`) with a data-free update-space merge: the task
+    adapter there is the projection of the task's own update, as in every linear layer."""
+    tasks = EMBEDDING_TASKS
+    config = D2CMergeConfig(num_clusters=1, method="random", combination_type="core_ta", fit_router=False,
+                            merge={"task_cores": True})  # fmt: skip
+    result = merge_adapters_d2c(
+        embedding_model, {t: tiny_task_examples[t] for t in tasks}, config, tokenizer=tiny_tokenizer
+    )
+    layer = dict(lora_layers(embedding_model))[EMBEDDING]
+    updates = [_update(layer, t) for t in tasks]
+    rank = lora_factors(layer, result.merged_adapter_names[0])[0].shape[0]
+    p_u, p_v = _projectors(updates, rank)
+    for task, update in zip(tasks, updates, strict=True):
+        expected = p_u @ update @ p_v
+        assert torch.allclose(_update(layer, result.task_adapters[task]), expected, atol=1e-4 * expected.abs().max())
