@@ -12,7 +12,7 @@ from typing import Any
 
 from .combination_types import DENSITY_TYPES
 from .config import CONFIG_NAME, D2CMergeConfig
-from .engine.merge.task_cores import load_task_cores, save_task_cores
+from .engine.merge.task_cores import load_task_cores, save_task_cores, serving_routing
 from .engine.serving.prompt_router import (
     ROUTER_CONFIG_NAME,
     ROUTER_WEIGHTS_NAME,
@@ -103,7 +103,7 @@ class D2CResult:
     def serving_routing(self) -> dict[str, str]:
         """Task -> the adapter that answers it: the task's own adapter with task cores (`task_adapters`), else the
         merged adapter of its cluster (`routing`)."""
-        return {task: self.task_adapters.get(task, merged) for task, merged in self.routing.items()}
+        return serving_routing(self.routing, self.task_adapters)
 
     def adapter_for(self, task: str) -> str:
         """Name of the adapter that serves `task`: its cluster's merged adapter, or with task cores its own adapter.

@@ -19,7 +19,7 @@ import shutil
 import tempfile
 from typing import Any
 
-from ..engine.merge.task_cores import load_task_cores, write_task_adapter
+from ..engine.merge.task_cores import load_task_cores, serving_routing, write_task_adapter
 from ..engine.serving.prompt_router import MAX_FEATURE_TOKENS, ROUTER_CONFIG_NAME, ROUTER_WEIGHTS_NAME
 from ..hub.cards import read_result_folder
 from ..io import ROUTING_NAME, TASK_CORES_NAME, atomic_write_json, atomic_write_text, read_json
@@ -127,7 +127,7 @@ def export_d2c_folder(
             for task, name in task_adapters.items():
                 write_task_adapter(os.path.join(folder, routing[task]), cores[task], os.path.join(task_folder, name))
             folder, names = task_folder, [task_adapters[t] for t in sorted(task_adapters)]
-            routing = {task: task_adapters.get(task, merged) for task, merged in routing.items()}
+            routing = serving_routing(routing, task_adapters)
         return _export(folder, output_dir, data, routing, names, format, base_gguf, base_model_id, base_config,
                        permute_qk, materialised=folder == task_folder)  # fmt: skip
 

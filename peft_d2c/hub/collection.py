@@ -16,7 +16,7 @@ from typing import Any
 from huggingface_hub import hf_hub_download
 from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError
 
-from ..engine.merge.task_cores import add_task_adapters, load_task_cores
+from ..engine.merge.task_cores import add_task_adapters, load_task_cores, serving_routing
 from ..engine.runtime.state import ModelState
 from ..engine.serving.prompt_router import (
     ROUTER_CONFIG_NAME,
@@ -248,7 +248,7 @@ def load_d2c_collection(
     cores, task_adapters = _saved_task_cores(repo_id_or_path, sources, token)
     if task_adapters:  # every task is served by its own adapter, built from its cluster's merged adapter and core
         add_task_adapters(model, cores, task_adapters, routing)
-        routing = {task: task_adapters.get(task, merged) for task, merged in routing.items()}
+        routing = serving_routing(routing, task_adapters)
     return model, D2CRouter(model, routing, prompt_router)
 
 

@@ -157,6 +157,12 @@ def add_task_adapters(
         add_task_adapter(peft_model, routing[task], cores[task], name)
 
 
+def serving_routing(routing: Mapping[str, str], task_adapters: Mapping[str, str]) -> dict[str, str]:
+    """Task -> the adapter that answers it: its own task adapter where it has one, else its cluster's merged adapter
+    (`routing`)."""
+    return {task: task_adapters.get(task, merged) for task, merged in routing.items()}
+
+
 def core_bytes(ranks: Sequence[int]) -> int:
     """Bytes of one task's cores, for merged adapters of these ranks in its modules (one rank per module)."""
     return sum(rank * rank for rank in ranks) * CORE_ELEMENT_BYTES
