@@ -153,7 +153,7 @@ def merge_adapters_d2c(
             "`merge.svd_rank='auto'` searches several shapes: a `checkpoint_dir` is not supported with it."
         )
     names = shapes[0].names
-    mergers = [AdapterMerger(peft_model, run.config) for run in shapes]
+    mergers = [AdapterMerger(peft_model, run.config, sources=run.names) for run in shapes]
     final_names = max((run.merged_names for run in shapes), key=len)  # every shape's final names are among these
     final_names = [*final_names, *_task_adapter_names(config, names).values()]
     mergers[0].check_names(final_names)

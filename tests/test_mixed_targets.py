@@ -17,6 +17,7 @@ from peft_d2c import D2CMergeConfig, merge_adapters_d2c
 from peft_d2c import testing as tiny
 from peft_d2c.engine.merge.budget import merged_adapter_bytes
 from peft_d2c.engine.merge.lora import adapter_modules, lora_factors, lora_layers
+from peft_d2c.engine.merge.merging import AdapterMerger
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -106,15 +107,56 @@ def test_update_space_merge_adapts_the_union_and_reloads_in_plain_peft(
 
 
 def test_d2c_search_runs_on_a_mixed_collection(mixed_model, tiny_tokenizer):
-    """The search refills temporary slots: a slot is reused only for a cluster whose union of modules is its own."""
+    """The search refills temporary slots (built once, as wide as the merge of every adapter) with every cluster."""
     names = sorted(mixed_model.peft_config)
     config = D2CMergeConfig(num_clusters=3, num_iterations=12, seed=3, merge={"cache_size": 2})
     result = merge_adapters_d2c(mixed_model, examples_for(names), config, tokenizer=tiny_tokenizer)
     examples = examples_for(names)
     for merged, members in zip(result.merged_adapter_names, result.clusters, strict=True):
         assert adapter_modules(mixed_model, merged) == set().union(*(adapter_modules(mixed_model, m) for m in members))
-    assert result.stats["num_refills"] > 0
+    assert result.stats["num_refills"] == result.stats["num_merges"] - len(result.clusters)  # final merges: fresh
     # The losses the search saw (refilled slots included) are those of the fresh final merges, scored independently.
     for task in names:
         expected = task_loss(mixed_model, result.routing[task], tiny_tokenizer, examples[task])
         assert result.task_losses[task] == pytest.approx(expected, rel=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["regmean", "knots_ties"])
+def test_a_wide_slot_serves_narrower_merges_as_their_own_adapter(mixed_model, kind):
+    """With `sources`, a slot is built once for the merge of them all (every linear projection, rank 8) and then holds
+    merges of rank 4 on q/v, or rank 8 on q/v/o: zero-padded, zeros elsewhere (also after a merge that adapted every
+    projection), the logits of a fresh merge."""
+    model = mixed_model
+    names = sorted(model.peft_config)
+    # A merge weight makes even one member a merge (of rank 4 for copy_qv), not the source adapter itself.
+    merge = {"cache_size": 2, "weight": 0.5}
+    merger = AdapterMerger(model, D2CMergeConfig(num_clusters=2, combination_type=kind, merge=merge), sources=names)
+    merger.layer_inputs = tiny.random_layer_inputs(model, names)  # used by `regmean` only
+    config = D2CMergeConfig(num_clusters=2, combination_type=kind, merge=merge, merged_adapter_prefix="f")
+    fresh = AdapterMerger(model, config)
+    fresh.layer_inputs = merger.layer_inputs
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    model.eval()
+    for index, cluster in enumerate((["copy_qv"], ["sort_all", "reverse"], ["first", "last"], ["copy", "copy_qv"])):
+        slot = merger.adapter_for(cluster)
+        assert model.peft_config[slot].r == 8 and adapter_modules(model, slot) == set(
+            adapter_modules(model, "sort_all")
+        )
+        own = fresh.merge(cluster, f"fresh{index}")
+        assert model.peft_config[own].r == (4 if cluster == ["copy_qv"] else 8)
+        logits = {}
+        for name in (slot, own):
+            model.set_adapter(name)
+            with torch.no_grad():
+                logits[name] = model(input_ids=ids).logits
+        torch.testing.assert_close(logits[slot], logits[own], rtol=1e-5, atol=1e-6)
+        # The slot's update is the fresh merge's, module by module (zero where the fresh merge has no layer).
+        for _, layer in lora_layers(model):
+            a, b = lora_factors(layer, slot)
+            expected = (
+                torch.zeros_like(b @ a)
+                if lora_factors(layer, own) is None
+                else lora_factors(layer, own)[1] @ lora_factors(layer, own)[0]
+            )
+            torch.testing.assert_close(b @ a, expected, rtol=1e-5, atol=1e-7)
+    assert merger.num_merges == 4 and merger.num_refills == 4 and merger.num_live == 2

@@ -75,7 +75,7 @@ class RegMeanSystem:
     Example:
         ```python
         >>> system = RegMeanSystem([x1 / len(x1) ** 0.5, x2 / len(x2) ** 0.5], [1.0, 1.0], 0.9)
-        >>> solution = system.solve(right)  # S^-1 @ right, right (in, r)
+        >>> solution = system.member_solution([(0, a1), (1, a2)])  # S^-1 [w_1 G̃_1 A_1^T, w_2 G̃_2 A_2^T]
         ```
     """
 
@@ -97,8 +97,9 @@ class RegMeanSystem:
         self.weights = [float(w) for w in weights]
         self.alpha = alpha
         width = self.inputs[0].shape[-1]
-        # The diagonal of Σ_j w_j·G_j: the column sums of squares of every F_j.
-        total_diagonal = sum(w * f.square().sum(dim=-2) for f, w in zip(self.inputs, self.weights, strict=True))
+        # Every member's diag(G_i): the column sums of squares of F_i; their weighted sum is the diagonal of S / α.
+        self.diagonals = [f.square().sum(dim=-2) for f in self.inputs]
+        total_diagonal = sum(w * d for d, w in zip(self.diagonals, self.weights, strict=True))
         # A feature no member ever sees has a zero row and column in S: a unit diagonal keeps S invertible (its
         # solution is 0 anyway, as every right-hand side is zero there).
         unseen = (total_diagonal <= 0).to(dtype)
@@ -110,41 +111,72 @@ class RegMeanSystem:
             # S = D + U^T·U, D = (1 − α)·diag(Σ w_j G_j) (+ 1 where unseen) > 0: Woodbury through V = U·D^-1/2.
             self.inverse_sqrt_diagonal = ((1 - alpha) * total_diagonal + unseen).rsqrt()
             self.scaled_rows = rows * self.inverse_sqrt_diagonal  # V (M x in)
-            core = self.scaled_rows @ self.scaled_rows.mT
+            core = _gram(self.scaled_rows.mT)
             core.diagonal(dim1=-2, dim2=-1).add_(1)  # I + V·V^T: eigenvalues >= 1, well conditioned
             self.factor = torch.linalg.cholesky(core)
         else:
-            total = rows.mT @ rows  # α·Σ_j w_j·G_j
+            total = _gram(rows)  # α·Σ_j w_j·G_j
             total.diagonal(dim1=-2, dim2=-1).copy_(total_diagonal + unseen)  # the diagonal kept whole
             self.factor = torch.linalg.cholesky(total)
 
-    def solve(self, right: torch.Tensor) -> torch.Tensor:
-        """S^-1·right for `right` (in x c)."""
+    def member_solution(self, factors: Sequence[tuple[int, torch.Tensor]]) -> torch.Tensor:
+        """S^-1·[w_i·G̃_i·A_i^T, ..] (in x Σ r_i): for each `(i, A_i)` of `factors` (member i's A, r_i x in), its
+        columns in turn; the Â_i^T of RegMean's factored merge.
+
+        In the token-space form the right-hand side is split as G̃_i·A_i^T = α·F_i^T·(F_i·A_i^T) + (1 − α)·diag(G_i)·
+        A_i^T. The first term lies in the row space of U, where S^-1·U^T = D^-1/2·V^T·(I + V·V^T)^-1 (the push-through
+        identity: no subtraction); only the diagonal term goes through Woodbury, and its large part D^-1·(..) is a
+        per-feature weighted mean of the members' A_i, so nothing large cancels. (Woodbury on the whole right-hand
+        side subtracts two terms of size D^-1·U^T·U·A where D is small: one step of iterative refinement was
+        needed to keep float32 digits, three times the matrix products.)
+        """
+        columns = [
+            (1 - self.alpha) * self.weights[i] * self.diagonals[i][..., :, None] * a.to(self.factor.dtype).mT
+            for i, a in factors
+        ]
         if not self.token_space:
+            right = torch.cat(
+                [
+                    self.alpha * self.weights[i] * (self.inputs[i].mT @ (self.inputs[i] @ a.to(self.factor.dtype).mT))
+                    + diagonal_part
+                    for (i, a), diagonal_part in zip(factors, columns, strict=True)
+                ],
+                dim=-1,
+            )
             return torch.cholesky_solve(right, self.factor)
-        # Woodbury subtracts two large terms where D is small (features the tokens barely reach), which costs float32
-        # digits: one step of iterative refinement against the exact S = D + U^T·U brings the solution back to the
-        # accuracy of the in x in form for O(M·in·c) (on the embedded SmolLM2 inputs, float32 against float64: at most
-        # 6e-4 of the merged update without it, 7e-5 with it, 1e-4 for the in x in form).
-        solution = self._woodbury(right)
-        return solution + self._woodbury(right - self._apply(solution))
+        diagonal_part = torch.cat(columns, dim=-1)  # E (in x c)
+        offsets = [0]
+        for f in self.inputs:
+            offsets.append(offsets[-1] + f.shape[-2])
+        # Y (M x c): U^T·Y is the first term, √(α·w_i)·F_i·A_i^T in member i's rows and columns, zero elsewhere.
+        token_part = diagonal_part.new_zeros(*diagonal_part.shape[:-2], offsets[-1], diagonal_part.shape[-1])
+        column = 0
+        for i, a in factors:
+            a = a.to(self.factor.dtype)
+            token_part[..., offsets[i] : offsets[i + 1], column : column + a.shape[-2]] = (
+                self.alpha * self.weights[i]
+            ) ** 0.5 * (self.inputs[i] @ a.mT)
+            column += a.shape[-2]
+        # S^-1·(U^T·Y + E) = D^-1·E + D^-1/2·V^T·(I + V·V^T)^-1·(Y − V·D^-1/2·E)
+        scaled = diagonal_part * self.inverse_sqrt_diagonal[..., :, None]
+        inner = torch.cholesky_solve(token_part - self.scaled_rows @ scaled, self.factor)
+        return (scaled + self.scaled_rows.mT @ inner) * self.inverse_sqrt_diagonal[..., :, None]
 
-    def _woodbury(self, right: torch.Tensor) -> torch.Tensor:
-        """S^-1·right = D^-1/2·(I − V^T·(I + V·V^T)^-1·V)·D^-1/2·right."""
-        scaled = right * self.inverse_sqrt_diagonal[..., :, None]
-        correction = self.scaled_rows.mT @ torch.cholesky_solve(self.scaled_rows @ scaled, self.factor)
-        return (scaled - correction) * self.inverse_sqrt_diagonal[..., :, None]
 
-    def _apply(self, x: torch.Tensor) -> torch.Tensor:
-        """S·x = D·x + D^1/2·V^T·V·D^1/2·x, from the rows themselves (not the factorisation)."""
-        root = self.inverse_sqrt_diagonal.reciprocal()[..., :, None]
-        return root * (root * x + self.scaled_rows.mT @ (self.scaled_rows @ (root * x)))
-
-    def regularised_product(self, index: int, right: torch.Tensor) -> torch.Tensor:
-        """G̃_i·right = α·F_i^T·(F_i·right) + (1 − α)·diag(G_i)·right for member `index`, without forming G_i."""
-        f = self.inputs[index]
-        diagonal = f.square().sum(dim=-2)
-        return self.alpha * (f.mT @ (f @ right)) + (1 - self.alpha) * diagonal[..., :, None] * right
+def _gram(rows: torch.Tensor) -> torch.Tensor:
+    """rows^T·rows from 3/4 of the products: the two diagonal blocks and one off-diagonal block, copied transposed
+    into the other (a Gram is symmetric)."""
+    width = rows.shape[-1]
+    half = width // 2
+    if half < 256:  # small: one product is faster than three
+        return rows.mT @ rows
+    low, high = rows[..., :half], rows[..., half:]
+    gram = rows.new_empty(*rows.shape[:-2], width, width)
+    gram[..., :half, :half] = low.mT @ low
+    gram[..., half:, :half] = high.mT @ low
+    gram[..., :half, half:] = gram[..., half:, :half].mT
+    gram[..., half:, half:] = high.mT @ high
+    return gram
 
 
 def regmean_merge(
@@ -191,10 +223,6 @@ def regmean_merge(
         system = RegMeanSystem(inputs, weights, alpha, device=device, dtype=dtype)
     present = [(i, pair) for i, pair in enumerate(pairs) if pair is not None]
     b = torch.cat([pair[0].to(dtype) for _, pair in present], dim=-1)
-    # Â_i^T = S^-1·(w_i·G̃_i·A_i^T); all members in one solve.
-    right = torch.cat(
-        [system.weights[i] * system.regularised_product(i, pair[1].to(dtype).mT) for i, pair in present], dim=-1
-    )
-    a = system.solve(right).mT
+    a = system.member_solution([(i, pair[1]) for i, pair in present]).mT  # Â_i = w_i·A_i·G̃_i·S^-1, stacked
     new_a, new_b = truncate(*low_rank_svd(b, a), rank)
     return new_a.to(source_dtype), new_b.to(source_dtype)

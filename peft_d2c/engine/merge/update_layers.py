@@ -40,7 +40,9 @@ def update_merge_into(
     alpha/r, alpha/sqrt(r) for rslora, `rank_pattern` / `alpha_pattern`), and its LoRA bias (`lora_bias=True`) is
     s_i·b_i; the maths is `peft_d2c.engine.merge.merge_methods`, one batched call per group of layers with the same
     shapes (the same projection in every block). The merged factors are for scaling 1 (`lora_alpha = r`); a merged bias
-    where no member has one is zero. A member that does not adapt a layer adds a zero update there. The data-aware
+    where no member has one is zero. A member that does not adapt a layer adds a zero update there; a layer of
+    `adapter_name` no member adapts is zeroed, and a merge of lower rank than `adapter_name`'s is zero-padded to it
+    (a temporary slot built for wider merges: the same outputs). The data-aware
     types (`combination_types.DATA_TYPES`: `regmean`, `peft_d2c.engine.merge.regmean`) take `layer_inputs`: per layer,
     every member's layer-input factor (`regmean.LayerInput`), in the order of `members`, and `regmean_alpha`; they
     merge one layer at a time in model order, and the layers fed the same input share one solve.
@@ -49,6 +51,7 @@ def update_merge_into(
         NotImplementedError: For a convolutional LoRA layer.
     """
     in_order: list[tuple[LoraLayer, list]] = []  # (layer, its present members), in model order
+    unadapted: list[LoraLayer] = []  # layers of `adapter_name` no member adapts (a slot wider than the merge)
     for layer in layers:
         if lora_factors(layer, adapter_name) is None:
             continue
@@ -60,9 +63,14 @@ def update_merge_into(
             if factors is not None:
                 bias = layer.lora_B[member].bias if member in layer.lora_B else None
                 present.append((member, weight, factors, bias))
-        if not present:
-            raise ValueError(f"None of {list(members)} adapts this layer.")
-        in_order.append((layer, present))
+        if present:
+            in_order.append((layer, present))
+        else:
+            unadapted.append(layer)
+    if not in_order:
+        raise ValueError(f"None of {list(members)} adapts a layer of {adapter_name!r}.")
+    for layer in unadapted:
+        _write_zeros(layer, adapter_name)
     if combination_type in DATA_TYPES and layer_inputs is None:
         raise ValueError(f"combination_type={combination_type!r} needs the layer inputs of its members.")
     settings = {"rank": rank, "density": density, "majority_sign_method": majority_sign_method}
@@ -160,16 +168,31 @@ def _merged_biases(combination_type, entries, new_b, compute, density, majority_
 
 
 def _write_group(entries, adapter_name, new_a, new_b, biases, source_dtype) -> None:
-    """Write a batch of merged factors (and biases) into the adapter `adapter_name` of the layers of `entries`."""
+    """Write a batch of merged factors (and biases) into the adapter `adapter_name` of the layers of `entries`,
+    zero-padded to its rank where it has a higher one (a slot built for wider merges: zero directions add nothing)."""
     for position, (layer, _) in enumerate(entries):
         # The merged adapter stays where its members live (the merge ran there) and takes their dtype, whatever
         # dtype PEFT gave the new adapter (the base layer's: bf16 under float32 sources, say): it costs the bytes of
         # a source.
-        set_factors(layer, adapter_name, new_a[position].to(source_dtype), new_b[position].to(source_dtype))
+        a, b = new_a[position].to(source_dtype), new_b[position].to(source_dtype)
+        missing = lora_factors(layer, adapter_name)[0].shape[0] - a.shape[0]
+        if missing > 0:
+            a = torch.cat([a, a.new_zeros(missing, a.shape[1])])
+            b = torch.cat([b, b.new_zeros(b.shape[0], missing)], dim=1)
+        set_factors(layer, adapter_name, a, b)
         target_bias = layer.lora_B[adapter_name].bias if adapter_name in layer.lora_B else None
         if target_bias is not None:
             bias = biases[position] if biases is not None else new_b.new_zeros(target_bias.shape)
             layer.lora_B[adapter_name].bias = parameter_like(target_bias, bias.to(source_dtype))
+
+
+def _write_zeros(layer: LoraLayer, adapter_name: str) -> None:
+    """Zero the factors (and LoRA bias) of `adapter_name` in `layer`: a layer no member of its merge adapts."""
+    set_factors(layer, adapter_name, *(torch.zeros_like(t) for t in lora_factors(layer, adapter_name)))
+    if adapter_name in layer.lora_B and layer.lora_B[adapter_name].bias is not None:
+        layer.lora_B[adapter_name].bias = parameter_like(
+            layer.lora_B[adapter_name].bias, torch.zeros_like(layer.lora_B[adapter_name].bias)
+        )
 
 
 def merged_lora_config(
