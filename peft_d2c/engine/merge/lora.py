@@ -95,7 +95,11 @@ def union_target_modules(peft_model: PeftModel, adapter_names: Sequence[str]) ->
     layers, say), which PEFT matches exactly as well.
     """
     prefix = "base_model.model."
-    modules = {name.removeprefix(prefix) for n in adapter_names for name in adapter_modules(peft_model, n)}
+    modules = {  # one walk over the model's modules (a walk per adapter costs seconds with dozens loaded)
+        name.removeprefix(prefix)
+        for name, layer in lora_layers(peft_model)
+        if any(lora_factors(layer, n) is not None for n in adapter_names)
+    }
     suffixes = {name.rsplit(".", 1)[-1] for name in modules}
     selected = {
         name for name, _ in peft_model.base_model.model.named_modules() if name and name.rsplit(".", 1)[-1] in suffixes

@@ -11,6 +11,7 @@ adapters with PEFT's `add_weighted_adapter` and refills evicted ones in place wi
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import logging
 import math
@@ -19,7 +20,7 @@ from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 
 import torch
-from peft import PeftModel
+from peft import LoraConfig, PeftModel
 from peft.tuners.lora import LoraLayer
 from peft.utils.merge_utils import calculate_majority_sign_mask, disjoint_merge, prune, reshape_weight_task_tensors
 
@@ -125,6 +126,7 @@ class AdapterMerger:
         self.config = config
         # Update-space slots are padded (`_fits`): built once as wide as the merge of every source.
         self._widest = sorted(sources) if sources and config.combination_type in UPDATE_TYPES else None
+        self._widest_config: LoraConfig | None = None
         self.num_merges = 0
         self.num_refills = 0
         self.merge_seconds = 0.0
@@ -443,10 +445,11 @@ class AdapterMerger:
     def _add_widest_slot(self, name: str) -> None:
         """Build the empty slot `name` as the merge of every source would be: their highest merged rank, the union of
         their modules, a LoRA bias if any has one (`_fits` every cluster of them)."""
-        sources = self._widest
-        configs = [self.peft_model.peft_config[m] for m in sources]
-        targets = union_target_modules(self.peft_model, sources)
-        self.peft_model.add_adapter(name, merged_lora_config(configs, self.rank_of(sources), targets))
+        if self._widest_config is None:  # the same for every slot of the run
+            configs = [self.peft_model.peft_config[m] for m in self._widest]
+            targets = union_target_modules(self.peft_model, self._widest)
+            self._widest_config = merged_lora_config(configs, self.rank_of(self._widest), targets)
+        self.peft_model.add_adapter(name, copy.deepcopy(self._widest_config))  # PEFT keeps the object it gets
         self._match_layer_modes(name)
 
     def _fits(self, slot: str, members: Sequence[str]) -> bool:
