@@ -254,6 +254,11 @@ class D2CMergeConfig:
                 f"`scoring.cross_fit_folds={folds}` changes only the loss of a merge fitted to the few-shot examples "
                 f"({list(DATA_TYPES)}); `combination_type={self.combination_type!r}` is not: leave it at None."
             )
+        if self.merge.task_cores:
+            raise ValueError(
+                f"`scoring.cross_fit_folds={folds}` with `merge.task_cores`: the search scores the task adapters, which "
+                "are not fitted to the examples (their basis and cores come from the adapters alone): leave it at None."
+            )
         if folds > self.scoring.examples_per_task:
             raise ValueError(
                 f"`scoring.cross_fit_folds={folds}` needs at least {folds} examples per task, and `scoring.examples_per_task` "

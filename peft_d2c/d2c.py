@@ -264,7 +264,8 @@ def _shape_configs(peft_model, names: list[str], config: D2CMergeConfig) -> list
     (`budget.resolve_num_clusters`), the highest rank kept for each K; a data-aware merge's search then scores the
     cross-fitted loss (F = 2 unless `scoring.cross_fit_folds` is set), so that shapes compare on examples their merges
     were not fitted to. With `merge.task_cores`, the shapes with a core per task are added: every rank r (their bytes
-    grow with r² too), the highest per K, each judged by the loss of the task adapters it would ship; the shapes
+    grow with r² too), the highest per K, each searched and judged by the loss of the task adapters it would ship
+    (not fitted to the examples: no cross-fitting); the shapes
     without cores stay candidates (where the cores' bytes cost a whole rank, one more rank can be worth more).
 
     Raises:
@@ -282,7 +283,8 @@ def _shape_configs(peft_model, names: list[str], config: D2CMergeConfig) -> list
             shape = dataclasses.replace(
                 config,
                 merge=dataclasses.replace(config.merge, svd_rank=rank, task_cores=cores),
-                scoring=dataclasses.replace(config.scoring, cross_fit_folds=folds),
+                # task adapters are not fitted to the examples: a cored shape scores them on all of them
+                scoring=dataclasses.replace(config.scoring, cross_fit_folds=1 if cores else folds),
             )
             try:
                 by_clusters[resolve_num_clusters(peft_model, names, shape)] = shape  # ranks rise: the highest per K
@@ -343,29 +345,10 @@ def _search_shape(peft_model, run: _Run, merger, scorer, group, checkpoint, *, c
     start, start_kind, state = _start(peft_model, run, rng, checkpointer)
     state = _search(run, state, scorer, rng, group, checkpointer, trace)
     objective = None
-    if compare and run.config.merge.task_cores:
-        objective = _cores_objective(peft_model, run, state.clusters, merger, scorer)
-    elif compare:
+    if compare:  # the mean few-shot loss of what would serve the tasks (with task cores: their adapters)
         objective = float(np.mean(scorer([(tuple(sorted(c)), t) for c in state.clusters for t in c])))
         merger.cleanup()
     return _Searched(run, merger, scorer, start, start_kind, state, trace, objective, time.perf_counter() - started)
-
-
-def _cores_objective(peft_model, run: _Run, clusters, merger, scorer) -> float:
-    """A shape's objective with `merge.task_cores`: the mean few-shot loss of the task adapters it would ship (its
-    final merges and cores, built under the final names and removed again). The cores are not fitted to the
-    examples, so this is no in-sample loss."""
-    merger.cleanup()
-    task_adapter_names = _task_adapter_names(run.config, run.names)
-    try:
-        for name, members in zip(run.merged_names, clusters, strict=True):
-            merger.merge(members, name)
-        _, _, losses = _task_cores(peft_model, run, clusters, scorer, task_adapter_names)
-    finally:
-        for name in [*run.merged_names, *task_adapter_names.values()]:
-            if name in peft_model.peft_config:
-                peft_model.delete_adapter(name)
-    return float(np.mean([losses[n] for n in run.names]))
 
 
 def _checkpointer(peft_model, run: _Run, scorer, rng, group, checkpoint_dir, weights_digest, score_fn, trace):

@@ -22,10 +22,13 @@ from test_embedding_lora import TASKS as EMBEDDING_TASKS
 from transformers import LlamaForCausalLM
 
 from peft_d2c import D2CMergeConfig, D2CResult, merge_adapters_d2c
+from peft_d2c import testing as tiny
+from peft_d2c.data.examples import normalize_task_examples
 from peft_d2c.engine.merge.budget import partition_bytes
 from peft_d2c.engine.merge.lora import lora_factors, lora_layers
 from peft_d2c.engine.merge.merging import AdapterMerger
 from peft_d2c.engine.merge.task_cores import add_task_adapter, fit_task_cores
+from peft_d2c.engine.scoring.loss import LossScorer
 from peft_d2c.errors import D2CWarning
 from peft_d2c.hub import load_d2c_collection, push_d2c_folder
 
@@ -331,3 +334,34 @@ def test_embedding_loras_get_cores_too(embedding_model, tiny_task_examples, tiny
     for task, update in zip(tasks, updates, strict=True):
         expected = p_u @ update @ p_v
         assert torch.allclose(_update(layer, result.task_adapters[task]), expected, atol=1e-4 * expected.abs().max())
+
+
+def test_the_search_scores_each_task_under_the_adapter_that_will_serve_it(
+    tiny_peft_model, tiny_task_examples, tiny_tokenizer
+):
+    """With cores the search's loss of (cluster, task) is the loss under the task adapter that cluster would ship:
+    a slot holding U·C_t·V^T (dense projectors here), the same loss as the shipped adapter built by the merge,
+    `fit_task_cores` and `add_task_adapter`, recomputed by the model; no merge is computed for it."""
+    model = tiny_peft_model.eval()
+    names = sorted(tiny_task_examples)
+    config = _config(task_cores=True)
+    cluster, task = tuple(names[:3]), names[1]
+    merger = AdapterMerger(model, config, sources=names)
+    scorer = LossScorer.for_config(model, tiny_tokenizer, normalize_task_examples(tiny_task_examples), merger)
+    loss = scorer([(cluster, task)])[0]
+    assert scorer.merger.num_merges == 1 and not scorer.merger.layer_inputs  # refilled, no regmean merge
+    slot = scorer.merger.adapter_for(cluster, task=task)
+    for _, layer in lora_layers(model):
+        p_u, p_v = _projectors([_update(layer, t) for t in cluster], RANK)
+        expected = p_u @ _update(layer, task) @ p_v
+        assert torch.allclose(_update(layer, slot), expected, atol=1e-5 * expected.abs().max())
+    # The shipping path: the cluster's merge, rewritten in its basis, and the task's adapter from its core.
+    shipper = AdapterMerger(model, dataclasses.replace(config, merged_adapter_prefix="ship"))
+    shipper.layer_inputs = tiny.random_layer_inputs(model, names)
+    shipper.merge(cluster, "shipped")
+    cores = fit_task_cores(model, [cluster], ["shipped"])
+    add_task_adapter(model, "shipped", cores[task], "shipped_task")
+    expected = task_loss(model, "shipped_task", tiny_tokenizer, tiny_task_examples[task])
+    assert loss == pytest.approx(expected, rel=1e-4)
+    with pytest.raises(ValueError, match="cross_fit_folds"):
+        D2CMergeConfig(num_clusters=2, merge={"task_cores": True}, scoring={"cross_fit_folds": 2})

@@ -144,10 +144,11 @@ def merged_adapter_bytes(peft_model: PeftModel, members: Sequence[str], config: 
         49152
         ```
     """
-    return _bytes_at_rank(peft_model, members, _merged_rank_of(peft_model, members, config))
+    return _bytes_at_rank(peft_model, members, merged_rank_of(peft_model, members, config))
 
 
-def _merged_rank_of(peft_model: PeftModel, members: Sequence[str], config: D2CMergeConfig) -> int:
+def merged_rank_of(peft_model: PeftModel, members: Sequence[str], config: D2CMergeConfig) -> int:
+    """Rank of the merged adapter of `members` under `config` (`merged_rank` of their largest ranks)."""
     ranks = [adapter_rank(peft_model, m) for m in members]
     return merged_rank(ranks, config.combination_type, config.merge.svd_rank)
 
@@ -157,7 +158,7 @@ def task_cores_bytes(peft_model: PeftModel, members: Sequence[str], config: D2CM
     r x r float32 core per member in every module the cluster's merged adapter adapts (`engine.merge.task_cores`)."""
     if not config.merge.task_cores or len(members) < 2:
         return 0
-    rank = _merged_rank_of(peft_model, members, config)
+    rank = merged_rank_of(peft_model, members, config)
     return len(members) * core_bytes([rank] * len(_per_rank_costs(peft_model, members)))
 
 

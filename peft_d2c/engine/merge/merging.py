@@ -6,7 +6,7 @@ differently per type, so the weights that achieve this differ too (`merge_weight
 its members (`merge_seed`), so random merges (`dare_*`) are reproducible and cacheable. The merger creates merged
 adapters with PEFT's `add_weighted_adapter` and refills evicted ones in place with the same per-layer arithmetic
 (`layer_merge`, `update_layers`). May import `peft_d2c.config`, `peft_d2c.combination_types` and the merge modules
-`budget`, `layer_merge`, `lora`, `merge_methods` and `update_layers`.
+`budget`, `layer_merge`, `lora`, `merge_methods`, `task_cores` and `update_layers`.
 """
 
 from __future__ import annotations
@@ -26,17 +26,19 @@ from peft.utils.merge_utils import calculate_majority_sign_mask, disjoint_merge,
 
 from ...combination_types import DATA_TYPES, RANDOM_TYPES, UPDATE_TYPES
 from ...config import D2CMergeConfig
-from .budget import merged_rank
+from .budget import merged_rank_of
 from .layer_merge import own_merge_layer, peft_helpers_verified, peft_merge_layer
 from .lora import adapter_rank, check_new_adapter_name, lora_factors, lora_layers, union_target_modules
 from .merge_methods import widest_dtype
+from .task_cores import write_task_update
 from .update_layers import merged_lora_config, update_merge_into
 
 logger = logging.getLogger(__name__)
 
 Members = tuple[str, ...]
-# A live merge: its members and the cross-fitting fold whose layer inputs it was fitted to (None: all examples').
-MergeKey = tuple[Members, int | None]
+# A live merge: its members, the cross-fitting fold whose layer inputs it was fitted to (None: all examples'), and the
+# task whose adapter in the cluster's joint basis it holds instead of the merge (`merge.task_cores`; None: the merge).
+MergeKey = tuple[Members, int | None, str | None]
 
 
 # Types whose members all get weight 1 (a disjoint mean after pruning, or TSV-M's sum of orthogonalised directions).
@@ -257,8 +259,7 @@ class AdapterMerger:
 
     def rank_of(self, members: Sequence[str]) -> int:
         """Rank of the adapter PEFT creates for `members` (see `peft_d2c.engine.merge.budget.merged_rank`)."""
-        ranks = [adapter_rank(self.peft_model, m) for m in members]
-        return merged_rank(ranks, self.config.combination_type, self.config.merge.svd_rank)
+        return merged_rank_of(self.peft_model, members, self.config)
 
     def refill(
         self,
@@ -267,12 +268,14 @@ class AdapterMerger:
         weights: Mapping[str, float] | None = None,
         *,
         fold: int | None = None,
+        task: str | None = None,
     ) -> str:
         """Overwrite the weights of the existing merged adapter `adapter_name` with the merge of `members`.
 
         Runs the same per-layer computations as `add_weighted_adapter` (PEFT's own functions, with the same weights
         and settings), so the result equals a fresh merge of `members`; only the module construction is skipped.
-        `weights` and `fold` as in `merge`.
+        `weights` and `fold` as in `merge`. With `task` (an update-space type), the adapter gets instead the update
+        that serves `task` with `merge.task_cores` (`task_cores.write_task_update`: no merge computed).
 
         Raises:
             ValueError: If `adapter_name` has another rank than the merge of `members`, or uses a random type.
@@ -293,7 +296,22 @@ class AdapterMerger:
             combination_type = "linear"  # PEFT's rule
         weights = self._weights(members, weights)
         started = time.perf_counter()
-        self._write_layers(members, adapter_name, combination_type, weights, new_rank, fold)
+        if task is None:
+            self._write_layers(members, adapter_name, combination_type, weights, new_rank, fold)
+        else:
+            if combination_type not in UPDATE_TYPES or task not in members:
+                raise ValueError(f"Task {task!r} must be one of {members}, merged with an update-space type.")
+            write_task_update(
+                [layer for _, layer in self._layers],
+                members,
+                task,
+                adapter_name,
+                new_rank,
+                bias_type="core_ta" if combination_type in DATA_TYPES else combination_type,  # `update_layers`' rule
+                weights=weights,
+                density=config.merge.density,
+                majority_sign_method=config.merge.majority_sign_method,
+            )
         self.merge_seconds += time.perf_counter() - started
         self.num_merges += 1
         self.num_refills += 1
@@ -393,18 +411,22 @@ class AdapterMerger:
             self._prune_cache[key] = prune(tensor, self.config.merge.density, method="magnitude")
         return self._prune_cache[key]
 
-    def adapter_for(self, members: Sequence[str], fold: int | None = None) -> str:
+    def adapter_for(self, members: Sequence[str], fold: int | None = None, task: str | None = None) -> str:
         """Name of a live adapter equal to the merge of `members`, merging (and evicting the oldest) when needed.
 
         A single member is served by the source adapter itself: PEFT's merge of one adapter copies it (to float
         precision; RegMean of one member is the member whatever its inputs), unless `merge_weight` rescales it, or an
         update-space type truncates it (`svd_rank` below its rank): then the truncated merge that will ship is what
-        gets scored. With `fold`, the merge is fitted to that fold's layer inputs (`merge`).
+        gets scored. With `fold`, the merge is fitted to that fold's layer inputs (`merge`). With `task` (one of
+        `members`, `merge.task_cores`), the adapter that will serve `task`: its update in the cluster's joint basis
+        (`refill`); a one-member cluster serves its task with its merge.
         """
         members = tuple(sorted(members))
-        if len(members) == 1 and self.config.merge.weight is None and not self._truncates(members[0]):
-            return members[0]
-        key = (members, fold)
+        if len(members) == 1:
+            task = None
+            if self.config.merge.weight is None and not self._truncates(members[0]):
+                return members[0]
+        key = (members, fold, task)
         if key in self._live:
             self._live.move_to_end(key)
             return self._live[key]
@@ -421,11 +443,11 @@ class AdapterMerger:
                 self._delete_slot(self._free_slots.pop(0))
             name = self._unused_names.pop()
             try:
-                if self._widest is None:
+                if self._widest is None and task is None:
                     self.merge(members, name, fold=fold)
                 else:
-                    self._add_widest_slot(name)
-                    self.refill(members, name, fold=fold)
+                    self._add_slot(name, members)
+                    self.refill(members, name, fold=fold, task=task)
             except BaseException:
                 if name in self.peft_model.peft_config:
                     self._delete_slot(name)  # a slot built but not filled: never serve it
@@ -442,15 +464,22 @@ class AdapterMerger:
             self.peft_model, adapter
         )
 
-    def _add_widest_slot(self, name: str) -> None:
-        """Build the empty slot `name` as the merge of every source would be: their highest merged rank, the union of
-        their modules, a LoRA bias if any has one (`_fits` every cluster of them)."""
-        if self._widest_config is None:  # the same for every slot of the run
-            configs = [self.peft_model.peft_config[m] for m in self._widest]
-            targets = union_target_modules(self.peft_model, self._widest)
-            self._widest_config = merged_lora_config(configs, self.rank_of(self._widest), targets)
-        self.peft_model.add_adapter(name, copy.deepcopy(self._widest_config))  # PEFT keeps the object it gets
+    def _add_slot(self, name: str, members: Sequence[str]) -> None:
+        """Build the empty update-space slot `name` for `members`' merge, or, with `sources`, as the merge of every
+        source would be: their highest merged rank, the union of their modules, a LoRA bias if any has one (`_fits`
+        every cluster of them)."""
+        if self._widest is None:
+            config = self._slot_config(members)
+        else:
+            if self._widest_config is None:  # the same for every slot of the run
+                self._widest_config = self._slot_config(self._widest)
+            config = copy.deepcopy(self._widest_config)  # PEFT keeps the object it gets
+        self.peft_model.add_adapter(name, config)
         self._match_layer_modes(name)
+
+    def _slot_config(self, members: Sequence[str]) -> LoraConfig:
+        configs = [self.peft_model.peft_config[m] for m in members]
+        return merged_lora_config(configs, self.rank_of(members), union_target_modules(self.peft_model, members))
 
     def _fits(self, slot: str, members: Sequence[str]) -> bool:
         """Whether the slot `slot` can hold the merge of `members`: the same rank, LoRA bias or not and modules; an
@@ -468,12 +497,12 @@ class AdapterMerger:
         """Refill a free slot that fits (`_fits`) with the merge of `key`, or return None if there is none."""
         if not self._can_refill or not self._free_slots:
             return None
-        key, fold = key
+        members, fold, task = key
         for index, name in enumerate(self._free_slots):
-            if self._fits(name, key):
+            if self._fits(name, members):
                 del self._free_slots[index]
                 try:
-                    return self.refill(key, name, fold=fold)
+                    return self.refill(members, name, fold=fold, task=task)
                 except BaseException:
                     self._delete_slot(name)  # half-refilled: never serve it
                     raise
@@ -489,9 +518,11 @@ class AdapterMerger:
         return self._modules_cache[key]
 
     def pin(self, keys: Sequence[MergeKey]) -> None:
-        """Protect these merges, `(members, fold)` pairs (fold None: fitted to all examples), from eviction until
-        `unpin` (they are scored in one batch)."""
-        self._pinned = {(tuple(sorted(members)), fold) for members, fold in keys}
+        """Protect these merges, `(members, fold, task)` keys (`MergeKey`), from eviction until `unpin` (they are
+        scored in one batch)."""
+        self._pinned = {
+            (tuple(sorted(members)), fold, task if len(members) > 1 else None) for members, fold, task in keys
+        }
 
     def unpin(self) -> None:
         self._pinned = set()

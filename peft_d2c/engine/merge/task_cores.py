@@ -26,9 +26,9 @@ from peft import PeftModel
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from .layer_merge import set_factors
+from .layer_merge import parameter_like, set_factors
 from .lora import check_new_adapter_name, lora_factors, lora_layers, to_float64
-from .merge_methods import concat_left_svd, stack_right_basis
+from .merge_methods import concat_left_svd, merge_biases, stack_right_basis, widest_dtype
 
 # Bytes of one stored core entry (cores are kept and saved in float32 whatever the adapters' dtype: they are small,
 # and K_t = Σ^-1·C_t spans the merged adapter's whole range of singular values).
@@ -112,6 +112,58 @@ def fit_task_cores(peft_model: PeftModel, clusters: Sequence[Sequence[str]], mer
                     core = ((u.T @ b_t) @ (a_t @ v)) / s[:, None]
                 cores[t][module] = core.float()
     return cores
+
+
+@torch.no_grad()
+def write_task_update(
+    layers: Sequence,
+    members: Sequence[str],
+    task: str,
+    adapter_name: str,
+    rank: int,
+    *,
+    bias_type: str = "core_ta",
+    weights: Sequence[float] | None = None,
+    **bias_settings,
+) -> None:
+    """Write into the existing adapter `adapter_name` the update that serves `task` in a cluster of `members`:
+    U·C_t·V^T in every layer (A = V^T, B = U·C_t, for scaling 1), the update its task adapter (B_merge·K_t, A_merge)
+    has once the cluster is merged and `fit_task_cores` has run; no merge needed, as the basis comes from the
+    members' updates alone. Zero where `task` does not adapt a layer; the rank-`rank` factors are zero-padded to the
+    adapter's own rank, and a LoRA bias is the merged adapter's, which the task adapter copies: `merge_biases` of
+    `bias_type` over the members' scaled biases with `weights` (default: their mean) and `bias_settings`. The D2C
+    search scores these with `merge.task_cores`: the adapters that will serve the tasks.
+    """
+    for layer in layers:
+        target = lora_factors(layer, adapter_name)
+        if target is None:
+            continue
+        pairs = {t: pair for t in members if (pair := _scaled_pair(layer, t)) is not None}
+        new_a, new_b = (
+            torch.zeros_like(target[0], dtype=torch.float64),
+            torch.zeros_like(target[1], dtype=torch.float64),
+        )
+        if task in pairs:
+            u, v = joint_basis(list(pairs.values()), rank)
+            b_t, a_t = pairs[task]
+            new_a[:rank] = v.T
+            new_b[:, :rank] = u @ ((u.T @ b_t) @ (a_t @ v))
+        # the merged adapter's dtype (its members' widest), which the task adapter has
+        dtype = widest_dtype([t.dtype for m in pairs for t in lora_factors(layer, m)]) if pairs else target[0].dtype
+        set_factors(layer, adapter_name, new_a.to(dtype), new_b.to(dtype))
+        if adapter_name in layer.lora_B and layer.lora_B[adapter_name].bias is not None:
+            target_bias = layer.lora_B[adapter_name].bias
+            # as `update_layers` merges them: the members that adapt the layer, zero where one has no bias
+            biases = [
+                layer.scaling[t] * to_float64(layer.lora_B[t].bias)
+                if t in layer.lora_B and layer.lora_B[t].bias is not None
+                else torch.zeros_like(target_bias, dtype=torch.float64)
+                for t in pairs
+            ]
+            weights = weights if weights is not None else [1 / len(members)] * len(members)
+            weight_of = dict(zip(members, weights, strict=True))
+            bias = merge_biases(bias_type, biases, [weight_of[t] for t in pairs], **bias_settings)
+            layer.lora_B[adapter_name].bias = parameter_like(target_bias, bias.to(dtype))
 
 
 @torch.no_grad()

@@ -22,7 +22,7 @@ import logging
 import math
 import time
 import weakref
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -154,7 +154,7 @@ def completion_loss_sums(
 
 
 def plan_batches(
-    sizes: Sequence[int], clusters: Sequence[Members], *, batch_size: int, max_clusters: int
+    sizes: Sequence[int], clusters: Sequence[Hashable], *, batch_size: int, max_clusters: int
 ) -> list[list[int]]:
     """Group requests (by index) into scoring batches whose composition depends only on the requests.
 
@@ -167,7 +167,7 @@ def plan_batches(
 
     Args:
         sizes (`Sequence[int]`): Rows (examples) of each request.
-        clusters (`Sequence[Members]`): The cluster of each request.
+        clusters (`Sequence[Hashable]`): The live adapter of each request (its cluster, or cluster and task).
         batch_size (`int`): Rows per forward pass.
         max_clusters (`int`): The most distinct clusters one batch may use (the merged-adapter LRU size).
 
@@ -333,7 +333,7 @@ class LossScorer:
         if missing:
             batches = plan_batches(
                 [len(self.examples[task]) for _, task in missing],
-                [members for members, _ in missing],
+                [self._merge_key(members, task, None) for members, task in missing],  # one live adapter each
                 batch_size=self.batch_size,
                 max_clusters=max(1, self.merger.config.merge.cache_size // self.folds),  # F live merges per cluster
             )
@@ -354,7 +354,7 @@ class LossScorer:
     def _score_batch(self, keys: Sequence[tuple[Members, str]]) -> tuple[list[float], int]:
         """The losses of one scoring batch and the forward passes they took (one per request for a custom score)."""
         folds = [None] if self.folds == 1 else list(range(self.folds))
-        merges = list(dict.fromkeys((members, fold) for members, _ in keys for fold in folds))
+        merges = list(dict.fromkeys(self._merge_key(members, task, fold) for members, task in keys for fold in folds))
         self.merger.pin(merges)
         try:
             adapter_names = {merge: self.merger.adapter_for(*merge) for merge in merges}
@@ -366,7 +366,10 @@ class LossScorer:
                 values = [
                     float(
                         self.user_score_fn(
-                            self.model, adapter_names[members, None], task, [e.to_dict() for e in self.examples[task]]
+                            self.model,
+                            adapter_names[self._merge_key(members, task, None)],
+                            task,
+                            [e.to_dict() for e in self.examples[task]],
                         )
                     )
                     for members, task in keys
@@ -374,7 +377,9 @@ class LossScorer:
                 return values, len(values)
             # One request per fold: the fold's examples of the task under the merge fitted without them.
             requests = [
-                (adapter_names[members, fold], self._fold_rows(task, fold)) for members, task in keys for fold in folds
+                (adapter_names[self._merge_key(members, task, fold)], self._fold_rows(task, fold))
+                for members, task in keys
+                for fold in folds
             ]
             sums = self._loss_sums(requests)
             scores = []
@@ -384,6 +389,13 @@ class LossScorer:
             return scores, self.forward_passes - passes
         finally:
             self.forward_seconds += time.perf_counter() - started
+
+    def _merge_key(self, members: Members, task: str, fold: int | None) -> tuple[Members, int | None, str | None]:
+        """The live adapter a task is scored under (`merging.MergeKey`): the merge of its cluster (fitted to `fold`'s
+        inputs), or with `merge.task_cores` the adapter that will serve the task, its update in the cluster's joint
+        basis, as the search then scores what is served."""
+        serves_task = self.merger.config.merge.task_cores and len(members) > 1
+        return members, fold, task if serves_task else None
 
     def _fold_rows(self, task: str, fold: int | None) -> list[TokenizedExample]:
         """The task's tokenised examples in `fold` (example i is in fold i mod F), or all of them for None."""
