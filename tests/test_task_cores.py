@@ -16,6 +16,7 @@ import torch
 from peft import PeftModel
 from recompute import task_loss
 from safetensors.torch import load_file
+from test_budget import BIAS_TASKS, bias_adapter_dirs  # noqa: F401 (fixture)
 from test_devices import MEMBERS, half_model, meta_peft_model
 from test_embedding_lora import EMBEDDING, embedding_adapter_dirs, embedding_model  # noqa: F401 (fixtures)
 from test_embedding_lora import TASKS as EMBEDDING_TASKS
@@ -365,3 +366,31 @@ def test_the_search_scores_each_task_under_the_adapter_that_will_serve_it(
     assert loss == pytest.approx(expected, rel=1e-4)
     with pytest.raises(ValueError, match="cross_fit_folds"):
         D2CMergeConfig(num_clusters=2, merge={"task_cores": True}, scoring={"cross_fit_folds": 2})
+
+
+@pytest.mark.parametrize("kind", ["regmean", "knots_ties"])
+def test_scored_task_updates_carry_the_merged_lora_bias(tiny_assets, bias_adapter_dirs, tiny_tokenizer, kind):  # noqa: F811
+    """With `lora_bias=True` sources the scored task update has the bias the shipped task adapter copies from its
+    cluster's merge (`update_layers`' rule for the type: a mean for `regmean`, TIES for `knots_ties`), so the search's
+    loss is the shipped adapter's."""
+    model = tiny.load_peft_model(tiny_assets[0], bias_adapter_dirs).eval()
+    examples = {t: tiny.make_examples(t, 10, seed=7) for t in BIAS_TASKS}
+    config = dataclasses.replace(_config(task_cores=True), combination_type=kind)
+    merger = AdapterMerger(model, config, sources=BIAS_TASKS)
+    scorer = LossScorer.for_config(model, tiny_tokenizer, normalize_task_examples(examples), merger)
+    cluster, task = tuple(BIAS_TASKS), BIAS_TASKS[2]
+    loss = scorer([(cluster, task)])[0]
+    slot = merger.adapter_for(cluster, task=task)
+    shipper = AdapterMerger(model, dataclasses.replace(config, merged_adapter_prefix="ship"))
+    shipper.layer_inputs = tiny.random_layer_inputs(model, BIAS_TASKS)
+    shipper.merge(cluster, "shipped")
+    add_task_adapter(model, "shipped", fit_task_cores(model, [cluster], ["shipped"])[task], "shipped_task")
+    biases = 0
+    for _, layer in lora_layers(model):
+        if "shipped_task" in layer.lora_B:
+            expected = layer.lora_B["shipped_task"].bias
+            assert expected.abs().max() > 0
+            torch.testing.assert_close(layer.lora_B[slot].bias, expected, rtol=1e-5, atol=1e-7)
+            biases += 1
+    assert biases > 0
+    assert loss == pytest.approx(task_loss(model, "shipped_task", tiny_tokenizer, examples[task]), rel=1e-4)
