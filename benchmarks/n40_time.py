@@ -6,6 +6,8 @@ Forty adapters of the bundled collections on their one base model: the 16 embedd
 and the first 12 conflict tasks (six pairs), each with its own few-shot examples. One `merge_adapters_d2c` call with
 the defaults and `num_clusters=5` (12.5%), timed as a user would time it, with where the time went
 (`result.stats`), and the held-out first-word and whole-answer exact match under the routing (not in the time).
+`--task-cores` adds a core per task (`merge={"task_cores": True}`): the search then scores the task adapters, and
+the held-out answers are each task's own adapter's (`result.serving_routing`, the merged adapters without cores).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", default="benchmark_results/n40_time.json")
+    parser.add_argument("--task-cores", action="store_true", help="merge={'task_cores': True}: routed by task")
     args = parser.parse_args()
     peft_model, tokenizer, _, fewshot, test = _load("smollm2", "embedded", None, True, False)
     for name, keep in (("validation", 12), ("conflict", 12)):
@@ -43,14 +46,16 @@ def main() -> None:
         fewshot, test = {**fewshot, **more_fewshot}, {**test, **more_test}
     peft_model.eval()
     assert len(fewshot) == 40, len(fewshot)
-    config = D2CMergeConfig(num_clusters=5, seed=args.seed, fit_router=False)
+    merge = {"task_cores": True} if args.task_cores else {}
+    config = D2CMergeConfig(num_clusters=5, seed=args.seed, fit_router=False, merge=merge)
     started = time.perf_counter()
     result = merge_adapters_d2c(peft_model, fewshot, config, tokenizer=tokenizer)
     seconds = time.perf_counter() - started
-    scores = evaluate_routing(peft_model, tokenizer, test, result.routing)
+    scores = evaluate_routing(peft_model, tokenizer, test, result.serving_routing)
     report = {
         "num_adapters": 40,
         "num_clusters": 5,
+        "task_cores": args.task_cores,
         "seed": args.seed,
         "seconds": seconds,
         "search_plan": result.stats.get("search_plan"),
