@@ -418,15 +418,12 @@ class AdapterMerger:
         precision; RegMean of one member is the member whatever its inputs), unless `merge_weight` rescales it, or an
         update-space type truncates it (`svd_rank` below its rank): then the truncated merge that will ship is what
         gets scored. With `fold`, the merge is fitted to that fold's layer inputs (`merge`). With `task` (one of
-        `members`, `merge.task_cores`), the adapter that will serve `task`: its update in the cluster's joint basis
-        (`refill`); a one-member cluster serves its task with its merge.
+        `members`), the adapter that serves `task` in this cluster (`merge_key`).
         """
-        members = tuple(sorted(members))
-        if len(members) == 1:
-            task = None
-            if self.config.merge.weight is None and not self._truncates(members[0]):
-                return members[0]
-        key = (members, fold, task)
+        key = self.merge_key(members, fold, task)
+        members, fold, task = key
+        if len(members) == 1 and self.config.merge.weight is None and not self._truncates(members[0]):
+            return members[0]
         if key in self._live:
             self._live.move_to_end(key)
             return self._live[key]
@@ -456,6 +453,14 @@ class AdapterMerger:
                 raise
         self._live[key] = name
         return name
+
+    def merge_key(self, members: Sequence[str], fold: int | None = None, task: str | None = None) -> MergeKey:
+        """The live adapter that serves `task` in the cluster `members` (fitted to `fold`'s layer inputs): with
+        `merge.task_cores` and two or more members the task's own update in the cluster's joint basis (`refill`),
+        else the cluster's merge, whatever the task (task None)."""
+        members = tuple(sorted(members))
+        own = task is not None and self.config.merge.task_cores and len(members) > 1
+        return members, fold, task if own else None
 
     def _truncates(self, adapter: str) -> bool:
         """Whether the merge of `adapter` alone has a lower rank than the adapter (update-space types only: PEFT
@@ -520,9 +525,7 @@ class AdapterMerger:
     def pin(self, keys: Sequence[MergeKey]) -> None:
         """Protect these merges, `(members, fold, task)` keys (`MergeKey`), from eviction until `unpin` (they are
         scored in one batch)."""
-        self._pinned = {
-            (tuple(sorted(members)), fold, task if len(members) > 1 else None) for members, fold, task in keys
-        }
+        self._pinned = {self.merge_key(*key) for key in keys}
 
     def unpin(self) -> None:
         self._pinned = set()

@@ -333,7 +333,7 @@ class LossScorer:
         if missing:
             batches = plan_batches(
                 [len(self.examples[task]) for _, task in missing],
-                [self._merge_key(members, task, None) for members, task in missing],  # one live adapter each
+                [self.merger.merge_key(members, None, task) for members, task in missing],  # one live adapter each
                 batch_size=self.batch_size,
                 max_clusters=max(1, self.merger.config.merge.cache_size // self.folds),  # F live merges per cluster
             )
@@ -354,7 +354,9 @@ class LossScorer:
     def _score_batch(self, keys: Sequence[tuple[Members, str]]) -> tuple[list[float], int]:
         """The losses of one scoring batch and the forward passes they took (one per request for a custom score)."""
         folds = [None] if self.folds == 1 else list(range(self.folds))
-        merges = list(dict.fromkeys(self._merge_key(members, task, fold) for members, task in keys for fold in folds))
+        merges = list(
+            dict.fromkeys(self.merger.merge_key(members, fold, task) for members, task in keys for fold in folds)
+        )
         self.merger.pin(merges)
         try:
             adapter_names = {merge: self.merger.adapter_for(*merge) for merge in merges}
@@ -367,7 +369,7 @@ class LossScorer:
                     float(
                         self.user_score_fn(
                             self.model,
-                            adapter_names[self._merge_key(members, task, None)],
+                            adapter_names[self.merger.merge_key(members, None, task)],
                             task,
                             [e.to_dict() for e in self.examples[task]],
                         )
@@ -377,7 +379,7 @@ class LossScorer:
                 return values, len(values)
             # One request per fold: the fold's examples of the task under the merge fitted without them.
             requests = [
-                (adapter_names[self._merge_key(members, task, fold)], self._fold_rows(task, fold))
+                (adapter_names[self.merger.merge_key(members, fold, task)], self._fold_rows(task, fold))
                 for members, task in keys
                 for fold in folds
             ]
@@ -389,13 +391,6 @@ class LossScorer:
             return scores, self.forward_passes - passes
         finally:
             self.forward_seconds += time.perf_counter() - started
-
-    def _merge_key(self, members: Members, task: str, fold: int | None) -> tuple[Members, int | None, str | None]:
-        """The live adapter a task is scored under (`merging.MergeKey`): the merge of its cluster (fitted to `fold`'s
-        inputs), or with `merge.task_cores` the adapter that will serve the task, its update in the cluster's joint
-        basis, as the search then scores what is served."""
-        serves_task = self.merger.config.merge.task_cores and len(members) > 1
-        return members, fold, task if serves_task else None
 
     def _fold_rows(self, task: str, fold: int | None) -> list[TokenizedExample]:
         """The task's tokenised examples in `fold` (example i is in fold i mod F), or all of them for None."""
