@@ -394,3 +394,27 @@ def test_scored_task_updates_carry_the_merged_lora_bias(tiny_assets, bias_adapte
             biases += 1
     assert biases > 0
     assert loss == pytest.approx(task_loss(model, "shipped_task", tiny_tokenizer, examples[task]), rel=1e-4)
+
+
+@pytest.mark.parametrize("dtype, tolerance", [(torch.bfloat16, 0.03), (torch.float16, 0.005)])
+def test_scored_task_updates_in_half_precision(tiny_assets, tiny_task_examples, tiny_tokenizer, dtype, tolerance):
+    """On a bf16 / fp16 model the scored task update keeps the adapters' dtype, is the dense projection to the
+    precision of its factors, and its loss is the shipped task adapter's (both in that dtype)."""
+    model = half_model(tiny_assets, dtype).eval()
+    names = sorted(tiny_task_examples)
+    config = dataclasses.replace(_config(task_cores=True), combination_type="knots_ties")
+    merger = AdapterMerger(model, config, sources=names)
+    scorer = LossScorer.for_config(model, tiny_tokenizer, normalize_task_examples(tiny_task_examples), merger)
+    cluster, task = tuple(names[:3]), names[0]
+    loss = scorer([(cluster, task)])[0]
+    slot = merger.adapter_for(cluster, task=task)
+    for _, layer in lora_layers(model):
+        a, b = lora_factors(layer, slot)
+        assert a.dtype == b.dtype == dtype
+        p_u, p_v = _projectors([_update(layer, t) for t in cluster], RANK)
+        expected = p_u @ _update(layer, task) @ p_v
+        assert torch.linalg.norm(_update(layer, slot) - expected) / torch.linalg.norm(expected) < tolerance
+    shipper = AdapterMerger(model, dataclasses.replace(config, merged_adapter_prefix="ship"))
+    shipper.merge(cluster, "shipped")
+    add_task_adapter(model, "shipped", fit_task_cores(model, [cluster], ["shipped"])[task], "shipped_task")
+    assert loss == pytest.approx(task_loss(model, "shipped_task", tiny_tokenizer, tiny_task_examples[task]), rel=2e-2)
