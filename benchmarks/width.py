@@ -45,7 +45,7 @@ from peft_d2c.data.examples import normalize_task_examples
 from peft_d2c.engine.merge.lora import lora_layers
 from peft_d2c.engine.merge.merging import AdapterMerger
 from peft_d2c.engine.merge.regmean import RegMeanSystem
-from peft_d2c.engine.merge.task_cores import add_task_adapters, fit_task_cores
+from peft_d2c.engine.merge.task_cores import add_task_adapters, fit_task_cores, write_task_update
 from peft_d2c.engine.scoring.layer_inputs import attach_layer_inputs, layer_input_bytes
 from peft_d2c.engine.scoring.loss import LossScorer
 from peft_d2c.engine.search.loop import balanced_random_partition
@@ -258,8 +258,9 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def time_task_cores(model, clusters, merged_names, args) -> dict:
-    """Seconds to fit every task's core (`fit_task_cores`: the clusters' bases, the merges rewritten) and to add the
-    task adapters, and the bytes of one task's cores; the task adapters are removed again."""
+    """Seconds to fit every task's core (`fit_task_cores`: the clusters' bases, the merges rewritten), to add the
+    task adapters and to write one scored task update (`write_task_update`, what the search writes per (cluster,
+    task)), and the bytes of one task's cores; the task adapters are removed again."""
     started = time.perf_counter()
     cores = fit_task_cores(model, clusters, merged_names)
     synchronize(args.device)
@@ -272,12 +273,20 @@ def time_task_cores(model, clusters, merged_names, args) -> dict:
     add_seconds = time.perf_counter() - started
     for name in names.values():
         model.delete_adapter(name)
+    # What the search writes per scored (cluster, task) with task cores: the task's update in the cluster's basis (into
+    # the first merged adapter, which is not used after this).
+    layers = [layer for _, layer in lora_layers(model)]
+    started = time.perf_counter()
+    write_task_update(layers, clusters[0], clusters[0][0], merged_names[0], model.peft_config[merged_names[0]].r)
+    synchronize(args.device)
+    update_seconds = time.perf_counter() - started
     one = next(iter(cores.values()))
     return {
         "fit_seconds": fit_seconds,
         "fit_seconds_per_cluster_layer": fit_seconds / (len(clusters) * args.layers),
         "extrapolated_32_layers_fit_seconds": fit_seconds / args.layers * FULL_LAYERS,
         "add_task_adapters_seconds": add_seconds,
+        "scored_task_update_seconds_per_layer": update_seconds / args.layers,
         "core_bytes_per_task": sum(core.numel() * core.element_size() for core in one.values()),
     }
 
