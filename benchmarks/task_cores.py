@@ -56,7 +56,7 @@ def _means(scores: dict) -> tuple[float, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--collection", default="conflict", choices=["embedded", "validation", "conflict"])
-    parser.add_argument("--method", default="random", choices=["d2c", "random"])
+    parser.add_argument("--method", default="random", choices=["d2c", "random", "kmeans", "kmeans_svd"])
     parser.add_argument("--budgets", default="1/32,1/16,1/8")
     parser.add_argument("--clusters", default="1,2")
     parser.add_argument("--seed", type=int, default=0)

@@ -45,7 +45,7 @@ from .engine.merge.task_cores import TaskCores, add_task_adapters, fit_task_core
 from .engine.runtime.checkpoint import SearchCheckpointer, run_fingerprint
 from .engine.runtime.distributed import SingleProcess, get_process_group
 from .engine.runtime.state import ModelState
-from .engine.scoring.layer_inputs import attach_layer_inputs, layer_input_bytes
+from .engine.scoring.layer_inputs import attach_layer_inputs
 from .engine.scoring.loss import LossScorer, UserScoreFn
 from .engine.search.loop import SearchState, d2c_search
 from .engine.search.plan import SearchPlan
@@ -452,9 +452,7 @@ def _work_stats(merger, scorer, group, trace) -> dict[str, Any]:
         "forward_seconds": scorer.forward_seconds,
         "num_processes": group.num_processes,
         "trace": trace,
-        "layer_input_bytes": layer_input_bytes(
-            merger.layer_inputs, *merger.fold_inputs.values()
-        ),  # the `regmean` layer inputs held for the run
+        "layer_input_bytes": merger.layer_input_bytes,  # the `regmean` layer inputs held for the run
     }
 
 

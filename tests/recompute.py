@@ -90,3 +90,19 @@ def load_reference():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.reference_d2c
+
+
+def dense_regmean(updates, grams, weights, alpha):
+    """(Σ w_i ΔW_i G̃_i)(Σ w_j G̃_j)^-1 on dense matrices, G̃ = α G + (1 - α) diag(G) written out entry by entry."""
+
+    def regularise(g):
+        out = g.clone()
+        for i in range(g.shape[0]):
+            for j in range(g.shape[1]):
+                if i != j:
+                    out[i, j] = alpha * g[i, j]
+        return out
+
+    left = sum(w * u @ regularise(g) for u, g, w in zip(updates, grams, weights, strict=True))
+    right = sum(w * regularise(g) for g, w in zip(grams, weights, strict=True))
+    return torch.linalg.solve(right.T, left.T).T

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from recompute import captured_layer_inputs
+from recompute import captured_layer_inputs, dense_regmean
 
 from peft_d2c import D2CMergeConfig, merge_adapters_d2c
 from peft_d2c.data.examples import Example
@@ -25,22 +25,6 @@ def members(seed: int, ranks=(2, 3, 2), tokens=(5, 4, 6)):
     ]
     inputs = [torch.randn(n, IN, generator=g, dtype=torch.float64) for n in tokens]
     return pairs, inputs
-
-
-def dense_regmean(updates, grams, weights, alpha):
-    """(Σ w_i ΔW_i G̃_i)(Σ w_j G̃_j)^-1 on dense matrices, G̃ = α G + (1 - α) diag(G) written out entry by entry."""
-
-    def regularise(g):
-        out = g.clone()
-        for i in range(g.shape[0]):
-            for j in range(g.shape[1]):
-                if i != j:
-                    out[i, j] = alpha * g[i, j]
-        return out
-
-    left = sum(w * u @ regularise(g) for u, g, w in zip(updates, grams, weights, strict=True))
-    right = sum(w * regularise(g) for g, w in zip(grams, weights, strict=True))
-    return torch.linalg.solve(right.T, left.T).T
 
 
 def factor(x: torch.Tensor) -> torch.Tensor:

@@ -18,7 +18,8 @@ from peft_d2c import testing as tiny
 from peft_d2c.data.examples import normalize_task_examples
 from peft_d2c.engine.merge.lora import lora_factors, lora_layers
 from peft_d2c.engine.merge.merging import AdapterMerger
-from peft_d2c.engine.scoring.layer_inputs import input_factors, layer_input_bytes, predict_layer_input_bytes
+from peft_d2c.engine.merge.regmean import layer_input_bytes
+from peft_d2c.engine.scoring.layer_inputs import input_factors, predict_layer_input_bytes
 from peft_d2c.engine.scoring.loss import LossScorer
 from peft_d2c.sizes import format_size
 

@@ -17,7 +17,7 @@ from ..engine.merge.budget import adapter_bytes, resolve_num_clusters
 from ..engine.merge.lora import check_source_adapters, resolve_adapter_names
 from ..engine.merge.merging import AdapterMerger
 from ..engine.runtime.state import ModelState
-from ..engine.scoring.layer_inputs import attach_layer_inputs, layer_input_bytes
+from ..engine.scoring.layer_inputs import attach_layer_inputs
 from ..engine.scoring.loss import LossScorer
 from ..engine.search.loop import balanced_random_partition
 from ..engine.search.plan import SearchPlan
@@ -48,7 +48,7 @@ def estimate_run(peft_model, task_examples, config, *, tokenizer, probe_evaluati
         `dict`: `num_adapters`, `num_clusters`, `search_plan` (`SearchPlan.to_dict()`, None for a baseline),
         `max_evaluations`, `seconds_per_evaluation`, `seconds_per_merge`,
         `expected_seconds` (an upper bound), `probe_evaluations`, `layer_input_bytes` (the `regmean` layer inputs the
-        run holds from start to end, `engine.scoring.layer_inputs.layer_input_bytes`), `predicted_layer_input_bytes`
+        run holds from start to end, `AdapterMerger.layer_input_bytes`), `predicted_layer_input_bytes`
         (the same predicted before collecting them, what a run checks against `memory_limit`) and `peak_bytes` (the
         process's expected peak resident memory: the probe's peak, which held every layer input and merged and
         scored the largest cluster, plus the run's live merged adapters; from a fresh process it is the run's).
@@ -112,9 +112,7 @@ def estimate_run(peft_model, task_examples, config, *, tokenizer, probe_evaluati
         "seconds_per_evaluation": per_evaluation,
         "seconds_per_merge": per_merge,
         "expected_seconds": evaluations * per_evaluation + k * per_merge,
-        "layer_input_bytes": layer_input_bytes(
-            merger.layer_inputs, *merger.fold_inputs.values()
-        ),  # held for the whole run (0 unless `regmean`)
+        "layer_input_bytes": merger.layer_input_bytes,  # held for the whole run (0 unless `regmean`)
         "predicted_layer_input_bytes": predicted_input_bytes,  # what a run checks against `memory_limit`
         "peak_bytes": peak_bytes,
     }

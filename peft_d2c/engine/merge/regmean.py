@@ -34,7 +34,7 @@ identical members (any inputs) ΔW* is the member itself.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
@@ -42,6 +42,14 @@ from .merge_methods import Pair, low_rank_svd, truncate, widest_dtype
 
 # One member's inputs to one layer: F (rows x in) with F^T·F = its (token-mean) Gram (see the module docstring).
 LayerInput = torch.Tensor
+
+
+def layer_input_bytes(*layer_inputs: Mapping[str, Sequence[LayerInput]]) -> int:
+    """Bytes the factors of `layer_inputs` (each adapter -> per layer, as `layer_inputs.input_factors` returns; several: all
+    examples' and every cross-fitting fold's) hold, each shared tensor counted once: the memory a `regmean` run keeps
+    for its whole length."""
+    distinct = {id(factor): factor for inputs in layer_inputs for factors in inputs.values() for factor in factors}
+    return sum(factor.numel() * factor.element_size() for factor in distinct.values())
 
 
 def shrink_off_diagonal(gram: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -71,6 +79,8 @@ class RegMeanSystem:
         alpha (`float`): The share of the off-diagonal Gram entries kept (`shrink_off_diagonal`): in (0, 1) for the
             token-space form; 1 is allowed only where S is formed and positive definite without the regulariser.
         device, dtype: Where and in which precision to solve (the merged factors').
+        gram_sum (`Callable[[], Tensor]`, *optional*): Returns Σ_j F_j^T·F_j of `inputs` on `device` in `dtype`, formed
+            elsewhere (`gram_sums.GramSums`); called only where S is formed (M >= in) and every weight is the same.
 
     Example:
         ```python
@@ -87,6 +97,7 @@ class RegMeanSystem:
         *,
         device: torch.device | None = None,
         dtype: torch.dtype = torch.float32,
+        gram_sum: Callable[[], torch.Tensor] | None = None,
     ) -> None:
         if any(w < 0 for w in weights):
             raise ValueError(f"RegMean's merge weights must be non-negative, got {list(weights)}.")
@@ -111,11 +122,14 @@ class RegMeanSystem:
             # S = D + U^T·U, D = (1 − α)·diag(Σ w_j G_j) (+ 1 where unseen) > 0: Woodbury through V = U·D^-1/2.
             self.inverse_sqrt_diagonal = ((1 - alpha) * total_diagonal + unseen).rsqrt()
             self.scaled_rows = rows * self.inverse_sqrt_diagonal  # V (M x in)
-            core = _gram(self.scaled_rows.mT)
+            core = gram(self.scaled_rows.mT)
             core.diagonal(dim1=-2, dim2=-1).add_(1)  # I + V·V^T: eigenvalues >= 1, well conditioned
             self.factor = torch.linalg.cholesky(core)
         else:
-            total = _gram(rows)  # α·Σ_j w_j·G_j
+            if gram_sum is not None and len(set(self.weights)) == 1:  # α·Σ_j w_j·G_j from the members' Gram sum
+                total = (alpha * self.weights[0]) * gram_sum()
+            else:
+                total = gram(rows)  # α·Σ_j w_j·G_j
             total.diagonal(dim1=-2, dim2=-1).copy_(total_diagonal + unseen)  # the diagonal kept whole
             self.factor = torch.linalg.cholesky(total)
 
@@ -163,7 +177,7 @@ class RegMeanSystem:
         return (scaled + self.scaled_rows.mT @ inner) * self.inverse_sqrt_diagonal[..., :, None]
 
 
-def _gram(rows: torch.Tensor) -> torch.Tensor:
+def gram(rows: torch.Tensor) -> torch.Tensor:
     """rows^T·rows from 3/4 of the products: the two diagonal blocks and one off-diagonal block, copied transposed
     into the other (a Gram is symmetric)."""
     width = rows.shape[-1]

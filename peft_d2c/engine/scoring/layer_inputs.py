@@ -188,14 +188,6 @@ def check_memory_limit(layer_input_bytes: int, memory_limit: int | str | None) -
     )
 
 
-def layer_input_bytes(*layer_inputs: Mapping[str, Sequence[torch.Tensor]]) -> int:
-    """Bytes the factors of `layer_inputs` (each adapter -> per layer, as `input_factors` returns; several: all
-    examples' and every cross-fitting fold's) hold, each shared tensor counted once: the memory a `regmean` run keeps
-    for its whole length."""
-    distinct = {id(factor): factor for inputs in layer_inputs for factors in inputs.values() for factor in factors}
-    return sum(factor.numel() * factor.element_size() for factor in distinct.values())
-
-
 def attach_layer_inputs(merger: AdapterMerger, scorer: LossScorer) -> int:
     """Give `merger` the layer inputs its data-aware combination type merges with (`combination_types.DATA_TYPES`),
     from the scorer's tokenised few-shot examples; nothing for the other types. Adapters that already have theirs are
