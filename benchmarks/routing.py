@@ -32,6 +32,7 @@ from peft_d2c import D2CMergeConfig
 from peft_d2c.data.examples import normalize_task_examples
 from peft_d2c.embedded import load_embedded_tasks
 from peft_d2c.embedded.benchmark_report import t_interval
+from peft_d2c.embedded.conflict import load_conflict_assets
 from peft_d2c.embedded.mainjob import load_embedded_assets
 from peft_d2c.embedded.validation import load_validation_assets, load_validation_tasks
 from peft_d2c.engine.merge.merging import AdapterMerger
@@ -99,7 +100,7 @@ def random_text(count: int, seed: int = 0) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("results", help="A results JSON of `peft-d2c benchmark` (its cells give the clusters).")
-    parser.add_argument("--collection", default="embedded", choices=["embedded", "validation"])
+    parser.add_argument("--collection", default="embedded", choices=["embedded", "validation", "conflict"])
     parser.add_argument("--clusters", type=int, default=4)
     parser.add_argument("--method", nargs="+", default=["d2c", "d2c [paper]"], help="Cells of these methods.")
     parser.add_argument("--combination-type", default="regmean")
@@ -115,9 +116,9 @@ def main() -> None:
         with open(path, encoding="utf-8") as f:
             cells += [c for c in json.load(f)["results"] if c["method"] in args.method
                       and c["num_clusters"] == args.clusters and c.get("combination_type") == args.combination_type]  # fmt: skip
-    load = load_validation_assets if args.collection == "validation" else load_embedded_assets
-    model, tokenizer, _, fewshot, test = load(fetch=False, show_progress=False)
-    others = load_embedded_tasks("test") if args.collection == "validation" else load_validation_tasks("test")
+    load = {"embedded": load_embedded_assets, "validation": load_validation_assets, "conflict": load_conflict_assets}
+    model, tokenizer, _, fewshot, test = load[args.collection](fetch=False, show_progress=False)
+    others = load_validation_tasks("test") if args.collection == "embedded" else load_embedded_tasks("test")
     tasks = sorted(fewshot)
     few_prompts = {t: [e["prompt"] for e in fewshot[t][:10]] for t in tasks}
     test_prompts = [e["prompt"] for t in tasks for e in test[t]]
@@ -201,6 +202,11 @@ def main() -> None:
     examples = {t: items[: config.scoring.examples_per_task] for t, items in normalize_task_examples(fewshot).items()}
     attach_layer_inputs(merger, LossScorer.for_config(model, tokenizer, examples, merger))
     answers = [normalize_answer(e["completion"]) for t in tasks for e in test[t]]
+    # Long enough for the longest reference, as the benchmark's held-out scores generate (`evaluate_routing`).
+    longest = max(
+        len(tokenizer(e["completion"], add_special_tokens=False)["input_ids"]) for t in tasks for e in test[t]
+    )
+    new_tokens = max(8, longest + 1)
     rows = []
     for cell in sorted(cells, key=lambda c: (c["method"], c["seed"])):
         names = [f"routed_{i}" for i in range(len(cell["clusters"]))]
@@ -210,9 +216,13 @@ def main() -> None:
         oracle = [routing[t] for t in test_tasks]
         routed = [routing[r.task] for r in routes]
         started = time.perf_counter()
-        oracle_answers = generate_answers(model, tokenizer, test_prompts, adapter_names=oracle)
+        oracle_answers = generate_answers(
+            model, tokenizer, test_prompts, adapter_names=oracle, max_new_tokens=new_tokens
+        )
         answer_seconds = (time.perf_counter() - started) / len(test_prompts)
-        routed_answers = generate_answers(model, tokenizer, test_prompts, adapter_names=routed)
+        routed_answers = generate_answers(
+            model, tokenizer, test_prompts, adapter_names=routed, max_new_tokens=new_tokens
+        )
         for name in names:
             model.delete_adapter(name)
 
@@ -229,7 +239,7 @@ def main() -> None:
         row = rows[-1]
         print(f"{cell['method']} seed {cell['seed']}: adapter accuracy {row['adapter_accuracy']:.3f}, oracle EM "
               f"{100 * row['oracle_em']:.1f}, routed EM {100 * row['routed_em']:.1f} (cell's own "
-              f"{100 * cell['heldout_score']:.1f})", flush=True)  # fmt: skip
+              f"{100 * cell.get('heldout_whole_score', cell['heldout_score']):.1f} whole)", flush=True)  # fmt: skip
     if rows:
         diffs = [100 * (r["routed_em"] - r["oracle_em"]) for r in rows]
         mean, low, high = t_interval(diffs)

@@ -70,6 +70,13 @@ class TestGramSums:
         first = sums.total(pool[:3], owner="a")
         again = sums.total(pool[:3], owner="b")
         assert again is first and sums.num_formed == 1 and sums.num_updated == 0
+        assert sums.nbytes == WIDTH * WIDTH * 8  # one sum, kept for two owners
+        sums.retain({"b"})
+        assert sums.nbytes == WIDTH * WIDTH * 8 and sums.total(pool[:3], owner="b") is first
+        sums.retain(set())
+        assert sums.nbytes == 0
+        sums.total(pool[:3], owner="c")
+        assert sums.num_formed == 2
 
     def test_far_clusters_and_other_layers_are_formed_afresh(self):
         pool = factors(8)

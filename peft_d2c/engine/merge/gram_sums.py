@@ -32,6 +32,11 @@ class _Sum:
     factors: dict[int, LayerInput]
     total: torch.Tensor
     updates: int
+    owners: int = 0
+
+    @property
+    def nbytes(self) -> int:
+        return self.total.numel() * self.total.element_size()
 
 
 class GramSums:
@@ -64,6 +69,7 @@ class GramSums:
         self.max_bytes = max_bytes
         self.max_updates = max_updates
         self._owned: dict[Hashable, list[_Sum]] = {}
+        self._by_factor: dict[int, dict[int, _Sum]] = {}  # factor id -> the kept sums over it (by their id)
         self._bytes = 0
         self.num_formed = 0
         self.num_updated = 0
@@ -85,19 +91,21 @@ class GramSums:
         dtype = dtype if dtype is not None else inputs[0].dtype
         wanted = {id(f): f for f in inputs}
         rows = sum(f.shape[-2] for f in inputs)
+        candidates: dict[int, _Sum] = {}  # the kept sums over any of these factors: the same layer input's
+        for i in wanted:
+            candidates.update(self._by_factor.get(i, {}))
         best, best_rows = None, rows // 2
-        for sums in self._owned.values():
-            for kept in sums:
-                if kept.total.device != device or kept.total.dtype != dtype:
-                    continue
-                if kept.factors.keys() == wanted.keys():
-                    self._keep(owner, kept)
-                    return kept.total
-                changed = [f for i, f in wanted.items() if i not in kept.factors]
-                changed += [f for i, f in kept.factors.items() if i not in wanted]
-                changed_rows = sum(f.shape[-2] for f in changed)
-                if changed_rows < best_rows and kept.updates + len(changed) <= self.max_updates:
-                    best, best_rows = kept, changed_rows
+        for kept in candidates.values():
+            if kept.total.device != device or kept.total.dtype != dtype:
+                continue
+            if kept.factors.keys() == wanted.keys():
+                self._keep(owner, kept)
+                return kept.total
+            changed = [f for i, f in wanted.items() if i not in kept.factors]
+            changed += [f for i, f in kept.factors.items() if i not in wanted]
+            changed_rows = sum(f.shape[-2] for f in changed)
+            if changed_rows < best_rows and kept.updates + len(changed) <= self.max_updates:
+                best, best_rows = kept, changed_rows
         if best is None:
             total = gram(torch.cat([f.to(device=device, dtype=dtype) for f in inputs], dim=-2))
             new = _Sum(wanted, total, 0)
@@ -119,24 +127,34 @@ class GramSums:
         sums = self._owned.setdefault(owner, [])
         if any(s is kept for s in sums):
             return
-        size = kept.total.numel() * kept.total.element_size()
-        if self._bytes + size > self.max_bytes:
-            return
+        if not kept.owners:  # new to the cache
+            if self._bytes + kept.nbytes > self.max_bytes:
+                return
+            self._bytes += kept.nbytes
+            for i in kept.factors:
+                self._by_factor.setdefault(i, {})[id(kept)] = kept
+        kept.owners += 1
         sums.append(kept)
-        self._bytes += size
 
     def retain(self, owners: Collection[Hashable]) -> None:
         """Drop the sums kept for any owner not in `owners` (the merges still live)."""
         for owner in [o for o in self._owned if o not in owners]:
             for kept in self._owned.pop(owner):
-                self._bytes -= kept.total.numel() * kept.total.element_size()
+                kept.owners -= 1
+                if not kept.owners:
+                    self._bytes -= kept.nbytes
+                    for i in kept.factors:
+                        del self._by_factor[i][id(kept)]
+                        if not self._by_factor[i]:
+                            del self._by_factor[i]
 
     def clear(self) -> None:
         """Drop every kept sum."""
         self._owned.clear()
+        self._by_factor.clear()
         self._bytes = 0
 
     @property
     def nbytes(self) -> int:
-        """Bytes of the kept sums (a sum kept for two owners is counted twice: it is freed only with both)."""
+        """Bytes of the kept sums (each counted once, whatever the number of owners keeping it)."""
         return self._bytes
