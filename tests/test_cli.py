@@ -261,6 +261,11 @@ def _bad_cases(files, tmp_path) -> dict[str, tuple[list[str], str]]:
             "holds no examples",
         ),
         "missing base model": (["merge", files["run"], "--base-model", "./no-such-model"], "`base_model` folder"),
+        "serve without a backend": (["serve", str(tmp_path)], "Pass `--base-gguf`"),
+        "serve upstream without base": (
+            ["serve", str(tmp_path), "--upstream", "http://127.0.0.1:1"],
+            "`--base-model`",
+        ),
     }
 
 
@@ -282,6 +287,8 @@ BAD_CASES = [
     "missing examples",
     "empty examples",
     "missing base model",
+    "serve without a backend",
+    "serve upstream without base",
 ]
 
 

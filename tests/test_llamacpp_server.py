@@ -9,6 +9,7 @@ separate llama.cpp instance of the base GGUF with that adapter's file, called di
 from __future__ import annotations
 
 import json
+import socket
 import threading
 import urllib.error
 import urllib.request
@@ -18,7 +19,7 @@ from test_export_llamacpp import TASKS, base_gguf_file
 
 from peft_d2c import D2CMergeConfig, merge_adapters_d2c
 from peft_d2c.embedded import load_embedded_peft_model, load_embedded_tasks
-from peft_d2c.export import RoutedLlamaCpp, export_d2c_folder, make_server
+from peft_d2c.export import RoutedLlamaCpp, RoutedUpstream, export_d2c_folder, make_server
 
 llama_cpp = pytest.importorskip("llama_cpp", reason="needs the `llamacpp` extra (llama-cpp-python)")
 
@@ -43,7 +44,8 @@ def served(tmp_path_factory):
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     yield {"url": f"http://127.0.0.1:{server.server_address[1]}", "routing": result.routing, "manifest": manifest,
-           "export_dir": export_dir, "routed": routed}  # fmt: skip
+           "export_dir": export_dir, "routed": routed, "folder": folder, "model": model,
+           "tokenizer": tokenizer}  # fmt: skip
     server.shutdown()
     server.server_close()
 
@@ -110,3 +112,63 @@ def test_the_server_refuses_another_base_file_and_an_export_without_gguf(served,
         RoutedLlamaCpp(served["export_dir"], other)
     with pytest.raises(FileNotFoundError, match="export the result first"):
         RoutedLlamaCpp(tmp_path, base_gguf_file())
+
+
+def start(routed) -> tuple[str, object]:
+    server = make_server(routed, port=0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return f"http://127.0.0.1:{server.server_address[1]}", server
+
+
+@pytest.fixture(scope="module")
+def front(served, tmp_path_factory):
+    """The routing front of a vLLM export (`RoutedUpstream`: transformers features, the request forwarded with
+    `model` set to the merged adapter's name) in front of an OpenAI-compatible server that serves the adapters by
+    name: here the llama.cpp server above, as vLLM would with the export's `--lora-modules`."""
+    export_dir = tmp_path_factory.mktemp("vllm") / "vllm"
+    manifest = export_d2c_folder(served["folder"], export_dir, format="vllm")
+    assert [m["name"] for m in manifest["vllm"]["lora_modules"]] == list(served["manifest"]["adapters"])
+    routed = RoutedUpstream(export_dir, served["url"], served["model"], served["tokenizer"])
+    url, server = start(routed)
+    yield url
+    server.shutdown()
+    server.server_close()
+
+
+def test_the_front_of_an_upstream_server_routes_and_forwards_by_adapter_name(served, front):
+    test = load_embedded_tasks("test", tasks=TASKS)
+    for task in TASKS:
+        adapter = served["routing"][task]
+        adapter_file = served["manifest"]["adapters"][adapter]["file"]
+        for example in test[task][:PROMPTS_PER_TASK]:
+            status, body = post(f"{front}/v1/completions", {"prompt": example["prompt"], "max_tokens": MAX_TOKENS})
+            assert status == 200, body
+            route = body["d2c_route"]
+            assert (route["task"], route["adapter"], route["known"], route["labelled"]) == (task, adapter, True, False)
+            assert body["model"] == adapter  # the upstream's own account of the adapter that answered
+            assert body["choices"][0]["text"] == direct_answer(served["export_dir"], adapter_file, example["prompt"])
+    prompt = test["plural"][0]["prompt"]
+    other = next(t for t in TASKS if served["routing"][t] != served["routing"]["plural"])
+    status, body = post(f"{front}/v1/completions", {"prompt": prompt, "model": other, "max_tokens": MAX_TOKENS})
+    adapter = served["routing"][other]
+    assert status == 200 and body["d2c_route"] == {"task": other, "adapter": adapter, "labelled": True}
+    assert body["model"] == adapter  # not the prompt's own task's adapter, which the upstream would route it to
+    file = served["manifest"]["adapters"][adapter]["file"]
+    assert body["choices"][0]["text"] == direct_answer(served["export_dir"], file, prompt)
+
+
+def test_the_front_reports_an_unreachable_upstream(served, front, tmp_path):
+    vllm_dir = tmp_path / "vllm"
+    export_d2c_folder(served["folder"], vllm_dir, format="vllm")
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        closed = probe.getsockname()[1]
+    url, server = start(RoutedUpstream(vllm_dir, f"http://127.0.0.1:{closed}", served["model"], served["tokenizer"]))
+    try:
+        status, body = post(f"{url}/v1/completions", {"prompt": "Country: Chile\nCapital:"})
+        assert status == 502 and "upstream server failed" in body["error"]["message"]
+    finally:
+        server.shutdown()
+        server.server_close()
+    with pytest.raises(FileNotFoundError, match="export the result first"):
+        RoutedUpstream(tmp_path / "nothing", url, served["model"], served["tokenizer"])

@@ -25,7 +25,7 @@ from ..evaluation.heldout import evaluate_routing, loss_matrix
 from ..evaluation.plots import plot_run
 from ..evaluation.sweep import run_sweep, save_sweep
 from ..export.folder import EXPORT_FORMATS, MANIFEST_NAME, export_d2c_folder
-from ..export.server import RoutedLlamaCpp, make_server
+from ..export.server import RoutedLlamaCpp, RoutedUpstream, make_server
 from ..hub.adapters import load_adapters
 from ..hub.push import push_d2c_folder
 from ..io import RESULT_NAME, atomic_write_json, atomic_write_text
@@ -213,7 +213,19 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    routed = RoutedLlamaCpp(args.directory, args.base_gguf, fallback=args.fallback, n_threads=args.threads)
+    if (args.base_gguf is None) == (args.upstream is None):
+        raise ValueError(
+            "Pass `--base-gguf` (serve a GGUF export with llama.cpp) or `--upstream URL --base-model PATH` (route "
+            "for a server that serves the adapters by name, e.g. vLLM), not both."
+        )
+    if args.upstream is not None:
+        if args.base_model is None:
+            raise ValueError("`--upstream` needs `--base-model`: the router's features come from the base model.")
+        base = AutoModelForCausalLM.from_pretrained(args.base_model)
+        tokenizer = AutoTokenizer.from_pretrained(args.base_model)
+        routed = RoutedUpstream(args.directory, args.upstream, base, tokenizer, fallback=args.fallback)
+    else:
+        routed = RoutedLlamaCpp(args.directory, args.base_gguf, fallback=args.fallback, n_threads=args.threads)
     server = make_server(routed, args.host, args.port)
     host, port = server.server_address[:2]
     print(f"Serving {len(routed.adapters)} merged adapters for {len(routed.routing)} tasks on http://{host}:{port}")
@@ -394,15 +406,21 @@ def add_subcommands(commands, add_common) -> None:
 
     serve = commands.add_parser(
         "serve",
-        help="Serve a GGUF export with llama.cpp; requests without a task label are routed (the llamacpp extra).",
+        help="Serve an export; requests without a task label are routed (llama.cpp, or in front of vLLM).",
         description=(
-            "Load EXPORT_DIR (`peft-d2c export --format gguf`) into llama.cpp (llama-cpp-python) and answer "
-            "OpenAI-compatible POST /v1/completions: the prompt router picks the merged adapter of a request without "
-            "`model`; `model` may name a task or a merged adapter."
+            "Answer OpenAI-compatible POST /v1/completions for EXPORT_DIR: the prompt router picks the merged adapter "
+            "of a request without `model`; `model` may name a task or a merged adapter. With `--base-gguf`, a GGUF "
+            "export is loaded into llama.cpp (llama-cpp-python, the llamacpp extra); with `--upstream URL "
+            "--base-model PATH`, the request is forwarded to a server that serves the merged adapters by name (vLLM "
+            "started with a `--format vllm` export's command), the router's features computed by the base model."
         ),
     )
-    serve.add_argument("directory", metavar="EXPORT_DIR", help="Folder of a GGUF export with its router.")
-    serve.add_argument("--base-gguf", metavar="FILE", required=True, help="The base GGUF the export was made for.")
+    serve.add_argument("directory", metavar="EXPORT_DIR", help="Folder of an export with its router.")
+    serve.add_argument("--base-gguf", metavar="FILE", help="The base GGUF a GGUF export was made for (llama.cpp).")
+    serve.add_argument("--upstream", metavar="URL", help="An OpenAI-compatible server holding the merged adapters "
+                       "by name, e.g. http://localhost:8000 (vLLM); requests are forwarded to it.")  # fmt: skip
+    serve.add_argument("--base-model", metavar="PATH", help="With --upstream: the base model (a transformers folder "
+                       "or Hub id) that computes the router's features.")  # fmt: skip
     serve.add_argument("--host", default="127.0.0.1", help="Address to listen on (default: 127.0.0.1).")
     serve.add_argument("--port", type=int, default=8080, help="Port (default: 8080; 0 picks a free one).")
     serve.add_argument("--fallback", choices=FALLBACKS, default="nearest", help="Prompts of no known task go to the "

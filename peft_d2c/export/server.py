@@ -9,8 +9,13 @@ router. `RoutedLlamaCpp` serves that folder in one process with llama-cpp-python
   adapter (`fallback="nearest"`) or to the base model (`fallback="base"`);
 - one llama.cpp context per merged adapter (the base GGUF with that LoRA file) answers greedily.
 
+`RoutedUpstream` is the same front for a server that already holds the adapters and serves each by its name in an
+OpenAI request's `model` (vLLM started with the `--lora-modules` of a `--format vllm` export): it computes the
+router's features with the base model in transformers, exactly as the router was fitted, and forwards the request
+with `model` set to the routed merged adapter.
+
 A request may also name its task or merged adapter in `model` (a labelled request): then it is served with that
-adapter and not routed. `make_server` puts an OpenAI-compatible HTTP front on it (stdlib `http.server`):
+adapter and not routed. `make_server` puts an OpenAI-compatible HTTP front on either (stdlib `http.server`):
 `POST /v1/completions` (`prompt`, `max_tokens`, `stop`, optional `model`) answers in the OpenAI completion shape
 plus a `d2c_route` entry saying where the prompt went; `GET /v1/models` lists the tasks and adapters.
 
@@ -23,6 +28,7 @@ import json
 import os
 import threading
 import time
+import urllib.request
 from collections.abc import Sequence
 from dataclasses import asdict
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -31,11 +37,11 @@ from typing import Any
 import torch
 
 from ..engine.serving.generation import BASE_ADAPTER
-from ..engine.serving.prompt_router import FALLBACKS, PromptRouter, Route
+from ..engine.serving.prompt_router import FALLBACKS, PromptRouter, Route, prompt_features
 from ..io import read_json
 from .folder import MANIFEST_NAME, file_sha256
 
-__all__ = ["RoutedLlamaCpp", "make_server"]
+__all__ = ["RoutedLlamaCpp", "RoutedUpstream", "make_server"]
 
 
 class RoutedLlamaCpp:
@@ -141,15 +147,7 @@ class RoutedLlamaCpp:
         Raises:
             KeyError: If `model` names neither a task nor a merged adapter.
         """
-        if model is None:
-            route = self.route(prompt)
-            adapter, where = route.adapter, {**asdict(route), "labelled": False}
-        elif model in self.routing:
-            adapter, where = self.routing[model], {"task": model, "adapter": self.routing[model], "labelled": True}
-        elif model in self.manifest["adapters"]:
-            adapter, where = model, {"task": None, "adapter": model, "labelled": True}
-        else:
-            raise KeyError(f"`model` {model!r} is neither a task nor a merged adapter; known: {self.models()}.")
+        adapter, where = _choose(self, prompt, model)
         with self._lock:
             out = self._answerers[adapter].create_completion(
                 prompt, max_tokens=max_tokens, temperature=0.0, stop=list(stop) if stop else None
@@ -163,12 +161,131 @@ class RoutedLlamaCpp:
         return sorted(self.routing) + self.adapters
 
 
-def make_server(routed: RoutedLlamaCpp, host: str = "127.0.0.1", port: int = 8080) -> ThreadingHTTPServer:
+class RoutedUpstream:
+    """An OpenAI-compatible server that serves the exported merged adapters by name (vLLM), with the prompt router in
+    front (see the module): a request without a label is routed on the base model's features and forwarded to
+    `upstream` with `model` set to its merged adapter's name.
+
+    Args:
+        export_dir (`str` or `os.PathLike`): An export (`export_d2c_folder`, any format) with its router; the
+            upstream server must serve its merged adapters under their names (`--format vllm`: the manifest's
+            `vllm.serve` command does).
+        upstream (`str`): The upstream server's base URL, e.g. `"http://localhost:8000"` (its `/v1/completions` is
+            called).
+        base_model: The base model (transformers; a `PeftModel` works too, its adapters are disabled for the
+            features), on any device, and its `tokenizer`: the router's features are computed as it was fitted.
+        fallback (`str`, defaults to `"nearest"`): Where a prompt of no known task goes: `"nearest"` or `"base"`
+            (forwarded with `model` set to the base model's name in the manifest).
+        timeout (`float`, defaults to 120): Seconds to wait for the upstream server.
+
+    Raises:
+        FileNotFoundError: If `export_dir` has no manifest or no router.
+        ValueError: If the router was fitted on chat-templated prompts, or `fallback` is unknown.
+    """
+
+    def __init__(
+        self,
+        export_dir: str | os.PathLike,
+        upstream: str,
+        base_model: torch.nn.Module,
+        tokenizer: Any,
+        *,
+        fallback: str = "nearest",
+        timeout: float = 120.0,
+    ):
+        export_dir = os.fspath(export_dir)
+        manifest_path = os.path.join(export_dir, MANIFEST_NAME)
+        if not os.path.isfile(manifest_path):
+            raise FileNotFoundError(
+                f"No {MANIFEST_NAME} in {export_dir!r}: export the result first (`peft-d2c export`)."
+            )
+        manifest = read_json(manifest_path)
+        if fallback not in FALLBACKS:
+            raise ValueError(f"`fallback` must be one of {list(FALLBACKS)}, got {fallback!r}.")
+        if "router" not in manifest:
+            raise FileNotFoundError(
+                f"{export_dir!r} has no prompt router: export a result fitted with `fit_router=True`."
+            )
+        self.router = PromptRouter.from_pretrained(export_dir)
+        if self.router.use_chat_template:
+            raise ValueError(
+                "The router was fitted on chat-templated prompts (`scoring.use_chat_template=True`); this front "
+                "forwards raw prompts, so the adapters would answer prompts in another form than was scored."
+            )
+        self.routing = {task: entry["adapter"] for task, entry in manifest["tasks"].items()}
+        self.manifest, self.fallback, self.timeout = manifest, fallback, timeout
+        self.upstream = upstream.rstrip("/")
+        self.base_model, self.tokenizer = base_model, tokenizer
+        self._lock = threading.Lock()  # one forward pass of the base model at a time
+
+    @property
+    def adapters(self) -> list[str]:
+        """The merged adapters (in the manifest's order)."""
+        return list(self.manifest["adapters"])
+
+    def route(self, prompt: str) -> Route:
+        """The `Route` of `prompt`: the base model's features of it through the prompt router."""
+        with self._lock:
+            features = prompt_features(self.base_model, self.tokenizer, [prompt])
+        return self.router.route_features(features, self.routing, fallback=self.fallback)[0]
+
+    def complete(
+        self,
+        prompt: str,
+        *,
+        model: str | None = None,
+        max_tokens: int = 16,
+        stop: Sequence[str] | None = None,
+    ) -> dict[str, Any]:
+        """Answer `prompt` greedily upstream with the adapter of its task (as `RoutedLlamaCpp.complete`; the
+        completion object is the upstream server's, whose `model` names the adapter that answered).
+
+        Raises:
+            KeyError: If `model` names neither a task nor a merged adapter.
+            OSError: If the upstream server cannot be reached or answers with an error (`urllib.error.URLError`).
+        """
+        adapter, where = _choose(self, prompt, model)
+        name = self.manifest["base_model"]["name"] if adapter == BASE_ADAPTER else adapter
+        request = {"model": name, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0}
+        if stop:
+            request["stop"] = list(stop)
+        out = _post_json(f"{self.upstream}/v1/completions", request, self.timeout)
+        out["d2c_route"] = where  # `model` stays the upstream's: the adapter that answered, by its own account
+        return out
+
+    def models(self) -> list[str]:
+        """What `model` may name: every task, then every merged adapter."""
+        return sorted(self.routing) + self.adapters
+
+
+def _choose(served: RoutedLlamaCpp | RoutedUpstream, prompt: str, model: str | None) -> tuple[str, dict[str, Any]]:
+    """The adapter that answers `prompt` (routed when `model` is None, else the task or adapter `model` names) and
+    where it went, for `d2c_route`."""
+    if model is None:
+        route = served.route(prompt)
+        return route.adapter, {**asdict(route), "labelled": False}
+    if model in served.routing:
+        return served.routing[model], {"task": model, "adapter": served.routing[model], "labelled": True}
+    if model in served.manifest["adapters"]:
+        return model, {"task": None, "adapter": model, "labelled": True}
+    raise KeyError(f"`model` {model!r} is neither a task nor a merged adapter; known: {served.models()}.")
+
+
+def _post_json(url: str, body: dict[str, Any], timeout: float) -> dict[str, Any]:
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        return json.loads(response.read())
+
+
+def make_server(
+    routed: RoutedLlamaCpp | RoutedUpstream, host: str = "127.0.0.1", port: int = 8080
+) -> ThreadingHTTPServer:
     """An OpenAI-compatible HTTP front for `routed` (not started: call `serve_forever()`, or run it in a thread).
 
     `POST /v1/completions` takes `{"prompt": str, "max_tokens"?: int, "stop"?: [str], "model"?: task or adapter}`;
     a request without `model` is routed. `GET /v1/models` lists the tasks and adapters. Errors answer 400 (a bad
-    request) or 404 (an unknown path or model) with `{"error": {"message"}}`. `port=0` picks a free port
+    request), 404 (an unknown path or model) or 502 (the upstream server of a `RoutedUpstream` failed) with
+    `{"error": {"message"}}`. `port=0` picks a free port
     (`server.server_address[1]`).
     """
 
@@ -211,6 +328,9 @@ def make_server(routed: RoutedLlamaCpp, host: str = "127.0.0.1", port: int = 808
                 out = routed.complete(prompt, model=request.get("model"), max_tokens=max_tokens, stop=stop)
             except KeyError as error:
                 self._send(404, {"error": {"message": str(error.args[0])}})
+                return
+            except OSError as error:  # urllib's URLError / HTTPError from the upstream server
+                self._send(502, {"error": {"message": f"The upstream server failed: {error}"}})
                 return
             out["d2c_seconds"] = time.perf_counter() - started
             self._send(200, out)
