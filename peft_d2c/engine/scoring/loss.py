@@ -392,15 +392,19 @@ class LossScorer:
         finally:
             self.forward_seconds += time.perf_counter() - started
 
+    def _in_fold(self, index: int, fold: int) -> bool:
+        """Whether a task's example `index` is in `fold`: example i is in fold i mod F."""
+        return index % self.folds == fold
+
     def _fold_rows(self, task: str, fold: int | None) -> list[TokenizedExample]:
-        """The task's tokenised examples in `fold` (example i is in fold i mod F), or all of them for None."""
+        """The task's tokenised examples in `fold`, or all of them for None."""
         rows = self.tokenized[task]
-        return list(rows) if fold is None else [row for i, row in enumerate(rows) if i % self.folds == fold]
+        return list(rows) if fold is None else [row for i, row in enumerate(rows) if self._in_fold(i, fold)]
 
     def fit_rows(self, fold: int) -> dict[str, list[TokenizedExample]]:
         """Per task, the tokenised examples outside `fold`: those whose layer inputs the fold's merges are fitted to."""
         return {
-            task: [row for i, row in enumerate(rows) if i % self.folds != fold]
+            task: [row for i, row in enumerate(rows) if not self._in_fold(i, fold)]
             for task, rows in self.tokenized.items()
         }
 
