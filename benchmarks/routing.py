@@ -39,7 +39,7 @@ from peft_d2c.engine.merge.merging import AdapterMerger
 from peft_d2c.engine.scoring.layer_inputs import attach_layer_inputs
 from peft_d2c.engine.scoring.loss import LossScorer
 from peft_d2c.engine.serving.prompt_router import fit_prompt_router, prompt_features
-from peft_d2c.evaluation.generation import generate_answers, normalize_answer
+from peft_d2c.evaluation.generation import generate_answers, normalize_answer, normalize_whole_answer
 
 
 @torch.no_grad()
@@ -201,7 +201,7 @@ def main() -> None:
     merger = AdapterMerger(model, config)
     examples = {t: items[: config.scoring.examples_per_task] for t, items in normalize_task_examples(fewshot).items()}
     attach_layer_inputs(merger, LossScorer.for_config(model, tokenizer, examples, merger))
-    answers = [normalize_answer(e["completion"]) for t in tasks for e in test[t]]
+    references = [e["completion"] for t in tasks for e in test[t]]
     # Long enough for the longest reference, as the benchmark's held-out scores generate (`evaluate_routing`).
     longest = max(
         len(tokenizer(e["completion"], add_special_tokens=False)["input_ids"]) for t in tasks for e in test[t]
@@ -226,24 +226,29 @@ def main() -> None:
         for name in names:
             model.delete_adapter(name)
 
-        def em(generated, tasks_=tasks, answers_=answers):  # mean over tasks of the per-task exact match
+        def em(generated, tasks_=tasks, whole=False):  # mean over tasks of the per-task exact match
+            norm = normalize_whole_answer if whole else normalize_answer
             per = collections.defaultdict(list)
-            for t, g, a in zip(test_tasks, generated, answers_, strict=True):
-                per[t].append(normalize_answer(g) == a)
+            for t, g, ref in zip(test_tasks, generated, references, strict=True):
+                per[t].append(norm(g) == norm(ref))
             return float(np.mean([np.mean(per[t]) for t in tasks_]))
 
         rows.append({"method": cell["method"], "seed": cell["seed"], "clusters": cell["clusters"],
                      "adapter_accuracy": float(np.mean([o == r for o, r in zip(oracle, routed, strict=True)])),
                      "oracle_em": em(oracle_answers), "routed_em": em(routed_answers),
+                     "oracle_whole_em": em(oracle_answers, whole=True), "routed_whole_em": em(routed_answers, whole=True),
                      "answer_seconds_per_prompt": answer_seconds})  # fmt: skip
         row = rows[-1]
         print(f"{cell['method']} seed {cell['seed']}: adapter accuracy {row['adapter_accuracy']:.3f}, oracle EM "
-              f"{100 * row['oracle_em']:.1f}, routed EM {100 * row['routed_em']:.1f} (cell's own "
+              f"{100 * row['oracle_em']:.1f}, routed EM {100 * row['routed_em']:.1f}; whole answer "
+              f"{100 * row['oracle_whole_em']:.1f} / {100 * row['routed_whole_em']:.1f} (cell's own "
               f"{100 * cell.get('heldout_whole_score', cell['heldout_score']):.1f} whole)", flush=True)  # fmt: skip
     if rows:
         diffs = [100 * (r["routed_em"] - r["oracle_em"]) for r in rows]
         mean, low, high = t_interval(diffs)
         out["routed_minus_oracle_em"] = {"mean": mean, "low": low, "high": high, "cells": len(diffs)}
+        whole = t_interval([100 * (r["routed_whole_em"] - r["oracle_whole_em"]) for r in rows])
+        out["routed_minus_oracle_whole_em"] = dict(zip(("mean", "low", "high"), whole, strict=True))
         print(f"K={args.clusters}: routed - oracle {mean:+.2f} [{low:+.2f}, {high:+.2f}] EM points over {len(diffs)} "
               f"cells; adapter accuracy {np.mean([r['adapter_accuracy'] for r in rows]):.3f}", flush=True)  # fmt: skip
     out["cells"] = rows
