@@ -6,7 +6,7 @@ differently per type, so the weights that achieve this differ too (`merge_weight
 its members (`merge_seed`), so random merges (`dare_*`) are reproducible and cacheable. The merger creates merged
 adapters with PEFT's `add_weighted_adapter` and refills evicted ones in place with the same per-layer arithmetic
 (`layer_merge`, `update_layers`). May import `peft_d2c.config`, `peft_d2c.combination_types` and the merge modules
-`budget`, `gram_sums`, `layer_merge`, `lora`, `merge_methods`, `regmean`, `task_cores` and `update_layers`.
+`budget`, `layer_merge`, `lora`, `merge_methods`, `regmean`, `task_cores` and `update_layers`.
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ from peft.utils.merge_utils import calculate_majority_sign_mask, disjoint_merge,
 from ...combination_types import DATA_TYPES, RANDOM_TYPES, UPDATE_TYPES
 from ...config import D2CMergeConfig
 from .budget import merged_rank_of
-from .gram_sums import GramSums
 from .layer_merge import own_merge_layer, peft_helpers_verified, peft_merge_layer
 from .lora import adapter_rank, check_new_adapter_name, lora_factors, lora_layers, union_target_modules
 from .merge_methods import widest_dtype
@@ -149,9 +148,6 @@ class AdapterMerger:
         # Cross-fitted scoring (`LossScorer(folds=)`): fold -> adapter -> per LoRA layer, its inputs on its task's
         # examples outside that fold, so a merge scored on a fold's examples was not fitted to them.
         self.fold_inputs: dict[int, dict[str, list[torch.Tensor]]] = {}
-        # The data-aware types' in x in Gram sums of the live merges (`gram_sums`), made at the first such merge: a
-        # cluster a member away from a live one (what the search proposes) updates its sums instead of forming them.
-        self.gram_sums: GramSums | None = None
         self._can_refill = config.combination_type not in RANDOM_TYPES  # DARE masks depend on the module build
         # PEFT's private per-layer helpers, checked once per process against the closed-form update.
         self._trust_peft = peft_helpers_verified()
@@ -342,13 +338,8 @@ class AdapterMerger:
         if combination_type in UPDATE_TYPES:  # every layer at once, batched over layers of the same shapes
             layers = [layer for _, layer in self._layers]
             if combination_type in DATA_TYPES:
-                if self.gram_sums is None:  # kept sums never hold more bytes than the layer inputs they sum
-                    self.gram_sums = GramSums(max_bytes=self.layer_input_bytes)
                 settings.update(
-                    layer_inputs=self._member_inputs(members, fold),
-                    regmean_alpha=config.merge.regmean_alpha,
-                    gram_sums=self.gram_sums,
-                    gram_owner=(tuple(members), fold),
+                    layer_inputs=self._member_inputs(members, fold), regmean_alpha=config.merge.regmean_alpha
                 )
             update_merge_into(combination_type, members, weights, layers, adapter_name, **settings)
             return
@@ -462,8 +453,6 @@ class AdapterMerger:
                     self._unused_names.append(name)
                 raise
         self._live[key] = name
-        if self.gram_sums is not None:  # keep the Gram sums of the live merges only
-            self.gram_sums.retain({(members, fold) for members, fold, _ in self._live})
         return name
 
     def merge_key(self, members: Sequence[str], fold: int | None = None, task: str | None = None) -> MergeKey:
@@ -565,8 +554,6 @@ class AdapterMerger:
         self._live.clear()
         self._free_slots.clear()
         self._prune_cache.clear()
-        if self.gram_sums is not None:
-            self.gram_sums.clear()
 
 
 def _cat_factors(layer: LoraLayer, members: Sequence[str], weights: Sequence[float], target_a, target_b):

@@ -34,7 +34,7 @@ identical members (any inputs) ΔW* is the member itself.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 
@@ -79,8 +79,6 @@ class RegMeanSystem:
         alpha (`float`): The share of the off-diagonal Gram entries kept (`shrink_off_diagonal`): in (0, 1) for the
             token-space form; 1 is allowed only where S is formed and positive definite without the regulariser.
         device, dtype: Where and in which precision to solve (the merged factors').
-        gram_sum (`Callable[[], Tensor]`, *optional*): Returns Σ_j F_j^T·F_j of `inputs` on `device` in `dtype`, formed
-            elsewhere (`gram_sums.GramSums`); called only where S is formed (M >= in) and every weight is the same.
 
     Example:
         ```python
@@ -97,7 +95,6 @@ class RegMeanSystem:
         *,
         device: torch.device | None = None,
         dtype: torch.dtype = torch.float32,
-        gram_sum: Callable[[], torch.Tensor] | None = None,
     ) -> None:
         if any(w < 0 for w in weights):
             raise ValueError(f"RegMean's merge weights must be non-negative, got {list(weights)}.")
@@ -122,14 +119,11 @@ class RegMeanSystem:
             # S = D + U^T·U, D = (1 − α)·diag(Σ w_j G_j) (+ 1 where unseen) > 0: Woodbury through V = U·D^-1/2.
             self.inverse_sqrt_diagonal = ((1 - alpha) * total_diagonal + unseen).rsqrt()
             self.scaled_rows = rows * self.inverse_sqrt_diagonal  # V (M x in)
-            core = gram(self.scaled_rows.mT)
+            core = _gram(self.scaled_rows.mT)
             core.diagonal(dim1=-2, dim2=-1).add_(1)  # I + V·V^T: eigenvalues >= 1, well conditioned
             self.factor = torch.linalg.cholesky(core)
         else:
-            if gram_sum is not None and len(set(self.weights)) == 1:  # α·Σ_j w_j·G_j from the members' Gram sum
-                total = (alpha * self.weights[0]) * gram_sum()
-            else:
-                total = gram(rows)  # α·Σ_j w_j·G_j
+            total = _gram(rows)  # α·Σ_j w_j·G_j
             total.diagonal(dim1=-2, dim2=-1).copy_(total_diagonal + unseen)  # the diagonal kept whole
             self.factor = torch.linalg.cholesky(total)
 
@@ -177,7 +171,7 @@ class RegMeanSystem:
         return (scaled + self.scaled_rows.mT @ inner) * self.inverse_sqrt_diagonal[..., :, None]
 
 
-def gram(rows: torch.Tensor) -> torch.Tensor:
+def _gram(rows: torch.Tensor) -> torch.Tensor:
     """rows^T·rows from 3/4 of the products: the two diagonal blocks and one off-diagonal block, copied transposed
     into the other (a Gram is symmetric)."""
     width = rows.shape[-1]

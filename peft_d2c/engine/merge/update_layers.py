@@ -1,21 +1,19 @@
 """Writing rank-r update-space merges into a merged adapter's layers: the members' factors, scalings and LoRA biases
 in, batched over the layers of one shape, the maths of `engine.merge.merge_methods` (and `engine.merge.regmean`, the
 data-aware type), the merged factors out in the members' dtype and device. May import `peft_d2c.config` and the merge
-modules `gram_sums`, `layer_merge`, `lora`, `merge_methods` and `regmean`.
+modules `layer_merge`, `lora`, `merge_methods` and `regmean`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Hashable, Mapping, Sequence
-from functools import partial
+from collections.abc import Mapping, Sequence
 
 import torch
 from peft import LoraConfig
 from peft.tuners.lora import LoraLayer
 
 from ...combination_types import DATA_TYPES
-from .gram_sums import GramSums
 from .layer_merge import parameter_like, set_factors
 from .lora import lora_factors
 from .merge_methods import merge_biases, merge_updates, widest_dtype
@@ -34,8 +32,6 @@ def update_merge_into(
     majority_sign_method: str,
     layer_inputs: Mapping[LoraLayer, Sequence[LayerInput]] | None = None,
     regmean_alpha: float = 0.9,
-    gram_sums: GramSums | None = None,
-    gram_owner: Hashable = None,
 ) -> None:
     """Merge `members` with a rank-r update-space type (`peft_d2c.combination_types.UPDATE_TYPES`) into the existing adapter
     `adapter_name` of every layer in `layers` (its factors, and its LoRA bias if it has one, are overwritten).
@@ -49,8 +45,7 @@ def update_merge_into(
     (a temporary slot built for wider merges: the same outputs). The data-aware
     types (`combination_types.DATA_TYPES`: `regmean`, `peft_d2c.engine.merge.regmean`) take `layer_inputs`: per layer,
     every member's layer-input factor (`regmean.LayerInput`), in the order of `members`, and `regmean_alpha`; they
-    merge one layer at a time in model order, and the layers fed the same input share one solve; with `gram_sums`
-    their in x in Gram sums come from (and are kept in) it, for `gram_owner` (the merge's key).
+    merge one layer at a time in model order, and the layers fed the same input share one solve.
 
     Raises:
         NotImplementedError: For a convolutional LoRA layer.
@@ -81,10 +76,7 @@ def update_merge_into(
     settings = {"rank": rank, "density": density, "majority_sign_method": majority_sign_method}
     with torch.no_grad():
         if combination_type in DATA_TYPES:
-            _regmean_layers(
-                in_order, members, weights, adapter_name, layer_inputs, rank=rank, alpha=regmean_alpha,
-                gram_sums=gram_sums, gram_owner=gram_owner,
-            )  # fmt: skip
+            _regmean_layers(in_order, members, weights, adapter_name, layer_inputs, rank=rank, alpha=regmean_alpha)
             return
         # Layers are batched only where every tensor can be stacked: same shapes, device and dtype (a model spread
         # over devices, or with layers in different dtypes, merges each layer where it lives, in its own dtype).
@@ -112,14 +104,11 @@ def _stacked_pairs(entries, first, compute: torch.dtype) -> list[tuple[torch.Ten
     return pairs
 
 
-def _regmean_layers(
-    in_order, members, weights, adapter_name, layer_inputs, *, rank: int, alpha: float, gram_sums, gram_owner
-) -> None:
+def _regmean_layers(in_order, members, weights, adapter_name, layer_inputs, *, rank: int, alpha: float) -> None:
     """RegMean of every layer of `in_order` (`update_merge_into`), one layer at a time in model order: every member's
     inputs count, the members that adapt the layer bring their updates, and consecutive layers fed the same input
     (q, k, v) share one `RegMeanSystem`, so the model's device holds one layer input's factors at a time. A LoRA bias
-    is merged as the weighted mean of the members' (scaled) biases. Where a system is formed in x in (more rows than
-    the width) and the weights are equal, its Gram sum comes from `gram_sums` when given."""
+    is merged as the weighted mean of the members' (scaled) biases."""
     system, system_key = None, None
     for layer, present in in_order:
         source_dtype = widest_dtype([t.dtype for _, _, factors, _ in present for t in factors])
@@ -132,8 +121,7 @@ def _regmean_layers(
         key = (tuple(id(f) for f in inputs), device, compute)
         if key != system_key:  # a new layer input: drop the last one's system before building this one's
             system = None  # (so the device never holds two)
-            gram_sum = None if gram_sums is None else partial(gram_sums.total, inputs, gram_owner, device, compute)
-            system = RegMeanSystem(inputs, weights, alpha, device=device, dtype=compute, gram_sum=gram_sum)
+            system = RegMeanSystem(inputs, weights, alpha, device=device, dtype=compute)
             system_key = key
         new_a, new_b = regmean_merge(
             [adapting.get(m) for m in members], inputs, weights, rank=rank, alpha=alpha, system=system
