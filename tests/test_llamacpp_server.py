@@ -172,3 +172,62 @@ def test_the_front_reports_an_unreachable_upstream(served, front, tmp_path):
         server.server_close()
     with pytest.raises(FileNotFoundError, match="export the result first"):
         RoutedUpstream(tmp_path / "nothing", url, served["model"], served["tokenizer"])
+
+
+@pytest.fixture(scope="module")
+def chat_served(served, tmp_path_factory):
+    """A run scored on chat-templated prompts (`use_chat_template=True`), exported twice: to GGUF, served by
+    llama.cpp (labelled requests only: its embedding reads raw text), and to vLLM's layout behind `RoutedUpstream`,
+    which routes on the templated prompt's features and forwards its token ids."""
+    model, tokenizer = served["model"], served["tokenizer"]
+    fewshot = load_embedded_tasks("fewshot", tasks=TASKS)
+    config = D2CMergeConfig(
+        num_clusters=2, num_iterations=4, seed=0, show_progress=False, scoring={"use_chat_template": True},
+        merged_adapter_prefix="chat",
+    )  # fmt: skip
+    result = merge_adapters_d2c(model, fewshot, config, tokenizer=tokenizer)
+    root = tmp_path_factory.mktemp("chat")
+    folder = result.save_pretrained(root / "result")
+    gguf_dir = root / "gguf"
+    manifest = export_d2c_folder(folder, gguf_dir, format="gguf", base_gguf=base_gguf_file())
+    export_d2c_folder(folder, root / "vllm", format="vllm")
+    upstream_url, upstream = start(RoutedLlamaCpp(gguf_dir, base_gguf_file(), n_threads=1))
+    front_url, front = start(RoutedUpstream(root / "vllm", upstream_url, model, tokenizer))
+    yield {"upstream": upstream_url, "front": front_url, "routing": result.routing, "manifest": manifest,
+           "export_dir": gguf_dir, "tokenizer": tokenizer}  # fmt: skip
+    for server in (front, upstream):
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_chat_template_run_is_routed_and_answered_on_its_templated_tokens(chat_served):
+    tokenizer = chat_served["tokenizer"]
+    test = load_embedded_tasks("test", tasks=TASKS)
+    for task in TASKS:
+        adapter = chat_served["routing"][task]
+        adapter_file = chat_served["manifest"]["adapters"][adapter]["file"]
+        for example in test[task][:PROMPTS_PER_TASK]:
+            status, body = post(
+                f"{chat_served['front']}/v1/completions", {"prompt": example["prompt"], "max_tokens": MAX_TOKENS}
+            )
+            assert status == 200, body
+            assert body["d2c_route"]["adapter"] == adapter and body["model"] == adapter
+            # transformers' own rendering of one user turn, tokenised by it: the tokens the adapter must answer
+            ids = tokenizer.apply_chat_template(
+                [{"role": "user", "content": example["prompt"]}], add_generation_prompt=True, tokenize=True,
+                return_dict=True,
+            )["input_ids"]  # fmt: skip
+            llm = llama_cpp.Llama(model_path=base_gguf_file(), lora_path=str(chat_served["export_dir"] / adapter_file),
+                                  n_ctx=2048, n_threads=1, n_threads_batch=1, verbose=False)  # fmt: skip
+            expected = llm.create_completion(ids, max_tokens=MAX_TOKENS, temperature=0.0)["choices"][0]["text"]
+            assert body["choices"][0]["text"] == expected
+
+
+def test_llama_cpp_serves_a_chat_template_run_for_labelled_requests_only(chat_served):
+    url = f"{chat_served['upstream']}/v1/completions"
+    status, body = post(url, {"prompt": "Noun: eagle\nPlural:"})
+    assert status == 400 and "chat-templated" in body["error"]["message"]
+    status, body = post(url, {"prompt": [1, 2, 3]})
+    assert status == 400 and "token ids is not routed" in body["error"]["message"]
+    status, body = post(url, {"prompt": [1, 2, 3], "model": "plural", "max_tokens": 2})
+    assert status == 200 and body["d2c_route"]["labelled"] is True

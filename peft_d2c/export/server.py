@@ -36,6 +36,7 @@ from typing import Any
 
 import torch
 
+from ..engine.scoring.tokenization import prompt_token_ids
 from ..engine.serving.generation import BASE_ADAPTER
 from ..engine.serving.prompt_router import FALLBACKS, PromptRouter, Route, prompt_features
 from ..io import read_json
@@ -59,8 +60,10 @@ class RoutedLlamaCpp:
         ImportError: Without llama-cpp-python (`pip install "peft-d2c[llamacpp]"`).
         FileNotFoundError: If `export_dir` has no manifest, no router or an adapter file is missing.
         ValueError: If the export is not a GGUF export, `base_gguf` is not the file it was exported for (its
-            SHA-256 differs from the manifest's), the router was fitted on chat-templated prompts, or `fallback` is
-            unknown.
+            SHA-256 differs from the manifest's), or `fallback` is unknown.
+
+    A router fitted on chat-templated prompts is served for labelled requests only (llama.cpp's embedding reads
+    the raw text, not the template's special tokens): send the templated prompt's token ids with `model`.
     """
 
     def __init__(
@@ -96,11 +99,6 @@ class RoutedLlamaCpp:
                 f"{export_dir!r} has no prompt router: export a result fitted with `fit_router=True`."
             )
         self.router = PromptRouter.from_pretrained(export_dir)
-        if self.router.use_chat_template:
-            raise ValueError(
-                "The router was fitted on chat-templated prompts (`scoring.use_chat_template=True`); this server "
-                "answers raw prompts, so it would route and answer prompts in another form than was scored."
-            )
         self.routing = {task: entry["adapter"] for task, entry in manifest["tasks"].items()}
         self.fallback = fallback
         self.manifest = manifest
@@ -122,7 +120,18 @@ class RoutedLlamaCpp:
         return list(self.manifest["adapters"])
 
     def route(self, prompt: str) -> Route:
-        """The `Route` of `prompt`: llama.cpp's embedding of it through the prompt router."""
+        """The `Route` of `prompt`: llama.cpp's embedding of it through the prompt router.
+
+        Raises:
+            ValueError: If the router was fitted on chat-templated prompts (llama.cpp's embedding reads the raw
+                text: label such requests, or route them with `RoutedUpstream`).
+        """
+        if self.router.use_chat_template:
+            raise ValueError(
+                "The router was fitted on chat-templated prompts (`scoring.use_chat_template=True`) and this server "
+                "embeds raw text: name the task or adapter in `model` (sending the templated prompt's token ids), "
+                "or route with `peft-d2c serve --upstream`."
+            )
         with self._lock:
             embedding = self._embedder.embed(prompt)
         features = torch.tensor([embedding], dtype=torch.float32)
@@ -130,14 +139,14 @@ class RoutedLlamaCpp:
 
     def complete(
         self,
-        prompt: str,
+        prompt: str | Sequence[int],
         *,
         model: str | None = None,
         max_tokens: int = 16,
         stop: Sequence[str] | None = None,
     ) -> dict[str, Any]:
-        """Answer `prompt` greedily with the adapter of its task: named by `model` (a task or a merged adapter), or
-        routed when `model` is None.
+        """Answer `prompt` (text, or token ids for a labelled request) greedily with the adapter of its task: named
+        by `model` (a task or a merged adapter), or routed when `model` is None.
 
         Returns:
             `dict`: An OpenAI completion object (`choices[0]["text"]`; `model` is the adapter that answered) with
@@ -146,11 +155,15 @@ class RoutedLlamaCpp:
 
         Raises:
             KeyError: If `model` names neither a task nor a merged adapter.
+            ValueError: If an unlabelled request cannot be routed (token ids, or a chat-template router).
         """
         adapter, where = _choose(self, prompt, model)
         with self._lock:
             out = self._answerers[adapter].create_completion(
-                prompt, max_tokens=max_tokens, temperature=0.0, stop=list(stop) if stop else None
+                prompt if isinstance(prompt, str) else list(prompt),
+                max_tokens=max_tokens,
+                temperature=0.0,
+                stop=list(stop) if stop else None,
             )
         out["model"] = adapter
         out["d2c_route"] = where
@@ -180,7 +193,11 @@ class RoutedUpstream:
 
     Raises:
         FileNotFoundError: If `export_dir` has no manifest or no router.
-        ValueError: If the router was fitted on chat-templated prompts, or `fallback` is unknown.
+        ValueError: If `fallback` is unknown.
+
+    With a router fitted on chat-templated prompts (`scoring.use_chat_template=True`), the features are those of the
+    templated prompt and the request carries its token ids (`prompt` as a list of ints, which vLLM's completions
+    take), so the adapter answers the very tokens it was scored on.
     """
 
     def __init__(
@@ -207,11 +224,6 @@ class RoutedUpstream:
                 f"{export_dir!r} has no prompt router: export a result fitted with `fit_router=True`."
             )
         self.router = PromptRouter.from_pretrained(export_dir)
-        if self.router.use_chat_template:
-            raise ValueError(
-                "The router was fitted on chat-templated prompts (`scoring.use_chat_template=True`); this front "
-                "forwards raw prompts, so the adapters would answer prompts in another form than was scored."
-            )
         self.routing = {task: entry["adapter"] for task, entry in manifest["tasks"].items()}
         self.manifest, self.fallback, self.timeout = manifest, fallback, timeout
         self.upstream = upstream.rstrip("/")
@@ -226,12 +238,14 @@ class RoutedUpstream:
     def route(self, prompt: str) -> Route:
         """The `Route` of `prompt`: the base model's features of it through the prompt router."""
         with self._lock:
-            features = prompt_features(self.base_model, self.tokenizer, [prompt])
+            features = prompt_features(
+                self.base_model, self.tokenizer, [prompt], use_chat_template=self.router.use_chat_template
+            )
         return self.router.route_features(features, self.routing, fallback=self.fallback)[0]
 
     def complete(
         self,
-        prompt: str,
+        prompt: str | Sequence[int],
         *,
         model: str | None = None,
         max_tokens: int = 16,
@@ -243,9 +257,13 @@ class RoutedUpstream:
         Raises:
             KeyError: If `model` names neither a task nor a merged adapter.
             OSError: If the upstream server cannot be reached or answers with an error (`urllib.error.URLError`).
+            ValueError: If an unlabelled request is token ids (only text is routed).
         """
         adapter, where = _choose(self, prompt, model)
         name = self.manifest["base_model"]["name"] if adapter == BASE_ADAPTER else adapter
+        if isinstance(prompt, str) and self.router.use_chat_template:  # the tokens the adapter was scored on
+            prompt = prompt_token_ids(self.tokenizer, prompt, use_chat_template=True)
+        prompt = prompt if isinstance(prompt, str) else list(prompt)
         request = {"model": name, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0}
         if stop:
             request["stop"] = list(stop)
@@ -258,10 +276,14 @@ class RoutedUpstream:
         return sorted(self.routing) + self.adapters
 
 
-def _choose(served: RoutedLlamaCpp | RoutedUpstream, prompt: str, model: str | None) -> tuple[str, dict[str, Any]]:
+def _choose(
+    served: RoutedLlamaCpp | RoutedUpstream, prompt: str | Sequence[int], model: str | None
+) -> tuple[str, dict[str, Any]]:
     """The adapter that answers `prompt` (routed when `model` is None, else the task or adapter `model` names) and
     where it went, for `d2c_route`."""
     if model is None:
+        if not isinstance(prompt, str):
+            raise ValueError("A request of token ids is not routed: name its task or adapter in `model`.")
         route = served.route(prompt)
         return route.adapter, {**asdict(route), "labelled": False}
     if model in served.routing:
@@ -282,8 +304,8 @@ def make_server(
 ) -> ThreadingHTTPServer:
     """An OpenAI-compatible HTTP front for `routed` (not started: call `serve_forever()`, or run it in a thread).
 
-    `POST /v1/completions` takes `{"prompt": str, "max_tokens"?: int, "stop"?: [str], "model"?: task or adapter}`;
-    a request without `model` is routed. `GET /v1/models` lists the tasks and adapters. Errors answer 400 (a bad
+    `POST /v1/completions` takes `{"prompt": str or [token ids], "max_tokens"?: int, "stop"?: [str], "model"?: task
+    or adapter}`; a text request without `model` is routed (token ids must name their `model`). `GET /v1/models` lists the tasks and adapters. Errors answer 400 (a bad
     request), 404 (an unknown path or model) or 502 (the upstream server of a `RoutedUpstream` failed) with
     `{"error": {"message"}}`. `port=0` picks a free port
     (`server.server_address[1]`).
@@ -315,8 +337,11 @@ def make_server(
             try:
                 request = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
                 prompt = request.get("prompt")
-                if not isinstance(prompt, str) or not prompt:
-                    raise ValueError("`prompt` must be a non-empty string (one prompt per request).")
+                ids = isinstance(prompt, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in prompt)
+                if not (isinstance(prompt, str) or ids) or not prompt:
+                    raise ValueError(
+                        "`prompt` must be a non-empty string, or a non-empty list of token ids (one prompt per request)."
+                    )
                 max_tokens = int(request.get("max_tokens", 16))
                 stop = request.get("stop")
                 stop = [stop] if isinstance(stop, str) else stop
@@ -326,6 +351,9 @@ def make_server(
             started = time.perf_counter()
             try:
                 out = routed.complete(prompt, model=request.get("model"), max_tokens=max_tokens, stop=stop)
+            except ValueError as error:  # a request that cannot be routed
+                self._send(400, {"error": {"message": str(error)}})
+                return
             except KeyError as error:
                 self._send(404, {"error": {"message": str(error.args[0])}})
                 return
