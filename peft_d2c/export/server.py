@@ -45,7 +45,69 @@ from .folder import MANIFEST_NAME, file_sha256
 __all__ = ["RoutedLlamaCpp", "RoutedUpstream", "make_server"]
 
 
-class RoutedLlamaCpp:
+class _RoutedExport:
+    """What both fronts share: an export's manifest, prompt router and routing table, and which adapter answers a
+    request (`choose`). Refuses, before any work, a folder without a manifest or router, an export of another
+    `format` (when one is required) and an unknown `fallback`."""
+
+    def __init__(self, export_dir: str, fallback: str, format: str | None = None) -> None:
+        manifest_path = os.path.join(export_dir, MANIFEST_NAME)
+        if not os.path.isfile(manifest_path):
+            raise FileNotFoundError(
+                f"No {MANIFEST_NAME} in {export_dir!r}: export the result first (`peft-d2c export`)."
+            )
+        manifest = read_json(manifest_path)
+        if format is not None and manifest.get("format") != format:
+            raise ValueError(
+                f"{export_dir!r} is a {manifest.get('format')!r} export; serve a `--format {format}` one."
+            )
+        if fallback not in FALLBACKS:
+            raise ValueError(f"`fallback` must be one of {list(FALLBACKS)}, got {fallback!r}.")
+        if "router" not in manifest:
+            raise FileNotFoundError(
+                f"{export_dir!r} has no prompt router: export a result fitted with `fit_router=True`."
+            )
+        self.manifest, self.fallback = manifest, fallback
+        self.router = PromptRouter.from_pretrained(export_dir)
+        self.routing = {task: entry["adapter"] for task, entry in manifest["tasks"].items()}
+
+    @property
+    def adapters(self) -> list[str]:
+        """The merged adapters served (in the manifest's order)."""
+        return list(self.manifest["adapters"])
+
+    def models(self) -> list[str]:
+        """What `model` may name: every task, then every merged adapter."""
+        return sorted(self.routing) + self.adapters
+
+    def route(self, prompt: str) -> Route:
+        """The `Route` of `prompt` (each front computes the router's features its own way)."""
+        raise NotImplementedError
+
+    def _route_features(self, features: torch.Tensor) -> Route:
+        return self.router.route_features(features, self.routing, fallback=self.fallback)[0]
+
+    def choose(self, prompt: str | Sequence[int], model: str | None) -> tuple[str, dict[str, Any]]:
+        """The adapter that answers `prompt` (routed when `model` is None, else the task or adapter `model` names)
+        and where it went, for `d2c_route`.
+
+        Raises:
+            KeyError: If `model` names neither a task nor a merged adapter.
+            ValueError: If an unlabelled request is token ids (only text is routed).
+        """
+        if model is None:
+            if not isinstance(prompt, str):
+                raise ValueError("A request of token ids is not routed: name its task or adapter in `model`.")
+            route = self.route(prompt)
+            return route.adapter, {**asdict(route), "labelled": False}
+        if model in self.routing:
+            return self.routing[model], {"task": model, "adapter": self.routing[model], "labelled": True}
+        if model in self.manifest["adapters"]:
+            return model, {"task": None, "adapter": model, "labelled": True}
+        raise KeyError(f"`model` {model!r} is neither a task nor a merged adapter; known: {self.models()}.")
+
+
+class RoutedLlamaCpp(_RoutedExport):
     """An exported GGUF folder served by llama.cpp, with the prompt router in front (see the module).
 
     Args:
@@ -78,30 +140,14 @@ class RoutedLlamaCpp:
         import llama_cpp  # the optional `llamacpp` extra, needed only to serve
 
         export_dir, base_gguf = os.fspath(export_dir), os.fspath(base_gguf)
-        manifest_path = os.path.join(export_dir, MANIFEST_NAME)
-        if not os.path.isfile(manifest_path):
-            raise FileNotFoundError(
-                f"No {MANIFEST_NAME} in {export_dir!r}: export the result first (`peft-d2c export`)."
-            )
-        manifest = read_json(manifest_path)
-        if manifest.get("format") != "gguf":
-            raise ValueError(f"{export_dir!r} is a {manifest.get('format')!r} export; serve a `--format gguf` one.")
-        if fallback not in FALLBACKS:
-            raise ValueError(f"`fallback` must be one of {list(FALLBACKS)}, got {fallback!r}.")
+        super().__init__(export_dir, fallback, format="gguf")
+        manifest = self.manifest
         expected = manifest["base_model"].get("gguf_sha256")
         if expected is not None and file_sha256(base_gguf) != expected:
             raise ValueError(
                 f"{base_gguf!r} is not the base GGUF the adapters were exported for (SHA-256 differs from the "
                 f"manifest's {expected[:12]}...); pass that file."
             )
-        if "router" not in manifest:
-            raise FileNotFoundError(
-                f"{export_dir!r} has no prompt router: export a result fitted with `fit_router=True`."
-            )
-        self.router = PromptRouter.from_pretrained(export_dir)
-        self.routing = {task: entry["adapter"] for task, entry in manifest["tasks"].items()}
-        self.fallback = fallback
-        self.manifest = manifest
         common = {"model_path": base_gguf, "n_ctx": n_ctx, "verbose": False}
         if n_threads is not None:
             common.update(n_threads=n_threads, n_threads_batch=n_threads)
@@ -113,11 +159,6 @@ class RoutedLlamaCpp:
                 raise FileNotFoundError(f"The manifest names {path!r}, which is missing.")
             self._answerers[name] = llama_cpp.Llama(lora_path=path, **common)
         self._lock = threading.Lock()
-
-    @property
-    def adapters(self) -> list[str]:
-        """The merged adapters served (in the manifest's order)."""
-        return list(self.manifest["adapters"])
 
     def route(self, prompt: str) -> Route:
         """The `Route` of `prompt`: llama.cpp's embedding of it through the prompt router.
@@ -135,7 +176,7 @@ class RoutedLlamaCpp:
         with self._lock:
             embedding = self._embedder.embed(prompt)
         features = torch.tensor([embedding], dtype=torch.float32)
-        return self.router.route_features(features, self.routing, fallback=self.fallback)[0]
+        return self._route_features(features)
 
     def complete(
         self,
@@ -157,7 +198,7 @@ class RoutedLlamaCpp:
             KeyError: If `model` names neither a task nor a merged adapter.
             ValueError: If an unlabelled request cannot be routed (token ids, or a chat-template router).
         """
-        adapter, where = _choose(self, prompt, model)
+        adapter, where = self.choose(prompt, model)
         with self._lock:
             out = self._answerers[adapter].create_completion(
                 prompt if isinstance(prompt, str) else list(prompt),
@@ -169,12 +210,8 @@ class RoutedLlamaCpp:
         out["d2c_route"] = where
         return out
 
-    def models(self) -> list[str]:
-        """What `model` may name: every task, then every merged adapter."""
-        return sorted(self.routing) + self.adapters
 
-
-class RoutedUpstream:
+class RoutedUpstream(_RoutedExport):
     """An OpenAI-compatible server that serves the exported merged adapters by name (vLLM), with the prompt router in
     front (see the module): a request without a label is routed on the base model's features and forwarded to
     `upstream` with `model` set to its merged adapter's name.
@@ -210,30 +247,11 @@ class RoutedUpstream:
         fallback: str = "nearest",
         timeout: float = 120.0,
     ):
-        export_dir = os.fspath(export_dir)
-        manifest_path = os.path.join(export_dir, MANIFEST_NAME)
-        if not os.path.isfile(manifest_path):
-            raise FileNotFoundError(
-                f"No {MANIFEST_NAME} in {export_dir!r}: export the result first (`peft-d2c export`)."
-            )
-        manifest = read_json(manifest_path)
-        if fallback not in FALLBACKS:
-            raise ValueError(f"`fallback` must be one of {list(FALLBACKS)}, got {fallback!r}.")
-        if "router" not in manifest:
-            raise FileNotFoundError(
-                f"{export_dir!r} has no prompt router: export a result fitted with `fit_router=True`."
-            )
-        self.router = PromptRouter.from_pretrained(export_dir)
-        self.routing = {task: entry["adapter"] for task, entry in manifest["tasks"].items()}
-        self.manifest, self.fallback, self.timeout = manifest, fallback, timeout
+        super().__init__(os.fspath(export_dir), fallback)
+        self.timeout = timeout
         self.upstream = upstream.rstrip("/")
         self.base_model, self.tokenizer = base_model, tokenizer
         self._lock = threading.Lock()  # one forward pass of the base model at a time
-
-    @property
-    def adapters(self) -> list[str]:
-        """The merged adapters (in the manifest's order)."""
-        return list(self.manifest["adapters"])
 
     def route(self, prompt: str) -> Route:
         """The `Route` of `prompt`: the base model's features of it through the prompt router."""
@@ -241,7 +259,7 @@ class RoutedUpstream:
             features = prompt_features(
                 self.base_model, self.tokenizer, [prompt], use_chat_template=self.router.use_chat_template
             )
-        return self.router.route_features(features, self.routing, fallback=self.fallback)[0]
+        return self._route_features(features)
 
     def complete(
         self,
@@ -259,7 +277,7 @@ class RoutedUpstream:
             OSError: If the upstream server cannot be reached or answers with an error (`urllib.error.URLError`).
             ValueError: If an unlabelled request is token ids (only text is routed).
         """
-        adapter, where = _choose(self, prompt, model)
+        adapter, where = self.choose(prompt, model)
         name = self.manifest["base_model"]["name"] if adapter == BASE_ADAPTER else adapter
         if isinstance(prompt, str) and self.router.use_chat_template:  # the tokens the adapter was scored on
             prompt = prompt_token_ids(self.tokenizer, prompt, use_chat_template=True)
@@ -270,27 +288,6 @@ class RoutedUpstream:
         out = _post_json(f"{self.upstream}/v1/completions", request, self.timeout)
         out["d2c_route"] = where  # `model` stays the upstream's: the adapter that answered, by its own account
         return out
-
-    def models(self) -> list[str]:
-        """What `model` may name: every task, then every merged adapter."""
-        return sorted(self.routing) + self.adapters
-
-
-def _choose(
-    served: RoutedLlamaCpp | RoutedUpstream, prompt: str | Sequence[int], model: str | None
-) -> tuple[str, dict[str, Any]]:
-    """The adapter that answers `prompt` (routed when `model` is None, else the task or adapter `model` names) and
-    where it went, for `d2c_route`."""
-    if model is None:
-        if not isinstance(prompt, str):
-            raise ValueError("A request of token ids is not routed: name its task or adapter in `model`.")
-        route = served.route(prompt)
-        return route.adapter, {**asdict(route), "labelled": False}
-    if model in served.routing:
-        return served.routing[model], {"task": model, "adapter": served.routing[model], "labelled": True}
-    if model in served.manifest["adapters"]:
-        return model, {"task": None, "adapter": model, "labelled": True}
-    raise KeyError(f"`model` {model!r} is neither a task nor a merged adapter; known: {served.models()}.")
 
 
 def _post_json(url: str, body: dict[str, Any], timeout: float) -> dict[str, Any]:
