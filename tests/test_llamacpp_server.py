@@ -9,7 +9,11 @@ separate llama.cpp instance of the base GGUF with that adapter's file, called di
 from __future__ import annotations
 
 import json
+import os
+import re
 import socket
+import subprocess
+import sys
 import threading
 import urllib.error
 import urllib.request
@@ -231,3 +235,33 @@ def test_llama_cpp_serves_a_chat_template_run_for_labelled_requests_only(chat_se
     assert status == 400 and "token ids is not routed" in body["error"]["message"]
     status, body = post(url, {"prompt": [1, 2, 3], "model": "plural", "max_tokens": 2})
     assert status == 200 and body["d2c_route"]["labelled"] is True
+
+
+def test_the_serve_command_routes_for_an_upstream_server(served, tmp_path):
+    """`peft-d2c serve EXPORT --upstream URL --base-model PATH` as a user starts it: its own process, the base model
+    loaded by transformers from a folder, the answer coming from the upstream server with the routed adapter."""
+    vllm_dir = tmp_path / "vllm"
+    export_d2c_folder(served["folder"], vllm_dir, format="vllm")
+    base = served["model"].get_base_model().config._name_or_path  # the embedded base model's local folder
+    command = [sys.executable, "-m", "peft_d2c.cli", "serve", str(vllm_dir), "--upstream", served["url"],
+               "--base-model", base, "--port", "0"]  # fmt: skip
+    process = subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    try:
+        line = process.stdout.readline()
+        match = re.search(r"http://[\w.]+:\d+", line)
+        assert match, line
+        prompt = load_embedded_tasks("test", tasks=["plural"])["plural"][0]["prompt"]
+        status, body = post(f"{match.group(0)}/v1/completions", {"prompt": prompt, "max_tokens": MAX_TOKENS})
+        adapter = served["routing"]["plural"]
+        assert status == 200 and body["d2c_route"]["adapter"] == adapter and body["model"] == adapter
+        file = served["manifest"]["adapters"][adapter]["file"]
+        assert body["choices"][0]["text"] == direct_answer(served["export_dir"], file, prompt)
+    finally:
+        process.terminate()
+        process.wait(timeout=60)
