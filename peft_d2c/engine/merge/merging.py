@@ -32,7 +32,7 @@ from .lora import adapter_rank, check_new_adapter_name, lora_factors, lora_layer
 from .merge_methods import widest_dtype
 from .regmean import layer_input_bytes
 from .task_cores import write_task_update
-from .update_layers import merged_lora_config, update_merge_into
+from .update_layers import bias_merge_type, merged_lora_config, update_merge_into
 
 logger = logging.getLogger(__name__)
 
@@ -308,7 +308,7 @@ class AdapterMerger:
                 task,
                 adapter_name,
                 new_rank,
-                bias_type="core_ta" if combination_type in DATA_TYPES else combination_type,  # `update_layers`' rule
+                bias_type=bias_merge_type(combination_type),
                 weights=weights,
                 density=config.merge.density,
                 majority_sign_method=config.merge.majority_sign_method,

@@ -10,7 +10,7 @@ U·(U^T·ΔW_merge·V)·V^T rotated to its singular vectors (B = U'·Σ, A = V'^
 ordinary PEFT LoRAs of rank r and the cores are stored relative to their factors: task t's adapter is the plain LoRA
 (B_merge·K_t, A_merge), K_t = Σ^-1·U'^T·ΔW_t·V'. A core costs r² numbers per module and task (float32), r / (in +
 out) of a rank-r adapter: 0.4-1.0% per task at rank 8 on SmolLM2-135M's projections. A one-member cluster gets no
-core. May import `merge_methods`, `lora` and `layer_merge`.
+core. May import `merge_methods`, `lora`, `layer_merge` and `update_layers`.
 """
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ from safetensors.torch import load_file, save_file
 
 from .layer_merge import parameter_like, set_factors
 from .lora import check_new_adapter_name, lora_factors, lora_layers, to_float64
-from .merge_methods import concat_left_svd, merge_biases, stack_right_basis, widest_dtype
+from .merge_methods import concat_left_svd, stack_right_basis, widest_dtype
+from .update_layers import merged_biases
 
 # Bytes of one stored core entry (cores are kept and saved in float32 whatever the adapters' dtype: they are small,
 # and K_t = Σ^-1·C_t spans the merged adapter's whole range of singular values).
@@ -124,16 +125,20 @@ def write_task_update(
     *,
     bias_type: str = "core_ta",
     weights: Sequence[float] | None = None,
-    **bias_settings,
+    density: float = 1.0,
+    majority_sign_method: str = "total",
 ) -> None:
     """Write into the existing adapter `adapter_name` the update that serves `task` in a cluster of `members`:
     U·C_t·V^T in every layer (A = V^T, B = U·C_t, for scaling 1), the update its task adapter (B_merge·K_t, A_merge)
     has once the cluster is merged and `fit_task_cores` has run; no merge needed, as the basis comes from the
     members' updates alone. Zero where `task` does not adapt a layer; the rank-`rank` factors are zero-padded to the
-    adapter's own rank, and a LoRA bias is the merged adapter's, which the task adapter copies: `merge_biases` of
-    `bias_type` over the members' scaled biases with `weights` (default: their mean) and `bias_settings`. The D2C
-    search scores these with `merge.task_cores`: the adapters that will serve the tasks.
+    adapter's own rank, and a LoRA bias is the merged adapter's, which the task adapter copies: merged as
+    `update_layers` merges it (`merged_biases` of `bias_type`, `update_layers.bias_merge_type`, with `weights`,
+    default: their mean, `density` and `majority_sign_method`). The D2C search scores these with `merge.task_cores`:
+    the adapters that will serve the tasks.
     """
+    weights = weights if weights is not None else [1 / len(members)] * len(members)
+    weight_of = dict(zip(members, weights, strict=True))
     for layer in layers:
         target = lora_factors(layer, adapter_name)
         if target is None:
@@ -153,16 +158,12 @@ def write_task_update(
         set_factors(layer, adapter_name, new_a.to(dtype), new_b.to(dtype))
         if adapter_name in layer.lora_B and layer.lora_B[adapter_name].bias is not None:
             target_bias = layer.lora_B[adapter_name].bias
-            # as `update_layers` merges them: the members that adapt the layer, zero where one has no bias
-            biases = [
-                layer.scaling[t] * to_float64(layer.lora_B[t].bias)
-                if t in layer.lora_B and layer.lora_B[t].bias is not None
-                else torch.zeros_like(target_bias, dtype=torch.float64)
-                for t in pairs
-            ]
-            weights = weights if weights is not None else [1 / len(members)] * len(members)
-            weight_of = dict(zip(members, weights, strict=True))
-            bias = merge_biases(bias_type, biases, [weight_of[t] for t in pairs], **bias_settings)
+            # the members that adapt the layer, as `update_layers` merges them
+            present = [(t, weight_of[t], pair, layer.lora_B[t].bias) for t, pair in pairs.items()]
+            biases = merged_biases(
+                bias_type, [(layer, present)], new_b[None], torch.float64, density, majority_sign_method
+            )
+            bias = biases[0] if biases is not None else torch.zeros_like(target_bias)
             layer.lora_B[adapter_name].bias = parameter_like(target_bias, bias.to(dtype))
 
 

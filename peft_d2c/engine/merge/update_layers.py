@@ -76,7 +76,10 @@ def update_merge_into(
     settings = {"rank": rank, "density": density, "majority_sign_method": majority_sign_method}
     with torch.no_grad():
         if combination_type in DATA_TYPES:
-            _regmean_layers(in_order, members, weights, adapter_name, layer_inputs, rank=rank, alpha=regmean_alpha)
+            _regmean_layers(
+                in_order, members, weights, adapter_name, layer_inputs, rank=rank, alpha=regmean_alpha,
+                bias_type=bias_merge_type(combination_type),
+            )  # fmt: skip
             return
         # Layers are batched only where every tensor can be stacked: same shapes, device and dtype (a model spread
         # over devices, or with layers in different dtypes, merges each layer where it lives, in its own dtype).
@@ -104,7 +107,15 @@ def _stacked_pairs(entries, first, compute: torch.dtype) -> list[tuple[torch.Ten
     return pairs
 
 
-def _regmean_layers(in_order, members, weights, adapter_name, layer_inputs, *, rank: int, alpha: float) -> None:
+def bias_merge_type(combination_type: str) -> str:
+    """The rule the merged LoRA bias of an update-space `combination_type` follows (`merge_biases`): the data-aware
+    types take the members' weighted mean (`core_ta`), the others their own rule."""
+    return "core_ta" if combination_type in DATA_TYPES else combination_type
+
+
+def _regmean_layers(
+    in_order, members, weights, adapter_name, layer_inputs, *, rank: int, alpha: float, bias_type: str
+) -> None:
     """RegMean of every layer of `in_order` (`update_merge_into`), one layer at a time in model order: every member's
     inputs count, the members that adapt the layer bring their updates, and consecutive layers fed the same input
     (q, k, v) share one `RegMeanSystem`, so the model's device holds one layer input's factors at a time. A LoRA bias
@@ -126,7 +137,7 @@ def _regmean_layers(in_order, members, weights, adapter_name, layer_inputs, *, r
         new_a, new_b = regmean_merge(
             [adapting.get(m) for m in members], inputs, weights, rank=rank, alpha=alpha, system=system
         )
-        biases = _merged_biases("core_ta", entries, new_b[None], compute, 1.0, "total")  # the weighted mean
+        biases = merged_biases(bias_type, entries, new_b[None], compute, 1.0, "total")
         _write_group(entries, adapter_name, new_a[None], new_b[None], biases, source_dtype)
 
 
@@ -144,12 +155,14 @@ def _merge_group(combination_type, entries, adapter_name, *, rank, density, majo
         density=density,
         majority_sign_method=majority_sign_method,
     )
-    biases = _merged_biases(combination_type, entries, new_b, compute, density, majority_sign_method)
+    biases = merged_biases(combination_type, entries, new_b, compute, density, majority_sign_method)
     _write_group(entries, adapter_name, new_a, new_b, biases, source_dtype)
 
 
-def _merged_biases(combination_type, entries, new_b, compute, density, majority_sign_method):
-    """The merged LoRA biases of a batch of layers (`merge_biases`), or None when no member has one."""
+def merged_biases(combination_type, entries, new_b, compute, density, majority_sign_method):
+    """The merged LoRA biases of a batch of layers (`merge_biases` of the members' scaled biases, zero for a member
+    without one), or None when no member has one. `entries`: `(layer, present)` pairs, `present` holding per member
+    `(name, weight, factors, bias or None)`; `new_b` (layers, out, r) gives the shape and device of a zero bias."""
     first = entries[0][1]
     if all(bias is None for _, _, _, bias in first):
         return None
