@@ -1,8 +1,8 @@
 """Deployment exports of a saved result: llama.cpp LoRA adapters in GGUF (`llamacpp`), vLLM multi-LoRA folders and
 configuration (`vllm`), the folder-level export with its manifest and `lm_eval` commands (`folder`), and a GGUF export
-served by llama.cpp, or an upstream server's adapters by name (vLLM), with the prompt router in front (`server`). Sits at the
-`hub` stage, below `result` (which calls it): may import `peft_d2c.config`, `peft_d2c.errors`, `peft_d2c.io` and
-`peft_d2c.hub`.
+served by llama.cpp, or an upstream server's adapters by name (vLLM), with the prompt router in front (`server`).
+Sits at the `hub` stage, below `result` (which calls it): may import `peft_d2c.config`, `peft_d2c.errors`,
+`peft_d2c.io` and `peft_d2c.hub`.
 """
 
 from .folder import EXPORT_FORMATS, MANIFEST_NAME, export_d2c_folder, file_sha256

@@ -16,8 +16,9 @@ with `model` set to the routed merged adapter.
 
 A request may also name its task or merged adapter in `model` (a labelled request): then it is served with that
 adapter and not routed. `make_server` puts an OpenAI-compatible HTTP front on either (stdlib `http.server`):
-`POST /v1/completions` (`prompt`, `max_tokens`, `stop`, optional `model`) answers in the OpenAI completion shape
-plus a `d2c_route` entry saying where the prompt went; `GET /v1/models` lists the tasks and adapters.
+`POST /v1/completions` (`prompt` as text, or token ids with `model`; `max_tokens`, `stop`, optional `model`)
+answers in the OpenAI completion shape plus a `d2c_route` entry saying where the prompt went; `GET /v1/models` lists
+the tasks and adapters.
 
 llama.cpp contexts are not thread-safe: one lock serialises the requests of a `RoutedLlamaCpp`.
 """
@@ -302,9 +303,9 @@ def make_server(
     """An OpenAI-compatible HTTP front for `routed` (not started: call `serve_forever()`, or run it in a thread).
 
     `POST /v1/completions` takes `{"prompt": str or [token ids], "max_tokens"?: int, "stop"?: [str], "model"?: task
-    or adapter}`; a text request without `model` is routed (token ids must name their `model`). `GET /v1/models` lists the tasks and adapters. Errors answer 400 (a bad
-    request), 404 (an unknown path or model) or 502 (the upstream server of a `RoutedUpstream` failed) with
-    `{"error": {"message"}}`. `port=0` picks a free port
+    or adapter}`; a text request without `model` is routed (token ids must name their `model`). `GET /v1/models`
+    lists the tasks and adapters. Errors answer 400 (a bad request), 404 (an unknown path or model) or 502 (the
+    upstream server of a `RoutedUpstream` failed) with `{"error": {"message"}}`. `port=0` picks a free port
     (`server.server_address[1]`).
     """
 

@@ -45,9 +45,9 @@ LayerInput = torch.Tensor
 
 
 def layer_input_bytes(*layer_inputs: Mapping[str, Sequence[LayerInput]]) -> int:
-    """Bytes the factors of `layer_inputs` (each adapter -> per layer, as `layer_inputs.input_factors` returns; several: all
-    examples' and every cross-fitting fold's) hold, each shared tensor counted once: the memory a `regmean` run keeps
-    for its whole length."""
+    """Bytes the factors of `layer_inputs` (each adapter -> per layer, as `layer_inputs.input_factors` returns;
+    several: all examples' and every cross-fitting fold's) hold, each shared tensor counted once: the memory a
+    `regmean` run keeps for its whole length."""
     distinct = {id(factor): factor for inputs in layer_inputs for factors in inputs.values() for factor in factors}
     return sum(factor.numel() * factor.element_size() for factor in distinct.values())
 
